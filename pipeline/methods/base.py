@@ -1,0 +1,131 @@
+"""The Method base class and the METHODS registry.
+
+A method turns the students' logits and the cached mentor targets of one batch into a loss
+dict; the training loop never looks at its name, only at the attributes below.
+
+    from pipeline.methods import create_method, METHODS
+    method = create_method("classroom", tau=4.0, delta=1.0)   # unknown name/option: UserError
+    method.check_mentors(classroom.num_mentors)                # before training starts
+    out = method([z_s], classroom.targets(v, rows, fields=tuple(method.needs)), y)
+    out["loss"].backward()
+
+Methods register themselves through the explicit imports in ``pipeline/methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.registry import Registry
+
+METHODS: Registry["Method"] = Registry("method")
+
+# Options that are temperatures: they must be > 0.
+_POSITIVE = frozenset({"T", "tau"})
+
+
+class Method:
+    """One distillation method: what it needs from the cache and how it computes the loss.
+
+    Class attributes (read by the training loop):
+      num_students  number of student logits passed to ``__call__`` (2 for dual, dml)
+      min_mentors   fewest mentor stores it accepts (mentor 0 is the teacher)
+      max_mentors   most mentor stores it accepts; None = any number
+      needs         cached target fields it reads, a subset of {"logits", "entropy", "p_gt"};
+                    empty: the targets are not read at all
+      defaults      option name -> default; options are the keyword arguments of ``__init__``
+      choices       option name -> allowed values, for the options that are names
+    """
+
+    name: ClassVar[str] = ""
+    num_students: ClassVar[int] = 1
+    min_mentors: ClassVar[int] = 1
+    max_mentors: ClassVar[int | None] = None
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    choices: ClassVar[Mapping[str, tuple]] = {}
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise UserError(f"method {self.name!r}: unknown option {unknown[0]!r}; known options: {known}")
+        self.options = {key: self._check_option(key, options.get(key, default)) for key, default in self.defaults.items()}
+
+    def _check_option(self, key: str, value: Any) -> Any:
+        default = self.defaults[key]
+        if key in self.choices:
+            if value not in self.choices[key]:
+                allowed = ", ".join(repr(c) for c in self.choices[key])
+                raise UserError(f"method {self.name!r}: option {key!r} must be one of {allowed}, got {value!r}")
+            return value
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"method {self.name!r}: option {key!r} must be true or false, got {value!r}")
+            return value
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"method {self.name!r}: option {key!r} must be a finite number, got {value!r}")
+            if key in _POSITIVE and value <= 0:
+                raise UserError(f"method {self.name!r}: option {key!r} must be > 0, got {value!r}")
+            return float(value)
+        return value
+
+    def check_mentors(self, num_mentors: int) -> None:
+        """UserError unless this method can use ``num_mentors`` mentor stores."""
+        if num_mentors < self.min_mentors:
+            raise UserError(
+                f"method {self.name!r} needs at least {self.min_mentors} mentor store(s) (teacher first), got {num_mentors}"
+            )
+        if self.max_mentors is not None and num_mentors > self.max_mentors:
+            raise UserError(
+                f"method {self.name!r} distils from {self.max_mentors} teacher store only, got {num_mentors} mentor "
+                "stores; pass only the teacher, or use a multi-mentor method (aver, ca-wkd, alpha-guided, "
+                "adaptive-alpha, classroom)"
+            )
+
+    def __call__(
+        self, students: Sequence[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``students``: ``num_students`` logits [B, C]; ``targets``: Classroom.targets fields
+        (logits [K, B, C], entropy [K, B], p_gt [K, B]); ``y``: labels [B].
+
+        Returns {"loss": scalar to backward, "<part>": detached scalars or per-mentor [K] tensors}."""
+        if len(students) != self.num_students:
+            raise ValueError(f"method {self.name!r} takes {self.num_students} student(s), got {len(students)}")
+        if self.needs:
+            self.check_mentors(targets["logits"].shape[0])
+        return self.compute(list(students), targets, y.long())
+
+    def compute(self, students: list[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({self.name!r}{', ' if options else ''}{options})"
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: name the method and add it to METHODS."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+def create_method(name: str, **options: Any) -> Method:
+    """The registered method ``name`` with its options; UserError lists the known names/options."""
+    return METHODS.create(name, **options)
+
+
+def result(loss: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss dict: ``loss`` keeps its graph, every logged part is detached."""
+    out = {"loss": loss}
+    out.update({key: torch.as_tensor(value).detach() for key, value in parts.items() if key != "loss"})
+    return out

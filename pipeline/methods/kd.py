@@ -1,0 +1,145 @@
+"""Single-teacher distillation: the KD building blocks and the methods nokd, kd, uncertainty.
+
+Formulas: /work/shared/METHODS.md ("Building blocks", rows nokd, kd, uncertainty).
+``kd_kl`` is T² · KL(p^T(z_t) ‖ p^T(z_s)) per sample, batch-averaged by default; the teacher side
+never carries gradient. Losses compute in float32 whatever the students' autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.methods.base import Method, register, result
+
+Tensor = torch.Tensor
+TINY = torch.finfo(torch.float32).tiny
+
+
+def kl_rows(z_s: Tensor, z_t: Tensor, T: float | Tensor) -> Tensor:
+    """T² · Σ_c p^T(z_t)_c (log p^T(z_t)_c − log p^T(z_s)_c) for every row.
+
+    ``z_s`` [B, C] broadcasts against ``z_t`` [..., B, C]; ``T`` is a number or a tensor that
+    broadcasts against the rows (e.g. [K, 1] or [K, B] per-mentor temperatures)."""
+    T = torch.as_tensor(T, dtype=torch.float32, device=z_s.device).detach()
+    t = T.unsqueeze(-1)
+    log_p_s = F.log_softmax(z_s.float() / t, dim=-1)
+    log_p_t = F.log_softmax(z_t.detach().float() / t, dim=-1)
+    p_t = log_p_t.exp()
+    terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0)  # 0·log 0 = 0, not NaN
+    return terms.sum(-1) * T**2
+
+
+def kd_kl(z_s: Tensor, z_t: Tensor, T: float | Tensor, reduction: str = "batchmean") -> Tensor:
+    """The KD term; ``reduction="batchmean"``: mean over the batch, ``"none"``: [B]."""
+    rows = kl_rows(z_s, z_t, T)
+    if reduction == "none":
+        return rows
+    if reduction == "batchmean":
+        return rows.mean()
+    raise ValueError(f"kd_kl: reduction must be 'batchmean' or 'none', got {reduction!r}")
+
+
+def confidence_from_entropy(entropy: Tensor, num_classes: int) -> Tensor:
+    """w = 1 − H / log C, clipped to [0, 1] against rounding, without gradient."""
+    if num_classes < 2:
+        raise ValueError(f"teacher confidence needs at least 2 classes, got {num_classes}")
+    return (1.0 - entropy.detach().float() / math.log(num_classes)).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def teacher_confidence(z_t: Tensor) -> Tensor:
+    """Uncertainty-aware paper eq. 1–2: w = 1 − H(softmax(z_t)) / log C per sample (T = 1)."""
+    log_p = F.log_softmax(z_t.float(), dim=-1)
+    p = log_p.exp()
+    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    return confidence_from_entropy(entropy, z_t.shape[-1])
+
+
+def gt_log_prob(z: Tensor, y: Tensor) -> Tensor:
+    """log softmax(z)[y] at T = 1; ``z`` [..., B, C], ``y`` [B] -> [..., B]."""
+    log_p = F.log_softmax(z.float(), dim=-1)
+    index = y.long().expand(z.shape[:-1]).unsqueeze(-1)
+    return log_p.gather(-1, index).squeeze(-1)
+
+
+def gt_prob(z: Tensor, y: Tensor) -> Tensor:
+    """p_gt(z, y) = softmax(z)[y] at T = 1."""
+    return gt_log_prob(z, y).exp()
+
+
+def mentor_log_pgt(z_m: Tensor, y: Tensor, p_gt: Tensor | None) -> Tensor:
+    """log p_gt of every mentor [K, B], without gradient: from the cached exact ``p_gt`` when
+    given (the cache computes it from the full-precision logits), else from the logits."""
+    if p_gt is not None:
+        return p_gt.detach().float().clamp_min(TINY).log()
+    return gt_log_prob(z_m.detach(), y)
+
+
+def kd_parts(z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, w_ce: float = 0.5, w_kd: float = 0.5) -> dict:
+    ce = F.cross_entropy(z_s.float(), y.long())
+    kd = kd_kl(z_s, z_t, T)
+    return {"loss": w_ce * ce + w_kd * kd, "ce": ce, "kd": kd}
+
+
+def kd_loss(z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, w_ce: float = 0.5, w_kd: float = 0.5) -> Tensor:
+    """Hinton KD: w_ce · CE(z_s, y) + w_kd · kd_kl(z_s, z_t, T)."""
+    return kd_parts(z_s, z_t, y, T, w_ce, w_kd)["loss"]
+
+
+def uncertainty_parts(
+    z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, alpha: float = 0.5, beta: float = 0.5, *, entropy: Tensor | None = None
+) -> dict:
+    w = teacher_confidence(z_t) if entropy is None else confidence_from_entropy(entropy, z_t.shape[-1])
+    ce = F.cross_entropy(z_s.float(), y.long())
+    kd = (w * kl_rows(z_s, z_t, T)).mean()
+    return {"loss": alpha * ce + beta * kd, "ce": ce, "kd": kd, "confidence": w.mean()}
+
+
+def uncertainty_kd_loss(
+    z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, alpha: float = 0.5, beta: float = 0.5, *, entropy: Tensor | None = None
+) -> Tensor:
+    """α · CE + β · mean_i[w_i · kd_kl_i(z_s, z_t, T)], w the teacher confidence (eq. 3–5).
+
+    ``entropy`` [B]: the teacher's exact entropy (from the cache); when None it is computed from z_t."""
+    return uncertainty_parts(z_s, z_t, y, T, alpha, beta, entropy=entropy)["loss"]
+
+
+@register("nokd")
+class NoKD(Method):
+    """CE only. Reads no targets; mentor stores, if any are given, are not used."""
+
+    min_mentors = 0
+    needs = frozenset()
+
+    def compute(self, students, targets, y):
+        ce = F.cross_entropy(students[0].float(), y)
+        return result(ce, {"ce": ce})
+
+
+@register("kd")
+class KD(Method):
+    """Hinton KD from mentor 0 (the teacher); more than one mentor store is a UserError."""
+
+    max_mentors = 1
+    defaults = {"T": 4.0, "w_ce": 0.5, "w_kd": 0.5}
+
+    def compute(self, students, targets, y):
+        parts = kd_parts(students[0], targets["logits"][0], y, **self.options)
+        return result(parts["loss"], parts)
+
+
+@register("uncertainty")
+class Uncertainty(Method):
+    """Confidence-weighted KD from mentor 0; w from the cached exact entropy when present."""
+
+    max_mentors = 1
+    needs = frozenset({"logits", "entropy"})
+    defaults = {"T": 4.0, "alpha": 0.5, "beta": 0.5}
+
+    def compute(self, students, targets, y):
+        entropy = targets["entropy"][0] if "entropy" in targets else None
+        parts = uncertainty_parts(students[0], targets["logits"][0], y, **self.options, entropy=entropy)
+        return result(parts["loss"], parts)
