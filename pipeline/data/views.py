@@ -1,0 +1,269 @@
+"""Deterministic view replay: view ``v`` of a sample is a pure function of (spec, sample_id, v).
+
+A random augmentation the student sees must be the one the teacher saw when its logits were
+cached, so no view may depend on global RNG state, worker count, batch composition or order.
+Each (spec.seed, sample_id, v) gets its own uniforms from
+``numpy.random.SeedSequence([seed, sample_id, v]).generate_state`` (a documented, stable hash;
+no Generator algorithm involved), and every random choice reads a fixed position of them.
+
+    spec = ViewSpec("pad_crop_flip", seed=0, params={"pad": 4, "mean": [...], "std": [...]})
+    x = apply_view(spec, image_uint8_hwc, sample_id=17, view=3)   # float32 tensor [C, H, W]
+
+Kinds:
+- ``identity``: vectors (synthetic data) unchanged; every view equals view 0.
+- ``pad_crop_flip``: CIFAR / Fashion-MNIST style: pad, random ``size`` crop, horizontal flip.
+- ``rrc_flip_jitter``: ImageNet style: random-resized-crop, flip, colour jitter (brightness,
+  contrast, saturation, hue in a random order). Eval: resize shorter side, center crop.
+View 0 is always the evaluation transform (no randomness).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from pipeline.errors import UserError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# Every parameter with its default, per kind. The spec stores the merged values, so a
+# recorded spec replays the same views even if these defaults change later.
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "identity": {},
+    "pad_crop_flip": {"size": None, "pad": 4, "padding_mode": "constant", "flip": True, "mean": None, "std": None},
+    "rrc_flip_jitter": {
+        "size": 224, "resize": 256, "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "flip": True,
+        "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.0,
+        "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+    },
+}
+
+_NUM_UNIFORMS = 32
+
+
+def _jsonable(value: Any) -> Any:
+    # Tuples become lists so a spec read back from JSON compares equal to the original.
+    return json.loads(json.dumps(value))
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How views are made: data, not code (recorded in caches and checkpoints)."""
+
+    kind: str
+    seed: int = 0
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEFAULT_PARAMS:
+            raise UserError(f"views field 'kind': unknown {self.kind!r}; expected one of: {', '.join(DEFAULT_PARAMS)}")
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise UserError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
+        defaults = DEFAULT_PARAMS[self.kind]
+        unknown = sorted(set(self.params) - set(defaults))
+        if unknown:
+            raise UserError(
+                f"views field 'params.{unknown[0]}': not a parameter of {self.kind!r}; "
+                f"expected some of: {', '.join(defaults) or 'none'}"
+            )
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "params", _jsonable({**defaults, **self.params}))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed, "params": _jsonable(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewSpec":
+        if not isinstance(d, dict) or "kind" not in d:
+            raise UserError(f"views: expected a dict with 'kind', 'seed', 'params', found {d!r}")
+        return cls(kind=d["kind"], seed=d.get("seed", 0), params=dict(d.get("params") or {}))
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+def uniforms(seed: int, sample_id: int, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
+    """``n`` floats in [0, 1), a pure function of (seed, sample_id, view)."""
+    state = np.random.SeedSequence([int(seed), int(sample_id), int(view)]).generate_state(n, dtype=np.uint64)
+    return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def output_shape(spec: ViewSpec, native_shape: tuple) -> tuple[int, ...]:
+    """Shape of a view given the raw sample shape ((d,) or (H, W, C))."""
+    if spec.kind == "identity":
+        return tuple(native_shape)
+    channels = native_shape[-1]
+    if spec.kind == "pad_crop_flip":
+        size = spec.params["size"]
+        return (channels, size or native_shape[0], size or native_shape[1])
+    return (channels, spec.params["size"], spec.params["size"])
+
+
+def apply_view(spec: ViewSpec, raw: Any, *, sample_id: int, view: int) -> torch.Tensor:
+    """View ``view`` of one raw sample (vector, uint8 HW/HWC array or PIL image) as float32."""
+    if view < 0:
+        raise UserError(f"views: view index must be >= 0, found {view}")
+    if spec.kind == "identity":
+        if isinstance(raw, Image.Image) or np.asarray(raw).ndim != 1:
+            raise UserError("views field 'kind': 'identity' applies to vector data; use an image view kind")
+        return torch.from_numpy(np.array(raw, dtype=np.float32))
+    u = uniforms(spec.seed, sample_id, view) if view > 0 else None
+    if spec.kind == "pad_crop_flip":
+        return _pad_crop_flip(spec.params, _as_array(raw), u)
+    return _rrc_flip_jitter(spec.params, _as_image(raw), u)
+
+
+def _as_array(raw: Any) -> np.ndarray:
+    arr = np.asarray(raw)
+    if arr.ndim == 1:
+        raise UserError("views field 'kind': image view kinds do not apply to vector data; use 'identity'")
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _as_image(raw: Any) -> Image.Image:
+    if isinstance(raw, Image.Image):
+        return raw
+    arr = np.asarray(raw)
+    if arr.ndim == 1:
+        raise UserError("views field 'kind': image view kinds do not apply to vector data; use 'identity'")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(arr)
+
+
+def _to_tensor(arr: np.ndarray, mean: list | None, std: list | None) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW in [0, 1], then (x - mean) / std per channel if given."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    x = arr.astype(np.float32) * np.float32(1 / 255)
+    if mean is not None:
+        x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std if std is not None else 1.0, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def _crop_window(p: dict, h: int, w: int, u: np.ndarray | None) -> tuple[int, int, int, int, int, bool]:
+    """(pad, size_h, size_w, top, left, flip) for pad_crop_flip, reading u[0:3]."""
+    pad = int(p["pad"])
+    size_h, size_w = (p["size"], p["size"]) if p["size"] else (h, w)
+    if h + 2 * pad < size_h or w + 2 * pad < size_w:
+        raise UserError(f"views field 'params.size': {size_h}x{size_w} is larger than the padded image {h}x{w} + 2*{pad}")
+    range_h, range_w = h + 2 * pad - size_h, w + 2 * pad - size_w
+    if u is None:  # evaluation view: the centered window, i.e. the image itself when size == native
+        return pad, size_h, size_w, range_h // 2, range_w // 2, False
+    top = min(int(u[0] * (range_h + 1)), range_h)
+    left = min(int(u[1] * (range_w + 1)), range_w)
+    return pad, size_h, size_w, top, left, bool(p["flip"]) and u[2] < 0.5
+
+
+def _pad(p: dict, img: np.ndarray, pad: int) -> np.ndarray:
+    """Pad the two spatial axes (the two before the channel axis) of one image or a batch."""
+    width = [(0, 0)] * (img.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)]
+    if p["padding_mode"] == "constant":
+        return np.pad(img, width)
+    return np.pad(img, width, mode=p["padding_mode"])
+
+
+def _pad_crop_flip(p: dict, img: np.ndarray, u: np.ndarray | None) -> torch.Tensor:
+    pad, size_h, size_w, top, left, flip = _crop_window(p, img.shape[0], img.shape[1], u)
+    out = _pad(p, img, pad)[top : top + size_h, left : left + size_w]
+    if flip:
+        out = out[:, ::-1]
+    return _to_tensor(out, p["mean"], p["std"])
+
+
+def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view: int) -> torch.Tensor:
+    """``torch.stack([apply_view(spec, raw[b], sample_id=sample_ids[b], view=view) ...])``, faster.
+
+    pad_crop_flip gathers every crop of the batch with one fancy index (same float ops, so the
+    result is bit-identical to the per-sample path).
+    """
+    raw = np.asarray(raw)
+    if spec.kind == "identity":
+        if raw.ndim != 2:
+            raise UserError("views field 'kind': 'identity' applies to vector data; use an image view kind")
+        return torch.from_numpy(np.array(raw, dtype=np.float32))
+    if spec.kind != "pad_crop_flip" or len(raw) == 0:
+        return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
+    imgs = raw[..., None] if raw.ndim == 3 else raw
+    n, h, w = imgs.shape[:3]
+    windows = [_crop_window(spec.params, h, w, uniforms(spec.seed, s, view) if view > 0 else None) for s in sample_ids]
+    pad, size_h, size_w = windows[0][:3]
+    top = np.asarray([win[3] for win in windows])[:, None] + np.arange(size_h)
+    cols = np.arange(size_w)
+    flip = np.asarray([win[5] for win in windows])[:, None]
+    left = np.asarray([win[4] for win in windows])[:, None] + np.where(flip, size_w - 1 - cols, cols)
+    out = _pad(spec.params, imgs, pad)[np.arange(n)[:, None, None], top[:, :, None], left[:, None, :]]
+    x = out.astype(np.float32) * np.float32(1 / 255)
+    if spec.params["mean"] is not None:
+        mean = np.asarray(spec.params["mean"], dtype=np.float32)
+        std = np.asarray(spec.params["std"] if spec.params["std"] is not None else 1.0, dtype=np.float32)
+        x = (x - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _rrc_box(width: int, height: int, p: dict, u: np.ndarray) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameter search, reading u[0:22]: (left, top, w, h)."""
+    area = width * height
+    lo, hi = math.log(p["ratio"][0]), math.log(p["ratio"][1])
+    for attempt in range(10):
+        target = area * (p["scale"][0] + u[2 * attempt] * (p["scale"][1] - p["scale"][0]))
+        aspect = math.exp(lo + u[2 * attempt + 1] * (hi - lo))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[20] * (height - h + 1)), height - h)
+            left = min(int(u[21] * (width - w + 1)), width - w)
+            return left, top, w, h
+    # Fallback: a central crop with the aspect ratio clamped into range (as torchvision does).
+    in_ratio = width / height
+    if in_ratio < p["ratio"][0]:
+        w, h = width, int(round(width / p["ratio"][0]))
+    elif in_ratio > p["ratio"][1]:
+        h, w = height, int(round(height * p["ratio"][1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _rrc_flip_jitter(p: dict, img: Image.Image, u: np.ndarray | None) -> torch.Tensor:
+    size = int(p["size"])
+    if u is None:
+        # Evaluation: shorter side to `resize`, then the central size x size window.
+        width, height = img.size
+        scale = p["resize"] / min(width, height)
+        new_w, new_h = max(size, int(round(width * scale))), max(size, int(round(height * scale)))
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return _to_tensor(np.asarray(img), p["mean"], p["std"])
+    left, top, w, h = _rrc_box(*img.size, p, u)
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if p["flip"] and u[22] < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    jitters = []
+    for k, (name, enhancer) in enumerate(
+        (("brightness", ImageEnhance.Brightness), ("contrast", ImageEnhance.Contrast), ("saturation", ImageEnhance.Color))
+    ):
+        amount = float(p[name])
+        if amount > 0:
+            factor = max(0.0, 1 - amount) + u[23 + k] * (1 + amount - max(0.0, 1 - amount))
+            jitters.append((u[27 + k], lambda im, e=enhancer, f=factor: e(im).enhance(f)))
+    if float(p["hue"]) > 0:
+        shift = (2 * u[26] - 1) * float(p["hue"])
+        jitters.append((u[30], lambda im, s=shift: _adjust_hue(im, s)))
+    for _, fn in sorted(jitters, key=lambda t: t[0]):  # random order, as torchvision's ColorJitter
+        img = fn(img)
+    return _to_tensor(np.asarray(img), p["mean"], p["std"])
+
+
+def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+    from torchvision.transforms.functional import adjust_hue
+
+    return adjust_hue(img, shift)
