@@ -1,0 +1,243 @@
+"""The cache store format, in one place: layout, ``FORMAT_VERSION``, attrs, byte planning.
+
+A store is one Zarr v3 group per (teacher, split). ``pipeline/store/README.md`` shows an
+example of its attrs; DESIGN.md ("The cache store") is the contract this module encodes.
+
+    from pipeline.store.schema import Layout, plan_bytes
+    layout = Layout(num_samples=60_000, num_classes=10, num_views=2)
+    print(plan_bytes(layout, teachers=6))
+
+Blocks: the sample axis is cut into blocks of ``rows_per_block`` rows; a block of one view is
+the unit of work, of ownership (one writer) and of reading. Every data array is chunked so that
+a chunk is exactly one (view, block), so a block write never shares a chunk with another block
+(no read-modify-write between writers, the data loss of zarr-python issues 3514/3682). There is
+no sharding: a shard would have to be the block anyway, and chunk files per block are few.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+SCHEMA = "kdcache-store"
+FORMAT_VERSION = 1
+
+DTYPES = ("float16", "float32")
+STORAGE_KINDS = ("dense", "topk")
+DEFAULT_MICRO_BATCH = 256
+DEFAULT_ROWS_PER_BLOCK = 4096
+MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
+METADATA_BYTES_PER_ARRAY = 600     # zarr.json of one array (measured: 450-600 bytes)
+METADATA_BYTES_GROUP = 2500        # the group's zarr.json with the attrs below
+
+# Provenance fields compared when a store is reopened: (section, key). Any difference is an error.
+PROVENANCE_FIELDS = (
+    ("manifest", "sha256"), ("manifest", "split"), ("manifest", "num_samples"), ("manifest", "num_classes"),
+    ("teacher", "checkpoint_sha256"),
+    ("views", "count"), ("views", "spec"),
+    ("storage", "kind"), ("storage", "k"), ("storage", "dtype"), ("storage", "rows_per_block"),
+    ("storage", "micro_batch"),
+)
+
+
+def default_rows_per_block(num_classes: int, dtype: str = "float16", micro_batch: int = DEFAULT_MICRO_BATCH) -> int:
+    """4096 rows, fewer when a logits chunk would exceed 16 MiB; always a multiple of ``micro_batch``."""
+    row_bytes = num_classes * np.dtype(dtype).itemsize
+    rows = min(DEFAULT_ROWS_PER_BLOCK, MAX_CHUNK_BYTES // max(row_bytes, 1))
+    return max(micro_batch, rows // micro_batch * micro_batch)
+
+
+def index_dtype(num_classes: int) -> str:
+    return "uint16" if num_classes <= 65535 else "int32"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes, chunks and dtypes of every array of a store."""
+
+    num_samples: int
+    num_classes: int
+    num_views: int
+    kind: str = "dense"
+    k: int | None = None
+    dtype: str = "float16"
+    rows_per_block: int | None = None
+    micro_batch: int = DEFAULT_MICRO_BATCH
+
+    def __post_init__(self) -> None:
+        if self.kind not in STORAGE_KINDS:
+            raise UserError(f"storage: expected one of {', '.join(STORAGE_KINDS)}, found {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, found {self.dtype!r}")
+        for name in ("num_samples", "num_classes", "num_views", "micro_batch"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name}: expected a positive integer, found {getattr(self, name)}")
+        if self.kind == "topk":
+            if self.k is None or not 1 <= int(self.k) <= self.num_classes:
+                raise UserError(f"k: expected 1 <= k <= num_classes ({self.num_classes}) for top-k storage, found {self.k}")
+        elif self.k is not None:
+            object.__setattr__(self, "k", None)
+        if self.rows_per_block is None:
+            object.__setattr__(self, "rows_per_block", default_rows_per_block(self.num_classes, self.dtype, self.micro_batch))
+        if int(self.rows_per_block) < 1:
+            raise UserError(f"rows_per_block: expected a positive integer, found {self.rows_per_block}")
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_samples / self.rows_per_block)
+
+    def block_rows(self, block: int) -> tuple[int, int]:
+        """Row range [start, stop) of a block."""
+        start = block * self.rows_per_block
+        return start, min(start + self.rows_per_block, self.num_samples)
+
+    def units(self) -> list[tuple[int, int]]:
+        """Every (view, block) in the fixed order shards are cut from (view-major)."""
+        return [(v, b) for v in range(self.num_views) for b in range(self.num_blocks)]
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]:
+        """name -> (shape, chunks, dtype). Chunks along the sample axis are exactly one block."""
+        n, c, v, r = self.num_samples, self.num_classes, self.num_views, self.rows_per_block
+        out: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
+            "sample_id": ((n,), (r,), "int64"),
+            "label": ((n,), (r,), "int32"),
+        }
+        if self.kind == "dense":
+            out["logits"] = ((v, n, c), (1, r, c), self.dtype)
+        else:
+            out["topk_values"] = ((v, n, self.k), (1, r, self.k), self.dtype)
+            out["topk_index"] = ((v, n, self.k), (1, r, self.k), index_dtype(c))
+            out["logsumexp"] = ((v, n), (1, r), "float32")
+        out["entropy"] = ((v, n), (1, r), "float32")
+        out["p_gt"] = ((v, n), (1, r), "float32")
+        out["pred"] = ((v, n), (1, r), "int32")
+        out["done"] = ((v, self.num_blocks), (1, 1), "bool")
+        return out
+
+    def block_arrays(self) -> list[str]:
+        """The per-view arrays a block write fills (everything but sample_id, label, done)."""
+        return [name for name, (shape, _, _) in self.arrays().items() if len(shape) >= 2 and name != "done"]
+
+    def storage_attrs(self) -> dict[str, Any]:
+        return {"kind": self.kind, "k": self.k, "dtype": self.dtype, "rows_per_block": int(self.rows_per_block),
+                "num_blocks": self.num_blocks, "micro_batch": int(self.micro_batch)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
+        s, m = attrs["storage"], attrs["manifest"]
+        return cls(num_samples=int(m["num_samples"]), num_classes=int(m["num_classes"]),
+                   num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
+                   rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)))
+
+
+def fill_value(dtype: str) -> Any:
+    """Missing chunks read as NaN (floats) or an impossible index, so a hole never looks like data."""
+    if dtype.startswith("float"):
+        return float("nan")
+    if dtype == "bool":
+        return False
+    if dtype == "uint16":
+        return 65535
+    return -1
+
+
+def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dict[str, Any], layout: Layout,
+                created: str, kdcache_version: str) -> dict[str, Any]:
+    """The group attrs written once when a store is created (status.complete starts false)."""
+    return {
+        "schema": SCHEMA,
+        "version": FORMAT_VERSION,
+        "created": created,
+        "kdcache_version": kdcache_version,
+        "manifest": dict(manifest),
+        "teacher": dict(teacher),
+        "views": dict(views),
+        "storage": layout.storage_attrs(),
+        "status": {"complete": False},
+    }
+
+
+def check_format(attrs: dict[str, Any], store: str) -> None:
+    """Schema name and version, with 'expected X, found Y'."""
+    if attrs.get("schema") != SCHEMA:
+        raise UserError(f"{store}: field schema: expected {SCHEMA!r}, found {attrs.get('schema')!r} (not a kdcache store)")
+    if attrs.get("version") != FORMAT_VERSION:
+        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {attrs.get('version')!r}")
+    for section in ("manifest", "teacher", "views", "storage", "status"):
+        if not isinstance(attrs.get(section), dict):
+            raise UserError(f"{store}: field {section}: expected a mapping, found {attrs.get(section)!r}")
+
+
+def check_provenance(existing: dict[str, Any], wanted: dict[str, Any], store: str) -> None:
+    """Refuse to reopen a store for writing with different provenance; name the first differing field."""
+    check_format(existing, store)
+    for section, key in PROVENANCE_FIELDS:
+        have, want = existing[section].get(key), wanted[section].get(key)
+        if have != want:
+            raise UserError(f"{store}: field {section}.{key}: expected {_short(want)} (this run), "
+                            f"found {_short(have)} (in the store); use --overwrite to replace the store")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def plan_bytes(layout: Layout, *, teachers: int = 1) -> dict[str, int]:
+    """Bytes on disk per array for ``teachers`` stores of this layout (uncompressed, as written).
+
+    Chunks are stored whole, so the last, partial block counts as a full block.
+    """
+    padded = layout.num_blocks * layout.rows_per_block
+    out: dict[str, int] = {}
+    for name, (shape, chunks, dtype) in layout.arrays().items():
+        itemsize = np.dtype(dtype).itemsize
+        if name == "done":
+            nbytes = int(np.prod(shape)) * itemsize
+        else:
+            per_row = int(np.prod(shape)) // layout.num_samples
+            nbytes = padded * per_row * itemsize
+        out[name] = teachers * (nbytes + METADATA_BYTES_PER_ARRAY)
+    out["attrs"] = teachers * METADATA_BYTES_GROUP
+    out["total"] = sum(out.values())
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def target_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact per-sample targets from full float32 logits [B, C]: entropy, p_gt, pred, logsumexp.
+
+    Entropy is in nats at T = 1; ``pred`` is the first arg-max (the same class the top-k order puts
+    first). NumPy, not torch, so the values never depend on the thread count.
+    """
+    z = np.asarray(logits, dtype=np.float32)
+    zmax = z.max(axis=1, keepdims=True)
+    lse = zmax + np.log(np.exp(z - zmax).sum(axis=1, keepdims=True, dtype=np.float32))
+    logp = z - lse
+    p = np.exp(logp)
+    rows = np.arange(z.shape[0])
+    return {
+        "entropy": -(p * logp).sum(axis=1, dtype=np.float32),
+        "p_gt": p[rows, np.asarray(labels, dtype=np.int64)].astype(np.float32),
+        "pred": z.argmax(axis=1).astype(np.int32),
+        "logsumexp": lse[:, 0].astype(np.float32),
+    }
+
+
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (values, indices) per row, largest first, ties broken by the lower class index."""
+    z = np.asarray(logits, dtype=np.float32)
+    order = np.argsort(-z, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(z, order, axis=1), order

@@ -1,0 +1,246 @@
+"""Create or reopen a cache store and write it block by block: resumable, one owner per block.
+
+    from pipeline.store.writer import cache_teacher
+    cache_teacher(teacher="models/ce.pt", manifest="data_manifests/synthetic.parquet",
+                  split="train", views=2, out="caches/train/ce.zarr")
+
+``kdcache cache`` and the DVC stage call ``cache_teacher``; tests call ``write_cache`` with a fake
+block computer. The rules (DESIGN.md, "The cache store"):
+
+- Metadata and the sample_id/label arrays are created once, atomically (built in a temporary
+  directory, then renamed into place), so concurrent ``--shard i/n`` jobs can all start at once.
+  Reopening with other provenance is a ``UserError`` naming the field.
+- A (view, block) is written by one owner, whole: its chunk of every array, then its ``done``
+  marker. A rerun computes only the blocks without a marker; a block's batches are fixed by the
+  layout, so the bytes do not depend on who computed it or when.
+- ``finalize`` sets ``status.complete`` only after every marker and every chunk is checked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline.errors import UserError
+from pipeline.store import schema
+from pipeline.store.compute import BlockComputer, ComputerFactory
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a store was computed from; the attrs sections ``manifest``, ``teacher``, ``views``."""
+
+    manifest: dict[str, Any]   # path, sha256, split, num_samples, num_classes, dataset
+    teacher: dict[str, Any]    # name, arch, checkpoint_sha256, train_loss, path
+    views: dict[str, Any]      # count, seed, spec
+
+
+@dataclass
+class CacheResult:
+    store: Path
+    computed: int                      # (view, block) units written by this run
+    missing: int                       # units still without a marker (other shards, failures)
+    complete: bool
+    stats: dict[str, Any] | None = field(default=None)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_id: np.ndarray,
+            label: np.ndarray) -> None:
+    group = zarr.create_group(str(path), attributes=attrs, overwrite=True)
+    for name, (shape, chunks, dtype) in layout.arrays().items():
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, filters=None,
+                           fill_value=schema.fill_value(dtype), config={"write_empty_chunks": True},
+                           chunk_key_encoding={"name": "default", "separator": "/"})
+    group["sample_id"][:] = np.asarray(sample_id, dtype=np.int64)
+    group["label"][:] = np.asarray(label, dtype=np.int32)
+
+
+def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
+                   label: np.ndarray, overwrite: bool = False) -> dict[str, Any]:
+    """Create the store (atomically) or check that the existing one has this provenance; return its attrs."""
+    out = Path(out)
+    wanted = schema.build_attrs(manifest=provenance.manifest, teacher=provenance.teacher, views=provenance.views,
+                                layout=layout, created=_now(), kdcache_version=__version__)
+    if len(sample_id) != layout.num_samples or len(label) != layout.num_samples:
+        raise UserError(f"{out}: field manifest.num_samples: expected {layout.num_samples} sample ids and labels, "
+                        f"found {len(sample_id)} and {len(label)}")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.creating-{uuid.uuid4().hex[:8]}"
+        try:
+            _create(tmp, attrs=wanted, layout=layout, sample_id=sample_id, label=label)
+            os.rename(tmp, out)            # atomic; fails if another job created the store first
+        except OSError:
+            if not (out / "zarr.json").exists():
+                raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    existing = read_attrs(out)
+    schema.check_provenance(existing, wanted, str(out))
+    return existing
+
+
+def read_attrs(store: str | Path) -> dict[str, Any]:
+    store = Path(store)
+    if not (store / "zarr.json").is_file():
+        raise UserError(f"{store}: field zarr.json: expected a kdcache store (Zarr v3 group), found no zarr.json")
+    try:
+        group = zarr.open_group(str(store), mode="r")
+    except Exception as err:  # noqa: BLE001 - a user's broken file, reported in one line
+        raise UserError(f"{store}: field zarr.json: expected a Zarr v3 group, found an unreadable store ({err})")
+    attrs = dict(group.attrs)
+    schema.check_format(attrs, str(store))
+    return attrs
+
+
+class BlockWriter:
+    """Writes (view, block) units into an existing store; one instance per process."""
+
+    def __init__(self, store: str | Path) -> None:
+        self.store = Path(store)
+        self.attrs = read_attrs(self.store)
+        self.layout = schema.Layout.from_attrs(self.attrs)
+        self.group = zarr.open_group(str(self.store), mode="r+")
+        self.arrays = {name: self.group[name] for name in self.layout.arrays()}
+        self.labels = self.arrays["label"][:]
+
+    def missing(self) -> list[tuple[int, int]]:
+        done = self.arrays["done"][:]
+        return [(v, b) for v, b in self.layout.units() if not done[v, b]]
+
+    def compute(self, computer: BlockComputer, view: int, block: int) -> int:
+        """Compute one block with ``computer`` and write it; returns the number of rows."""
+        start, stop = self.layout.block_rows(block)
+        logits = np.asarray(computer(view, start, stop), dtype=np.float32)
+        self.write(view, block, logits)
+        return stop - start
+
+    def write(self, view: int, block: int, logits: np.ndarray) -> None:
+        """Write a block's arrays from its full float32 logits, then its done marker."""
+        lay = self.layout
+        start, stop = lay.block_rows(block)
+        where = f"{self.store}: view {view}, rows {start}:{stop}"
+        if logits.shape != (stop - start, lay.num_classes):
+            raise UserError(f"{where}: field logits: expected shape {(stop - start, lay.num_classes)}, found {logits.shape}")
+        if not np.isfinite(logits).all():
+            raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
+                            f"({int((~np.isfinite(logits)).sum())} values); no marker written")
+        stats = schema.target_stats(logits, self.labels[start:stop])
+        if lay.kind == "dense":
+            stored = {"logits": self._cast(logits, where)}
+        else:
+            values, index = schema.topk(logits, lay.k)
+            stored = {"topk_values": self._cast(values, where), "topk_index": index.astype(schema.index_dtype(lay.num_classes)),
+                      "logsumexp": stats["logsumexp"]}
+        stored.update(entropy=stats["entropy"], p_gt=stats["p_gt"], pred=stats["pred"])
+        for name, value in stored.items():
+            self.arrays[name][view, start:stop] = value
+        self.arrays["done"][view, block] = True       # only after every array of the block is written
+
+    def _cast(self, values: np.ndarray, where: str) -> np.ndarray:
+        out = values.astype(self.layout.dtype)
+        if not np.isfinite(out).all():
+            raise UserError(f"{where}: field logits: expected values within {self.layout.dtype} range, found "
+                            f"|logit| up to {float(np.abs(values).max()):.4g}; use --dtype float32")
+        return out
+
+
+def finalize(store: str | Path) -> CacheResult:
+    """Check every marker and chunk; when all are there, record stats and ``status.complete``."""
+    from pipeline.store.verify import missing_chunks, remove_partial_files
+
+    store = Path(store)
+    writer = BlockWriter(store)
+    lay, arrays = writer.layout, writer.arrays
+    missing = writer.missing()
+    if missing:
+        return CacheResult(store, 0, len(missing), False)
+    holes = missing_chunks(store, lay)
+    if holes:
+        name, view, block = holes[0]
+        raise UserError(f"{store}: field {name}: expected a chunk for every marked block, found none for view {view} "
+                        f"block {block} ({len(holes)} missing); remove the store or its done markers and rerun")
+    entropy, p_gt, pred = arrays["entropy"][:], arrays["p_gt"][:], arrays["pred"][:]
+    if not (np.isfinite(entropy).all() and np.isfinite(p_gt).all()):
+        raise UserError(f"{store}: field entropy/p_gt: expected finite values, found NaN/Inf")
+    labels = writer.labels
+    per_view = [{
+        "accuracy": round(float((pred[v] == labels).mean()), 6),
+        "mean_entropy": round(float(entropy[v].mean()), 6),
+        "mean_normalized_entropy": round(float(entropy[v].mean() / np.log(lay.num_classes)), 6) if lay.num_classes > 1 else 0.0,
+        "mean_p_gt": round(float(p_gt[v].mean()), 6),
+        "nll": round(float(-np.log(np.maximum(p_gt[v], 1e-30)).mean()), 6),
+    } for v in range(lay.num_views)]
+    stats = {key: round(float(np.mean([s[key] for s in per_view])), 6) for key in per_view[0]}
+    stats["per_view"] = per_view
+    remove_partial_files(store)
+    writer.group.attrs["status"] = {"complete": True, "finalized": _now(), "stats": stats}
+    return CacheResult(store, 0, 0, True, stats)
+
+
+def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n (SLURM: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
+    if text is None:
+        return 0, 1
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        try:
+            i, n = (int(part) for part in str(text).split("/"))
+        except ValueError:
+            raise UserError(f"--shard: expected i/n with integers (e.g. 0/4), found {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard: expected 0 <= i < n, found {i}/{n}")
+    return i, n
+
+
+def write_cache(out: str | Path, *, factory: ComputerFactory, provenance: Provenance, layout: schema.Layout,
+                sample_id: np.ndarray, label: np.ndarray, shard: str | tuple[int, int] | None = None,
+                scheduler: str | None = None, local_workers: int | None = None, overwrite: bool = False,
+                progress: bool = True) -> CacheResult:
+    """Create/reopen ``out``, compute this run's missing blocks, finalize when every marker is set.
+
+    ``shard=(i, n)`` takes every n-th (view, block) unit; ``scheduler``/``local_workers`` run one
+    dask task per block (each worker builds the computer once with ``factory``).
+    """
+    from pipeline.store import distribute
+
+    i, n = parse_shard(shard)
+    if overwrite and n > 1:
+        raise UserError("--overwrite: expected a single job (it would delete blocks other shards are writing), "
+                        f"found --shard {i}/{n}; remove the store once before starting the array job")
+    if scheduler and local_workers:
+        raise UserError("--scheduler/--local-workers: expected one of them, found both")
+    out = Path(out)
+    attrs = open_or_create(out, provenance=provenance, layout=layout, sample_id=sample_id, label=label,
+                           overwrite=overwrite)
+    writer = BlockWriter(out)
+    todo = [unit for j, unit in enumerate(layout.units()) if j % n == i]
+    missing = set(writer.missing())
+    todo = [unit for unit in todo if unit in missing]
+    if not todo and attrs["status"].get("complete"):
+        return CacheResult(out, 0, 0, True, attrs["status"].get("stats"))
+    if scheduler or local_workers:
+        computed = distribute.run_dask(out, factory, todo, scheduler=scheduler, local_workers=local_workers,
+                                       progress=progress)
+    else:
+        computed = distribute.run_local(writer, factory, todo, progress=progress)
+    result = finalize(out)
+    result.computed = computed
+    return result
