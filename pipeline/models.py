@@ -1,0 +1,299 @@
+"""Every network kdcache trains, behind one registry.
+
+    from pipeline.models import MODELS, create_model
+    net = create_model("resnet20", num_classes=100, input_shape=(3, 32, 32))
+    net = create_model("mlp", num_classes=3, input_shape=(30,), weights="models/ce.pt")
+
+Families (``MODELS.names()`` lists them all):
+
+- ``mlp``: ``d -> 128 -> 128 -> C`` with ReLU (METHODS.md, synthetic data); images are flattened.
+- ``cnn``: a small 3-block CNN for 28 or 32 px inputs, any channel count.
+- ``resnet8 / 14 / 20 / 32 / 56 / 110``: the CIFAR ResNets of He et al. 2016 (3 stages of
+  16 / 32 / 64 channels, 6n + 2 layers) with the paper's option A shortcut (stride-2 subsample
+  plus zero-padded channels: no extra parameters, so resnet20 has 0.27 M weights as in the paper).
+- torchvision models by name (``TORCHVISION``), always built with ``weights=None`` (never a
+  download), their head sized to ``num_classes``. A first conv is rebuilt when the input has
+  another channel count than 3. Small inputs (<= 64 px) get the usual CIFAR adaptation:
+  resnets a 3x3 stride-1 stem without max-pool, mobilenets a stride-1 first conv, VGGs the
+  CIFAR head (global pool + one linear layer, last max-pool dropped).
+
+``weights`` is a local file only: a kdcache checkpoint or a bare ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.registry import Registry
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+SMALL_INPUT = 64  # images up to this many pixels a side get the CIFAR-style stem
+
+
+def create_model(
+    arch: str,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """Build ``arch`` for ``num_classes`` outputs and inputs of ``input_shape`` ((d,) or (C, H, W)).
+
+    ``weights`` loads a local checkpoint or state_dict (strictly: every key and shape must match).
+    """
+    factory = MODELS.get(arch)
+    if num_classes < 1:
+        raise UserError(f"model {arch!r}: num_classes must be >= 1, found {num_classes}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise UserError(f"model {arch!r}: input_shape must be (d,) or (C, H, W), found {shape}")
+    model = factory(num_classes=num_classes, input_shape=shape)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a kdcache checkpoint's ``model`` entry or a bare state_dict into ``model`` (strict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable / not a torch file
+        raise UserError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    state = blob.get("model", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict or a kdcache checkpoint, found {type(blob).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(
+                f"{path}: weights field {key!r}: expected shape {tuple(own[key].shape)}, found {tuple(value.shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise UserError(f"model {arch!r} needs image inputs (C, H, W), found input_shape {input_shape}")
+    return input_shape  # type: ignore[return-value]
+
+
+# --- MLP and small CNN -------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``d -> hidden -> hidden -> C`` with ReLU; image inputs are flattened."""
+
+    def __init__(self, in_features: int, num_classes: int, *, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@MODELS.register("mlp")
+def mlp(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    in_features = 1
+    for s in input_shape:
+        in_features *= s
+    return MLP(in_features, num_classes)
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+@MODELS.register("cnn")
+def cnn(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """Three conv blocks (32, 64, 128 channels, each halving the size), global pool, linear."""
+    channels, _, _ = _image_shape("cnn", input_shape)
+    layers: list[nn.Module] = []
+    cin = channels
+    for cout in (32, 64, 128):
+        layers += _conv_bn(cin, cout) + [nn.MaxPool2d(2, ceil_mode=True)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# --- CIFAR ResNets (He et al. 2016, section 4.2) -------------------------------
+
+
+class _ShortcutA(nn.Module):
+    """Option A: subsample by the stride and zero-pad the new channels (parameter-free)."""
+
+    def __init__(self, stride: int, extra: int):
+        super().__init__()
+        self.stride, self.extra = stride, extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = _ShortcutA(stride, cout - cin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for small images: 3x3 stem, 3 stages of n blocks (16, 32, 64 channels)."""
+
+    def __init__(self, depth: int, num_classes: int, *, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, found {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks: list[nn.Module] = []
+        cin = 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(_BasicBlock(cin, cout, stride))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _register_cifar_resnet(depth: int) -> None:
+    @MODELS.register(f"resnet{depth}")
+    def build(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        channels, _, _ = _image_shape(f"resnet{depth}", input_shape)
+        return CifarResNet(depth, num_classes, in_channels=channels)
+
+
+for _depth in (8, 14, 20, 32, 56, 110):
+    _register_cifar_resnet(_depth)
+
+
+# --- torchvision models ---------------------------------------------------------
+
+TORCHVISION = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "vgg11_bn",
+    "vgg13_bn",
+)
+
+_VGG_CONFIG = {"vgg11_bn": "A", "vgg13_bn": "B"}
+
+
+def _like(conv: nn.Conv2d, *, in_channels: int, kernel: int | None = None, stride: int | None = None) -> nn.Conv2d:
+    """A fresh conv like ``conv`` with another input channel count / kernel / stride."""
+    k = kernel if kernel is not None else conv.kernel_size[0]
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        k,
+        stride=stride if stride is not None else conv.stride[0],
+        padding=k // 2,
+        bias=conv.bias is not None,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    return new
+
+
+def _adapt_resnet(model: nn.Module, channels: int, small: bool) -> nn.Module:
+    if small:
+        model.conv1 = _like(model.conv1, in_channels=channels, kernel=3, stride=1)
+        model.maxpool = nn.Identity()
+    elif channels != 3:
+        model.conv1 = _like(model.conv1, in_channels=channels)
+    return model
+
+
+def _adapt_mobilenet(model: nn.Module, channels: int, small: bool) -> nn.Module:
+    first = model.features[0][0]
+    if small or channels != 3:
+        model.features[0][0] = _like(first, in_channels=channels, stride=1 if small else None)
+    return model
+
+
+class _SmallVGG(nn.Module):
+    """The CIFAR VGG head: conv features without the last max-pool, global pool, one linear."""
+
+    def __init__(self, config: str, num_classes: int, *, in_channels: int):
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers
+
+        features = make_layers(cfgs[config], batch_norm=True)
+        features[0] = _like(features[0], in_channels=in_channels)
+        self.features = nn.Sequential(*list(features)[:-1])
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _register_torchvision(name: str) -> None:
+    @MODELS.register(name)
+    def build(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        import torchvision.models as tvm
+
+        channels, height, width = _image_shape(name, input_shape)
+        small = max(height, width) <= SMALL_INPUT
+        if name.startswith("vgg"):
+            if small:
+                return _SmallVGG(_VGG_CONFIG[name], num_classes, in_channels=channels)
+            model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+            if channels != 3:
+                model.features[0] = _like(model.features[0], in_channels=channels)
+            return model
+        model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        adapt: Callable[[nn.Module, int, bool], nn.Module]
+        adapt = _adapt_resnet if name.startswith("resnet") else _adapt_mobilenet
+        return adapt(model, channels, small)
+
+
+for _name in TORCHVISION:
+    _register_torchvision(_name)
