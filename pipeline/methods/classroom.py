@@ -36,7 +36,10 @@ def classroom_ranks(z_s, z_m, y, *, tau, rank_mean, active_if, alpha_source, rou
     """Ranks, active mask, temperatures and α. Row 0 of the classroom is the student.
 
     Shapes: per batch, mentors [K] and student []; per sample, [K, B] and [B]."""
-    log_q = torch.cat([gt_log_prob(z_s.detach(), y)[None], mentor_log_pgt(z_m, y, p_gt)])  # [K+1, B]
+    if p_gt is None:  # one pass over the classroom, so a mentor equal to the student ties exactly
+        log_q = gt_log_prob(torch.cat([z_s.detach().float()[None], z_m.detach().float()]), y)  # [K+1, B]
+    else:
+        log_q = torch.cat([gt_log_prob(z_s.detach(), y)[None], mentor_log_pgt(z_m, y, p_gt)])
     if granularity == "sample":
         w = log_q.exp()
     elif rank_mean == "arithmetic":  # eq. 4: batch mean of p_gt
@@ -68,7 +71,8 @@ def classroom_loss(
     """L = δ·(CE + kd_kl(z_s, z_t, 1)) + α·CE + β·Σ_{m active} r^m·kd_kl(z_s, z_m, τ^m), α = r^s.
 
     ``p_gt`` [K, B]: the mentors' exact p_gt (from the cache); when None it comes from z_m.
-    ``info``: "rank", "active", "temperature" per mentor ([K], or [K, B] with granularity="sample"),
+    ``info``: "rank", "active", "temperature" per mentor ([K], or [K, B] with granularity="sample";
+    the temperature is given for every mentor and used where active),
     "student_rank" and "alpha" ([] or [B]), "ce", "kd" (batch mean of Σ_{m active} r^m·kd_kl, before β)."""
     options = {"rank_mean": rank_mean, "active_if": active_if, "alpha_source": alpha_source,
                "granularity": granularity, "ranking": ranking}
