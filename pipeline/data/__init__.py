@@ -13,7 +13,8 @@ fashion-mnist (IDX), cifar10 / cifar100 (python pickles), imagefolder (PIL, lazy
 
 from __future__ import annotations
 
-from pipeline.data import synthetic  # noqa: F401  (registers the reader)
+# Each import registers its reader(s).
+from pipeline.data import cifar, fashion, imagefolder, synthetic  # noqa: F401
 from pipeline.data.base import READERS
 from pipeline.data.dataset import InMemoryViewDataset, ViewDataset
 from pipeline.data.views import ViewSpec

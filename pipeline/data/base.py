@@ -188,3 +188,23 @@ def parse_container_sources(manifest: "Manifest", rows: "SplitRows") -> dict[str
         g[0].append(pos)
         g[1].append(int(idx))
     return {name: (np.asarray(p, dtype=np.int64), np.asarray(i, dtype=np.int64)) for name, (p, i) in groups.items()}
+
+
+def load_container_images(manifest: Manifest, rows: SplitRows, read: Callable[[Path], np.ndarray]) -> np.ndarray:
+    """Images of ``rows`` gathered from their container files (``FILE#INDEX`` sources).
+
+    ``read(path)`` returns all images of one file; each file is checked against the sha256
+    recorded in the manifest before use.
+    """
+    out: np.ndarray | None = None
+    for name, (positions, indices) in parse_container_sources(manifest, rows).items():
+        check_recorded_files(manifest, [name])
+        images = read(Path(manifest.root) / name)
+        if indices.max() >= len(images):
+            raise UserError(f"{manifest.path}: column 'source' index {indices.max()} is past the end of {name} "
+                            f"({len(images)} images)")
+        if out is None:
+            out = np.empty((len(rows), *images.shape[1:]), dtype=np.uint8)
+        out[positions] = images[indices]
+    assert out is not None  # a split always has rows (Manifest.split guarantees it)
+    return out

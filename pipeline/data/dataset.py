@@ -39,6 +39,9 @@ class ViewDataset(Dataset):
         self.split = split
         self.manifest_sha256 = manifest_sha256
         self.input_shape = output_shape(views, samples.native_shape)
+        if None in self.input_shape:
+            raise UserError(f"views field 'params.size': images of this dataset vary in size; "
+                            f"{views.kind!r} needs an explicit size")
         self._view = 0
         self.set_view(view)
 
