@@ -2,7 +2,7 @@
 method gets them for free), the options/mentor-count errors, and each method against its
 public loss function.
 
-Run: .venv/bin/pytest tests/methods -q
+Run: .venv/bin/pytest tests/methods -q   (whole directory: about 8 s)
 """
 
 from __future__ import annotations
