@@ -1,0 +1,157 @@
+"""Views are a pure function of (spec, sample_id, view): same pixels in any worker, order or process.
+
+    .venv/bin/pytest tests/test_views.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from _data_fixtures import write_cifar10, write_imagefolder
+from pipeline.data import ViewSpec, default_views, open_split
+from pipeline.data.views import apply_view, batch_view, uniforms
+from pipeline.errors import UserError
+from pipeline.manifest import Manifest, build_manifest
+
+SMALL_RRC = {"size": 16, "resize": 20}
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    tmp = tmp_path_factory.mktemp("cifar")
+    return build_manifest("cifar10", write_cifar10(tmp / "root"), tmp / "c.parquet", val_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    tmp = tmp_path_factory.mktemp("folder")
+    return build_manifest("imagefolder", write_imagefolder(tmp / "root", dirs={"train": 4, "val": 2}), tmp / "f.parquet")
+
+
+def test_spec_is_data(cifar: Manifest) -> None:
+    spec = default_views(cifar, seed=3)
+    assert spec.kind == "pad_crop_flip" and spec.seed == 3 and spec.params["pad"] == 4
+    d = spec.to_dict()
+    assert ViewSpec.from_dict(d) == spec and ViewSpec.from_dict(d).to_dict() == d
+    assert hash(ViewSpec.from_dict(d)) == hash(spec)
+    # Defaults are stored in the spec, so a recorded spec replays even if defaults change.
+    assert ViewSpec("rrc_flip_jitter").params["scale"] == [0.08, 1.0]
+    with pytest.raises(UserError, match="kind"):
+        ViewSpec("mixup")
+    with pytest.raises(UserError, match="params.padd"):
+        ViewSpec("pad_crop_flip", params={"padd": 4})
+
+
+def test_uniforms_are_pure_and_distinct() -> None:
+    a = uniforms(0, 17, 3)
+    assert np.array_equal(a, uniforms(0, 17, 3)) and ((a >= 0) & (a < 1)).all()
+    assert not np.array_equal(a, uniforms(0, 17, 4))
+    assert not np.array_equal(a, uniforms(1, 17, 3))
+    assert not np.array_equal(a, uniforms(0, 18, 3))
+
+
+def test_view0_is_the_plain_image_and_other_views_differ(cifar: Manifest) -> None:
+    plain = ViewSpec("pad_crop_flip", params={"pad": 4})
+    ds = open_split(cifar, "train", views=plain, view=0)
+    raw = ds.samples.array
+    x0 = torch.stack([ds[i][0] for i in range(len(ds))])
+    np.testing.assert_allclose(x0.numpy() * 255, raw.transpose(0, 3, 1, 2), atol=1e-3)
+    ds.set_view(1)
+    x1 = torch.stack([ds[i][0] for i in range(len(ds))])
+    ds.set_view(2)
+    x2 = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert not torch.equal(x0, x1) and not torch.equal(x1, x2)
+
+
+@pytest.mark.parametrize("view", [0, 3])
+def test_get_batch_equals_items(cifar: Manifest, view: int) -> None:
+    ds = open_split(cifar, "train", view=view)
+    rows = np.array([5, 0, 7, 7, 2])
+    x, y = ds.get_batch(rows)
+    assert torch.equal(x, torch.stack([ds[int(i)][0] for i in rows]))
+    assert y.tolist() == ds.labels[rows].tolist()
+    # reflect padding and an explicit crop size go through the same two paths
+    spec = ViewSpec("pad_crop_flip", seed=1, params={"size": 28, "pad": 2, "padding_mode": "reflect"})
+    raw, ids = ds.samples.array[rows], ds.sample_ids[rows]
+    assert torch.equal(batch_view(spec, raw, sample_ids=ids, view=view),
+                       torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, ids)]))
+
+
+def _epoch(ds, *, num_workers: int, order: np.ndarray) -> torch.Tensor:
+    """All items of ``ds`` loaded in ``order``, returned sorted back by row index."""
+    loader = DataLoader(ds, batch_size=5, sampler=order.tolist(), num_workers=num_workers)
+    xs, rows = [], []
+    for x, _, row in loader:
+        xs.append(x)
+        rows.append(row)
+    x, row = torch.cat(xs), torch.cat(rows)
+    return x[torch.argsort(row)]
+
+
+@pytest.mark.parametrize("which", ["cifar", "folder"])
+def test_same_pixels_whatever_workers_and_order(which: str, cifar: Manifest, folder: Manifest) -> None:
+    if which == "cifar":
+        ds = open_split(cifar, "train", view=3)
+    else:
+        ds = open_split(folder, "train", views=ViewSpec("rrc_flip_jitter", seed=5, params={**SMALL_RRC, "hue": 0.1}),
+                        view=3)
+    n = len(ds)
+    ref = _epoch(ds, num_workers=0, order=np.arange(n))
+    shuffled = _epoch(ds, num_workers=2, order=np.random.default_rng(0).permutation(n))
+    assert torch.equal(ref, shuffled)
+    assert ref.shape[1:] == torch.Size(ds.input_shape)
+
+
+_SCRIPT = """
+import hashlib, sys, torch
+from pipeline.data import ViewSpec, open_split
+from pipeline.manifest import load_manifest
+m = load_manifest(sys.argv[1])
+views = ViewSpec.from_dict(eval(sys.argv[2]))
+ds = open_split(m, "train", views=views, view=int(sys.argv[3]))
+x = torch.stack([ds[i][0] for i in reversed(range(len(ds)))])
+print(hashlib.sha256(x.numpy().tobytes()).hexdigest())
+"""
+
+
+def _digest(ds) -> str:
+    x = torch.stack([ds[i][0] for i in reversed(range(len(ds)))])
+    return hashlib.sha256(x.numpy().tobytes()).hexdigest()
+
+
+def test_same_pixels_in_separate_processes(folder: Manifest) -> None:
+    spec = ViewSpec("rrc_flip_jitter", seed=2, params=SMALL_RRC)
+    here = _digest(open_split(folder, "train", views=spec, view=4))
+    runs = [subprocess.run([sys.executable, "-c", _SCRIPT, str(folder.path), repr(spec.to_dict()), "4"],
+                           capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert [r.stdout.strip() for r in runs] == [here, here]
+
+
+def test_rrc_shapes_and_eval_view(folder: Manifest) -> None:
+    spec = ViewSpec("rrc_flip_jitter", seed=0, params=SMALL_RRC)
+    ds = open_split(folder, "test", views=spec, view=0)
+    assert ds.input_shape == (3, 16, 16) and not hasattr(ds, "get_batch")  # lazy: decode in workers
+    x0, _, _ = ds[1]  # a grayscale file: converted to RGB
+    assert x0.shape == (3, 16, 16) and torch.equal(x0, ds[1][0])
+    ds.set_view(1)
+    assert not torch.equal(ds[1][0], x0)
+    assert default_views(folder).params["size"] == 224
+
+
+def test_view_kind_must_fit_the_data(cifar: Manifest, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="identity"):
+        open_split(cifar, "train", views=ViewSpec("identity"))
+    syn = build_manifest("synthetic", tmp_path / "s", tmp_path / "s.parquet", num_samples=20, dim=2)
+    with pytest.raises(UserError, match="kind"):
+        open_split(syn, "train", views=ViewSpec("pad_crop_flip"))
+    with pytest.raises(UserError, match="view"):
+        open_split(syn, "train", view=-1)
