@@ -127,6 +127,123 @@ def manifest_check(file: str, check_files: bool) -> None:
 
 # --- cache / verify / plan -------------------------------------------------
 # (cache / verify / plan: commands go here)
+@cli.command("cache")
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher checkpoint.")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
+@click.option("--split", default="train", show_default=True, help="Split to cache.")
+@click.option("--views", type=int, default=1, show_default=True, help="Number of views V (view 0 = eval transform).")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Store to write (a .zarr directory).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Dtype of the stored logits (entropy, p_gt are always exact float32).")
+@click.option("--storage", type=click.Choice(["dense", "topk"]), default="dense", show_default=True,
+              help="dense logits [V,N,C], or top-k values/indices + logsumexp.")
+@click.option("--k", type=int, default=None, help="Classes kept per sample with --storage topk.")
+@click.option("--rows-per-block", type=int, default=None,
+              help="Rows per block (= chunk, the unit of work and resume); default 4096, less for huge C.")
+@click.option("--micro-batch", type=int, default=256, show_default=True, help="Teacher batch size inside a block.")
+@click.option("--shard", default=None, help="i/n: compute every n-th block starting at i (SLURM array jobs).")
+@click.option("--scheduler", default=None, help="Address of a running dask scheduler: one task per block.")
+@click.option("--local-workers", type=int, default=None, help="Start a dask LocalCluster of N worker processes.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store first.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda with bf16 autocast if present), cpu, cuda:0 ...")
+@click.option("--threads", type=int, default=None,
+              help="Torch CPU threads per process; keep it the same across jobs for bit-identical stores.")
+@click.option("--loader-workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the random views.")
+@click.option("--name", default=None, help="Teacher name recorded in the store (default: checkpoint file stem).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (rows/s) on stderr.")
+def cache_command(teacher: str, manifest: str, split: str, views: int, out: str, storage: str, k: int | None,
+                  **options) -> None:
+    """Run a frozen teacher over every sample and view of a split; write its targets to a Zarr store.
+
+    Resumable: rerun the same command after an interruption and only missing blocks are
+    computed. Reopening a store with another teacher, manifest, views or storage is refused.
+
+    \b
+    Examples:
+      kdcache cache --teacher models/ce.pt --manifest data_manifests/synthetic.parquet --split train --views 2 --out caches/train/ce.zarr
+      kdcache cache ... --storage topk --k 20
+      kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+      kdcache cache ... --local-workers 4
+    """
+    from pipeline.store.writer import cache_teacher
+
+    if k is not None and storage != "topk":
+        raise UserError(f"--k: expected only with --storage topk, found --storage {storage}")
+    if storage == "topk" and k is None:
+        raise UserError("--k: expected the number of classes to keep with --storage topk, found none")
+    result = cache_teacher(teacher=teacher, manifest=manifest, split=split, views=views, out=out, storage=storage,
+                           k=k, **options)
+    if result.complete:
+        stats = result.stats or {}
+        click.echo(f"{out}: complete ({result.computed} blocks computed by this run); accuracy {stats.get('accuracy')}, "
+                   f"mean entropy {stats.get('mean_entropy')}, mean p_gt {stats.get('mean_p_gt')}")
+    else:
+        click.echo(f"{out}: {result.computed} blocks computed by this run, {result.missing} still missing "
+                   "(other shards); the last job to finish marks the store complete")
+
+
+@cli.command("verify")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--sample-rows", type=int, default=4096, show_default=True,
+              help="Rows whose entropy, p_gt, pred are recomputed from the stored logits.")
+def verify_command(stores: tuple[str, ...], sample_rows: int) -> None:
+    """Check cache stores: attrs, shapes, markers, chunks, NaN/Inf, recomputed targets.
+
+    Exit status 1 when any store is incomplete or inconsistent.
+
+    \b
+    Example:
+      kdcache verify caches/train/ce.zarr caches/train/mse.zarr
+    """
+    from pipeline.store.verify import verify_store
+
+    failed = 0
+    for store in stores:
+        report = verify_store(store, sample_rows=sample_rows)
+        click.echo(str(report))
+        failed += not report.ok
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("plan")
+@click.option("--num-samples", type=int, default=None, help="N (or take it from --manifest/--split).")
+@click.option("--num-classes", type=int, default=None, help="C (or take it from --manifest).")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=str), default=None, help="Manifest giving N and C.")
+@click.option("--split", default="train", show_default=True, help="Split of --manifest.")
+@click.option("--views", type=int, default=1, show_default=True, help="Views V per sample.")
+@click.option("--teachers", type=int, default=1, show_default=True, help="Number of stores (teachers).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--storage", type=click.Choice(["dense", "topk"]), default="dense", show_default=True)
+@click.option("--k", type=int, default=None, help="Classes kept with --storage topk.")
+@click.option("--rows-per-block", type=int, default=None, help="As for `kdcache cache` (default 4096).")
+def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
+                 teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None) -> None:
+    """Bytes a cache will take on disk, per array and in total, before anything runs.
+
+    \b
+    Examples:
+      kdcache plan --num-samples 1281167 --num-classes 1000 --views 4 --teachers 3
+      kdcache plan --manifest data_manifests/imagenet100.parquet --split train --storage topk --k 20
+    """
+    from pipeline.store.schema import Layout, human_bytes, plan_bytes
+
+    if manifest:
+        from pipeline.manifest import load_manifest
+
+        m = load_manifest(manifest)
+        num_samples = num_samples or len(m.split(split).sample_id)
+        num_classes = num_classes or m.num_classes
+    if not num_samples or not num_classes:
+        raise UserError("plan: expected --num-samples and --num-classes, or --manifest, found neither")
+    layout = Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=storage, k=k,
+                    dtype=dtype, rows_per_block=rows_per_block)
+    sizes = plan_bytes(layout, teachers=teachers)
+    click.echo(f"{teachers} store(s): N={num_samples} C={num_classes} V={views} {storage}"
+               f"{f' k={k}' if storage == 'topk' else ''} {dtype}, {layout.num_blocks} blocks of {layout.rows_per_block} rows")
+    for name, nbytes in sizes.items():
+        click.echo(f"  {name:<12} {human_bytes(nbytes):>12}  ({nbytes} bytes)")
 
 
 # --- distill ---------------------------------------------------------------

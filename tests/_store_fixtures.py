@@ -1,0 +1,102 @@
+"""Helpers for the store and reader tests: a fake deterministic teacher and store builders.
+
+Imported by tests/test_store*.py, tests/test_reader*.py and bench/reader.py (not a conftest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import schema
+from pipeline.store.writer import Provenance, write_cache
+
+
+@dataclass(frozen=True)
+class FakeFactory:
+    """Logits that are a pure function of (seed, view, row): any block layout gives the same values."""
+
+    num_classes: int
+    seed: int = 0
+    scale: float = 4.0
+
+    def build(self) -> "FakeComputer":
+        return FakeComputer(self)
+
+
+class FakeComputer:
+    def __init__(self, factory: FakeFactory) -> None:
+        self.factory = factory
+        self.num_classes = factory.num_classes
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, view: int, start: int, stop: int) -> np.ndarray:
+        self.calls.append((view, start, stop))
+        rows = np.arange(start, stop, dtype=np.float64)[:, None]
+        cls = np.arange(self.num_classes, dtype=np.float64)[None, :]
+        z = np.sin(rows * 0.7311 + cls * 1.913 + view * 0.377 + self.factory.seed * 2.1) * self.factory.scale
+        z += np.cos(rows * 0.0137 * (cls + 1)) * 0.5
+        return z.astype(np.float32)
+
+
+def fake_provenance(num_samples: int, num_classes: int, views: int, *, manifest_sha: str = "m" * 64,
+                    teacher_sha: str = "t" * 64, name: str = "fake") -> Provenance:
+    return Provenance(
+        manifest={"path": "fake.parquet", "sha256": manifest_sha, "split": "train", "num_samples": num_samples,
+                  "num_classes": num_classes, "dataset": "fake"},
+        teacher={"name": name, "arch": "fake", "checkpoint_sha256": teacher_sha, "train_loss": "ce", "path": "fake.pt"},
+        views={"count": views, "seed": 0, "spec": {"kind": "identity", "seed": 0, "params": {}}},
+    )
+
+
+def fake_labels(num_samples: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
+
+
+def make_fake_store(out: Path, *, num_samples: int = 1000, num_classes: int = 10, views: int = 2,
+                    kind: str = "dense", k: int | None = None, dtype: str = "float16", rows_per_block: int = 256,
+                    micro_batch: int = 64, seed: int = 0, teacher_sha: str = "t" * 64, **kw):
+    layout = schema.Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=kind, k=k,
+                           dtype=dtype, rows_per_block=rows_per_block, micro_batch=micro_batch)
+    return write_cache(out, factory=FakeFactory(num_classes, seed=seed),
+                       provenance=fake_provenance(num_samples, num_classes, views, teacher_sha=teacher_sha),
+                       layout=layout, sample_id=np.arange(num_samples, dtype=np.int64) * 3 + 7,
+                       label=fake_labels(num_samples, num_classes), progress=False, **kw)
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path, except the group's zarr.json (it holds timestamps)."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(Path(store).rglob("*"))
+            if p.is_file() and str(p.relative_to(store)) != "zarr.json"}
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+
+
+def make_synthetic_teacher(root: Path, *, num_samples: int = 3000, seed: int = 0, scale: float = 8.0,
+                           torch_seed: int = 0, name: str = "teacher.pt") -> tuple[Path, Path]:
+    """A synthetic manifest and an untrained MLP teacher (last layer scaled so it is confident)."""
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.manifest import build_manifest
+    from pipeline.models import create_model
+
+    manifest = root / "synthetic.parquet"
+    if not manifest.exists():
+        build_manifest("synthetic", root / "synthetic", manifest, num_samples=num_samples, seed=seed)
+    from pipeline.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    torch.manual_seed(torch_seed)
+    net = create_model("mlp", num_classes=m.num_classes, input_shape=(30,))
+    with torch.no_grad():
+        last = [mod for mod in net.modules() if isinstance(mod, torch.nn.Linear)][-1]
+        last.weight.mul_(scale)
+    ckpt = root / name
+    save_checkpoint(ckpt, model=net, meta={"arch": "mlp", "num_classes": m.num_classes, "input_shape": (30,),
+                                           "loss": "ce", "manifest_sha256": m.sha256})
+    return manifest, ckpt
