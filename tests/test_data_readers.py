@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from _data_fixtures import write_cifar10, write_cifar100, write_idx_dataset, write_imagefolder
 from pipeline.data import READERS, ViewSpec, open_split
@@ -161,6 +162,18 @@ def test_imagefolder_unreadable_image_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"img_0\.png: cannot decode image") as err:
         ds[0]
     assert "\n" not in str(err.value)
+    # Raised in a DataLoader worker, it comes back as the same single line, without the traceback.
+    message = _first_error(DataLoader(ds, num_workers=1))
+    assert message.startswith(str(root / "val" / "cat" / "img_0.png")) and "Traceback" not in message
+
+
+def _first_error(loader: DataLoader) -> str:
+    # Keep only the message: a kept traceback would keep the worker alive until teardown (5 s).
+    try:
+        next(iter(loader))
+    except UserError as err:
+        return str(err)
+    raise AssertionError("expected a UserError")
 
 
 def test_carved_val_is_deterministic() -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.base import DEFAULT_VAL_FRACTION, READERS, Reader, Samples, Scan, carve_val
+from pipeline.data.base import DEFAULT_VAL_FRACTION, READERS, DataError, Reader, Samples, Scan, carve_val
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, SplitRows
@@ -75,9 +75,9 @@ class LazyImages:
             with Image.open(path) as img:
                 return img.convert("RGB")
         except FileNotFoundError:
-            raise UserError(f"{path}: image file not found (manifest {self.manifest_path}, field 'source')") from None
+            raise DataError(f"{path}: image file not found (manifest {self.manifest_path}, field 'source')") from None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(f"{path}: cannot decode image ({err}) (manifest {self.manifest_path}, field 'source')") from None
+            raise DataError(f"{path}: cannot decode image ({err}) (manifest {self.manifest_path}, field 'source')") from None
 
 
 @READERS.register("imagefolder")

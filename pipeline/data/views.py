@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from pipeline.errors import UserError
+from pipeline.data.base import DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -63,13 +63,13 @@ class ViewSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_PARAMS:
-            raise UserError(f"views field 'kind': unknown {self.kind!r}; expected one of: {', '.join(DEFAULT_PARAMS)}")
+            raise DataError(f"views field 'kind': unknown {self.kind!r}; expected one of: {', '.join(DEFAULT_PARAMS)}")
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise UserError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
+            raise DataError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
         defaults = DEFAULT_PARAMS[self.kind]
         unknown = sorted(set(self.params) - set(defaults))
         if unknown:
-            raise UserError(
+            raise DataError(
                 f"views field 'params.{unknown[0]}': not a parameter of {self.kind!r}; "
                 f"expected some of: {', '.join(defaults) or 'none'}"
             )
@@ -82,7 +82,7 @@ class ViewSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ViewSpec":
         if not isinstance(d, dict) or "kind" not in d:
-            raise UserError(f"views: expected a dict with 'kind', 'seed', 'params', found {d!r}")
+            raise DataError(f"views: expected a dict with 'kind', 'seed', 'params', found {d!r}")
         return cls(kind=d["kind"], seed=d.get("seed", 0), params=dict(d.get("params") or {}))
 
     def __hash__(self) -> int:
@@ -109,10 +109,10 @@ def output_shape(spec: ViewSpec, native_shape: tuple) -> tuple[int, ...]:
 def apply_view(spec: ViewSpec, raw: Any, *, sample_id: int, view: int) -> torch.Tensor:
     """View ``view`` of one raw sample (vector, uint8 HW/HWC array or PIL image) as float32."""
     if view < 0:
-        raise UserError(f"views: view index must be >= 0, found {view}")
+        raise DataError(f"views: view index must be >= 0, found {view}")
     if spec.kind == "identity":
         if isinstance(raw, Image.Image) or np.asarray(raw).ndim != 1:
-            raise UserError("views field 'kind': 'identity' applies to vector data; use an image view kind")
+            raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
     u = uniforms(spec.seed, sample_id, view) if view > 0 else None
     if spec.kind == "pad_crop_flip":
@@ -123,7 +123,7 @@ def apply_view(spec: ViewSpec, raw: Any, *, sample_id: int, view: int) -> torch.
 def _as_array(raw: Any) -> np.ndarray:
     arr = np.asarray(raw)
     if arr.ndim == 1:
-        raise UserError("views field 'kind': image view kinds do not apply to vector data; use 'identity'")
+        raise DataError("views field 'kind': image view kinds do not apply to vector data; use 'identity'")
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -132,7 +132,7 @@ def _as_image(raw: Any) -> Image.Image:
         return raw
     arr = np.asarray(raw)
     if arr.ndim == 1:
-        raise UserError("views field 'kind': image view kinds do not apply to vector data; use 'identity'")
+        raise DataError("views field 'kind': image view kinds do not apply to vector data; use 'identity'")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     return Image.fromarray(arr)
@@ -153,7 +153,7 @@ def _crop_window(p: dict, h: int, w: int, u: np.ndarray | None) -> tuple[int, in
     pad = int(p["pad"])
     size_h, size_w = (p["size"], p["size"]) if p["size"] else (h, w)
     if h + 2 * pad < size_h or w + 2 * pad < size_w:
-        raise UserError(f"views field 'params.size': {size_h}x{size_w} is larger than the padded image {h}x{w} + 2*{pad}")
+        raise DataError(f"views field 'params.size': {size_h}x{size_w} is larger than the padded image {h}x{w} + 2*{pad}")
     range_h, range_w = h + 2 * pad - size_h, w + 2 * pad - size_w
     if u is None:  # evaluation view: the centered window, i.e. the image itself when size == native
         return pad, size_h, size_w, range_h // 2, range_w // 2, False
@@ -187,7 +187,7 @@ def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view:
     raw = np.asarray(raw)
     if spec.kind == "identity":
         if raw.ndim != 2:
-            raise UserError("views field 'kind': 'identity' applies to vector data; use an image view kind")
+            raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
     if spec.kind != "pad_crop_flip" or len(raw) == 0:
         return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
