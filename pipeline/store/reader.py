@@ -1,0 +1,326 @@
+"""``Classroom``: the targets of several cache stores for training, never a random gather from Zarr.
+
+    room = Classroom(["caches/train/ce.zarr", "caches/train/mse.zarr"])
+    for rows in room.batch_sampler(batch_size=256, seed=0, epoch=e):        # DataLoader(batch_sampler=...)
+        t = room.targets(e % room.num_views, rows)   # logits [K,B,C], entropy [K,B], p_gt [K,B] float32
+
+The stores must agree (manifest sha256 and split, sample order, views, num_classes) and be
+complete (status.complete, every marker, every chunk); otherwise ``UserError`` names the store
+and field. Mentor k is the k-th store given (mentor 0 = the teacher, by convention).
+
+Two modes, chosen by ``mode="auto"`` from ``memory_budget_bytes`` (default: a quarter of RAM):
+- memory: every block of every store is read once, whole, into NumPy (float16 stays float16);
+  ``targets`` is one vectorized gather per batch, converted to float32.
+- stream: the batch sampler shuffles the order of blocks, cuts it into windows of
+  ``window_blocks`` blocks, shuffles rows inside each window, and loads the next window on a
+  thread while the current one is served. Two windows stay readable (current and previous), so
+  a DataLoader may run its sampler up to a window ahead of ``targets``; the window is sized
+  for that (``max_lag_batches``). Asking for a row outside them is an error, never a slow read.
+
+DDP: every rank builds the same global order for (seed, epoch, view) and takes its slice of each
+global batch of ``batch_size * world_size`` rows, so ranks see disjoint rows and their union is
+every row once. ``drop_last=False``: the last global batch is split as evenly as possible (a
+rank gets nothing when fewer rows than ranks remain, so step counts can differ by one);
+``drop_last=True``: the remainder (< batch_size * world_size rows, different ones every epoch)
+is skipped and every rank makes the same number of steps.
+
+Top-k stores: ``targets`` rebuilds dense logits: the stored top-k logits, and for every other
+class ``logsumexp + log(tail / (C - k))`` with ``tail`` the mass outside the top k. Softmax at
+T = 1 then gives every top-k class its exact probability and spreads the exact tail mass
+uniformly; entropy and p_gt are always the exact stored values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.errors import UserError
+from pipeline.store import schema
+from pipeline.store.verify import check_complete
+
+FIELDS = ("logits", "entropy", "p_gt")
+_AGREE = (("manifest", "sha256"), ("manifest", "split"), ("manifest", "num_samples"), ("manifest", "num_classes"),
+          ("views", "count"), ("views", "spec"))
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def dense_from_topk(values: np.ndarray, index: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dense float32 logits [B, C] from top-k: exact top-k softmax at T = 1, uniform tail (module doc)."""
+    values = values.astype(np.float32)
+    k = values.shape[1]
+    tail = np.clip(1.0 - np.exp(values - lse[:, None]).sum(axis=1), 1e-12, 1.0)
+    fill = lse + np.log(tail / max(num_classes - k, 1)) if num_classes > k else values[:, -1] - 30.0
+    out = np.repeat(fill.astype(np.float32)[:, None], num_classes, axis=1)
+    np.put_along_axis(out, index.astype(np.int64), values, axis=1)
+    return out
+
+
+class _Buffer:
+    """Targets of K stores for R rows (all rows of a view, or the slots of the streaming windows)."""
+
+    def __init__(self, layouts: Sequence[schema.Layout], rows: int) -> None:
+        self.layouts = layouts
+        k_count, c = len(layouts), layouts[0].num_classes
+        self.entropy = np.empty((k_count, rows), np.float32)
+        self.p_gt = np.empty((k_count, rows), np.float32)
+        self.all_dense = all(lay.kind == "dense" for lay in layouts)
+        if self.all_dense:
+            dtype = np.result_type(*[np.dtype(lay.dtype) for lay in layouts])
+            self.logits = np.empty((k_count, rows, c), dtype)
+        else:
+            self.parts = [np.empty((rows, c), lay.dtype) if lay.kind == "dense" else
+                          (np.empty((rows, lay.k), lay.dtype), np.empty((rows, lay.k), schema.index_dtype(c)),
+                           np.empty(rows, np.float32)) for lay in layouts]
+
+    def fill(self, k: int, at: slice, data: dict[str, np.ndarray]) -> None:
+        self.entropy[k, at], self.p_gt[k, at] = data["entropy"], data["p_gt"]
+        if self.all_dense:
+            self.logits[k, at] = data["logits"]
+        elif self.layouts[k].kind == "dense":
+            self.parts[k][at] = data["logits"]
+        else:
+            values, index, lse = self.parts[k]
+            values[at], index[at], lse[at] = data["topk_values"], data["topk_index"], data["logsumexp"]
+
+    def gather(self, pos: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        if "logits" in fields:
+            if self.all_dense:
+                z = self.logits.take(pos, axis=1).astype(np.float32, copy=False)
+            else:
+                c = self.layouts[0].num_classes
+                z = np.stack([part[pos].astype(np.float32) if isinstance(part, np.ndarray) else
+                              dense_from_topk(part[0][pos], part[1][pos], part[2][pos], c) for part in self.parts])
+            out["logits"] = torch.from_numpy(z)
+        if "entropy" in fields:
+            out["entropy"] = torch.from_numpy(self.entropy.take(pos, axis=1))
+        if "p_gt" in fields:
+            out["p_gt"] = torch.from_numpy(self.p_gt.take(pos, axis=1))
+        return out
+
+
+class Classroom:
+    """Targets of K agreeing, complete stores; see the module docstring."""
+
+    def __init__(self, stores: Sequence[str | Path], *, memory_budget_bytes: int | None = None, mode: str = "auto",
+                 window_blocks: int | None = None, max_lag_batches: int = 32) -> None:
+        if isinstance(stores, (str, Path)) or not stores:
+            raise UserError(f"mentors: expected a non-empty list of stores, found {stores!r}")
+        if mode not in ("auto", "memory", "stream"):
+            raise UserError(f"mode: expected auto, memory or stream, found {mode!r}")
+        self.paths = [Path(s) for s in stores]
+        checked = [check_complete(p) for p in self.paths]
+        self.attrs = [a for a, _ in checked]
+        self.layouts = [lay for _, lay in checked]
+        first = self.attrs[0]
+        for path, attrs in zip(self.paths[1:], self.attrs[1:]):
+            for section, key in _AGREE:
+                if attrs[section].get(key) != first[section].get(key):
+                    raise UserError(f"{path}: field {section}.{key}: expected {first[section].get(key)!r} "
+                                    f"(as {self.paths[0]}), found {attrs[section].get(key)!r}")
+        groups = [zarr.open_group(str(p), mode="r") for p in self.paths]
+        self.sample_ids = groups[0]["sample_id"][:]
+        self.labels = groups[0]["label"][:]
+        for path, group in zip(self.paths[1:], groups[1:]):
+            if not np.array_equal(group["sample_id"][:], self.sample_ids):
+                raise UserError(f"{path}: field sample_id: expected the sample order of {self.paths[0]}, found another")
+        self._arrays = [{name: g[name] for name in lay.block_arrays()} for g, lay in zip(groups, self.layouts)]
+        self.num_mentors = len(self.paths)
+        self.num_samples = int(first["manifest"]["num_samples"])
+        self.num_classes = int(first["manifest"]["num_classes"])
+        self.num_views = int(first["views"]["count"])
+        self.manifest_sha256 = str(first["manifest"]["sha256"])
+        self.views = dict(first["views"])
+        self.teachers = [a["teacher"].get("name") for a in self.attrs]
+        self.memory_bytes = sum(self._row_bytes(lay) for lay in self.layouts) * self.num_samples * self.num_views
+        self.memory_budget_bytes = int(memory_budget_bytes or default_memory_budget())
+        self.mode = mode if mode != "auto" else ("memory" if self.memory_bytes <= self.memory_budget_bytes else "stream")
+        self.window_blocks = window_blocks
+        self.max_lag_batches = int(max_lag_batches)
+        self._memory: list[_Buffer] = []
+        self._stream: _Stream | None = None
+        if self.mode == "memory":
+            self._load_memory()
+        elif len({lay.rows_per_block for lay in self.layouts}) > 1:
+            raise UserError(f"{self.paths[-1]}: field storage.rows_per_block: expected {self.layouts[0].rows_per_block} "
+                            f"(as {self.paths[0]}) to stream blocks together, found {self.layouts[-1].rows_per_block}")
+
+    @staticmethod
+    def _row_bytes(lay: schema.Layout) -> int:
+        width = lay.num_classes * np.dtype(lay.dtype).itemsize if lay.kind == "dense" else \
+            lay.k * (np.dtype(lay.dtype).itemsize + np.dtype(schema.index_dtype(lay.num_classes)).itemsize) + 4
+        return width + 8                                      # + entropy, p_gt
+
+    def read_block(self, k: int, view: int, block: int) -> dict[str, np.ndarray]:
+        """One whole (view, block) of store k: one chunk read per array."""
+        start, stop = self.layouts[k].block_rows(block)
+        return {name: arr[view, start:stop] for name, arr in self._arrays[k].items()}
+
+    def _load_memory(self) -> None:
+        for view in range(self.num_views):
+            buf = _Buffer(self.layouts, self.num_samples)
+            for k, arrays in enumerate(self._arrays):
+                buf.fill(k, slice(None), {name: arr[view] for name, arr in arrays.items()})  # whole chunks
+            self._memory.append(buf)
+
+    def targets(self, view: int, rows: np.ndarray | torch.Tensor | Sequence[int], *,
+                fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
+        """``{"logits": [K,B,C], "entropy": [K,B], "p_gt": [K,B]}`` (float32) for ``rows`` of ``view``."""
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"fields: expected some of {FIELDS}, found {sorted(unknown)}")
+        if not 0 <= view < self.num_views:
+            raise ValueError(f"view: expected 0 <= view < {self.num_views}, found {view}")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
+            raise IndexError(f"rows: expected indices in [0, {self.num_samples}), found [{rows.min()}, {rows.max()}]")
+        if self.mode == "memory":
+            return self._memory[view].gather(rows, fields)
+        if self._stream is None or self._stream.view != view:
+            raise RuntimeError(f"stream mode: targets(view={view}) needs the batch sampler of that view to be running")
+        return self._stream.gather(rows, fields)
+
+    def batch_sampler(self, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                      drop_last: bool = False, view: int | None = None) -> "BatchSampler":
+        """Index batches of this rank for one epoch (view defaults to ``epoch % num_views``)."""
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size/rank/world_size: expected >= 1 and 0 <= rank < world_size, "
+                             f"found {batch_size}/{rank}/{world_size}")
+        view = epoch % self.num_views if view is None else int(view)
+        return BatchSampler(self, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                            drop_last=drop_last, view=view)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> "Classroom":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Classroom({self.num_mentors} mentors {self.teachers}, {self.num_samples} samples, "
+                f"{self.num_classes} classes, {self.num_views} views, mode={self.mode})")
+
+
+class BatchSampler:
+    """Re-iterable batches of one epoch for one rank (``len`` works, as DataLoader expects)."""
+
+    def __init__(self, room: Classroom, *, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
+                 drop_last: bool, view: int) -> None:
+        self.room, self.batch_size, self.rank, self.world_size = room, batch_size, rank, world_size
+        self.drop_last, self.view, self.global_batch = drop_last, view, batch_size * world_size
+        rng = np.random.default_rng([seed, epoch, view])
+        n = room.num_samples
+        self.windows: list[np.ndarray] = []          # streaming: block ids of each window, in order
+        if room.mode == "memory":
+            self.order = rng.permutation(n)
+        else:
+            lay = room.layouts[0]
+            need = math.ceil((room.max_lag_batches + 1) * self.global_batch / lay.rows_per_block)
+            block_bytes = sum(room._row_bytes(x) for x in room.layouts) * lay.rows_per_block
+            fit = max(1, room.memory_budget_bytes // (3 * block_bytes))
+            width = room.window_blocks or min(lay.num_blocks, max(need, min(fit, 16)))
+            width = max(width, math.ceil(self.global_batch / lay.rows_per_block))   # a batch spans <= 2 windows
+            blocks = rng.permutation(lay.num_blocks)
+            self.windows = [blocks[i:i + width] for i in range(0, len(blocks), width)]
+            self.window_rows = [np.concatenate([np.arange(*lay.block_rows(b)) for b in w]) for w in self.windows]
+            self.order = np.concatenate([rng.permutation(rows) for rows in self.window_rows])
+            self.window_end = np.cumsum([len(r) for r in self.window_rows])
+            self.width = width
+
+    def _slices(self) -> list[tuple[int, int]]:
+        g, b, n = self.global_batch, self.batch_size, self.room.num_samples
+        full = n // g
+        out = [(i * g + self.rank * b, i * g + (self.rank + 1) * b) for i in range(full)]
+        if not self.drop_last and n > full * g:
+            bounds = np.linspace(full * g, n, self.world_size + 1).round().astype(int)
+            parts = [(int(bounds[r]), int(bounds[r + 1])) for r in range(self.world_size)]
+            lo, hi = parts[self.rank]
+            if hi > lo:
+                out.append((lo, hi))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._slices())
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self.room.mode == "memory":
+            for lo, hi in self._slices():
+                yield self.order[lo:hi]
+            return
+        self.room.close()
+        stream = self.room._stream = _Stream(self.room, self)
+        for lo, hi in self._slices():
+            stream.ensure(int(np.searchsorted(self.window_end, hi - 1, side="right")))
+            yield self.order[lo:hi]
+
+
+class _Stream:
+    """Three window slots: previous and current are readable, the next one loads on a thread."""
+
+    def __init__(self, room: Classroom, sampler: BatchSampler) -> None:
+        self.room, self.view, self.sampler = room, sampler.view, sampler
+        self.slot_rows = sampler.width * room.layouts[0].rows_per_block
+        self.buffer = _Buffer(room.layouts, 3 * self.slot_rows)
+        self.pos = np.full(room.num_samples, -1, np.int64)
+        self.current = -1
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
+        self.pending: dict[int, Future] = {}
+        self._prefetch(0)
+
+    def _load(self, j: int) -> None:
+        at = (j % 3) * self.slot_rows
+        lay = self.room.layouts[0]
+        for block in self.sampler.windows[j]:
+            start, stop = lay.block_rows(block)
+            for k in range(self.room.num_mentors):
+                self.buffer.fill(k, slice(at, at + stop - start), self.room.read_block(k, self.view, block))
+            at += stop - start
+
+    def _prefetch(self, j: int) -> None:
+        if j < len(self.sampler.windows) and j not in self.pending:
+            self.pending[j] = self.pool.submit(self._load, j)
+
+    def ensure(self, j: int) -> None:
+        while self.current < j:
+            nxt = self.current + 1
+            self._prefetch(nxt)
+            self.pending.pop(nxt).result()
+            rows = self.sampler.window_rows[nxt]
+            self.pos[rows] = (nxt % 3) * self.slot_rows + np.arange(len(rows))
+            if nxt >= 2:                               # its slot is where the next window goes
+                self.pos[self.sampler.window_rows[nxt - 2]] = -1
+            self.current = nxt
+            self._prefetch(nxt + 1)
+
+    def gather(self, rows: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+        pos = self.pos[rows]
+        if (pos < 0).any():
+            raise RuntimeError(f"stream mode: {int((pos < 0).sum())} rows are not in the current or previous window "
+                               "(ask only for rows of the running batch sampler; a larger window_blocks or "
+                               "max_lag_batches allows more lag)")
+        return self.buffer.gather(pos, fields)
+
+    def close(self) -> None:
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
