@@ -117,7 +117,7 @@ def _string_bytes(column: pa.ChunkedArray) -> tuple[bytes, bytes]:
     return np.diff(offsets).astype("<i8").tobytes(), data
 
 
-def _semantic(dataset: str, num_classes: int, class_names: Sequence[str], splits: Sequence[str], meta: dict) -> dict:
+def _semantic(dataset: str, num_classes: int, *, class_names: Sequence[str], splits: Sequence[str], meta: dict) -> dict:
     return {
         "dataset": dataset,
         "num_classes": int(num_classes),
@@ -179,7 +179,7 @@ def write_manifest(
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(root)
     stored_root = str(root) if root.is_absolute() else os.path.relpath(root.resolve(), out.parent.resolve())
-    semantic = _semantic(dataset, len(class_names), class_names, splits, meta)
+    semantic = _semantic(dataset, len(class_names), class_names=class_names, splits=splits, meta=meta)
     sha = content_sha256(table, semantic)
     info = {"format": FORMAT, "version": FORMAT_VERSION, **semantic, "root": stored_root, "sha256": sha}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info, ensure_ascii=False).encode()})
@@ -277,7 +277,8 @@ def load_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
     table, info = _read(path)
     table = _check_columns(path, table)
     _check_rows(path, table, info)
-    semantic = _semantic(info["dataset"], info["num_classes"], info["class_names"], info["splits"], info["meta"])
+    semantic = _semantic(info["dataset"], info["num_classes"], class_names=info["class_names"], splits=info["splits"],
+                         meta=info["meta"])
     sha = content_sha256(table, semantic)
     if sha != info["sha256"]:
         raise UserError(

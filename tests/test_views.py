@@ -51,11 +51,11 @@ def test_spec_is_data(cifar: Manifest) -> None:
 
 
 def test_uniforms_are_pure_and_distinct() -> None:
-    a = uniforms(0, 17, 3)
-    assert np.array_equal(a, uniforms(0, 17, 3)) and ((a >= 0) & (a < 1)).all()
-    assert not np.array_equal(a, uniforms(0, 17, 4))
-    assert not np.array_equal(a, uniforms(1, 17, 3))
-    assert not np.array_equal(a, uniforms(0, 18, 3))
+    a = uniforms(0, 17, view=3)
+    assert np.array_equal(a, uniforms(0, 17, view=3)) and ((a >= 0) & (a < 1)).all()
+    assert not np.array_equal(a, uniforms(0, 17, view=4))
+    assert not np.array_equal(a, uniforms(1, 17, view=3))
+    assert not np.array_equal(a, uniforms(0, 18, view=3))
 
 
 def test_view0_is_the_plain_image_and_other_views_differ(cifar: Manifest) -> None:

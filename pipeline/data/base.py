@@ -153,7 +153,7 @@ def carve_val(num_train: int, *, fraction: float, seed: int) -> np.ndarray:
 
 
 def restrict_classes(
-    class_names: Sequence[str], labels: np.ndarray, wanted: Sequence[str] | None, *, what: str
+    class_names: Sequence[str], labels: np.ndarray, *, wanted: Sequence[str] | None, what: str
 ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """(new class names, new labels, keep mask): only the ``wanted`` classes, in that order."""
     if wanted is None:
@@ -189,7 +189,7 @@ def split_train_val_test(
     split[:n_train][carve_val(n_train, fraction=val_fraction, seed=seed)] = "val"
     split[n_train:] = "test"
     source = np.asarray(list(train_source) + list(test_source), dtype=object)
-    names, labels, keep = restrict_classes(class_names, labels, classes, what=what)
+    names, labels, keep = restrict_classes(class_names, labels, wanted=classes, what=what)
     splits = tuple(s for s in ("train", "val", "test") if (split[keep] == s).any())
     return ids[keep], labels[keep], split[keep], source[keep], names, splits
 
@@ -207,7 +207,7 @@ def parse_container_sources(manifest: "Manifest", rows: "SplitRows") -> dict[str
     return {name: (np.asarray(p, dtype=np.int64), np.asarray(i, dtype=np.int64)) for name, (p, i) in groups.items()}
 
 
-def load_container_images(manifest: Manifest, rows: SplitRows, read: Callable[[Path], np.ndarray]) -> np.ndarray:
+def load_container_images(manifest: Manifest, rows: SplitRows, *, read: Callable[[Path], np.ndarray]) -> np.ndarray:
     """Images of ``rows`` gathered from their container files (``FILE#INDEX`` sources).
 
     ``read(path)`` returns all images of one file; each file is checked against the sha256

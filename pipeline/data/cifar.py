@@ -103,7 +103,7 @@ class _CifarReader(Reader):
         return Scan(ids, label, split, source, names, splits, meta)
 
     def load(self, manifest: Manifest, rows: SplitRows) -> Samples:
-        return Samples(kind="image", native_shape=(32, 32, 3), array=load_container_images(manifest, rows, read_images))
+        return Samples(kind="image", native_shape=(32, 32, 3), array=load_container_images(manifest, rows, read=read_images))
 
     def default_views(self, manifest: Manifest, *, seed: int = 0) -> ViewSpec:
         return ViewSpec("pad_crop_flip", seed=seed, params={"pad": 4, "mean": self.mean, "std": self.std})

@@ -95,7 +95,7 @@ class FashionMnistReader(Reader):
         return Scan(ids, labels, split, source, class_names, splits, meta)
 
     def load(self, manifest: Manifest, rows: SplitRows) -> Samples:
-        return Samples(kind="image", native_shape=(28, 28, 1), array=load_container_images(manifest, rows, read_idx))
+        return Samples(kind="image", native_shape=(28, 28, 1), array=load_container_images(manifest, rows, read=read_idx))
 
     def default_views(self, manifest: Manifest, *, seed: int = 0) -> ViewSpec:
         return ViewSpec("pad_crop_flip", seed=seed, params={"pad": 2, "mean": MEAN, "std": STD})

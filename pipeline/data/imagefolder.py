@@ -66,7 +66,7 @@ def split_dirs(root: Path) -> dict[str, str]:
 class LazyImages:
     """Picklable ``i -> PIL RGB image`` for DataLoader workers."""
 
-    def __init__(self, root: str, sources: np.ndarray, manifest_path: str):
+    def __init__(self, root: str, sources: np.ndarray, *, manifest_path: str):
         self.root, self.sources, self.manifest_path = root, sources, manifest_path
 
     def __call__(self, i: int) -> Image.Image:
@@ -140,7 +140,7 @@ class ImageFolderReader(Reader):
 
     def load(self, manifest: Manifest, rows: SplitRows) -> Samples:
         return Samples(kind="image", native_shape=(None, None, 3),
-                       load_one=LazyImages(manifest.root, rows.source, str(manifest.path)))
+                       load_one=LazyImages(manifest.root, rows.source, manifest_path=str(manifest.path)))
 
     def default_views(self, manifest: Manifest, *, seed: int = 0) -> ViewSpec:
         return ViewSpec("rrc_flip_jitter", seed=seed)

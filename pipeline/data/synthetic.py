@@ -39,10 +39,10 @@ def generate(*, num_samples: int, dim: int, num_classes: int, sigma2: float, see
     y = rng.integers(0, num_classes, size=num_samples).astype(np.int32)
     noise = rng.normal(0.0, np.sqrt(sigma2), size=(num_samples, dim))
     x = (means[y] + noise).astype(np.float32)
-    return {"x": x, "y": y, "means": means, "posterior": posterior_of(x, means, sigma2)}
+    return {"x": x, "y": y, "means": means, "posterior": posterior_of(x, means, sigma2=sigma2)}
 
 
-def posterior_of(x: np.ndarray, means: np.ndarray, sigma2: float) -> np.ndarray:
+def posterior_of(x: np.ndarray, means: np.ndarray, *, sigma2: float) -> np.ndarray:
     """Exact Bayes posterior under equal priors, float32 [N, K] (computed in float64)."""
     x64, m64 = x.astype(np.float64), means.astype(np.float64)
     sq = (x64 * x64).sum(1, keepdims=True) - 2 * x64 @ m64.T + (m64 * m64).sum(1)

@@ -89,7 +89,7 @@ class ViewSpec:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
 
-def uniforms(seed: int, sample_id: int, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
+def uniforms(seed: int, sample_id: int, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
     """``n`` floats in [0, 1), a pure function of (seed, sample_id, view)."""
     state = np.random.SeedSequence([int(seed), int(sample_id), int(view)]).generate_state(n, dtype=np.uint64)
     return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
@@ -114,7 +114,7 @@ def apply_view(spec: ViewSpec, raw: Any, *, sample_id: int, view: int) -> torch.
         if isinstance(raw, Image.Image) or np.asarray(raw).ndim != 1:
             raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
-    u = uniforms(spec.seed, sample_id, view) if view > 0 else None
+    u = uniforms(spec.seed, sample_id, view=view) if view > 0 else None
     if spec.kind == "pad_crop_flip":
         return _pad_crop_flip(spec.params, _as_array(raw), u)
     return _rrc_flip_jitter(spec.params, _as_image(raw), u)
@@ -148,8 +148,9 @@ def _to_tensor(arr: np.ndarray, mean: list | None, std: list | None) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def _crop_window(p: dict, h: int, w: int, u: np.ndarray | None) -> tuple[int, int, int, int, int, bool]:
-    """(pad, size_h, size_w, top, left, flip) for pad_crop_flip, reading u[0:3]."""
+def _crop_window(p: dict, size: tuple[int, int], *, u: np.ndarray | None) -> tuple[int, int, int, int, int, bool]:
+    """(pad, size_h, size_w, top, left, flip) for pad_crop_flip on an h x w image, reading u[0:3]."""
+    h, w = size
     pad = int(p["pad"])
     size_h, size_w = (p["size"], p["size"]) if p["size"] else (h, w)
     if h + 2 * pad < size_h or w + 2 * pad < size_w:
@@ -171,7 +172,7 @@ def _pad(p: dict, img: np.ndarray, pad: int) -> np.ndarray:
 
 
 def _pad_crop_flip(p: dict, img: np.ndarray, u: np.ndarray | None) -> torch.Tensor:
-    pad, size_h, size_w, top, left, flip = _crop_window(p, img.shape[0], img.shape[1], u)
+    pad, size_h, size_w, top, left, flip = _crop_window(p, img.shape[:2], u=u)
     out = _pad(p, img, pad)[top : top + size_h, left : left + size_w]
     if flip:
         out = out[:, ::-1]
@@ -193,7 +194,7 @@ def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view:
         return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
     imgs = raw[..., None] if raw.ndim == 3 else raw
     n, h, w = imgs.shape[:3]
-    windows = [_crop_window(spec.params, h, w, uniforms(spec.seed, s, view) if view > 0 else None) for s in sample_ids]
+    windows = [_crop_window(spec.params, (h, w), u=uniforms(spec.seed, s, view=view) if view > 0 else None) for s in sample_ids]
     pad, size_h, size_w = windows[0][:3]
     top = np.asarray([win[3] for win in windows])[:, None] + np.arange(size_h)
     cols = np.arange(size_w)
@@ -208,8 +209,9 @@ def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def _rrc_box(width: int, height: int, p: dict, u: np.ndarray) -> tuple[int, int, int, int]:
+def _rrc_box(p: dict, size: tuple[int, int], *, u: np.ndarray) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop parameter search, reading u[0:22]: (left, top, w, h)."""
+    width, height = size
     area = width * height
     lo, hi = math.log(p["ratio"][0]), math.log(p["ratio"][1])
     for attempt in range(10):
@@ -243,7 +245,7 @@ def _rrc_flip_jitter(p: dict, img: Image.Image, u: np.ndarray | None) -> torch.T
         left, top = (new_w - size) // 2, (new_h - size) // 2
         img = img.crop((left, top, left + size, top + size))
         return _to_tensor(np.asarray(img), p["mean"], p["std"])
-    left, top, w, h = _rrc_box(*img.size, p, u)
+    left, top, w, h = _rrc_box(p, img.size, u=u)
     img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if p["flip"] and u[22] < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
