@@ -82,8 +82,9 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
     Splits: fashion-mnist and cifar keep their test set as `test` and move
     --val-fraction of train (chosen by --seed) to `val`. imagefolder reads
     ROOT/train/<class>/*; with ROOT/test/ present, ROOT/val/ is `val` and ROOT/test/
-    is `test`; otherwise ROOT/val/ is `test` (the ImageNet convention) and `val` is
-    carved from train. synthetic writes its data under ROOT (5/5/90 train/val/test).
+    is `test`; otherwise ROOT/val/ is `test` (the ImageNet convention); when no
+    directory is `val`, it is carved from train. synthetic writes its data under
+    ROOT (5/5/90 train/val/test).
 
     \b
     Examples:
