@@ -1,0 +1,140 @@
+"""Model checkpoints: one torch file with the weights, what they are, and how to resume.
+
+    from pipeline.checkpoint import save_checkpoint, load_model
+    save_checkpoint("models/ce.pt", model=net, meta={"arch": "mlp", ...}, train_state=state)
+    model, meta = load_model("models/ce.pt", device="cpu")
+
+File layout (a dict, read with ``torch.load(weights_only=True)``, so only plain data):
+``{"format": "kdcache-checkpoint", "version": 1, "model": state_dict, "meta": dict,
+"train_state": dict | None}``. ``meta`` holds at least ``arch``, ``num_classes``,
+``input_shape`` and, when known, ``loss`` (ce|mse), ``manifest_sha256``, ``manifest``
+(path), ``dataset``, ``views`` (ViewSpec dict), ``epoch``, ``metrics``, ``seed``;
+``kdcache_version`` is added on save. ``train_state`` (optimizers, schedulers, epoch, RNG
+states; see ``pipeline.trainer.loop``) is what ``--resume`` needs.
+
+Saving is atomic: a temporary file in the same folder, fsync, then ``os.replace``, so a
+crash never leaves half a checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import __version__
+from pipeline.errors import UserError
+
+FORMAT = "kdcache-checkpoint"
+VERSION = 1
+REQUIRED_META = ("arch", "num_classes", "input_shape")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DistributedDataParallel / DataParallel / compiled wrapper."""
+    while True:
+        for attr in ("module", "_orig_mod"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    meta: dict,
+    train_state: dict | None = None,
+) -> None:
+    """Write ``model``'s weights with ``meta`` (and ``train_state`` for resuming) atomically."""
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    blob = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": state,
+        "meta": {**meta, "input_shape": list(meta["input_shape"]), "kdcache_version": __version__},
+        "train_state": train_state,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; UserError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise UserError(f"{path}: field 'format': expected {FORMAT!r}, found {found!r}")
+    if blob.get("version") != VERSION:
+        raise UserError(f"{path}: field 'version': expected {VERSION}, found {blob.get('version')!r}")
+    meta = blob.get("meta")
+    if not isinstance(meta, dict) or any(key not in meta for key in REQUIRED_META):
+        raise UserError(f"{path}: field 'meta': expected a dict with {list(REQUIRED_META)}")
+    meta["input_shape"] = tuple(meta["input_shape"])
+    return blob
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights; returns ``(model in eval mode, meta)``."""
+    from pipeline.models import create_model
+
+    blob = load_checkpoint(path)
+    meta = blob["meta"]
+    model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), input_shape=meta["input_shape"])
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise UserError(f"{path}: weights do not fit arch {meta['arch']!r}: {first[0].strip()}") from None
+    return model.to(device).eval(), meta
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (how caches name the teacher checkpoint they came from)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    return digest.hexdigest()
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars / tuples / paths turned into JSON- and weights_only-safe types."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
