@@ -1,0 +1,322 @@
+"""The one training loop, shared by teachers and students.
+
+    from pipeline.trainer.loop import fit, shuffled_batches, sgd, cosine_schedule, steps_per_epoch
+
+    def step(models, batch):                       # models: as given (DDP-wrapped under torchrun)
+        z = models[0](batch.x)
+        return {"loss": F.cross_entropy(z.float(), batch.y), "logits": z}
+
+    state = fit([model], [opt], step=step, dataset=ds, epochs=E, runtime=rt, schedulers=[sched],
+                batch_sampler=lambda e: shuffled_batches(len(ds), batch_size=128, seed=0, epoch=e))
+
+Per step the loop zeroes every optimizer, runs ``step`` under the runtime's autocast,
+backpropagates ``out["loss"]`` once, steps every optimizer then every scheduler. It never
+looks at what a step computes: 0-dim entries of the step's dict are logged as ``train_<name>``
+(means weighted by batch size), 1-D entries (per-mentor stats) as ``train_<name>_<k>``, and
+``logits`` (a tensor, or a list for several students) give ``train_top1``/``train_top5``
+(``train_top1_<i>`` for student i). Steps should cast logits to float32 before a loss (bf16 on CUDA).
+
+Data: ``batch_sampler(epoch)`` yields arrays of row indices (shuffled, per DDP rank); the
+dataset gives ``(x, y)`` for those rows through ``get_batch(rows)`` when it has that fast path,
+else by stacking ``dataset[i]``. ``workers > 0`` decodes in a DataLoader whose workers are
+created each epoch (after ``on_epoch_start`` picked the epoch's view); it reads up to
+``2 * workers`` batches ahead of the step. ``Batch.rows`` lets a step gather cached targets.
+
+Resume: ``on_checkpoint(state, train_state)`` runs on rank 0 after every epoch; ``train_state``
+(optimizers, schedulers, epoch, step, history, RNG states) fed back through
+``restore_train_state`` continues to exactly the weights of an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.errors import UserError
+from pipeline.trainer.runtime import Runtime, rng_state, set_rng_state
+
+
+@dataclass
+class Batch:
+    """What a step function receives: inputs and labels on the device, rows on the CPU."""
+
+    x: torch.Tensor
+    y: torch.Tensor  # int64
+    rows: np.ndarray  # int64 row indices into the dataset (the cache row order)
+    epoch: int  # 0-based
+    step: int  # global optimizer step, 0-based
+
+
+StepFn = Callable[[Sequence[nn.Module], Batch], Mapping[str, object]]
+
+
+@dataclass
+class LoopState:
+    """Progress of a run: epochs completed, optimizer steps taken, one metrics row per epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+# --- building blocks -------------------------------------------------------------
+
+
+def sgd(
+    params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.SGD:
+    """SGD with momentum and weight decay on every parameter."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the base lr to 0 over ``total_steps`` optimizer steps (stepped per batch)."""
+    total = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def steps_per_epoch(num_rows: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    """How many batches ``shuffled_batches`` yields per rank per epoch."""
+    global_batch = batch_size * world_size
+    full, rest = divmod(num_rows, global_batch)
+    return full + (1 if rest >= world_size and not drop_last else 0)
+
+
+def shuffled_batches(
+    num_rows: int,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """This rank's batches of row indices for ``epoch``: a permutation that depends only on (seed, epoch).
+
+    The permutation is cut into global batches of ``batch_size * world_size`` rows and each
+    global batch is dealt out to the ranks, so every rank takes the same number of steps; with
+    several ranks up to ``world_size - 1`` trailing rows are left out, with ``drop_last`` the
+    whole short last batch.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(num_rows).astype(np.int64)
+    global_batch = batch_size * world_size
+    count = steps_per_epoch(num_rows, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
+    batches = []
+    for b in range(count):
+        chunk = perm[b * global_batch : (b + 1) * global_batch]
+        per_rank = len(chunk) // world_size
+        batches.append(chunk[rank * per_rank : (rank + 1) * per_rank])
+    return batches
+
+
+def capture_train_state(
+    state: LoopState, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence = ()
+) -> dict:
+    """What ``--resume`` needs besides the weights (plain data for a weights_only checkpoint)."""
+    return {
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": [dict(row) for row in state.history],
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "schedulers": [sched.state_dict() for sched in schedulers],
+        "rng": rng_state(),
+    }
+
+
+def restore_train_state(
+    train_state: dict, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence = ()
+) -> LoopState:
+    """Load optimizer / scheduler / RNG states saved by ``capture_train_state``; returns where to go on."""
+    if len(train_state["optimizers"]) != len(optimizers) or len(train_state["schedulers"]) != len(schedulers):
+        raise UserError(
+            f"resume: expected {len(optimizers)} optimizers and {len(schedulers)} schedulers, found "
+            f"{len(train_state['optimizers'])} and {len(train_state['schedulers'])}"
+        )
+    for opt, saved in zip(optimizers, train_state["optimizers"]):
+        opt.load_state_dict(saved)
+    for sched, saved in zip(schedulers, train_state["schedulers"]):
+        sched.load_state_dict(saved)
+    set_rng_state(train_state["rng"])
+    return LoopState(train_state["epoch"], train_state["step"], [dict(r) for r in train_state["history"]])
+
+
+# --- data ---------------------------------------------------------------------------
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Indexable by an array of rows: ``(x [B, ...], y [B])`` from ``get_batch`` or stacked items."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        fetch = getattr(self.dataset, "get_batch", None)
+        if fetch is not None:
+            x, y = fetch(rows)
+            return torch.as_tensor(x), torch.as_tensor(y)
+        items = [self.dataset[int(i)] for i in rows]
+        x = torch.stack([torch.as_tensor(item[0]) for item in items])
+        y = torch.as_tensor(np.asarray([int(item[1]) for item in items]))
+        return x, y
+
+
+def iter_batches(
+    dataset: torch.utils.data.Dataset, batches: Iterable[np.ndarray], *, runtime: Runtime, workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    """``(x, y, rows)`` for each batch of rows, ``x`` and ``y`` (int64) on the runtime's device."""
+    rows_list = [np.asarray(rows, dtype=np.int64) for rows in batches]
+    source = _Rows(dataset)
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(
+            source,
+            sampler=rows_list,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=runtime.device.type == "cuda",
+        )
+        pairs: Iterable = loader
+    else:
+        pairs = (source[rows] for rows in rows_list)
+    for rows, (x, y) in zip(rows_list, pairs):
+        yield runtime.to_device(x), runtime.to_device(y).long(), rows
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Number of rows whose label is among the ``k`` largest logits (0-dim tensor)."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return (top == y[:, None]).any(dim=-1).sum()
+
+
+class _Meter:
+    """Batch-size-weighted sums on the device; one sync per epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def add(self, out: Mapping[str, object], y: torch.Tensor) -> None:
+        n = y.shape[0]
+        self.count += n
+        for name, value in out.items():
+            if name == "logits":
+                logits = [value] if isinstance(value, torch.Tensor) else list(value)  # type: ignore[arg-type]
+                for i, z in enumerate(logits):
+                    suffix = "" if len(logits) == 1 else f"_{i}"
+                    z = z.detach()
+                    self._add(f"top1{suffix}", topk_correct(z, y, 1).float())
+                    if z.shape[-1] >= 5:
+                        self._add(f"top5{suffix}", topk_correct(z, y, 5).float())
+            elif isinstance(value, torch.Tensor) and value.ndim == 0:
+                self._add(name, value.detach().float() * n)
+            elif isinstance(value, torch.Tensor) and value.ndim == 1:
+                for k, v in enumerate(value.detach().float()):
+                    self._add(f"{name}_{k}", v * n)
+            elif isinstance(value, (int, float)):
+                self._add(name, torch.tensor(float(value) * n, device=y.device))
+
+    def result(self, runtime: Runtime, *, prefix: str) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        flat = torch.stack([self.sums[n].reshape(()) for n in names] + [torch.tensor(float(self.count), device=self.sums[names[0]].device)])
+        flat = runtime.all_reduce_sum(flat.double()).tolist()
+        total = flat[-1]
+        return {f"{prefix}{name}": value / max(total, 1.0) for name, value in zip(names, flat[:-1])}
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def fit(
+    models: Sequence[nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    step: StepFn,
+    dataset: torch.utils.data.Dataset,
+    batch_sampler: Callable[[int], Iterable[np.ndarray]],
+    epochs: int,
+    runtime: Runtime,
+    schedulers: Sequence = (),
+    workers: int = 0,
+    start: LoopState | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, dict], dict | None] | None = None,
+    on_checkpoint: Callable[[LoopState, dict], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> LoopState:
+    """Train ``models`` with ``step`` for epochs ``start.epoch .. epochs - 1``; returns the final state.
+
+    ``models`` must already be on the runtime's device (``runtime.prepare``); the step receives
+    them wrapped by ``runtime.wrap`` (DDP under torchrun). ``on_epoch_start(epoch)`` runs before
+    the epoch's data is opened (set the view there); ``on_epoch_end(epoch, row)`` may return
+    more metrics for the row (validation); ``on_checkpoint`` runs on rank 0 only.
+    """
+    state = start or LoopState()
+    wrapped = [runtime.wrap(m) for m in models]
+    show = progress and runtime.is_main and sys.stderr.isatty()
+    for epoch in range(state.epoch, epochs):
+        began = time.perf_counter()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        for m in models:
+            m.train()
+        batches = list(batch_sampler(epoch))
+        meter = _Meter()
+        bar = tqdm(total=len(batches), desc=f"{desc} {epoch + 1}/{epochs}", disable=not show, leave=False)
+        for i, (x, y, rows) in enumerate(iter_batches(dataset, batches, runtime=runtime, workers=workers)):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            with runtime.autocast():
+                out = step(wrapped, Batch(x, y, rows, epoch, state.step))
+            out["loss"].backward()  # type: ignore[union-attr]
+            for opt in optimizers:
+                opt.step()
+            for sched in schedulers:
+                sched.step()
+            state.step += 1
+            meter.add(out, y)
+            bar.update(1)
+            if show and i % 20 == 0:
+                bar.set_postfix(loss=f"{float(out['loss']):.4f}")  # type: ignore[arg-type]
+        bar.close()
+        row: dict = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"] if optimizers else 0.0}
+        row.update(meter.result(runtime, prefix="train_"))
+        if not math.isfinite(row.get("train_loss", 0.0)):
+            raise UserError(f"training diverged: train_loss is {row['train_loss']} in epoch {epoch + 1}; lower the lr")
+        if on_epoch_end is not None:
+            row.update(on_epoch_end(epoch, row) or {})
+        row["time_s"] = round(time.perf_counter() - began, 3)
+        state.epoch = epoch + 1
+        state.history.append(row)
+        if on_checkpoint is not None and runtime.is_main:
+            on_checkpoint(state, capture_train_state(state, optimizers, schedulers))
+        runtime.barrier()
+    return state
