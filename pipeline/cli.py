@@ -160,7 +160,11 @@ def train_teacher_command(**options) -> None:
     """
     from pipeline.train import TeacherConfig, train_teacher
 
+    import os
+
     metrics = train_teacher(TeacherConfig(**options))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     shown = {k: v for k, v in metrics.items() if k.startswith(("train_", "val_"))}
     click.echo(f"wrote {options['out']} ({metrics.get('epoch', 0)} epochs): "
                + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
