@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from _data_fixtures import write_cifar10, write_imagefolder
 from pipeline.data import ViewSpec, default_views, open_split
-from pipeline.data.views import apply_view, batch_view, uniforms
+from pipeline.data.views import apply_view, batch_view, uniforms, uniforms_batch
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, build_manifest
 
@@ -56,6 +56,9 @@ def test_uniforms_are_pure_and_distinct() -> None:
     assert not np.array_equal(a, uniforms(0, 17, view=4))
     assert not np.array_equal(a, uniforms(1, 17, view=3))
     assert not np.array_equal(a, uniforms(0, 18, view=3))
+    batch = uniforms_batch(0, np.arange(20_000), view=3)
+    assert np.array_equal(batch[17], a) and batch.shape == (20_000, 32)
+    assert abs(batch.mean() - 0.5) < 0.005 and abs(np.corrcoef(batch[:, 0], batch[:, 1])[0, 1]) < 0.03
 
 
 def test_view0_is_the_plain_image_and_other_views_differ(cifar: Manifest) -> None:
@@ -64,6 +67,9 @@ def test_view0_is_the_plain_image_and_other_views_differ(cifar: Manifest) -> Non
     raw = ds.samples.array
     x0 = torch.stack([ds[i][0] for i in range(len(ds))])
     np.testing.assert_allclose(x0.numpy() * 255, raw.transpose(0, 3, 1, 2), atol=1e-3)
+    normed = open_split(cifar, "train", view=0)  # default views: CIFAR-10 mean / std
+    mean, std = (np.asarray(normed.views.params[k], dtype=np.float32)[:, None, None] for k in ("mean", "std"))
+    np.testing.assert_allclose(normed[0][0].numpy(), (raw[0].transpose(2, 0, 1) / 255 - mean) / std, rtol=1e-5, atol=1e-6)
     ds.set_view(1)
     x1 = torch.stack([ds[i][0] for i in range(len(ds))])
     ds.set_view(2)

@@ -2,9 +2,9 @@
 
 A random augmentation the student sees must be the one the teacher saw when its logits were
 cached, so no view may depend on global RNG state, worker count, batch composition or order.
-Each (spec.seed, sample_id, v) gets its own uniforms from
-``numpy.random.SeedSequence([seed, sample_id, v]).generate_state`` (a documented, stable hash;
-no Generator algorithm involved), and every random choice reads a fixed position of them.
+Each (spec.seed, sample_id, v) gets its own stream of uniforms from a keyed splitmix64
+counter hash (written out below, so it cannot change with a numpy version; vectorised, so a
+batch of 256 keys costs microseconds), and every random choice reads a fixed position of it.
 
     spec = ViewSpec("pad_crop_flip", seed=0, params={"pad": 4, "mean": [...], "std": [...]})
     x = apply_view(spec, image_uint8_hwc, sample_id=17, view=3)   # float32 tensor [C, H, W]
@@ -19,6 +19,7 @@ View 0 is always the evaluation transform (no randomness).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -89,10 +90,35 @@ class ViewSpec:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (array arithmetic wraps modulo 2**64, as intended)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
+    """[B, n] floats in [0, 1): row b is a pure function of (seed, sample_ids[b], view).
+
+    The key hashes seed, sample_id and view in turn; position j of the stream is
+    ``mix(key + (j + 1) * golden)``, i.e. splitmix64 started from the key.
+    """
+    golden = np.uint64(_GOLDEN)
+    ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64).reshape(-1)
+    key = _mix64(np.full(ids.shape, int(seed), dtype=np.uint64) + golden)
+    key = _mix64((key ^ ids) + golden)
+    key = _mix64((key ^ np.uint64(int(view))) + golden)
+    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(n)], dtype=np.uint64)
+    state = _mix64(key[:, None] + steps[None, :])
+    return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def uniforms(seed: int, sample_id: int, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
     """``n`` floats in [0, 1), a pure function of (seed, sample_id, view)."""
-    state = np.random.SeedSequence([int(seed), int(sample_id), int(view)]).generate_state(n, dtype=np.uint64)
-    return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return uniforms_batch(seed, np.asarray([sample_id]), view=view, n=n)[0]
 
 
 def output_shape(spec: ViewSpec, native_shape: tuple) -> tuple[int, ...]:
@@ -138,14 +164,39 @@ def _as_image(raw: Any) -> Image.Image:
     return Image.fromarray(arr)
 
 
+@functools.lru_cache(maxsize=64)
+def _lut(channels: int, mean: tuple | None, std: tuple | None) -> np.ndarray:
+    """[C, 256] float32: uint8 value v of channel c -> (v / 255 - mean_c) / std_c (or v / 255).
+
+    One table lookup per pixel instead of four float passes, and both the per-sample and
+    the batch path use it, so they agree bit for bit.
+    """
+    v = np.arange(256, dtype=np.float32)[None, :] * np.float32(1 / 255)
+    if mean is None:
+        return np.repeat(v, channels, axis=0)
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1)
+    s = np.asarray(std if std is not None else [1.0], dtype=np.float32).reshape(-1, 1)
+    if m.shape[0] not in (1, channels) or s.shape[0] not in (1, channels):
+        raise DataError(f"views field 'params.mean'/'params.std': {m.shape[0]}/{s.shape[0]} values for "
+                        f"{channels}-channel images")
+    return np.ascontiguousarray(np.broadcast_to((v - m) / s, (channels, 256)))
+
+
+def _normalise(chw: np.ndarray, mean: list | None, std: list | None) -> torch.Tensor:
+    """uint8 [..., C, H, W] -> float32 through the channel lookup tables."""
+    channels = chw.shape[-3]
+    lut = _lut(channels, None if mean is None else tuple(mean), None if std is None else tuple(std))
+    # One gather from the flattened [C * 256] table: channel c's values sit at c * 256 + v.
+    index = chw.astype(np.intp)
+    index += (np.arange(channels, dtype=np.intp) * 256)[:, None, None]
+    return torch.from_numpy(lut.reshape(-1).take(index))
+
+
 def _to_tensor(arr: np.ndarray, mean: list | None, std: list | None) -> torch.Tensor:
     """uint8 HWC -> float32 CHW in [0, 1], then (x - mean) / std per channel if given."""
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    x = arr.astype(np.float32) * np.float32(1 / 255)
-    if mean is not None:
-        x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std if std is not None else 1.0, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return _normalise(np.ascontiguousarray(arr.transpose(2, 0, 1)), mean, std)
 
 
 def _crop_window(p: dict, size: tuple[int, int], *, u: np.ndarray | None) -> tuple[int, int, int, int, int, bool]:
@@ -182,8 +233,8 @@ def _pad_crop_flip(p: dict, img: np.ndarray, u: np.ndarray | None) -> torch.Tens
 def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view: int) -> torch.Tensor:
     """``torch.stack([apply_view(spec, raw[b], sample_id=sample_ids[b], view=view) ...])``, faster.
 
-    pad_crop_flip gathers every crop of the batch with one fancy index (same float ops, so the
-    result is bit-identical to the per-sample path).
+    pad_crop_flip draws the batch's uniforms in one vectorised call and normalises through
+    the same lookup table as the per-sample path, so the result is bit-identical to it.
     """
     raw = np.asarray(raw)
     if spec.kind == "identity":
@@ -193,20 +244,16 @@ def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view:
     if spec.kind != "pad_crop_flip" or len(raw) == 0:
         return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
     imgs = raw[..., None] if raw.ndim == 3 else raw
-    n, h, w = imgs.shape[:3]
-    windows = [_crop_window(spec.params, (h, w), u=uniforms(spec.seed, s, view=view) if view > 0 else None) for s in sample_ids]
+    n, h, w, c = imgs.shape
+    u = uniforms_batch(spec.seed, sample_ids, view=view) if view > 0 else [None] * n
+    windows = [_crop_window(spec.params, (h, w), u=u[b]) for b in range(n)]
     pad, size_h, size_w = windows[0][:3]
-    top = np.asarray([win[3] for win in windows])[:, None] + np.arange(size_h)
-    cols = np.arange(size_w)
-    flip = np.asarray([win[5] for win in windows])[:, None]
-    left = np.asarray([win[4] for win in windows])[:, None] + np.where(flip, size_w - 1 - cols, cols)
-    out = _pad(spec.params, imgs, pad)[np.arange(n)[:, None, None], top[:, :, None], left[:, None, :]]
-    x = out.astype(np.float32) * np.float32(1 / 255)
-    if spec.params["mean"] is not None:
-        mean = np.asarray(spec.params["mean"], dtype=np.float32)
-        std = np.asarray(spec.params["std"] if spec.params["std"] is not None else 1.0, dtype=np.float32)
-        x = (x - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    padded = _pad(spec.params, imgs, pad)
+    out = np.empty((n, c, size_h, size_w), dtype=np.uint8)
+    for b, (_, _, _, top, left, flip) in enumerate(windows):  # slicing beats a fancy-index gather here
+        crop = padded[b, top : top + size_h, left : left + size_w]
+        out[b] = (crop[:, ::-1] if flip else crop).transpose(2, 0, 1)
+    return _normalise(out, spec.params["mean"], spec.params["std"])
 
 
 def _rrc_box(p: dict, size: tuple[int, int], *, u: np.ndarray) -> tuple[int, int, int, int]:
