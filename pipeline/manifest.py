@@ -176,7 +176,6 @@ def write_manifest(
     working from any working directory; an absolute root is stored as is.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(root)
     stored_root = str(root) if root.is_absolute() else os.path.relpath(root.resolve(), out.parent.resolve())
     semantic = _semantic(dataset, len(class_names), class_names=class_names, splits=splits, meta=meta)
@@ -185,8 +184,11 @@ def write_manifest(
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info, ensure_ascii=False).encode()})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp)
         os.replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the manifest ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return sha

@@ -79,12 +79,14 @@ class SyntheticReader(Reader):
         if seed < 0:
             raise UserError(f"option 'seed': expected an integer >= 0, found {seed}")
         data = generate(num_samples=n, dim=d, num_classes=k, sigma2=sigma2, seed=seed)
-        root.mkdir(parents=True, exist_ok=True)
         path = root / FILE_NAME
         tmp = root / f".{FILE_NAME}.tmp-{os.getpid()}.npz"
         try:
+            root.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, **data)
             os.replace(tmp, path)
+        except OSError as err:
+            raise UserError(f"{path}: cannot write the synthetic data ({err.strerror or err})") from None
         finally:
             tmp.unlink(missing_ok=True)
         meta = {"num_samples": n, "dim": d, "num_classes": k, "sigma2": sigma2, "seed": int(seed),
