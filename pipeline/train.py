@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,6 +35,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+# The generic loop, re-exported so ``pipeline.train`` is the one entry for teachers and students.
+from pipeline.trainer.evaluate import evaluate_model, predict_logits, score_logits
+from pipeline.trainer.loop import (Batch, LoopState, StepFn, capture_train_state, cosine_schedule, fit, iter_batches,
+                                   restore_train_state, sgd, shuffled_batches, steps_per_epoch)
+from pipeline.trainer.runtime import Runtime, seed_everything
+
+__all__ = [
+    "TeacherConfig", "train_teacher", "evaluate_checkpoint", "write_json", "write_history",
+    "Batch", "LoopState", "StepFn", "Runtime", "fit", "iter_batches", "sgd", "cosine_schedule", "shuffled_batches",
+    "steps_per_epoch", "capture_train_state", "restore_train_state", "seed_everything",
+    "evaluate_model", "predict_logits", "score_logits",
+]
 
 LOSSES = ("ce", "mse")
 # Settings that must match for --resume to continue the same run.
@@ -162,10 +175,6 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     from pipeline.manifest import load_manifest
     from pipeline.methods.teacher import TEACHER_LOSSES
     from pipeline.models import create_model
-    from pipeline.trainer.evaluate import evaluate_model
-    from pipeline.trainer.loop import (cosine_schedule, fit, restore_train_state, sgd, shuffled_batches,
-                                       steps_per_epoch)
-    from pipeline.trainer.runtime import Runtime, seed_everything
 
     manifest = load_manifest(cfg.manifest)
     views = default_views(manifest, seed=cfg.views_seed)
@@ -232,9 +241,23 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         progress=cfg.progress, desc=f"teacher {cfg.arch}/{cfg.loss}",
     )
     metrics = ckpt.plain(state.history[-1]) if state.history else {}
+    if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
+        _finished_already(cfg, state.history, history_path)
     if runtime.is_main and cfg.metrics:
         write_json(cfg.metrics, metrics)
     return metrics
+
+
+def _finished_already(cfg: TeacherConfig, history: list[dict], history_path: str | None) -> None:
+    """Resuming a finished run trains nothing: still leave ``out`` and the history in place."""
+    assert cfg.resume is not None
+    if Path(cfg.out).resolve() != Path(cfg.resume).resolve():
+        tmp = Path(cfg.out).with_name(f".{Path(cfg.out).name}.tmp-{os.getpid()}")
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cfg.resume, tmp)
+        os.replace(tmp, cfg.out)
+    if history_path:
+        write_history(history_path, history)
 
 
 def evaluate_checkpoint(
@@ -256,8 +279,6 @@ def evaluate_checkpoint(
     from pipeline.data import default_views, open_split
     from pipeline.data.views import ViewSpec
     from pipeline.manifest import load_manifest
-    from pipeline.trainer.evaluate import evaluate_model
-    from pipeline.trainer.runtime import Runtime
 
     if not isinstance(manifest, (str, Path)):
         man = manifest

@@ -251,3 +251,12 @@ def test_cli_train_teacher_and_evaluate(synthetic, tmp_path) -> None:
     result = runner.invoke(cli, ["evaluate", str(tmp_path / "nope.pt"), "--manifest", synthetic])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: {tmp_path / 'nope.pt'}: checkpoint not found"]
+
+
+def test_resuming_a_finished_run_trains_nothing_and_still_writes_out(synthetic, tmp_path) -> None:
+    cfg = _config(synthetic, tmp_path / "a.pt", epochs=2)
+    first = train_teacher(cfg)
+    again = train_teacher(replace(cfg, out=str(tmp_path / "b.pt"), resume=cfg.out, metrics=str(tmp_path / "b.json")))
+    assert again == first
+    assert (tmp_path / "b.pt").read_bytes() == (tmp_path / "a.pt").read_bytes()
+    assert len((tmp_path / "b.csv").read_text().splitlines()) == 3

@@ -18,9 +18,10 @@ looks at what a step computes: 0-dim entries of the step's dict are logged as ``
 
 Data: ``batch_sampler(epoch)`` yields arrays of row indices (shuffled, per DDP rank); the
 dataset gives ``(x, y)`` for those rows through ``get_batch(rows)`` when it has that fast path,
-else by stacking ``dataset[i]``. ``workers > 0`` decodes in a DataLoader whose workers are
-created each epoch (after ``on_epoch_start`` picked the epoch's view); it reads up to
-``2 * workers`` batches ahead of the step. ``Batch.rows`` lets a step gather cached targets.
+else by stacking ``dataset[i]``. The sampler is consumed lazily. ``workers > 0`` decodes in
+a DataLoader whose workers are created each epoch (after ``on_epoch_start`` picked the epoch's
+view); it draws up to ``2 * workers`` batches ahead of the step from the sampler.
+``Batch.rows`` lets a step gather cached targets for the same rows.
 
 Resume: ``on_checkpoint(state, train_state)`` runs on rank 0 after every epoch; ``train_state``
 (optimizers, schedulers, epoch, step, history, RNG states) fed back through
@@ -170,36 +171,39 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
         fetch = getattr(self.dataset, "get_batch", None)
         if fetch is not None:
             x, y = fetch(rows)
-            return torch.as_tensor(x), torch.as_tensor(y)
+            return torch.as_tensor(x), torch.as_tensor(y), rows
         items = [self.dataset[int(i)] for i in rows]
         x = torch.stack([torch.as_tensor(item[0]) for item in items])
         y = torch.as_tensor(np.asarray([int(item[1]) for item in items]))
-        return x, y
+        return x, y, rows
 
 
 def iter_batches(
     dataset: torch.utils.data.Dataset, batches: Iterable[np.ndarray], *, runtime: Runtime, workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-    """``(x, y, rows)`` for each batch of rows, ``x`` and ``y`` (int64) on the runtime's device."""
-    rows_list = [np.asarray(rows, dtype=np.int64) for rows in batches]
+    """``(x, y, rows)`` for each batch of rows, ``x`` and ``y`` (int64) on the runtime's device.
+
+    ``batches`` is consumed lazily (a streaming sampler stays in step with training); with
+    ``workers > 0`` a DataLoader reads up to ``2 * workers`` batches ahead.
+    """
     source = _Rows(dataset)
     if workers > 0:
-        loader = torch.utils.data.DataLoader(
+        triples: Iterable = torch.utils.data.DataLoader(
             source,
-            sampler=rows_list,
+            sampler=batches,  # type: ignore[arg-type]
             batch_size=None,
             num_workers=workers,
             pin_memory=runtime.device.type == "cuda",
         )
-        pairs: Iterable = loader
     else:
-        pairs = (source[rows] for rows in rows_list)
-    for rows, (x, y) in zip(rows_list, pairs):
-        yield runtime.to_device(x), runtime.to_device(y).long(), rows
+        triples = (source[rows] for rows in batches)
+    for x, y, rows in triples:
+        yield runtime.to_device(x), runtime.to_device(y).long(), np.asarray(rows, dtype=np.int64)
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -288,9 +292,10 @@ def fit(
             on_epoch_start(epoch)
         for m in models:
             m.train()
-        batches = list(batch_sampler(epoch))
+        batches = batch_sampler(epoch)
         meter = _Meter()
-        bar = tqdm(total=len(batches), desc=f"{desc} {epoch + 1}/{epochs}", disable=not show, leave=False)
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(total=total, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show, leave=False)
         for i, (x, y, rows) in enumerate(iter_batches(dataset, batches, runtime=runtime, workers=workers)):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
