@@ -79,7 +79,7 @@ def run_dask(store: Path, factory: ComputerFactory, units: list[tuple[int, int]]
         if int(local_workers) < 1:
             raise UserError(f"--local-workers: expected a positive integer, found {local_workers}")
         cluster = LocalCluster(n_workers=int(local_workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
     token = uuid.uuid4().hex[:8]
     try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -87,15 +88,17 @@ class _Buffer:
                           (np.empty((rows, lay.k), lay.dtype), np.empty((rows, lay.k), schema.index_dtype(c)),
                            np.empty(rows, np.float32)) for lay in layouts]
 
-    def fill(self, k: int, at: slice, data: dict[str, np.ndarray]) -> None:
-        self.entropy[k, at], self.p_gt[k, at] = data["entropy"], data["p_gt"]
+    def views(self, k: int, at: slice) -> dict[str, np.ndarray]:
+        """Where store k's arrays go for rows ``at``: writable views into this buffer."""
+        out = {"entropy": self.entropy[k, at], "p_gt": self.p_gt[k, at]}
         if self.all_dense:
-            self.logits[k, at] = data["logits"]
+            out["logits"] = self.logits[k, at]
         elif self.layouts[k].kind == "dense":
-            self.parts[k][at] = data["logits"]
+            out["logits"] = self.parts[k][at]
         else:
             values, index, lse = self.parts[k]
-            values[at], index[at], lse[at] = data["topk_values"], data["topk_index"], data["logsumexp"]
+            out.update(topk_values=values[at], topk_index=index[at], logsumexp=lse[at])
+        return out
 
     def gather(self, pos: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
         out = {}
@@ -112,6 +115,35 @@ class _Buffer:
         if "p_gt" in fields:
             out["p_gt"] = torch.from_numpy(self.p_gt.take(pos, axis=1))
         return out
+
+
+class _Blocks:
+    """Whole (view, block) reads of one store. kdcache writes every array uncompressed and
+    little-endian (schema.py), so a block is read straight from its chunk file into the buffer
+    (one ``readinto``, no Python work per value, the GIL released during the read); any other
+    encoding, or a store that is not a local directory, goes through zarr."""
+
+    def __init__(self, path: Path, layout: schema.Layout, group: zarr.Group) -> None:
+        names = ["logits"] if layout.kind == "dense" else ["topk_values", "topk_index", "logsumexp"]
+        self.path, self.layout = path, layout
+        self.arrays = {name: group[name] for name in names + ["entropy", "p_gt"]}
+        self.raw = path.is_dir() and sys.byteorder == "little" and all(
+            not a.compressors and not a.filters and getattr(a.serializer, "endian", None) is not None
+            and a.serializer.endian.value == "little" for a in self.arrays.values())
+
+    def read_into(self, view: int, block: int, out: dict[str, np.ndarray]) -> None:
+        start, stop = self.layout.block_rows(block)
+        for name, dst in out.items():
+            arr = self.arrays[name]
+            if self.raw and dst.dtype == arr.dtype and dst.flags.c_contiguous:
+                key = arr.metadata.encode_chunk_key((view, block) + (0,) * (arr.ndim - 2))
+                with open(self.path / name / key, "rb") as fh:
+                    got = fh.readinto(dst.reshape(-1).view(np.uint8))
+                if got != dst.nbytes:
+                    raise UserError(f"{self.path}: field {name}: expected a chunk of at least {dst.nbytes} bytes "
+                                    f"for view {view} block {block}, found {got}")
+            else:
+                dst[...] = arr[view, start:stop]
 
 
 class Classroom:
@@ -139,7 +171,7 @@ class Classroom:
         for path, group in zip(self.paths[1:], groups[1:]):
             if not np.array_equal(group["sample_id"][:], self.sample_ids):
                 raise UserError(f"{path}: field sample_id: expected the sample order of {self.paths[0]}, found another")
-        self._arrays = [{name: g[name] for name in lay.block_arrays()} for g, lay in zip(groups, self.layouts)]
+        self._blocks = [_Blocks(p, lay, g) for p, lay, g in zip(self.paths, self.layouts, groups)]
         self.num_mentors = len(self.paths)
         self.num_samples = int(first["manifest"]["num_samples"])
         self.num_classes = int(first["manifest"]["num_classes"])
@@ -166,16 +198,12 @@ class Classroom:
             lay.k * (np.dtype(lay.dtype).itemsize + np.dtype(schema.index_dtype(lay.num_classes)).itemsize) + 4
         return width + 8                                      # + entropy, p_gt
 
-    def read_block(self, k: int, view: int, block: int) -> dict[str, np.ndarray]:
-        """One whole (view, block) of store k: one chunk read per array."""
-        start, stop = self.layouts[k].block_rows(block)
-        return {name: arr[view, start:stop] for name, arr in self._arrays[k].items()}
-
     def _load_memory(self) -> None:
         for view in range(self.num_views):
             buf = _Buffer(self.layouts, self.num_samples)
-            for k, arrays in enumerate(self._arrays):
-                buf.fill(k, slice(None), {name: arr[view] for name, arr in arrays.items()})  # whole chunks
+            for k, blocks in enumerate(self._blocks):
+                for block in range(self.layouts[k].num_blocks):
+                    blocks.read_into(view, block, buf.views(k, slice(*self.layouts[k].block_rows(block))))
             self._memory.append(buf)
 
     def targets(self, view: int, rows: np.ndarray | torch.Tensor | Sequence[int], *,
@@ -292,8 +320,8 @@ class _Stream:
         lay = self.room.layouts[0]
         for block in self.sampler.windows[j]:
             start, stop = lay.block_rows(block)
-            for k in range(self.room.num_mentors):
-                self.buffer.fill(k, slice(at, at + stop - start), self.room.read_block(k, self.view, block))
+            for k, blocks in enumerate(self.room._blocks):
+                blocks.read_into(self.view, block, self.buffer.views(k, slice(at, at + stop - start)))
             at += stop - start
 
     def _prefetch(self, j: int) -> None:

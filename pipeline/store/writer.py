@@ -265,7 +265,7 @@ def cache_teacher(*, teacher: str | Path, manifest: str | Path, split: str, view
     import json
 
     from pipeline.checkpoint import file_sha256, load_checkpoint
-    from pipeline.data import default_views
+    from pipeline.data import default_views, open_split
     from pipeline.data.views import ViewSpec
     from pipeline.manifest import load_manifest
     from pipeline.store.compute import TeacherFactory, default_threads
@@ -280,6 +280,10 @@ def cache_teacher(*, teacher: str | Path, manifest: str | Path, split: str, view
     if int(views) < 1:
         raise UserError(f"--views: expected a positive number of views, found {views}")
     spec = ViewSpec.from_dict(view_spec) if view_spec else default_views(man, seed=view_seed)
+    shape = tuple(open_split(man, split, views=spec, view=0).input_shape)
+    if tuple(meta["input_shape"]) != shape:        # before any store is created
+        raise UserError(f"{teacher}: field input_shape: expected {shape} (split {split} with views {spec.kind}), "
+                        f"found {tuple(meta['input_shape'])}")
     layout = schema.Layout(num_samples=len(rows.sample_id), num_classes=man.num_classes, num_views=int(views),
                            kind=storage, k=k, dtype=dtype, rows_per_block=rows_per_block, micro_batch=micro_batch)
     provenance = Provenance(
