@@ -19,7 +19,7 @@ $(BIN)/kdcache: pyproject.toml
 install: $(BIN)/kdcache
 
 run: install
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
 test: install

@@ -1,0 +1,34 @@
+"""DVC stage: cache one teacher's targets for a split (params.yaml section ``cache``).
+
+    python stages/cache.py --teacher models/teacher_ce.pt --manifest data_manifests/synthetic.parquet \
+        --out caches/train/ce.zarr
+"""
+
+import argparse
+
+from _params import run, section
+
+from pipeline.errors import UserError
+from pipeline.store.verify import verify_store
+from pipeline.store.writer import cache_teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--out", required=True, help="store to write")
+    args = parser.parse_args()
+    cfg = section("cache")
+    result = cache_teacher(teacher=args.teacher, manifest=args.manifest, split=cfg["split"], views=int(cfg["views"]),
+                           out=args.out, dtype=cfg.get("dtype", "float16"), storage=cfg.get("storage", "dense"),
+                           k=cfg.get("k"), overwrite=True, progress=False)
+    report = verify_store(args.out)
+    if not (result.complete and report.ok):
+        problem = report.problems[0] if report.problems else "not marked complete"
+        raise UserError(f"{args.out}: the new store does not verify: {problem}")
+    print(f"{args.out}: complete, {result.computed} blocks, stats {result.stats}")
+
+
+if __name__ == "__main__":
+    run(main)

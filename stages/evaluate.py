@@ -1,0 +1,36 @@
+"""DVC stage: score every trained model on one split (params.yaml section ``evaluate``).
+
+    python stages/evaluate.py --manifest data_manifests/synthetic.parquet --out metrics/evaluate.json \
+        models/teacher_ce.pt models/student_kd_ce.pt ...
+
+Writes one JSON object keyed by checkpoint name (file stem), for ``dvc metrics show``.
+"""
+
+import argparse
+from pathlib import Path
+
+from _params import run, section
+
+from pipeline.train import evaluate_checkpoint, write_json
+
+# Figures worth a column in `dvc metrics show`; the rest stays in the checkpoints.
+KEEP = ("top1", "top5", "ce", "bayes_mse", "bayes_ce", "bayes_agree", "bayes_top1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--out", required=True, help="metrics JSON to write")
+    parser.add_argument("checkpoints", nargs="+")
+    args = parser.parse_args()
+    split = section("evaluate", "split")
+    results = {}
+    for ckpt in args.checkpoints:
+        scores = evaluate_checkpoint(ckpt, args.manifest, split, strict=True)
+        results[Path(ckpt).stem] = {k: round(float(scores[k]), 5) for k in KEEP if k in scores}
+        print(f"{Path(ckpt).stem:>20}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[Path(ckpt).stem].items()))
+    write_json(args.out, {split: results})
+
+
+if __name__ == "__main__":
+    run(main)
