@@ -7,7 +7,17 @@ traceback. Bugs in the code raise ordinary exceptions.
 
 
 class UserError(Exception):
-    """A mistake in the user's input (file, option, data): reported in one line, exit 2."""
+    """A mistake in the user's input (file, option, data): reported in one line, exit 2.
+
+    torch re-raises an exception from a DataLoader worker in the main process as
+    ``type(err)(text)``, the text holding the worker's whole traceback; the original one-line
+    message is recovered from its last line, so the error stays one line wherever it arose.
+    """
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        text = str(message)
+        if "Original Traceback" in text:
+            last = text.rstrip().splitlines()[-1]
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            text = last[len(prefix):] if last.startswith(prefix) else last
+        super().__init__(" ".join(text.split()))

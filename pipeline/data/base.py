@@ -31,20 +31,8 @@ READERS: Registry["Reader"] = Registry("dataset")
 
 
 class DataError(UserError):
-    """A ``UserError`` that stays one line when raised inside a DataLoader worker.
+    """A data or view problem (a ``UserError``; stays one line from a DataLoader worker too)."""
 
-    torch re-raises a worker's exception in the main process as ``type(err)(wrapper text)``,
-    where the text holds the worker's whole traceback. This class recovers the original
-    message from that text (its last line, after the class name).
-    """
-
-    def __init__(self, message: str):
-        text = str(message)
-        if "Original Traceback" in text:
-            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
-            last = text.rstrip().splitlines()[-1]
-            text = last[len(prefix):] if last.startswith(prefix) else last
-        super().__init__(text)
 
 DEFAULT_VAL_FRACTION = 0.1
 
