@@ -145,6 +145,7 @@ def manifest_check(file: str, check_files: bool) -> None:
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--threads", type=int, default=None, help="Torch CPU threads (fix it for bit-identical CPU runs).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 def train_teacher_command(**options) -> None:
     """Train a teacher with cross-entropy or MSE on the train split of a manifest.
@@ -332,7 +333,34 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 
 
 # --- inspect ---------------------------------------------------------------
-# (inspect: commands go here)
+
+
+@cli.command("inspect")
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for summary.json, per_class.csv, entropy_hist.csv and plots (with matplotlib).")
+@click.option("--bins", type=int, default=20, show_default=True, help="Bins of the entropy and confidence histograms.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
+def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json: bool) -> None:
+    """How uncertain are cached teachers: accuracy, entropy, confidence weight, p_gt, calibration.
+
+    With several stores of the same split (a classroom) it also prints how often the teachers
+    agree, the oracle accuracy and how often each is the most confident in the truth.
+
+    \b
+    Examples:
+      kdcache inspect caches/train/ce.zarr
+      kdcache inspect caches/train/ce.zarr caches/train/mse.zarr --out reports/inspect
+    """
+    import json
+
+    from pipeline.inspect import format_report, inspect_stores, write_report
+
+    report = inspect_stores(list(stores), bins=bins)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if out:
+        for path in write_report(report, out):
+            click.echo(f"wrote {path}", err=True)
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ class TeacherConfig:
     val_split: str | None = "val"  # skipped when the manifest has no such split
     workers: int = 0
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads; keep it fixed for bit-identical CPU runs
     eval_batch_size: int = 512
     resume: str | None = None
     metrics: str | None = None
@@ -95,6 +96,8 @@ class TeacherConfig:
         for key in ("seed", "views_seed", "workers"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise bad("threads", "an integer >= 1 or null")
         if not self.lr > 0:
             raise bad("lr", "a number > 0")
         if not 0 <= self.momentum < 1:
@@ -176,6 +179,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     from pipeline.methods.teacher import TEACHER_LOSSES
     from pipeline.models import create_model
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     manifest = load_manifest(cfg.manifest)
     views = default_views(manifest, seed=cfg.views_seed)
     train_ds = open_split(manifest, cfg.train_split, views=views, view=1)

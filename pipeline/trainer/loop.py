@@ -223,6 +223,7 @@ class _Meter:
         self.count = 0
 
     def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.double()  # float64 sums: a long epoch of float32 losses would lose digits
         self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def add(self, out: Mapping[str, object], y: torch.Tensor) -> None:
@@ -249,8 +250,8 @@ class _Meter:
         if not self.sums:
             return {}
         names = sorted(self.sums)
-        flat = torch.stack([self.sums[n].reshape(()) for n in names] + [torch.tensor(float(self.count), device=self.sums[names[0]].device)])
-        flat = runtime.all_reduce_sum(flat.double()).tolist()
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.sums[names[0]].device)
+        flat = runtime.all_reduce_sum(torch.stack([self.sums[n].reshape(()) for n in names] + [count])).tolist()
         total = flat[-1]
         return {f"{prefix}{name}": value / max(total, 1.0) for name, value in zip(names, flat[:-1])}
 
