@@ -73,7 +73,8 @@ def store_files(store: Path) -> dict[str, bytes]:
 
 
 def store_bytes(store: Path) -> int:
-    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+    """Apparent size, files and directories, as ``du -sb`` counts it."""
+    return Path(store).stat().st_size + sum(p.stat().st_size for p in Path(store).rglob("*"))
 
 
 def make_synthetic_teacher(root: Path, *, num_samples: int = 3000, seed: int = 0, scale: float = 8.0,

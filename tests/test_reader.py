@@ -142,7 +142,7 @@ def test_disagreeing_or_incomplete_stores_are_refused(stores, tmp_path):
     with pytest.raises(UserError, match="sample_id"):
         Classroom([stores[0], tmp_path / "order.zarr"])
     _copy(stores[1], tmp_path / "hole.zarr")
-    (tmp_path / "hole.zarr" / "logits" / "c" / "1" / "3" / "0").unlink()     # a deleted block
+    (tmp_path / "hole.zarr" / "logits" / "c.1.3.0").unlink()     # a deleted block
     with pytest.raises(UserError, match=r"hole\.zarr: field logits"):
         Classroom([stores[0], tmp_path / "hole.zarr"])
     _copy(stores[1], tmp_path / "marker.zarr")["done"][0, 2] = False

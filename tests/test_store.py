@@ -149,7 +149,7 @@ def test_verify_reports_each_kind_of_damage(tmp_path):
         return path, zarr.open_group(str(path), mode="r+")
 
     path, _ = damaged("chunk.zarr")
-    (path / "logits" / "c" / "1" / "2" / "0").unlink()          # a deleted block
+    (path / "logits" / "c.1.2.0").unlink()          # a deleted block
     assert any("logits: expected a chunk for view 1 block 2" in p for p in verify_store(path).problems)
     path, group = damaged("marker.zarr")
     group["done"][0, 3] = False
@@ -175,7 +175,7 @@ def test_verify_reports_each_kind_of_damage(tmp_path):
 
 def test_finalize_refuses_marked_blocks_without_data(tmp_path):
     make_fake_store(tmp_path / "s.zarr")
-    (tmp_path / "s.zarr" / "p_gt" / "c" / "0" / "1").unlink()
+    (tmp_path / "s.zarr" / "p_gt" / "c.0.1").unlink()
     with pytest.raises(UserError, match="p_gt"):
         finalize(tmp_path / "s.zarr")
 
@@ -215,7 +215,7 @@ def test_plan_counts_teachers_and_padding():
     one = schema.plan_bytes(schema.Layout(num_samples=5000, num_classes=10, num_views=1, rows_per_block=4096))
     three = schema.plan_bytes(schema.Layout(num_samples=5000, num_classes=10, num_views=1, rows_per_block=4096), teachers=3)
     assert three["total"] == 3 * one["total"]
-    assert one["logits"] == 8192 * 10 * 2 + schema.METADATA_BYTES_PER_ARRAY     # 2 whole chunks
+    assert one["logits"] == 8192 * 10 * 2 + schema.METADATA_BYTES_PER_ARRAY + schema.DIRECTORY_BYTES   # 2 whole chunks
 
 
 def test_block_writer_reads_layout_from_attrs(tmp_path):

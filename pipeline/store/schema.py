@@ -34,6 +34,11 @@ DEFAULT_ROWS_PER_BLOCK = 4096
 MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
 METADATA_BYTES_PER_ARRAY = 600     # zarr.json of one array (measured: 450-600 bytes)
 METADATA_BYTES_GROUP = 2500        # the group's zarr.json with the attrs below
+DIRECTORY_BYTES = 4096             # one directory per array and the group (as `du -b` counts them)
+# Chunk keys "c.<view>.<block>[.0]": every chunk of an array in one directory, no directory per
+# block (with "/" a [V,N,C] array gets a directory per (view, block), 4 KiB each, as big as a
+# whole fp16 chunk of a 10-class dataset).
+CHUNK_SEPARATOR = "."
 
 # Provenance fields compared when a store is reopened: (section, key). Any difference is an error.
 PROVENANCE_FIELDS = (
@@ -135,6 +140,12 @@ class Layout:
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)))
 
 
+def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
+    """Path, inside the store, of the chunk of (view, block) of array ``name`` (view None: 1-D arrays)."""
+    coords = (block,) if ndim == 1 else (view, block) + (0,) * (ndim - 2)
+    return f"{name}/c" + "".join(f"{CHUNK_SEPARATOR}{c}" for c in coords)
+
+
 def fill_value(dtype: str) -> Any:
     """Missing chunks read as NaN (floats) or an impossible index, so a hole never looks like data."""
     if dtype.startswith("float"):
@@ -202,8 +213,8 @@ def plan_bytes(layout: Layout, *, teachers: int = 1) -> dict[str, int]:
         else:
             per_row = int(np.prod(shape)) // layout.num_samples
             nbytes = padded * per_row * itemsize
-        out[name] = teachers * (nbytes + METADATA_BYTES_PER_ARRAY)
-    out["attrs"] = teachers * METADATA_BYTES_GROUP
+        out[name] = teachers * (nbytes + METADATA_BYTES_PER_ARRAY + DIRECTORY_BYTES)
+    out["attrs"] = teachers * (METADATA_BYTES_GROUP + DIRECTORY_BYTES)
     out["total"] = sum(out.values())
     return out
 

@@ -28,11 +28,6 @@ _UNIT_ROUNDOFF = {"float16": 2.0**-11, "float32": 2.0**-24}
 _SUBNORMAL = {"float16": 2.0**-25, "float32": 2.0**-150}
 
 
-def _chunk_key(name: str, shape: tuple[int, ...], view: int | None, block: int) -> str:
-    coords = (block,) if len(shape) == 1 else (view, block) + (0,) * (len(shape) - 2)
-    return f"{name}/c/" + "/".join(str(c) for c in coords)
-
-
 def _existing_files(store: Path) -> set[str]:
     found = set()
     for root, _, files in os.walk(store):
@@ -52,7 +47,7 @@ def missing_chunks(store: str | Path, layout: schema.Layout) -> list[tuple[str, 
         views = [None] if len(shape) == 1 else range(layout.num_views)
         for view in views:
             for block in range(layout.num_blocks):
-                if _chunk_key(name, shape, view, block) not in files:
+                if schema.chunk_key(name, len(shape), view, block) not in files:
                     holes.append((name, view, block))
     return holes
 

@@ -63,7 +63,7 @@ def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_
     for name, (shape, chunks, dtype) in layout.arrays().items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, filters=None,
                            fill_value=schema.fill_value(dtype), config={"write_empty_chunks": True},
-                           chunk_key_encoding={"name": "default", "separator": "/"})
+                           chunk_key_encoding={"name": "default", "separator": schema.CHUNK_SEPARATOR})
     group["sample_id"][:] = np.asarray(sample_id, dtype=np.int64)
     group["label"][:] = np.asarray(label, dtype=np.int32)
 
