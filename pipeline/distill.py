@@ -1,0 +1,318 @@
+"""Knowledge distillation from cached (or live) teachers: ``distill(DistillConfig) -> metrics``.
+
+    kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet \\
+        --student mlp --epochs 20 --out models/kd.pt
+
+    from pipeline.distill import DistillConfig, distill
+    metrics = distill(DistillConfig(method="kd", mentors=("caches/train/ce.zarr",), manifest="m.parquet",
+                                    student="mlp", out="models/kd.pt"))
+
+One loop (``pipeline.trainer.fit``) that never looks at the method's name, only at
+``num_students``, ``needs`` and ``check_mentors``:
+
+- Targets: the mentor stores open as one ``Classroom``; each step gathers
+  ``targets(view, batch.rows, fields=method.needs)`` (one vectorized gather) and calls the method
+  on the students' float32 logits. ``online`` replaces the cache by ``LiveTeachers``
+  (``pipeline.distill_sources``): the teacher checkpoints run on the batch and give the same fields.
+- Views: the split is opened with the views spec stored in the cache and epoch ``e`` replays view
+  ``e mod V`` (V = the stores' view count): the student sees the pixels its teachers saw. Online or
+  without mentors the spec is the dataset's default with ``views_seed`` and V = ``views`` (what
+  ``kdcache cache --views V --view-seed S`` writes).
+- Batches: the cache's batch sampler (block-aware when streaming, one slice per DDP rank); online,
+  the reader's in-memory order over the same rows, so both see the same batches for one seed.
+- Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
+  cosine schedule. A goes to ``out``, B to ``out`` with suffix ``_b`` (``models/dual_b.pt``); both are
+  ordinary checkpoints for ``kdcache evaluate``. A's file holds the train state for ``resume``
+  (B's weights included), rewritten atomically after every epoch; a resumed run ends where an
+  uninterrupted one ends.
+- Logs: the loop's history (``train_<part>``, ``train_top1[_i]``, per student ``val_*[_i]``), its last
+  row as the metrics JSON, all rows as a CSV; the per-mentor 1-D stats a method returns (classroom:
+  rank, active, temperature) also as ``mentor_stats`` (CSV, one row per epoch and mentor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import UserError
+from pipeline.trainer.loop import Batch
+
+# Settings that must match for ``resume`` to continue the same run.
+RESUME_KEYS = ("method", "options", "student", "student_b", "epochs", "batch_size", "lr", "momentum",
+               "weight_decay", "seed", "online", "views_seed", "train_split")
+CACHE_MODES = ("auto", "memory", "stream")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of ``distill`` (also the ``distill`` section of params.yaml)."""
+
+    manifest: str
+    method: str
+    student: str
+    out: str
+    mentors: tuple[str, ...] = ()          # cache stores, teacher first
+    student_b: str | None = None           # the second student's arch (dual, dml)
+    options: dict = field(default_factory=dict)   # the method's options (METHODS.md)
+    online: bool = False                   # live teachers instead of the cache
+    teachers: tuple[str, ...] = ()         # teacher checkpoints for ``online``, teacher first
+    init: str | None = None                # weights to start student A from
+    init_b: str | None = None
+    views: int | None = None               # V without a cache (default 1); with one: must match it
+    views_seed: int = 0                    # seed of the default views without a cache
+    train_split: str | None = None         # default: the stores' split, else "train"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    val_split: str | None = "val"          # skipped when the manifest has no such split
+    workers: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 512
+    cache_mode: str = "auto"               # auto | memory | stream (see pipeline.store.reader)
+    memory_budget_mb: int | None = None    # default: a quarter of RAM
+    resume: str | None = None
+    metrics: str | None = None
+    history: str | None = None             # default: ``metrics`` with suffix .csv
+    mentor_stats: str | None = None        # default: ``out`` stem + "_mentors.csv", when there are any
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from pipeline.methods import METHODS, create_method
+        from pipeline.models import MODELS
+
+        for key in ("mentors", "teachers"):
+            value = getattr(self, key)
+            value = (value,) if isinstance(value, (str, Path)) else tuple(value or ())
+            object.__setattr__(self, key, tuple(str(v) for v in value))
+        if not isinstance(self.options, dict):
+            raise UserError(f"distill config key 'options': expected a mapping of option: value, found {self.options!r}")
+        object.__setattr__(self, "options", dict(self.options))
+
+        def bad(key: str, expected: str) -> UserError:
+            return UserError(f"distill config key {key!r}: expected {expected}, found {getattr(self, key)!r}")
+
+        if self.method not in METHODS:
+            raise bad("method", "one of " + ", ".join(METHODS.names()))
+        method = create_method(self.method, **self.options)
+        for key in ("student",) + (("student_b",) if self.student_b is not None else ()):
+            if getattr(self, key) not in MODELS:
+                raise bad(key, "one of " + ", ".join(MODELS.names()))
+        if method.num_students == 2 and self.student_b is None:
+            raise bad("student_b", f"the arch of the second student (method {self.method!r} trains two)")
+        if method.num_students == 1 and (self.student_b is not None or self.init_b is not None):
+            raise bad("student_b" if self.student_b is not None else "init_b",
+                      f"none (method {self.method!r} trains one student)")
+        if self.online and self.mentors:
+            raise bad("mentors", "no stores with online (live teachers come from 'teachers')")
+        if self.teachers and not self.online:
+            raise bad("teachers", "checkpoints only with online (offline, the targets come from 'mentors')")
+        method.check_mentors(len(self.teachers if self.online else self.mentors))
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "an integer >= 1")
+        for key in ("seed", "views_seed", "workers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise bad(key, "an integer >= 0")
+        for key in ("views", "memory_budget_mb"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(key, "an integer >= 1 or nothing")
+        if not self.lr > 0:
+            raise bad("lr", "a number > 0")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "a number in [0, 1)")
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", "a number >= 0")
+        if self.cache_mode not in CACHE_MODES:
+            raise bad("cache_mode", " or ".join(CACHE_MODES))
+        for key in ("manifest", "out"):
+            if not getattr(self, key):
+                raise bad(key, "a non-empty string")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        """Build from a params.yaml section; an unknown key is a UserError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"distill config: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+def student_paths(out: str | Path, count: int) -> list[Path]:
+    """Where the students go: A at ``out``, B at ``out`` with suffix ``_b`` (``dual.pt`` -> ``dual_b.pt``)."""
+    out = Path(out)
+    return [out] + [out.with_name(f"{out.stem}_{chr(ord('a') + i)}{out.suffix}") for i in range(1, count)]
+
+
+def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None = None) -> dict:
+    """Train the student(s) of ``cfg``; checkpoint every epoch; returns the last epoch's metrics.
+
+    ``on_step(batch, out)`` (optional) sees every step's batch and loss dict before the backward pass.
+    """
+    import torch
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.data import open_split
+    from pipeline.distill_sources import open_source, write_mentor_stats
+    from pipeline.manifest import load_manifest
+    from pipeline.methods import create_method
+    from pipeline.train import write_history, write_json
+    from pipeline.trainer.evaluate import evaluate_model
+    from pipeline.trainer.loop import cosine_schedule, fit, restore_train_state, sgd
+    from pipeline.trainer.runtime import Runtime, seed_everything
+
+    manifest = load_manifest(cfg.manifest)
+    method = create_method(cfg.method, **cfg.options)
+    source = open_source(cfg, manifest)
+    try:
+        train_ds = open_split(manifest, source.split, views=source.views, view=0)
+        input_shape = tuple(train_ds.input_shape)
+        runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
+        source.start(runtime=runtime, input_shape=input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
+        val_ds, val_posterior = _validation(cfg, manifest, source.views)
+
+        seed_everything(cfg.seed)
+        archs = [cfg.student, cfg.student_b][: method.num_students]
+        students = [runtime.prepare(_student(arch, init, manifest=manifest, input_shape=input_shape, key=key))
+                    for arch, init, key in zip(archs, [cfg.init, cfg.init_b], ["init", "init_b"])]
+        optimizers = [sgd(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                      for m in students]
+        schedulers = [cosine_schedule(opt, total_steps=cfg.epochs * source.steps_per_epoch) for opt in optimizers]
+        meta = {
+            "arch": archs[0], "num_classes": manifest.num_classes, "input_shape": list(input_shape),
+            "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
+            "mentors": source.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
+            "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": source.views.to_dict(),
+            "num_views": source.num_views, "train_split": source.split, "seed": cfg.seed,
+            "students": archs, "config": ckpt.plain(asdict(cfg)),
+        }
+        start, per_mentor = None, set()
+        if cfg.resume:
+            blob = ckpt.load_checkpoint(cfg.resume)
+            _check_resume(cfg, blob, meta)
+            students[0].load_state_dict(blob["model"])
+            for model, state in zip(students[1:], blob["train_state"].get("students", [])):
+                model.load_state_dict(state)
+            start = restore_train_state(blob["train_state"], optimizers, schedulers)
+            per_mentor.update(blob["meta"].get("mentor_stats", []))
+
+        fields_ = tuple(sorted(method.needs))
+
+        def step(models: list[torch.nn.Module], batch: Batch) -> dict:
+            logits = [m(batch.x).float() for m in models]
+            targets = source.targets(batch, fields_) if fields_ else {}
+            out = dict(method(logits, targets, batch.y))
+            per_mentor.update(k for k, v in out.items()
+                              if isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) == source.num_mentors)
+            out["logits"] = logits[0] if len(logits) == 1 else logits
+            if on_step is not None:
+                on_step(batch, out)
+            return out
+
+        def on_epoch_start(epoch: int) -> None:
+            train_ds.set_view(epoch % source.num_views)
+
+        def on_epoch_end(epoch: int, row: dict) -> dict:
+            scores: dict = {}
+            for i, model in enumerate(students if val_ds is not None else []):
+                got = evaluate_model(model, val_ds, runtime=runtime, batch_size=cfg.eval_batch_size,
+                                     workers=cfg.workers, posterior=val_posterior)
+                suffix = "" if len(students) == 1 else f"_{i}"
+                scores.update({f"val_{k}{suffix}": v for k, v in got.items() if k != "n"})
+            return scores
+
+        paths = student_paths(cfg.out, len(students))
+        history_path = cfg.history or (str(Path(cfg.metrics).with_suffix(".csv")) if cfg.metrics else None)
+        stats_path = cfg.mentor_stats or str(Path(cfg.out).with_name(f"{Path(cfg.out).stem}_mentors.csv"))
+
+        def on_checkpoint(state: Any, train_state: dict) -> None:
+            common = {"epoch": state.epoch, "metrics": ckpt.plain(state.history[-1]),
+                      "history": ckpt.plain(state.history), "mentor_stats": sorted(per_mentor)}
+            train_state = {**train_state, "students": [{k: v.detach().cpu() for k, v in m.state_dict().items()}
+                                                       for m in students[1:]]}
+            for i in range(1, len(students)):
+                ckpt.save_checkpoint(paths[i], model=students[i], meta={**meta, **common, "arch": archs[i], "student": i})
+            ckpt.save_checkpoint(paths[0], model=students[0], meta={**meta, **common, "student": 0},
+                                 train_state=train_state)
+            if history_path:
+                write_history(history_path, state.history)
+            if per_mentor:
+                write_mentor_stats(stats_path, state.history, names=source.names, stats=sorted(per_mentor))
+
+        state = fit(
+            students, optimizers, step=step, dataset=train_ds, epochs=cfg.epochs, runtime=runtime,
+            schedulers=schedulers, workers=cfg.workers, start=start, batch_sampler=source.batches,
+            on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
+            progress=cfg.progress, desc=f"distill {cfg.method} {'+'.join(archs)}",
+        )
+        if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
+            on_checkpoint(state, blob["train_state"])  # a finished run: still leave out and the logs in place
+        metrics = ckpt.plain(state.history[-1]) if state.history else {}
+        if runtime.is_main and cfg.metrics:
+            write_json(cfg.metrics, metrics)
+        return metrics
+    finally:
+        source.close()
+
+
+def _student(arch: str, init: str | None, *, manifest: Any, input_shape: tuple[int, ...], key: str) -> Any:
+    """A fresh student, or one started from ``init`` (whose class count must be the manifest's)."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.models import create_model
+
+    if init is not None and Path(init).is_file():
+        try:
+            meta = load_checkpoint(init)["meta"]
+        except UserError:
+            meta = None  # a bare state_dict: create_model checks every key and shape
+        if meta is not None and int(meta["num_classes"]) != manifest.num_classes:
+            raise UserError(f"{init}: field num_classes: expected {manifest.num_classes} (manifest {manifest.path}) "
+                            f"for the student ({key}), found {meta['num_classes']}")
+    return create_model(arch, num_classes=manifest.num_classes, input_shape=input_shape, weights=init)
+
+
+def _validation(cfg: DistillConfig, manifest: Any, views: Any) -> tuple[Any, Any]:
+    """The validation split (view 0) and, on synthetic data, its Bayes posterior; (None, None) if absent."""
+    from pipeline.data import open_split
+
+    if not cfg.val_split:
+        return None, None
+    try:
+        if len(manifest.split(cfg.val_split)) == 0:
+            return None, None
+    except UserError:
+        return None, None
+    posterior = None
+    if manifest.dataset == "synthetic":
+        from pipeline.data.synthetic import bayes_posterior
+
+        posterior = bayes_posterior(manifest, cfg.val_split)
+    return open_split(manifest, cfg.val_split, views=views, view=0), posterior
+
+
+def _check_resume(cfg: DistillConfig, blob: dict, meta: dict) -> None:
+    """The checkpoint to resume must come from this configuration, manifest and mentors."""
+    saved = blob["meta"]
+    if blob.get("train_state") is None:
+        raise UserError(f"{cfg.resume}: checkpoint has no train state to resume from")
+    if int(saved["num_classes"]) != meta["num_classes"]:
+        raise UserError(f"{cfg.resume}: field num_classes: expected {meta['num_classes']} (manifest {cfg.manifest}), "
+                        f"found {saved['num_classes']}")
+    shas = [m.get("checkpoint_sha256") for m in saved.get("mentors", [])]
+    if shas != [m["checkpoint_sha256"] for m in meta["mentors"]]:
+        raise UserError(f"{cfg.resume}: field 'mentors': expected teachers with checkpoint sha256 "
+                        f"{[m['checkpoint_sha256'] for m in meta['mentors']]} (this run), found {shas}")
+    for key in ("manifest_sha256", "views", "num_views", "students"):
+        if saved.get(key) != meta[key]:
+            raise UserError(f"{cfg.resume}: field {key!r}: expected {meta[key]!r} (this run), found {saved.get(key)!r}")
+    config = saved.get("config", {})
+    for key in RESUME_KEYS:
+        if config.get(key) != meta["config"].get(key):
+            raise UserError(f"{cfg.resume}: setting {key!r} differs: checkpoint has {config.get(key)!r}, "
+                            f"this run {meta['config'].get(key)!r}")
