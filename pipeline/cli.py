@@ -330,6 +330,121 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 
 # --- distill ---------------------------------------------------------------
 # (distill: commands go here)
+class _Greedy(click.Option):
+    """A ``multiple`` option that also takes several values after one flag: ``--mentors a.zarr b.zarr``."""
+
+    def add_to_parser(self, parser, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            single = option.process
+
+            def process(value, state, single=single) -> None:  # type: ignore[no-untyped-def]
+                single(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    single(state.rargs.pop(0), state)
+
+            option.process = process
+
+
+def _method_options(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values parsed as YAML scalars (4 -> int, true -> bool, null -> None)."""
+    import yaml
+
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option: expected KEY=VALUE, found {pair!r}")
+        if key.strip() in options:
+            raise UserError(f"--option: expected each key once, found {key.strip()!r} twice")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--option {key.strip()}: expected a YAML scalar, found {value!r}") from None
+    return options
+
+
+@cli.command("distill")
+@click.option("--method", required=True, help="Distillation method (METHODS.md): nokd, kd, uncertainty, dual, dml, "
+              "aver, ca-wkd, alpha-guided, adaptive-alpha, classroom.")
+@click.option("--mentors", cls=_Greedy, multiple=True, type=click.Path(path_type=str),
+              help="Cache stores, teacher first (several after one flag, or the flag repeated).")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
+@click.option("--student", required=True, help="Student arch (mlp, cnn, resnet20, resnet18, mobilenet_v2, ...).")
+@click.option("--student-b", default=None, help="Second student's arch (dual, dml); saved as OUT with suffix _b.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Student checkpoint (rewritten atomically after every epoch).")
+@click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A method option (repeatable), e.g. T=4, tau=12, round_ranks=2, reference_code=true.")
+@click.option("--online", is_flag=True, help="Run the --teachers live instead of reading a cache.")
+@click.option("--teachers", cls=_Greedy, multiple=True, type=click.Path(dir_okay=False, path_type=str),
+              help="With --online: teacher checkpoints, teacher first.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Per process (DDP: per rank).")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Peak learning rate (cosine decay per step).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
+@click.option("--views", type=int, default=None,
+              help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
+@click.option("--views-seed", type=int, default=0, show_default=True,
+              help="Seed of the default views without a cache (as kdcache cache --view-seed).")
+@click.option("--train-split", default=None, help="Split to train on (default: the stores' split, else train).")
+@click.option("--val-split", default="val", show_default=True, help="Split scored after every epoch (skipped if absent).")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Start student A from these weights (a checkpoint or state_dict).")
+@click.option("--init-b", type=click.Path(dir_okay=False, path_type=str), default=None, help="Same for student B.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--cache-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+              help="Read the cache into memory or stream it by blocks (auto: memory when it fits the budget).")
+@click.option("--memory-budget-mb", type=int, default=None, help="Memory for the cache (default: a quarter of RAM).")
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Checkpoint of an interrupted run with the same settings: continue it.")
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv).")
+@click.option("--mentor-stats", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
+                   "default OUT stem + _mentors.csv.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+def distill_command(option_pairs: tuple[str, ...], **options) -> None:
+    """Train a student from cached teacher targets (or live teachers with --online).
+
+    Epoch e replays view e mod V of the cache, so the student sees the pixels its teachers saw.
+    SGD with momentum and a cosine schedule; a checkpoint (with the train state) after every
+    epoch. Under torchrun each rank takes its slice of every batch (DDP).
+
+    \b
+    Examples:
+      # single teacher
+      kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet --student mlp --out models/kd.pt --option T=4
+      # several teachers (weighted by their confidence)
+      kdcache distill --method ca-wkd --mentors caches/train/r56.zarr caches/train/r110.zarr --manifest data_manifests/cifar100.parquet --student mobilenet_v2 --out models/cawkd.pt
+      # classroom: teacher first, then peers; mentor ranks/temperatures per epoch in models/room_mentors.csv
+      kdcache distill --method classroom --mentors caches/train/vgg13.zarr caches/train/r20.zarr caches/train/r8.zarr --manifest data_manifests/cifar100.parquet --student mobilenet_v2 --option tau=12 --out models/room.pt
+      # dual students of two archs, separate optimizers: models/dual.pt and models/dual_b.pt
+      kdcache distill --method dual --mentors caches/train/r50.zarr --manifest data_manifests/imagenet100.parquet --student resnet18 --student-b mobilenet_v2 --workers 8 --out models/dual.pt
+      # online: live teachers, no cache (the same training, for checks or without a cache)
+      kdcache distill --method kd --online --teachers models/ce.pt --manifest data_manifests/synthetic.parquet --student mlp --out models/kd_online.pt
+      # several GPUs; resume after an interruption
+      torchrun --nproc_per_node 4 -m pipeline.cli distill --method kd --mentors caches/train/r56.zarr ... --out models/kd.pt
+      kdcache distill ... --out models/kd.pt --resume models/kd.pt
+    """
+    import os
+
+    from pipeline.distill import DistillConfig, distill, student_paths
+
+    config = DistillConfig(options=_method_options(option_pairs), **options)
+    metrics = distill(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
+    shown = {k: v for k, v in metrics.items() if k == "train_loss" or k.startswith(("train_top1", "val_top1"))}
+    paths = " and ".join(str(p) for p in student_paths(config.out, 2 if config.student_b else 1))
+    click.echo(f"wrote {paths} ({metrics.get('epoch', 0)} epochs): "
+               + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
 
 
 # --- inspect ---------------------------------------------------------------
