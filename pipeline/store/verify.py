@@ -53,10 +53,14 @@ def missing_chunks(store: str | Path, layout: schema.Layout) -> list[tuple[str, 
 
 
 def remove_partial_files(store: str | Path) -> None:
-    """Temporary files of writes killed mid-way (zarr writes a ``*.partial`` file, then renames)."""
+    """Chunk files of writes killed mid-way (zarr writes ``c.<...>.partial``, then renames it).
+
+    Only chunk files: once every marker is set no chunk write is in flight, but another job may
+    be rewriting the group's zarr.json (its temporary file must be left alone).
+    """
     for root, _, files in os.walk(store):
         for name in files:
-            if name.endswith(".partial"):
+            if name.startswith("c.") and name.endswith(".partial") and Path(root) != Path(store):
                 Path(root, name).unlink(missing_ok=True)
 
 
