@@ -177,6 +177,7 @@ class Classroom:
         self.num_classes = int(first["manifest"]["num_classes"])
         self.num_views = int(first["views"]["count"])
         self.manifest_sha256 = str(first["manifest"]["sha256"])
+        self.split = str(first["manifest"]["split"])
         self.views = dict(first["views"])
         self.teachers = [a["teacher"].get("name") for a in self.attrs]
         self.memory_bytes = sum(self._row_bytes(lay) for lay in self.layouts) * self.num_samples * self.num_views
