@@ -4,7 +4,8 @@
     kdcache cache ... --local-workers 4           # a LocalCluster of 4 processes on this machine
     kdcache cache ... --scheduler tcp://host:8786 # an existing cluster (start workers with --nthreads 1)
 
-One dask task per (view, block). A worker builds the teacher once (the first task it runs) and
+With --scheduler the workers must see the store, the checkpoint and the manifest under the same
+absolute paths (a shared filesystem). One dask task per (view, block). A worker builds the teacher once (the first task it runs) and
 keeps it, with the store handles, for the next tasks; it writes its own blocks, so no logits
 travel back to the client. Metadata is created by the client before any task is submitted.
 """

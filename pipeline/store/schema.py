@@ -86,7 +86,7 @@ class Layout:
             if self.k is None or not 1 <= int(self.k) <= self.num_classes:
                 raise UserError(f"k: expected 1 <= k <= num_classes ({self.num_classes}) for top-k storage, found {self.k}")
         elif self.k is not None:
-            object.__setattr__(self, "k", None)
+            raise UserError(f"k: expected only with top-k storage, found k={self.k} with {self.kind!r}")
         if self.rows_per_block is None:
             object.__setattr__(self, "rows_per_block", default_rows_per_block(self.num_classes, self.dtype, self.micro_batch))
         if int(self.rows_per_block) < 1:
