@@ -109,7 +109,7 @@ def test_three_concurrent_shards_write_the_same_store(teacher, reference, tmp_pa
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    assert sum(": complete (" in o for o, _ in outputs) == 1       # the last one to finish finalizes
+    assert sum(": complete (" in o for o, _ in outputs) >= 1   # whoever sees every marker finalizes
     assert verify_store(out).ok
     assert store_files(out) == store_files(reference)
 
