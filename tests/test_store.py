@@ -223,3 +223,21 @@ def test_block_writer_reads_layout_from_attrs(tmp_path):
     writer = BlockWriter(tmp_path / "s.zarr")
     assert writer.layout.num_blocks == 4 and writer.layout.block_rows(3) == (900, 1000)
     assert writer.missing() == []
+
+
+def test_cli_plan_and_verify(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    runner = CliRunner()
+    out = runner.invoke(cli, ["plan", "--num-samples", "20000", "--num-classes", "100", "--views", "2",
+                              "--storage", "topk", "--k", "20", "--teachers", "3"])
+    assert out.exit_code == 0 and "topk_index" in out.output and "total" in out.output
+    make_fake_store(tmp_path / "s.zarr")
+    assert runner.invoke(cli, ["verify", str(tmp_path / "s.zarr")]).exit_code == 0
+    (tmp_path / "s.zarr" / "entropy" / "c.0.1").unlink()
+    damaged = runner.invoke(cli, ["verify", str(tmp_path / "s.zarr")])
+    assert damaged.exit_code == 1 and "entropy: expected a chunk for view 0 block 1" in damaged.output
+    missing = runner.invoke(cli, ["verify", str(tmp_path / "none.zarr")])
+    assert missing.exit_code == 2 and missing.output.startswith("error: ")
