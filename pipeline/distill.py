@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipeline.errors import UserError
 from pipeline.trainer.loop import Batch
@@ -74,7 +74,7 @@ class DistillConfig:
     device: str = "auto"
     eval_batch_size: int = 512
     cache_mode: str = "auto"               # auto | memory | stream (see pipeline.store.reader)
-    memory_budget_mb: int | None = None    # default: a quarter of RAM
+    memory_budget_mb: int | None = None    # per process; default: a quarter of RAM over the local processes
     resume: str | None = None
     metrics: str | None = None
     history: str | None = None             # default: ``metrics`` with suffix .csv
@@ -142,6 +142,26 @@ class DistillConfig:
         if unknown:
             raise UserError(f"distill config: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
         return cls(**d)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """Method options from ``KEY=VALUE`` strings (``--option``); values are YAML scalars
+    (``4`` -> int, ``true`` -> bool, ``~`` or nothing -> None)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--option: expected KEY=VALUE, found {pair!r}")
+        if key in options:
+            raise UserError(f"--option: expected each key once, found {key!r} twice")
+        try:
+            options[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--option {key}: expected a YAML scalar, found {value!r}") from None
+    return options
 
 
 def student_paths(out: str | Path, count: int) -> list[Path]:

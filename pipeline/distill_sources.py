@@ -15,6 +15,7 @@ with the manifest's class count and the dataset's input shape; each a one-line `
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -177,11 +178,15 @@ def _open_cache(cfg: Any, manifest: Any) -> Source:
         if found["sha256"] != manifest.sha256:
             raise UserError(f"{path}: field manifest.sha256: expected {manifest.sha256} (--manifest {manifest.path}), "
                             f"found {found['sha256']} (a cache of another manifest)")
-    budget = cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else None
+    from pipeline.store.reader import default_memory_budget
+
+    # Every process of a machine holds its own copy of an in-memory cache: share the default budget.
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    budget = cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else default_memory_budget() // local_processes
     room = Classroom(list(cfg.mentors), memory_budget_bytes=budget, mode=cfg.cache_mode,
                      max_lag_batches=max(32, 2 * cfg.workers + 2))  # the DataLoader draws 2 * workers batches ahead
     try:
-        split = room.attrs[0]["manifest"]["split"]
+        split = room.split
         if cfg.train_split is not None and cfg.train_split != split:
             raise UserError(f"{cfg.mentors[0]}: field manifest.split: expected {cfg.train_split!r} (train_split), "
                             f"found {split!r}")
