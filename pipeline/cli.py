@@ -349,24 +349,6 @@ class _Greedy(click.Option):
             option.process = process
 
 
-def _method_options(pairs: tuple[str, ...]) -> dict:
-    """``KEY=VALUE`` pairs; values parsed as YAML scalars (4 -> int, true -> bool, null -> None)."""
-    import yaml
-
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--option: expected KEY=VALUE, found {pair!r}")
-        if key.strip() in options:
-            raise UserError(f"--option: expected each key once, found {key.strip()!r} twice")
-        try:
-            options[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            raise UserError(f"--option {key.strip()}: expected a YAML scalar, found {value!r}") from None
-    return options
-
-
 @cli.command("distill")
 @click.option("--method", required=True, help="Distillation method (METHODS.md): nokd, kd, uncertainty, dual, dml, "
               "aver, ca-wkd, alpha-guided, adaptive-alpha, classroom.")
@@ -400,7 +382,8 @@ def _method_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
 @click.option("--cache-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
               help="Read the cache into memory or stream it by blocks (auto: memory when it fits the budget).")
-@click.option("--memory-budget-mb", type=int, default=None, help="Memory for the cache (default: a quarter of RAM).")
+@click.option("--memory-budget-mb", type=int, default=None,
+              help="Memory for the cache per process (default: a quarter of RAM shared by the local ranks).")
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Checkpoint of an interrupted run with the same settings: continue it.")
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -435,9 +418,9 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
     """
     import os
 
-    from pipeline.distill import DistillConfig, distill, student_paths
+    from pipeline.distill import DistillConfig, distill, parse_options, student_paths
 
-    config = DistillConfig(options=_method_options(option_pairs), **options)
+    config = DistillConfig(options=parse_options(option_pairs), **options)
     metrics = distill(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
