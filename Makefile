@@ -20,7 +20,7 @@ install: $(BIN)/kdcache
 
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@echo; echo "Test-set scores (metrics/evaluate.md; all metrics: .venv/bin/dvc metrics show):"; cat metrics/evaluate.md
 
 test: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)

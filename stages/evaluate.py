@@ -3,7 +3,8 @@
     python stages/evaluate.py --manifest data_manifests/synthetic.parquet --out metrics/evaluate.json \
         models/teacher_ce.pt models/student_kd_ce.pt ...
 
-Writes one JSON object keyed by checkpoint name (file stem), for ``dvc metrics show``.
+Writes one JSON object keyed by checkpoint name (file stem), for ``dvc metrics show``, and the
+same figures as a Markdown table (``--table``) that ``make run`` prints at the end.
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="metrics JSON to write")
+    parser.add_argument("--table", required=True, help="Markdown table to write")
     parser.add_argument("checkpoints", nargs="+")
     args = parser.parse_args()
     split = section("evaluate", "split")
@@ -28,8 +30,13 @@ def main() -> None:
     for ckpt in args.checkpoints:
         scores = evaluate_checkpoint(ckpt, args.manifest, split, strict=True)
         results[Path(ckpt).stem] = {k: round(float(scores[k]), 5) for k in KEEP if k in scores}
-        print(f"{Path(ckpt).stem:>20}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[Path(ckpt).stem].items()))
     write_json(args.out, {split: results})
+    columns = [k for k in KEEP if any(k in row for row in results.values())]
+    lines = [f"| {split} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.4f}" for k in columns) + " |"
+              for name, row in results.items()]
+    Path(args.table).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
