@@ -32,10 +32,11 @@ One loop (``pipeline.trainer.fit``) that never looks at the method's name, only 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
+from pipeline.config import FromDict
 from pipeline.errors import UserError
 from pipeline.trainer.loop import Batch
 
@@ -46,8 +47,10 @@ CACHE_MODES = ("auto", "memory", "stream")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(FromDict):
     """Settings of ``distill`` (also the ``distill`` section of params.yaml)."""
+
+    section: ClassVar[str] = "distill"
 
     manifest: str
     method: str
@@ -133,15 +136,6 @@ class DistillConfig:
         for key in ("manifest", "out"):
             if not getattr(self, key):
                 raise bad(key, "a non-empty string")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
-        """Build from a params.yaml section; an unknown key is a UserError naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"distill config: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
-        return cls(**d)
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:

@@ -28,12 +28,13 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.config import FromDict
 from pipeline.errors import UserError
 # The generic loop, re-exported so ``pipeline.train`` is the one entry for teachers and students.
 from pipeline.trainer.evaluate import evaluate_model, predict_logits, score_logits
@@ -55,8 +56,10 @@ RESUME_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "momentum", "weight
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(FromDict):
     """Settings of ``train_teacher`` (also the ``teacher`` section of params.yaml)."""
+
+    section: ClassVar[str] = "teacher"
 
     manifest: str
     arch: str
@@ -107,15 +110,6 @@ class TeacherConfig:
         for key in ("manifest", "out", "train_split"):
             if not getattr(self, key):
                 raise bad(key, "a non-empty string")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TeacherConfig":
-        """Build from a params.yaml section; an unknown key is a UserError naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"teacher config: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
-        return cls(**d)
 
 
 def write_json(path: str | Path, data: dict) -> None:
