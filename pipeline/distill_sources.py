@@ -18,7 +18,6 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -102,7 +101,7 @@ class Source:
 
     def start(self, *, runtime: Any, input_shape: tuple[int, ...], batch_size: int, seed: int) -> None:
         """Bind to the runtime: load live teachers, fix this rank's batch sampler and step count."""
-        from pipeline.store.reader import BatchSampler
+        from pipeline.store.reader import BatchSampler, memory_batch_sampler
 
         self.runtime = runtime
         if self.teachers:
@@ -113,12 +112,14 @@ class Source:
                                     f"with views {self.views.kind}), found {tuple(meta['input_shape'])}")
         # Online (or without mentors) the rows come in the reader's in-memory order, so a live run
         # and a cached run of one seed see the same batches.
-        room = self.room if self.room is not None else SimpleNamespace(mode="memory", num_samples=self.num_samples)
         world = runtime.world_size
 
         def make(epoch: int, rank: int) -> Any:
-            return BatchSampler(room, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world,
-                                drop_last=False, view=epoch % self.num_views)
+            kw = dict(batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world, drop_last=False,
+                      view=epoch % self.num_views)
+            if self.room is None:
+                return memory_batch_sampler(self.num_samples, **kw)
+            return BatchSampler(self.room, **kw)
 
         # The reader gives a rank no last batch when fewer rows than ranks are left; every DDP rank
         # must step together, so those (< world_size) rows are skipped.

@@ -37,6 +37,7 @@ import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -305,6 +306,18 @@ class BatchSampler:
         for lo, hi in self._slices():
             stream.ensure(int(np.searchsorted(self.window_end, hi - 1, side="right")))
             yield self.order[lo:hi]
+
+
+def memory_batch_sampler(num_samples: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                         world_size: int = 1, drop_last: bool = False, view: int = 0) -> BatchSampler:
+    """The batches an in-memory ``Classroom`` of ``num_samples`` rows would give, without any store.
+
+    Live teachers (``kdcache distill --online``) and students without mentors use it, so that they
+    see exactly the batches a cached run of the same seed sees.
+    """
+    rows_only = SimpleNamespace(mode="memory", num_samples=int(num_samples))
+    return BatchSampler(rows_only, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,  # type: ignore[arg-type]
+                        world_size=world_size, drop_last=drop_last, view=view)
 
 
 class _Stream:
