@@ -24,6 +24,11 @@ from pipeline.registry import Registry
 
 METHODS: Registry["Method"] = Registry("method")
 
+
+def full(z: torch.Tensor) -> torch.Tensor:
+    """``z`` in at least float32: bf16/fp16 logits (autocast) are promoted, float64 stays float64."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
 # Options that are temperatures: they must be > 0.
 _POSITIVE = frozenset({"T", "tau"})
 

@@ -1,7 +1,7 @@
 """ClassroomKD (paper eq. 1–11, Algorithm 1): rank the classroom, activate the mentors ranked
 above the student, distil from each at a temperature that grows with the rank gap.
 
-Formulas and options: /work/shared/METHODS.md, section "ClassroomKD". Mentor 0 is the teacher.
+Formulas and options: METHODS.md, section "ClassroomKD". Mentor 0 is the teacher.
 Everything but the final loss terms runs under no_grad. The options that reproduce the public
 code (rank_mean="geometric", active_if="ge", alpha_source="weight", round_ranks=2) are off by default.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.methods.base import Method, register, result
+from pipeline.methods.base import Method, full, register, result
 from pipeline.methods.kd import TINY, gt_log_prob, kd_kl, kl_rows, mentor_log_pgt
 
 Tensor = torch.Tensor
@@ -37,7 +37,7 @@ def classroom_ranks(z_s, z_m, y, *, tau, rank_mean, active_if, alpha_source, rou
 
     Shapes: per batch, mentors [K] and student []; per sample, [K, B] and [B]."""
     if p_gt is None:  # one pass over the classroom, so a mentor equal to the student ties exactly
-        log_q = gt_log_prob(torch.cat([z_s.detach().float()[None], z_m.detach().float()]), y)  # [K+1, B]
+        log_q = gt_log_prob(torch.cat([full(z_s.detach())[None], full(z_m.detach())]), y)  # [K+1, B]
     else:
         log_q = torch.cat([gt_log_prob(z_s.detach(), y)[None], mentor_log_pgt(z_m, y, p_gt)])
     if granularity == "sample":
@@ -48,8 +48,8 @@ def classroom_ranks(z_s, z_m, y, *, tau, rank_mean, active_if, alpha_source, rou
         w = log_q.mean(1, keepdim=True).exp()
     if ranking == "weight":  # eq. 5, λ = |M| = K
         r = z_m.shape[0] * w / w.sum(0, keepdim=True).clamp_min(TINY)
-    else:  # Method B: 0.1 · position in ascending order; tied weights share the lower position
-        r = 0.1 * (1 + (w[None] < w[:, None]).sum(1)).float()
+    else:  # Method B: 0.1 · position (1, 2, ...) in Algorithm 1's stable ascending sort, student first
+        r = 0.1 * (torch.argsort(torch.argsort(w, dim=0, stable=True), dim=0) + 1).to(w.dtype)
     if round_ranks is not None:
         r = torch.round(r, decimals=round_ranks)
     r_s, r_m = r[0], r[1:]
@@ -82,7 +82,7 @@ def classroom_loss(
     _check_round(round_ranks)
     y = y.long()
     info = classroom_ranks(z_s, z_m, y, tau=tau, round_ranks=round_ranks, p_gt=p_gt, **options)
-    ce_rows = F.cross_entropy(z_s.float(), y, reduction="none")
+    ce_rows = F.cross_entropy(full(z_s), y, reduction="none")
     shape = (-1, 1) if granularity == "batch" else (z_m.shape[0], -1)  # per-mentor values against [K, B] rows
     kd_rows = kl_rows(z_s, z_m, info["temperature"].reshape(shape))
     weighted = torch.where(info["active"].reshape(shape), info["rank"].reshape(shape) * kd_rows, 0.0).sum(0)

@@ -1,8 +1,9 @@
 """Single-teacher distillation: the KD building blocks and the methods nokd, kd, uncertainty.
 
-Formulas: /work/shared/METHODS.md ("Building blocks", rows nokd, kd, uncertainty).
+Formulas: METHODS.md ("Building blocks", rows nokd, kd, uncertainty).
 ``kd_kl`` is T² · KL(p^T(z_t) ‖ p^T(z_s)) per sample, batch-averaged by default; the teacher side
-never carries gradient. Losses compute in float32 whatever the students' autocast dtype.
+never carries gradient. Losses compute in at least float32 (bf16/fp16 autocast logits are promoted,
+float64 stays float64, so gradcheck works).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.base import Method, register, result
+from pipeline.methods.base import Method, full, register, result
 
 Tensor = torch.Tensor
 TINY = torch.finfo(torch.float32).tiny
@@ -25,8 +26,8 @@ def kl_rows(z_s: Tensor, z_t: Tensor, T: float | Tensor) -> Tensor:
     broadcasts against the rows (e.g. [K, 1] or [K, B] per-mentor temperatures)."""
     T = torch.as_tensor(T, dtype=torch.float32, device=z_s.device).detach()
     t = T.unsqueeze(-1)
-    log_p_s = F.log_softmax(z_s.float() / t, dim=-1)
-    log_p_t = F.log_softmax(z_t.detach().float() / t, dim=-1)
+    log_p_s = F.log_softmax(full(z_s) / t, dim=-1)
+    log_p_t = F.log_softmax(full(z_t.detach()) / t, dim=-1)
     p_t = log_p_t.exp()
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0)  # 0·log 0 = 0, not NaN
     return terms.sum(-1) * T**2
@@ -46,13 +47,13 @@ def confidence_from_entropy(entropy: Tensor, num_classes: int) -> Tensor:
     """w = 1 − H / log C, clipped to [0, 1] against rounding, without gradient."""
     if num_classes < 2:
         raise ValueError(f"teacher confidence needs at least 2 classes, got {num_classes}")
-    return (1.0 - entropy.detach().float() / math.log(num_classes)).clamp(0.0, 1.0)
+    return (1.0 - full(entropy.detach()) / math.log(num_classes)).clamp(0.0, 1.0)
 
 
 @torch.no_grad()
 def teacher_confidence(z_t: Tensor) -> Tensor:
     """Uncertainty-aware paper eq. 1–2: w = 1 − H(softmax(z_t)) / log C per sample (T = 1)."""
-    log_p = F.log_softmax(z_t.float(), dim=-1)
+    log_p = F.log_softmax(full(z_t), dim=-1)
     p = log_p.exp()
     entropy = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
     return confidence_from_entropy(entropy, z_t.shape[-1])
@@ -60,7 +61,7 @@ def teacher_confidence(z_t: Tensor) -> Tensor:
 
 def gt_log_prob(z: Tensor, y: Tensor) -> Tensor:
     """log softmax(z)[y] at T = 1; ``z`` [..., B, C], ``y`` [B] -> [..., B]."""
-    log_p = F.log_softmax(z.float(), dim=-1)
+    log_p = F.log_softmax(full(z), dim=-1)
     index = y.long().expand(z.shape[:-1]).unsqueeze(-1)
     return log_p.gather(-1, index).squeeze(-1)
 
@@ -74,12 +75,12 @@ def mentor_log_pgt(z_m: Tensor, y: Tensor, p_gt: Tensor | None) -> Tensor:
     """log p_gt of every mentor [K, B], without gradient: from the cached exact ``p_gt`` when
     given (the cache computes it from the full-precision logits), else from the logits."""
     if p_gt is not None:
-        return p_gt.detach().float().clamp_min(TINY).log()
+        return full(p_gt.detach()).clamp_min(TINY).log()
     return gt_log_prob(z_m.detach(), y)
 
 
 def kd_parts(z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, w_ce: float = 0.5, w_kd: float = 0.5) -> dict:
-    ce = F.cross_entropy(z_s.float(), y.long())
+    ce = F.cross_entropy(full(z_s), y.long())
     kd = kd_kl(z_s, z_t, T)
     return {"loss": w_ce * ce + w_kd * kd, "ce": ce, "kd": kd}
 
@@ -93,7 +94,7 @@ def uncertainty_parts(
     z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, alpha: float = 0.5, beta: float = 0.5, *, entropy: Tensor | None = None
 ) -> dict:
     w = teacher_confidence(z_t) if entropy is None else confidence_from_entropy(entropy, z_t.shape[-1])
-    ce = F.cross_entropy(z_s.float(), y.long())
+    ce = F.cross_entropy(full(z_s), y.long())
     kd = (w * kl_rows(z_s, z_t, T)).mean()
     return {"loss": alpha * ce + beta * kd, "ce": ce, "kd": kd, "confidence": w.mean()}
 
@@ -115,7 +116,7 @@ class NoKD(Method):
     needs = frozenset()
 
     def compute(self, students, targets, y):
-        ce = F.cross_entropy(students[0].float(), y)
+        ce = F.cross_entropy(full(students[0]), y)
         return result(ce, {"ce": ce})
 
 

@@ -1,6 +1,6 @@
 """Several teachers at once: aver (ClassroomKD eq. 12) and the confidence-aware methods 1–3.
 
-Formulas: /work/shared/METHODS.md (rows aver, ca-wkd, alpha-guided, adaptive-alpha). ``z_m`` is
+Formulas: METHODS.md (rows aver, ca-wkd, alpha-guided, adaptive-alpha). ``z_m`` is
 [K, B, C]. Per-mentor p_gt comes from the cached exact values when given (``p_gt=`` [K, B]),
 otherwise from the logits; every weight and α is computed without gradient.
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.methods.base import Method, register, result
+from pipeline.methods.base import Method, full, register, result
 from pipeline.methods.kd import gt_log_prob, kl_rows, mentor_log_pgt
 
 Tensor = torch.Tensor
@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 def aver_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0) -> Tensor:
     """CE + Σ_k kd_kl(z_s, z_k, T): a sum over mentors, as ClassroomKD eq. 12 writes it."""
-    return F.cross_entropy(z_s.float(), y.long()) + kl_rows(z_s, z_m, T).mean(-1).sum()
+    return F.cross_entropy(full(z_s), y.long()) + kl_rows(z_s, z_m, T).mean(-1).sum()
 
 
 def _check_two(z_m: Tensor, name: str) -> None:
@@ -40,7 +40,7 @@ def ca_wkd_parts(z_s, z_m, y, T=4.0, *, reference_code=False, p_gt=None, name="c
     kd = (w * kl_rows(z_s, z_m, T)).sum(0).mean()
     if reference_code:  # the public code divides the weighted KD sum by K
         kd = kd / z_m.shape[0]
-    ce = F.cross_entropy(z_s.float(), y.long())
+    ce = F.cross_entropy(full(z_s), y.long())
     return {"loss": ce + kd, "ce": ce, "kd": kd, "weight": w.mean(-1)}
 
 
@@ -54,7 +54,7 @@ def alpha_guided_parts(z_s, z_m, y, T=4.0, gamma=2.0, theta=0.3, *, confidence="
         raise UserError(f"alpha-guided: confidence must be 'gt' or 'max', got {confidence!r}")
     parts = ca_wkd_parts(z_s, z_m, y, T, reference_code=reference_code, p_gt=p_gt, name="alpha-guided")
     with torch.no_grad():
-        mean_logits = z_m.detach().float().mean(0)
+        mean_logits = full(z_m.detach()).mean(0)
         if confidence == "gt":
             conf = gt_log_prob(mean_logits, y).exp().mean()
         else:
@@ -80,7 +80,7 @@ def adaptive_alpha_parts(z_s, z_m, y, T=4.0, *, p_gt=None) -> dict:
         index = best.view(1, -1, 1).expand(1, *z_m.shape[1:])
         z_best = z_m.detach().gather(0, index).squeeze(0)
     kd = kl_rows(z_s, z_best, T).mean()
-    ce = F.cross_entropy(z_s.float(), y.long())
+    ce = F.cross_entropy(full(z_s), y.long())
     chosen = F.one_hot(best, z_m.shape[0]).float().mean(0)
     return {"loss": alpha * kd + (1 - alpha) * ce, "ce": ce, "kd": kd, "alpha": alpha, "chosen": chosen}
 
@@ -96,7 +96,7 @@ class Aver(Method):
     defaults = {"T": 4.0}
 
     def compute(self, students, targets, y):
-        ce = F.cross_entropy(students[0].float(), y)
+        ce = F.cross_entropy(full(students[0]), y)
         kd = kl_rows(students[0], targets["logits"], self.options["T"]).mean(-1)
         return result(ce + kd.sum(), {"ce": ce, "kd": kd.sum(), "kd_mentor": kd})
 

@@ -15,15 +15,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.methods.base import full
+
 
 def ce_teacher_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits ``z`` [B, C] against labels ``y`` [B], mean over the batch."""
-    return F.cross_entropy(z.float(), y.long())
+    return F.cross_entropy(full(z), y.long())
 
 
 def mse_teacher_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean over B·C of ``(softmax(z) - onehot(y))²``."""
-    p = torch.softmax(z.float(), dim=-1)
+    p = torch.softmax(full(z), dim=-1)
     return F.mse_loss(p, F.one_hot(y.long(), num_classes=z.shape[-1]).to(p.dtype))
 
 

@@ -119,9 +119,9 @@ def _ranks(weights, num_mentors, ranking, round_ranks):
     if ranking == "weight":
         total = sum(weights.values())
         ranks = {m: num_mentors * w / total for m, w in weights.items()}
-    else:  # 0.1 · position in the ascending list; a tie takes the first (lower) position
-        ordered = sorted(weights.values())
-        ranks = {m: 0.1 * (1 + ordered.index(w)) for m, w in weights.items()}
+    else:  # 0.1 · position in Algorithm 1's sorted(weights.items()) (stable: ties keep classroom order)
+        ordered = [m for m, _ in sorted(weights.items(), key=lambda item: item[1])]
+        ranks = {m: 0.1 * (1 + ordered.index(m)) for m in weights}
     if round_ranks is not None:
         ranks = {m: float(np.round(r, round_ranks)) for m, r in ranks.items()}
     return ranks
