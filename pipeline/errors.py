@@ -6,8 +6,10 @@ traceback. Bugs in the code raise ordinary exceptions.
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the user's input (file, option, data): reported in one line, exit 2.
+
+    A ``ValueError``, so library callers (e.g. of ``pipeline.losses``) can catch it as one.
 
     torch re-raises an exception from a DataLoader worker in the main process as
     ``type(err)(text)``, the text holding the worker's whole traceback; the original one-line
