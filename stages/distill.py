@@ -25,7 +25,7 @@ def main() -> None:
     params = dict(section("students", args.name))
     mentors = [str(Path(args.caches) / f"{name}.zarr") for name in params.pop("mentors", [])]
     cfg = DistillConfig.from_dict({**params, "mentors": mentors, "manifest": args.manifest, "out": args.out,
-                                   "metrics": args.metrics, "progress": False})
+                                   "metrics": args.metrics})
     metrics = distill(cfg)
     print(f"student {args.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 

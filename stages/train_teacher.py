@@ -19,8 +19,7 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="metrics JSON (a CSV history goes beside it)")
     args = parser.parse_args()
     params = dict(section("teachers", args.name))
-    cfg = TeacherConfig.from_dict({**params, "manifest": args.manifest, "out": args.out, "metrics": args.metrics,
-                                   "progress": False})
+    cfg = TeacherConfig.from_dict({**params, "manifest": args.manifest, "out": args.out, "metrics": args.metrics})
     metrics = train_teacher(cfg)
     print(f"teacher {args.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 

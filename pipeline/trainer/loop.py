@@ -259,6 +259,13 @@ class _Meter:
 # --- the loop -------------------------------------------------------------------------------
 
 
+def epoch_line(desc: str, row: Mapping[str, float], *, epochs: int) -> str:
+    """``train 3/20: train_loss 0.4121 train_top1 0.8400 val_top1 0.8012 (1.9 s)``: losses and accuracies."""
+    keys = [k for k in row if k.startswith(("train_loss", "train_top1", "val_top1", "val_bayes_mse"))]
+    figures = " ".join(f"{k} {row[k]:.4f}" for k in keys)
+    return f"{desc} {row['epoch']}/{epochs}: {figures} ({row.get('time_s', 0.0):.1f} s)"
+
+
 def fit(
     models: Sequence[nn.Module],
     optimizers: Sequence[torch.optim.Optimizer],
@@ -322,6 +329,8 @@ def fit(
         row["time_s"] = round(time.perf_counter() - began, 3)
         state.epoch = epoch + 1
         state.history.append(row)
+        if progress and runtime.is_main:  # one line per epoch, also in batch-job logs where no bar shows
+            tqdm.write(epoch_line(desc, row, epochs=epochs), file=sys.stderr)
         if on_checkpoint is not None and runtime.is_main:
             on_checkpoint(state, capture_train_state(state, optimizers, schedulers))
         runtime.barrier()
