@@ -1,9 +1,12 @@
-"""What every stage's frozen config dataclass shares: building it from a params.yaml section.
+"""What every stage's frozen config dataclass shares: building it from a params.yaml section, and
+the checks of the settings every training run has.
 
     @dataclass(frozen=True)
     class TeacherConfig(FromDict):
-        section = "teacher"
+        section: ClassVar[str] = "teacher"
         ...
+        def __post_init__(self):
+            self.check_training()                  # epochs, batch sizes, seeds, lr, momentum, ...
 
     TeacherConfig.from_dict(params["teachers"]["ce"])   # an unknown key is a UserError naming it
 """
@@ -11,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Iterable, TypeVar
 
 from pipeline.errors import UserError
 
@@ -31,3 +34,29 @@ class FromDict:
         if unknown:
             raise UserError(f"{cls.section} config: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
         return cls(**d)
+
+    def bad(self, key: str, expected: str) -> UserError:
+        """The error for ``key``: ``<section> config key 'lr': expected a number > 0, found -1``."""
+        return UserError(f"{self.section} config key {key!r}: expected {expected}, found {getattr(self, key)!r}")
+
+    def check_ints(self, keys: Iterable[str], *, minimum: int, optional: bool = False) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise self.bad(key, f"an integer >= {minimum}" + (" or nothing" if optional else ""))
+
+    def check_training(self) -> None:
+        """The settings of the one training loop: epochs, batch sizes, seed, workers, SGD, paths."""
+        self.check_ints(("epochs", "batch_size", "eval_batch_size"), minimum=1)
+        self.check_ints(("seed", "views_seed", "workers"), minimum=0)
+        if not self.lr > 0:  # type: ignore[attr-defined]
+            raise self.bad("lr", "a number > 0")
+        if not 0 <= self.momentum < 1:  # type: ignore[attr-defined]
+            raise self.bad("momentum", "a number in [0, 1)")
+        if not self.weight_decay >= 0:  # type: ignore[attr-defined]
+            raise self.bad("weight_decay", "a number >= 0")
+        for key in ("manifest", "out"):
+            if not getattr(self, key):
+                raise self.bad(key, "a non-empty string")

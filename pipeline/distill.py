@@ -96,9 +96,11 @@ class DistillConfig(FromDict):
             raise UserError(f"distill config key 'options': expected a mapping of option: value, found {self.options!r}")
         object.__setattr__(self, "options", dict(self.options))
 
-        def bad(key: str, expected: str) -> UserError:
-            return UserError(f"distill config key {key!r}: expected {expected}, found {getattr(self, key)!r}")
-
+        self.check_training()
+        self.check_ints(("views", "memory_budget_mb"), minimum=1, optional=True)
+        if self.cache_mode not in CACHE_MODES:
+            raise self.bad("cache_mode", " or ".join(CACHE_MODES))
+        bad = self.bad
         if self.method not in METHODS:
             raise bad("method", "one of " + ", ".join(METHODS.names()))
         method = create_method(self.method, **self.options)
@@ -115,27 +117,6 @@ class DistillConfig(FromDict):
         if self.teachers and not self.online:
             raise bad("teachers", "checkpoints only with online (offline, the targets come from 'mentors')")
         method.check_mentors(len(self.teachers if self.online else self.mentors))
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise bad(key, "an integer >= 1")
-        for key in ("seed", "views_seed", "workers"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise bad(key, "an integer >= 0")
-        for key in ("views", "memory_budget_mb"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise bad(key, "an integer >= 1 or nothing")
-        if not self.lr > 0:
-            raise bad("lr", "a number > 0")
-        if not 0 <= self.momentum < 1:
-            raise bad("momentum", "a number in [0, 1)")
-        if not self.weight_decay >= 0:
-            raise bad("weight_decay", "a number >= 0")
-        if self.cache_mode not in CACHE_MODES:
-            raise bad("cache_mode", " or ".join(CACHE_MODES))
-        for key in ("manifest", "out"):
-            if not getattr(self, key):
-                raise bad(key, "a non-empty string")
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:

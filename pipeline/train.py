@@ -86,30 +86,14 @@ class TeacherConfig(FromDict):
     def __post_init__(self) -> None:
         from pipeline.models import MODELS
 
-        def bad(key: str, expected: str) -> UserError:
-            return UserError(f"teacher config key {key!r}: expected {expected}, found {getattr(self, key)!r}")
-
+        self.check_training()
         if self.loss not in LOSSES:
-            raise bad("loss", " or ".join(LOSSES))
+            raise self.bad("loss", " or ".join(LOSSES))
         if self.arch not in MODELS:
-            raise bad("arch", "one of " + ", ".join(MODELS.names()))
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise bad(key, "an integer >= 1")
-        for key in ("seed", "views_seed", "workers"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise bad(key, "an integer >= 0")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise bad("threads", "an integer >= 1 or null")
-        if not self.lr > 0:
-            raise bad("lr", "a number > 0")
-        if not 0 <= self.momentum < 1:
-            raise bad("momentum", "a number in [0, 1)")
-        if not self.weight_decay >= 0:
-            raise bad("weight_decay", "a number >= 0")
-        for key in ("manifest", "out", "train_split"):
-            if not getattr(self, key):
-                raise bad(key, "a non-empty string")
+            raise self.bad("arch", "one of " + ", ".join(MODELS.names()))
+        self.check_ints(("threads",), minimum=1, optional=True)
+        if not self.train_split:
+            raise self.bad("train_split", "a non-empty string")
 
 
 def write_json(path: str | Path, data: dict) -> None:
