@@ -150,7 +150,7 @@ def test_verify_reports_each_kind_of_damage(tmp_path):
 
     path, _ = damaged("chunk.zarr")
     (path / "logits" / "c.1.2.0").unlink()          # a deleted block
-    assert any("logits: expected a chunk for view 1 block 2" in p for p in verify_store(path).problems)
+    assert any("logits: expected a whole chunk for view 1 block 2" in p for p in verify_store(path).problems)
     path, group = damaged("marker.zarr")
     group["done"][0, 3] = False
     assert any("done: expected a marker for view 0 block 3" in p for p in verify_store(path).problems)
@@ -238,6 +238,6 @@ def test_cli_plan_and_verify(tmp_path):
     assert runner.invoke(cli, ["verify", str(tmp_path / "s.zarr")]).exit_code == 0
     (tmp_path / "s.zarr" / "entropy" / "c.0.1").unlink()
     damaged = runner.invoke(cli, ["verify", str(tmp_path / "s.zarr")])
-    assert damaged.exit_code == 1 and "entropy: expected a chunk for view 0 block 1" in damaged.output
+    assert damaged.exit_code == 1 and "entropy: expected a whole chunk for view 0 block 1" in damaged.output
     missing = runner.invoke(cli, ["verify", str(tmp_path / "none.zarr")])
     assert missing.exit_code == 2 and missing.output.startswith("error: ")

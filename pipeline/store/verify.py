@@ -28,26 +28,33 @@ _UNIT_ROUNDOFF = {"float16": 2.0**-11, "float32": 2.0**-24}
 _SUBNORMAL = {"float16": 2.0**-25, "float32": 2.0**-150}
 
 
-def _existing_files(store: Path) -> set[str]:
-    found = set()
+def _existing_files(store: Path) -> dict[str, int]:
+    """Relative path -> size in bytes of every file of the store."""
+    found = {}
     for root, _, files in os.walk(store):
         rel = os.path.relpath(root, store)
         for name in files:
-            found.add(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+            key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+            found[key] = os.path.getsize(os.path.join(root, name))
     return found
 
 
 def missing_chunks(store: str | Path, layout: schema.Layout) -> list[tuple[str, int | None, int]]:
-    """(array, view, block) for every data chunk that has no file (view None for sample_id/label)."""
+    """(array, view, block) for every data chunk without a whole file (view None for sample_id/label).
+
+    kdcache writes chunks uncompressed (schema), so a chunk file holds exactly its chunk's bytes
+    (edge chunks are padded): a shorter or longer file is a damaged write, counted as missing.
+    """
     files = _existing_files(Path(store))
     holes = []
-    for name, (shape, _, _) in layout.arrays().items():
+    for name, (shape, chunks, dtype) in layout.arrays().items():
         if name == "done":
             continue
+        size = int(np.prod(chunks)) * np.dtype(dtype).itemsize
         views = [None] if len(shape) == 1 else range(layout.num_views)
         for view in views:
             for block in range(layout.num_blocks):
-                if schema.chunk_key(name, len(shape), view, block) not in files:
+                if files.get(schema.chunk_key(name, len(shape), view, block)) != size:
                     holes.append((name, view, block))
     return holes
 
@@ -81,8 +88,8 @@ def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
     holes = missing_chunks(store, layout)
     if holes:
         name, v, b = holes[0]
-        raise UserError(f"{store}: field {name}: expected a chunk for every block, found {len(holes)} missing "
-                        f"(first: view {v} block {b})")
+        raise UserError(f"{store}: field {name}: expected a whole chunk for every block, found {len(holes)} missing "
+                        f"or damaged (first: view {v} block {b}); `kdcache verify` lists them")
     return attrs, layout
 
 
@@ -99,7 +106,7 @@ class VerifyReport:
         return not self.problems
 
     def __str__(self) -> str:
-        head = f"{self.store}: {'ok' if self.ok else f'{len(self.problems)} problem(s)'} - {self.summary}"
+        head = f"{self.store}: {'ok' if self.ok else 'NOT OK'} - {self.summary}"
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
@@ -134,7 +141,8 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, m
     if report.problems:
         return report
     if not attrs["status"].get("complete"):
-        add("status.complete: expected true, found false")
+        add("status.complete: expected true, found false (rerun `kdcache cache` with the same arguments: "
+            "it computes only the missing blocks)")
     done = arrays["done"][:]
     for v, b in np.argwhere(~done)[:10]:
         add(f"done: expected a marker for view {v} block {b}, found none")
@@ -142,7 +150,9 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, m
         add(f"done: {int((~done).sum())} markers missing in all")
     holes = missing_chunks(store, lay)
     for name, v, b in holes[:10]:
-        add(f"{name}: expected a chunk for view {v} block {b}, found no file")
+        add(f"{name}: expected a whole chunk for view {v} block {b}, found no file or a damaged one")
+    if len(holes) > 10:
+        add(f"chunks: {len(holes)} missing or damaged in all")
     hole_units = {(v, b) for _, v, b in holes}
     sample_id, label = arrays["sample_id"][:], arrays["label"][:]
     if len(np.unique(sample_id)) != lay.num_samples:
