@@ -272,7 +272,7 @@ def cache_teacher(*, teacher: str | Path, manifest: str | Path, split: str, view
 
     teacher, manifest_path = Path(teacher).resolve(), Path(manifest).resolve()
     meta = load_checkpoint(teacher)["meta"]
-    man = load_manifest(manifest_path)
+    man = load_manifest(manifest_path, check_files=True)  # a missing image must stop us before the store exists
     rows = man.split(split)
     if int(meta["num_classes"]) != man.num_classes:
         raise UserError(f"{teacher}: field num_classes: expected {man.num_classes} (manifest {manifest_path}), "
