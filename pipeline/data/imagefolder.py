@@ -20,6 +20,7 @@ Images are decoded with PIL in the DataLoader workers and converted to RGB.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,7 +109,8 @@ class ImageFolderReader(Reader):
                 extra = sorted(set(_class_dirs(directory)) - set(class_names))
                 if extra:
                     raise UserError(f"{directory / extra[0]}: class directory not in {root / 'train'}")
-            bar = tqdm(class_names, desc=f"scan {dirs[split_name]}/", unit="class", disable=not progress, leave=False)
+            bar = tqdm(class_names, desc=f"scan {dirs[split_name]}/", unit="class", leave=False,
+                       disable=not (progress and sys.stderr.isatty()))
             for label, name in enumerate(bar):
                 if not (directory / name).is_dir():
                     continue

@@ -318,7 +318,7 @@ def fit(
             meter.add(out, y)
             bar.update(1)
             if show and i % 20 == 0:
-                bar.set_postfix(loss=f"{float(out['loss']):.4f}")  # type: ignore[arg-type]
+                bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}")  # type: ignore[arg-type]
         bar.close()
         row: dict = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"] if optimizers else 0.0}
         row.update(meter.result(runtime, prefix="train_"))
