@@ -72,7 +72,7 @@ class DistillConfig(FromDict):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
-    val_split: str | None = "val"          # skipped when the manifest has no such split
+    val_split: str | None = "val"          # the default is skipped when the manifest has none
     workers: int = 0
     device: str = "auto"
     eval_batch_size: int = 512
@@ -276,12 +276,9 @@ def _validation(cfg: DistillConfig, manifest: Any, views: Any) -> tuple[Any, Any
     """The validation split (view 0) and, on synthetic data, its Bayes posterior; (None, None) if absent."""
     from pipeline.data import open_split
 
-    if not cfg.val_split:
-        return None, None
-    try:
-        if len(manifest.split(cfg.val_split)) == 0:
-            return None, None
-    except UserError:
+    from pipeline.train import has_val_split
+
+    if not has_val_split(manifest, cfg.val_split):
         return None, None
     posterior = None
     if manifest.dataset == "synthetic":

@@ -112,6 +112,10 @@ def inspect_stores(stores: Sequence[str | Path], *, bins: int = 20) -> dict[str,
     lazies, facts = zip(*(_store_lazy(str(s), bins=bins) for s in stores))
     (computed,) = dask.compute(list(lazies))
     labels = [np.asarray(f.pop("label")) for f in facts]
+    names = [f["teacher"] for f in facts]
+    if len(set(names)) < len(names):  # the same teacher cached twice: tell the stores apart by file
+        for fact in facts:
+            fact["teacher"] = Path(fact["store"]).stem
     report: dict[str, Any] = {"bins": bins, "stores": []}
     for fact, result in zip(facts, computed):
         pc = result["per_class"]
@@ -128,10 +132,13 @@ def inspect_stores(stores: Sequence[str | Path], *, bins: int = 20) -> dict[str,
     if len(stores) > 1:
         first = facts[0]
         for fact, label in zip(facts[1:], labels[1:]):
-            if fact["manifest_sha256"] != first["manifest_sha256"] or not np.array_equal(label, labels[0]):
-                raise UserError(f"{fact['store']}: field manifest.sha256: expected {first['manifest_sha256'][:12]}… "
-                                f"(as {first['store']}), found {fact['manifest_sha256'][:12]}…; "
-                                "a classroom needs stores of the same manifest split")
+            for key, field in (("manifest_sha256", "manifest.sha256"), ("split", "manifest.split")):
+                if fact[key] != first[key]:
+                    raise UserError(f"{fact['store']}: field {field}: expected {first[key]} "
+                                    f"(as {first['store']}), found {fact[key]}; a classroom needs stores of the "
+                                    "same manifest split (inspect them one at a time otherwise)")
+            if not np.array_equal(label, labels[0]):
+                raise UserError(f"{fact['store']}: field label: expected the labels of {first['store']}, found others")
         report["classroom"] = _classroom([r["pred0"] for r in computed], [r["p_gt0"] for r in computed], labels[0])
     return report
 
@@ -163,7 +170,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> list[Path]:
     written = [out / "summary.json", out / "per_class.csv", out / "entropy_hist.csv"]
     written[0].write_text(json.dumps(report, indent=2) + "\n")
     with written[1].open("w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["teacher", "class", "count", "accuracy", "mean_entropy"])
         for s in report["stores"]:
             pc = s["per_class"]
@@ -171,7 +178,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> list[Path]:
                 w.writerow([s["teacher"], c, *row])
     bins = report["bins"]
     with written[2].open("w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["teacher", "view", "bin_low", "bin_high", "count"])
         for s in report["stores"]:
             for v, hist in enumerate(s["entropy_hist"]):

@@ -73,7 +73,7 @@ class TeacherConfig(FromDict):
     seed: int = 0
     views_seed: int = 0
     train_split: str = "train"
-    val_split: str | None = "val"  # skipped when the manifest has no such split
+    val_split: str | None = "val"  # the default is skipped when the manifest has no such split
     workers: int = 0
     device: str = "auto"
     threads: int | None = None  # torch CPU threads; keep it fixed for bit-identical CPU runs
@@ -112,7 +112,7 @@ def write_history(path: str | Path, rows: list[dict]) -> None:
     columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
@@ -126,11 +126,17 @@ def _posterior(manifest: Any, split: str) -> np.ndarray | None:
     return bayes_posterior(manifest, split)
 
 
-def _has_split(manifest: Any, split: str) -> bool:
+def has_val_split(manifest: Any, split: str | None) -> bool:
+    """Whether to validate on ``split``: the default "val" is skipped when the manifest has none;
+    any other name that the manifest lacks is a mistake (a typo would silently skip validation)."""
+    if not split:
+        return False
     try:
         return len(manifest.split(split)) > 0
     except UserError:
-        return False
+        if split == "val":
+            return False
+        raise
 
 
 def _check_resume(cfg: TeacherConfig, blob: dict, manifest_sha256: str) -> None:
@@ -163,7 +169,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     views = default_views(manifest, seed=cfg.views_seed)
     train_ds = open_split(manifest, cfg.train_split, views=views, view=1)
     val_ds, val_posterior = None, None
-    if cfg.val_split and _has_split(manifest, cfg.val_split):
+    if has_val_split(manifest, cfg.val_split):
         val_ds = open_split(manifest, cfg.val_split, views=views, view=0)
         val_posterior = _posterior(manifest, cfg.val_split)
     input_shape = tuple(train_ds.input_shape)
