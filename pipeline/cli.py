@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 
 
 class _Group(click.Group):
-    """Turns ``UserError`` into one line and exit status 2."""
+    """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -26,6 +26,12 @@ class _Group(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            # Nothing is lost: cache blocks with markers stay, checkpoints are written per epoch.
+            click.echo("\ninterrupted: finished work is kept; rerun the same `kdcache cache` command to compute "
+                       "only the missing blocks, or add `--resume OUT` to train-teacher/distill to continue "
+                       "from the last epoch", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

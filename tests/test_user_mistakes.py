@@ -1,0 +1,105 @@
+"""Mistakes and accidents a newcomer ran into: each ends in one clear line and leaves nothing half-done.
+
+A truncated chunk file, a missing image before caching, a typo in --val-split, stores of two
+splits given to inspect, and Ctrl-C in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from _data_fixtures import write_imagefolder
+from _distill_fixtures import untrained_teacher
+from _store_fixtures import make_fake_store
+from pipeline.cli import cli
+from pipeline.errors import UserError
+from pipeline.manifest import build_manifest
+from pipeline.store.reader import Classroom
+from pipeline.store.verify import verify_store
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_truncated_chunk_is_reported_by_verify_and_refused_by_readers(tmp_path):
+    store = tmp_path / "s.zarr"
+    make_fake_store(store, num_samples=600, num_classes=5, views=2, rows_per_block=128)
+    assert verify_store(store).ok
+    chunk = store / "logits" / "c.1.2.0"
+    chunk.write_bytes(chunk.read_bytes()[:1000])
+    report = verify_store(store)
+    assert not report.ok and any("logits" in p and "view 1 block 2" in p for p in report.problems)
+    with pytest.raises(UserError, match="logits"):
+        Classroom([store])
+    _one_line_error(CliRunner().invoke(cli, ["inspect", str(store)]), "s.zarr", "logits")
+
+
+def test_cache_checks_image_files_before_creating_the_store(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs", dirs={"train": 3, "val": 2}, classes=("cat", "dog"))
+    manifest = tmp_path / "m.parquet"
+    build_manifest("imagefolder", root, manifest)
+    teacher = untrained_teacher(manifest, tmp_path / "t.pt", arch="cnn")
+    (root / "train" / "dog" / "img_2.png").unlink()
+    out = tmp_path / "c.zarr"
+    result = CliRunner().invoke(cli, ["cache", "--teacher", str(teacher), "--manifest", str(manifest),
+                                      "--split", "train", "--out", str(out)])
+    _one_line_error(result, "img_2.png")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    manifest = root / "m.parquet"
+    build_manifest("synthetic", root / "data", manifest, num_samples=2000, seed=0)
+    return manifest
+
+
+def test_a_val_split_typo_is_an_error_not_a_silent_skip(synthetic, tmp_path):
+    result = CliRunner().invoke(cli, ["train-teacher", "--manifest", str(synthetic), "--arch", "mlp", "--epochs", "1",
+                                      "--val-split", "vall", "--out", str(tmp_path / "t.pt")])
+    _one_line_error(result, "'vall'")
+
+
+def test_inspect_names_the_split_when_stores_disagree(synthetic, tmp_path):
+    teacher = untrained_teacher(synthetic, tmp_path / "t.pt")
+    stores = []
+    for split in ("train", "val"):
+        out = tmp_path / f"{split}.zarr"
+        result = CliRunner().invoke(cli, ["cache", "--teacher", str(teacher), "--manifest", str(synthetic),
+                                          "--split", split, "--out", str(out), "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        stores.append(str(out))
+    _one_line_error(CliRunner().invoke(cli, ["inspect", *stores]), "manifest.split", "val")
+
+
+def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(synthetic, tmp_path):
+    out = tmp_path / "t.pt"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train-teacher", "--manifest", str(synthetic), "--arch", "mlp",
+           "--epochs", "400", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert out.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    from pipeline.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out)["train_state"] is not None  # the last finished epoch can be resumed
+    assert os.path.getsize(out) > 0
