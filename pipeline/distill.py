@@ -293,6 +293,12 @@ def _check_resume(cfg: DistillConfig, blob: dict, meta: dict) -> None:
     saved = blob["meta"]
     if blob.get("train_state") is None:
         raise UserError(f"{cfg.resume}: checkpoint has no train state to resume from")
+    if "method" not in saved:
+        raise UserError(f"{cfg.resume}: field 'method': expected a student checkpoint of `kdcache distill`, "
+                        f"found a {saved.get('loss', 'teacher')!r} teacher checkpoint")
+    if saved.get("method") != cfg.method:
+        raise UserError(f"{cfg.resume}: setting 'method' differs: checkpoint has {saved.get('method')!r}, "
+                        f"this run {cfg.method!r}")
     if int(saved["num_classes"]) != meta["num_classes"]:
         raise UserError(f"{cfg.resume}: field num_classes: expected {meta['num_classes']} (manifest {cfg.manifest}), "
                         f"found {saved['num_classes']}")

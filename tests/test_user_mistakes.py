@@ -103,3 +103,18 @@ def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(synthetic, tmp_path
 
     assert load_checkpoint(out)["train_state"] is not None  # the last finished epoch can be resumed
     assert os.path.getsize(out) > 0
+
+
+def test_resuming_distill_from_a_teacher_checkpoint_names_the_mistake(synthetic, tmp_path):
+    from _distill_fixtures import cache
+
+    teacher = untrained_teacher(synthetic, tmp_path / "t.pt")
+    store = cache(teacher, synthetic, tmp_path / "t.zarr", views=1)
+    from pipeline.train import TeacherConfig, train_teacher
+
+    trained = tmp_path / "trained.pt"
+    train_teacher(TeacherConfig(manifest=str(synthetic), arch="mlp", out=str(trained), epochs=1, progress=False))
+    result = CliRunner().invoke(cli, ["distill", "--method", "kd", "--mentors", str(store), "--manifest", str(synthetic),
+                                      "--student", "mlp", "--epochs", "1", "--out", str(tmp_path / "s.pt"),
+                                      "--resume", str(trained)])
+    _one_line_error(result, "trained.pt", "'method'", "teacher checkpoint")
