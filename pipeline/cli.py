@@ -77,6 +77,8 @@ def manifest_group() -> None:
               help="Seed of the carved val split (synthetic: of all the data).")
 @click.option("--val-fraction", type=float, default=None,
               help="Fraction of train moved to val for datasets without one (default 0.1).")
+@click.option("--image-size", type=int, default=None,
+              help="imagefolder: side of the square crops the views make (default 224; e.g. 32 for small images).")
 @click.option("--num-samples", type=int, default=None, help="synthetic: number of samples (default 100000).")
 @click.option("--dim", type=int, default=None, help="synthetic: input dimension d (default 30).")
 @click.option("--num-classes", type=int, default=None, help="synthetic: number of classes K (default 3).")

@@ -182,3 +182,18 @@ def test_carved_val_is_deterministic() -> None:
     assert carve_val(100, fraction=0.0, seed=4).sum() == 0
     with pytest.raises(UserError, match="val_fraction"):
         carve_val(10, fraction=1.5, seed=0)
+
+
+def test_imagefolder_image_size_sets_the_views_crop(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs", dirs={"train": 3, "val": 2}, classes=("cat", "dog"))
+    small = build_manifest("imagefolder", root, tmp_path / "small.parquet", image_size=32)
+    default = build_manifest("imagefolder", root, tmp_path / "default.parquet")
+    assert open_split(default, "train").input_shape == (3, 224, 224)
+    ds = open_split(small, "train")
+    assert ds.input_shape == (3, 32, 32)
+    x0 = ds[0][0]
+    ds.set_view(1)
+    x1 = ds[0][0]
+    assert x0.shape == x1.shape == (3, 32, 32) and not torch.equal(x0, x1)
+    with pytest.raises(UserError, match="image_size"):
+        build_manifest("imagefolder", root, tmp_path / "bad.parquet", image_size=4)

@@ -84,11 +84,15 @@ class LazyImages:
 @READERS.register("imagefolder")
 class ImageFolderReader(Reader):
     name = "imagefolder"
-    options = {"val_fraction": DEFAULT_VAL_FRACTION}
+    # image_size: the square side the views crop to (224, ImageNet); small images want e.g. 32.
+    options = {"val_fraction": DEFAULT_VAL_FRACTION, "image_size": 224}
 
     def scan(self, root: Path, *, classes: Sequence[str] | None, seed: int, progress: bool = False,
              **options: Any) -> Scan:
         opts = self.resolve_options(options)
+        size = opts["image_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise UserError(f"imagefolder option 'image_size': expected an integer >= 8, found {size!r}")
         dirs = split_dirs(root)
         train_classes = _class_dirs(root / "train")
         if classes is None:
@@ -129,7 +133,8 @@ class ImageFolderReader(Reader):
             train_rows = np.nonzero(is_train)[0]
             split_arr[train_rows[carved]] = "val"
         splits = tuple(s for s in ("train", "val", "test") if (split_arr == s).any())
-        meta = {"val_fraction": float(opts["val_fraction"]), "seed": int(seed), "split_dirs": dirs}
+        meta = {"val_fraction": float(opts["val_fraction"]), "seed": int(seed), "split_dirs": dirs,
+                "image_size": int(size)}
         return Scan(
             sample_id=np.arange(len(source), dtype=np.int64),
             label=np.asarray(labels, dtype=np.int32),
@@ -145,7 +150,11 @@ class ImageFolderReader(Reader):
                        load_one=LazyImages(manifest.root, rows.source, manifest_path=str(manifest.path)))
 
     def default_views(self, manifest: Manifest, *, seed: int = 0) -> ViewSpec:
-        return ViewSpec("rrc_flip_jitter", seed=seed)
+        size = int(manifest.meta.get("image_size", 224))
+        if size == 224:
+            return ViewSpec("rrc_flip_jitter", seed=seed)
+        # The eval transform keeps ImageNet's ratio: resize the shorter side to 256/224 of the crop.
+        return ViewSpec("rrc_flip_jitter", seed=seed, params={"size": size, "resize": round(size * 256 / 224)})
 
     def check_files(self, manifest: Manifest) -> None:
         root = manifest.root
