@@ -53,15 +53,14 @@ class LiveTeachers:
     @torch.no_grad()
     def targets(self, x: torch.Tensor, y: torch.Tensor, *, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
         """``{"logits": [K,B,C], "entropy": [K,B], "p_gt": [K,B]}`` (float32) for the batch ``x``, labels ``y``."""
+        from pipeline.methods.kd import entropy, gt_prob
+
         z = torch.stack([m(x).float() for m in self.models])
         out = {"logits": z} if "logits" in fields else {}
-        if "entropy" in fields or "p_gt" in fields:
-            log_p = torch.log_softmax(z, dim=-1)
-            if "entropy" in fields:
-                out["entropy"] = -(log_p.exp() * log_p).sum(-1)
-            if "p_gt" in fields:
-                index = y.long().expand(z.shape[:2]).unsqueeze(-1)
-                out["p_gt"] = log_p.gather(-1, index).squeeze(-1).exp()
+        if "entropy" in fields:
+            out["entropy"] = entropy(z)
+        if "p_gt" in fields:
+            out["p_gt"] = gt_prob(z, y)
         return out
 
 
@@ -168,11 +167,10 @@ def open_source(cfg: Any, manifest: Any) -> Source:
 def _open_cache(cfg: Any, manifest: Any) -> Source:
     from pipeline.data.views import ViewSpec
     from pipeline.store.reader import Classroom
-    from pipeline.store.verify import check_complete
+    from pipeline.store.writer import read_attrs
 
-    for path in cfg.mentors:
-        attrs, _ = check_complete(path)  # an incomplete store: UserError naming it
-        found = attrs["manifest"]
+    for path in cfg.mentors:  # against this manifest first; completeness and agreement: the Classroom
+        found = read_attrs(path)["manifest"]
         if int(found["num_classes"]) != manifest.num_classes:
             raise UserError(f"{path}: field manifest.num_classes: expected {manifest.num_classes} "
                             f"(--manifest {manifest.path}), found {found['num_classes']}")

@@ -50,13 +50,17 @@ def confidence_from_entropy(entropy: Tensor, num_classes: int) -> Tensor:
     return (1.0 - full(entropy.detach()) / math.log(num_classes)).clamp(0.0, 1.0)
 
 
+def entropy(z: Tensor) -> Tensor:
+    """H(softmax(z)) in nats at T = 1, per row: ``z`` [..., C] -> [...]."""
+    log_p = F.log_softmax(full(z), dim=-1)
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+
+
 @torch.no_grad()
 def teacher_confidence(z_t: Tensor) -> Tensor:
     """Uncertainty-aware paper eq. 1–2: w = 1 − H(softmax(z_t)) / log C per sample (T = 1)."""
-    log_p = F.log_softmax(full(z_t), dim=-1)
-    p = log_p.exp()
-    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
-    return confidence_from_entropy(entropy, z_t.shape[-1])
+    return confidence_from_entropy(entropy(z_t), z_t.shape[-1])
 
 
 def gt_log_prob(z: Tensor, y: Tensor) -> Tensor:
