@@ -51,7 +51,6 @@ def cli() -> None:
 
 
 # --- manifest --------------------------------------------------------------
-# (manifest: commands go here)
 _DATASETS = ["synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder"]
 
 
@@ -131,7 +130,6 @@ def manifest_check(file: str, check_files: bool) -> None:
 
 
 # --- train-teacher / evaluate ----------------------------------------------
-# (train-teacher / evaluate: commands go here)
 @cli.command("train-teacher")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--arch", required=True, help="Model name (see pipeline.models: mlp, cnn, resnet20, resnet18, ...).")
@@ -216,7 +214,6 @@ def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None
 
 
 # --- cache / verify / plan -------------------------------------------------
-# (cache / verify / plan: commands go here)
 @cli.command("cache")
 @click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher checkpoint.")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
@@ -258,10 +255,6 @@ def cache_command(teacher: str, manifest: str, split: str, views: int, out: str,
     """
     from pipeline.store.writer import cache_teacher
 
-    if k is not None and storage != "topk":
-        raise UserError(f"--k: expected only with --storage topk, found --storage {storage}")
-    if storage == "topk" and k is None:
-        raise UserError("--k: expected the number of classes to keep with --storage topk, found none")
     result = cache_teacher(teacher=teacher, manifest=manifest, split=split, views=views, out=out, storage=storage,
                            k=k, **options)
     if result.complete:
@@ -337,7 +330,6 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 
 
 # --- distill ---------------------------------------------------------------
-# (distill: commands go here)
 class _Greedy(click.Option):
     """A ``multiple`` option that also takes several values after one flag: ``--mentors a.zarr b.zarr``."""
 
