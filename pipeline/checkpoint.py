@@ -18,7 +18,6 @@ crash never leaves half a checkpoint under the final name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.files import atomic_path, file_sha256  # noqa: F401  (file_sha256: re-exported)
 
 FORMAT = "kdcache-checkpoint"
 VERSION = 1
@@ -58,7 +58,6 @@ def save_checkpoint(
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     blob = {
         "format": FORMAT,
@@ -67,16 +66,10 @@ def save_checkpoint(
         "meta": {**meta, "input_shape": list(meta["input_shape"]), "kdcache_version": __version__},
         "train_state": train_state,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(blob, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -113,18 +106,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         first = str(err).splitlines()[1:2] or [str(err)]
         raise UserError(f"{path}: weights do not fit arch {meta['arch']!r}: {first[0].strip()}") from None
     return model.to(device).eval(), meta
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (how caches name the teacher checkpoint they came from)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
-    return digest.hexdigest()
 
 
 def plain(value: Any) -> Any:

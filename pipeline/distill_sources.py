@@ -151,7 +151,8 @@ def open_source(cfg: Any, manifest: Any) -> Source:
     rows = manifest.split(split)
     provenance, names = [], []
     for path in cfg.teachers:
-        from pipeline.checkpoint import file_sha256, load_checkpoint
+        from pipeline.checkpoint import load_checkpoint
+        from pipeline.files import file_sha256
 
         meta = load_checkpoint(path)["meta"]
         if int(meta["num_classes"]) != manifest.num_classes:

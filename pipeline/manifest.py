@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 
 FORMAT = "kdcache-manifest"
 FORMAT_VERSION = 1
@@ -182,15 +183,11 @@ def write_manifest(
     sha = content_sha256(table, semantic)
     info = {"format": FORMAT, "version": FORMAT_VERSION, **semantic, "root": stored_root, "sha256": sha}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info, ensure_ascii=False).encode()})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
     except OSError as err:
         raise UserError(f"{out}: cannot write the manifest ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return sha
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ import numpy as np
 
 from pipeline.config import FromDict
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 # The generic loop, re-exported so ``pipeline.train`` is the one entry for teachers and students.
 from pipeline.trainer.evaluate import evaluate_model, predict_logits, score_logits
 from pipeline.trainer.loop import (Batch, LoopState, StepFn, capture_train_state, cosine_schedule, fit, iter_batches,
@@ -98,24 +98,17 @@ class TeacherConfig(FromDict):
 
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_history(path: str | Path, rows: list[dict]) -> None:
     """One CSV row per epoch (columns: the union of the rows' keys, ``epoch`` first)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _posterior(manifest: Any, split: str) -> np.ndarray | None:
@@ -241,10 +234,8 @@ def _finished_already(cfg: TeacherConfig, history: list[dict], history_path: str
     """Resuming a finished run trains nothing: still leave ``out`` and the history in place."""
     assert cfg.resume is not None
     if Path(cfg.out).resolve() != Path(cfg.resume).resolve():
-        tmp = Path(cfg.out).with_name(f".{Path(cfg.out).name}.tmp-{os.getpid()}")
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cfg.resume, tmp)
-        os.replace(tmp, cfg.out)
+        with atomic_path(cfg.out) as tmp:
+            shutil.copyfile(cfg.resume, tmp)
     if history_path:
         write_history(history_path, history)
 

@@ -13,7 +13,6 @@ and file hashes recorded in the manifest meta so a changed data file is caught a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.files import file_sha256
 from pipeline.registry import Registry
 
 if TYPE_CHECKING:
@@ -94,14 +94,6 @@ class Reader:
     def check_files(self, manifest: "Manifest") -> None:
         """Every data file the manifest needs exists (and is unchanged where its hash is recorded)."""
         check_recorded_files(manifest)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def record_files(root: Path, names: Sequence[str]) -> dict[str, str]:

@@ -104,7 +104,7 @@ class ImageFolderReader(Reader):
             if missing:
                 raise UserError(f"--classes: class {missing[0]!r} has no directory {root / 'train' / missing[0]}")
             class_names = list(classes)
-        ids, labels, split, source = [], [], [], []
+        labels, split, source = [], [], []
         for split_name in ("train", "val", "test"):
             if split_name not in dirs:
                 continue

@@ -17,15 +17,15 @@ records the parameters and the file's sha256.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.data.base import READERS, Reader, Samples, Scan, check_recorded_files, file_sha256
+from pipeline.data.base import READERS, Reader, Samples, Scan, check_recorded_files
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
+from pipeline.files import atomic_path, file_sha256
 from pipeline.manifest import Manifest, SplitRows
 
 FILE_NAME = "synthetic.npz"
@@ -80,15 +80,11 @@ class SyntheticReader(Reader):
             raise UserError(f"option 'seed': expected an integer >= 0, found {seed}")
         data = generate(num_samples=n, dim=d, num_classes=k, sigma2=sigma2, seed=seed)
         path = root / FILE_NAME
-        tmp = root / f".{FILE_NAME}.tmp-{os.getpid()}.npz"
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, **data)
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".npz") as tmp:
+                np.savez(tmp, **data)
         except OSError as err:
             raise UserError(f"{path}: cannot write the synthetic data ({err.strerror or err})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         meta = {"num_samples": n, "dim": d, "num_classes": k, "sigma2": sigma2, "seed": int(seed),
                 "split_fractions": dict(SPLIT_FRACTIONS), "file": FILE_NAME,
                 "files": {FILE_NAME: file_sha256(path)}}

@@ -264,7 +264,8 @@ def cache_teacher(*, teacher: str | Path, manifest: str | Path, split: str, view
     """
     import json
 
-    from pipeline.checkpoint import file_sha256, load_checkpoint
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.files import file_sha256
     from pipeline.data import default_views, open_split
     from pipeline.data.views import ViewSpec
     from pipeline.manifest import load_manifest
