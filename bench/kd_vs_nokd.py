@@ -4,8 +4,9 @@
     .venv/bin/python bench/kd_vs_nokd.py --option T=1 --option w_ce=0 --option w_kd=1   # soft labels only
     .venv/bin/python bench/kd_vs_nokd.py --num-samples 20000    # 1000 train rows instead of 5000
 
-The default synthetic dataset of METHODS.md (``build_manifest("synthetic", ..., seed=0)``: K = 3,
-d = 30, sigma^2 = 6, 100 000 samples, 5 % train = 5 000 rows, 90 % test), a CE teacher (mlp,
+The default synthetic dataset (docs/methods.md, "The synthetic dataset";
+``build_manifest("synthetic", ..., seed=0)``: K = 3, d = 30, sigma^2 = 6, 100 000 samples,
+5 % train = 5 000 rows, 90 % test), a CE teacher (mlp,
 ``--teacher-epochs``), its cache (1 view: the data are vectors, every view is the same), then for
 each seed an ``mlp`` student with ``kd`` and one with ``nokd``: the same initialisation, batch order
 and schedule (both read the cache's batch sampler; nokd ignores the targets). Prints the test
@@ -25,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.distill import DistillConfig, distill, parse_options  # noqa: E402
-from pipeline.manifest import build_manifest  # noqa: E402
-from pipeline.store.writer import cache_teacher  # noqa: E402
+from pipeline.train import DistillConfig, distill, parse_options  # noqa: E402
+from pipeline.data import build_manifest  # noqa: E402
+from pipeline.cache import cache_teacher  # noqa: E402
 from pipeline.train import TeacherConfig, evaluate_checkpoint, train_teacher  # noqa: E402
 
 METRICS = (("top1", "test top-1 %", 100.0), ("bayes_agree", "agrees with Bayes %", 100.0),

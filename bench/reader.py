@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.store import schema  # noqa: E402
 from pipeline.store.reader import Classroom  # noqa: E402
-from pipeline.store.writer import Provenance, write_cache  # noqa: E402
+from pipeline.cache import write_cache
+from pipeline.store.writer import Provenance  # noqa: E402
 
 K, N, C, BATCH = 6, 60_000, 10, 256
 

@@ -1,8 +1,9 @@
 """Model checkpoints: one torch file with the weights, what they are, and how to resume.
 
-    from pipeline.checkpoint import save_checkpoint, load_model
+    from pipeline.checkpoint import save_checkpoint, load_checkpoint
     save_checkpoint("models/ce.pt", model=net, meta={"arch": "mlp", ...}, train_state=state)
-    model, meta = load_model("models/ce.pt", device="cpu")
+    blob = load_checkpoint("models/ce.pt")         # {"model": state_dict, "meta": ..., "train_state": ...}
+    # the model itself: pipeline.models.load_model("models/ce.pt")
 
 File layout (a dict, read with ``torch.load(weights_only=True)``, so only plain data):
 ``{"format": "kdcache-checkpoint", "version": 1, "model": state_dict, "meta": dict,
@@ -10,7 +11,7 @@ File layout (a dict, read with ``torch.load(weights_only=True)``, so only plain 
 ``input_shape`` and, when known, ``loss`` (ce|mse), ``manifest_sha256``, ``manifest``
 (path), ``dataset``, ``views`` (ViewSpec dict), ``epoch``, ``metrics``, ``seed``;
 ``kdcache_version`` is added on save. ``train_state`` (optimizers, schedulers, epoch, RNG
-states; see ``pipeline.trainer.loop``) is what ``--resume`` needs.
+states; see ``pipeline.train.loop``) is what ``--resume`` needs.
 
 Saving is atomic: a temporary file in the same folder, fsync, then ``os.replace``, so a
 crash never leaves half a checkpoint under the final name.
@@ -27,7 +28,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.files import atomic_path, file_sha256  # noqa: F401  (file_sha256: re-exported)
+from pipeline.files import atomic_path
 
 FORMAT = "kdcache-checkpoint"
 VERSION = 1
@@ -72,15 +73,20 @@ def save_checkpoint(
         os.fsync(fh.fileno())
 
 
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)``: plain data only, never arbitrary unpickling."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by ``save_checkpoint``; UserError naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+    blob = _torch_load(path, "checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise UserError(f"{path}: field 'format': expected {FORMAT!r}, found {found!r}")
@@ -93,19 +99,33 @@ def load_checkpoint(path: str | Path) -> dict:
     return blob
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint describes, load its weights; returns ``(model in eval mode, meta)``."""
-    from pipeline.models import create_model
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a kdcache checkpoint's ``model`` entry or a bare state_dict
+    (``module.`` prefixes of DDP-saved weights removed)."""
+    path = Path(path)
+    blob = _torch_load(path, "weights file")
+    state = blob.get("model", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict or a kdcache checkpoint, found {type(blob).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
-    blob = load_checkpoint(path)
-    meta = blob["meta"]
-    model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), input_shape=meta["input_shape"])
-    try:
-        model.load_state_dict(blob["model"])
-    except RuntimeError as err:
-        first = str(err).splitlines()[1:2] or [str(err)]
-        raise UserError(f"{path}: weights do not fit arch {meta['arch']!r}: {first[0].strip()}") from None
-    return model.to(device).eval(), meta
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load ``state`` into ``model`` strictly; a missing/extra key or a shape mismatch is a UserError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(
+                f"{path}: weights do not fit the model: field {key!r}: expected shape {tuple(own[key].shape)}, "
+                f"found {tuple(value.shape)}"
+            )
+    model.load_state_dict(state)
 
 
 def plain(value: Any) -> Any:

@@ -99,7 +99,7 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
       kdcache manifest build --dataset fashion-mnist --root /usr/share/datasets/fashion-mnist --out data_manifests/fashion.parquet
       kdcache manifest build --dataset imagefolder --root data/imagenet --classes data_manifests/imagenet100.txt --out data_manifests/imagenet100.parquet
     """
-    from pipeline.manifest import build_manifest
+    from pipeline.data import build_manifest
 
     given = {k: v for k, v in options.items() if v is not None}
     m = build_manifest(dataset, root, out, classes=classes, seed=seed, progress=True, **given)
@@ -118,9 +118,12 @@ def manifest_check(file: str, check_files: bool) -> None:
     Example:
       kdcache manifest check data_manifests/cifar10.parquet
     """
+    from pipeline.data import check_files as check_data_files
     from pipeline.manifest import load_manifest
 
-    m = load_manifest(file, check_files=check_files)
+    m = load_manifest(file)
+    if check_files:
+        check_data_files(m)
     names = ", ".join(m.class_names[:10]) + (", ..." if m.num_classes > 10 else "")
     click.echo(f"manifest: {file}")
     click.echo(f"dataset:  {m.dataset} (root {m.root})")
@@ -196,7 +199,8 @@ def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None
     """
     import warnings
 
-    from pipeline.train import evaluate_checkpoint, write_json
+    from pipeline.files import write_json
+    from pipeline.train import evaluate_checkpoint
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -235,7 +239,7 @@ def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None
 @click.option("--device", default="auto", show_default=True, help="auto (cuda with bf16 autocast if present), cpu, cuda:0 ...")
 @click.option("--threads", type=int, default=None,
               help="Torch CPU threads per process; keep it the same across jobs for bit-identical stores.")
-@click.option("--loader-workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
 @click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the random views.")
 @click.option("--name", default=None, help="Teacher name recorded in the store (default: checkpoint file stem).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (rows/s) on stderr.")
@@ -253,7 +257,7 @@ def cache_command(teacher: str, manifest: str, split: str, views: int, out: str,
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    from pipeline.store.writer import cache_teacher
+    from pipeline.cache import cache_teacher
 
     result = cache_teacher(teacher=teacher, manifest=manifest, split=split, views=views, out=out, storage=storage,
                            k=k, **options)
@@ -418,7 +422,7 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
     """
     import os
 
-    from pipeline.distill import DistillConfig, distill, parse_options, student_paths
+    from pipeline.train import DistillConfig, distill, parse_options, student_paths
 
     config = DistillConfig(options=parse_options(option_pairs), **options)
     metrics = distill(config)

@@ -1,14 +1,14 @@
-"""What every stage's frozen config dataclass shares: building it from a params.yaml section, and
-the checks of the settings every training run has.
+"""What every stage's frozen config dataclass shares: building it from a params.yaml section and
+reporting a bad value by its key.
 
     @dataclass(frozen=True)
-    class TeacherConfig(FromDict):
-        section: ClassVar[str] = "teacher"
-        ...
+    class CacheConfig(FromDict):
+        section: ClassVar[str] = "cache"
+        views: int = 1
         def __post_init__(self):
-            self.check_training()                  # epochs, batch sizes, seeds, lr, momentum, ...
+            self.check_ints(("views",), minimum=1)
 
-    TeacherConfig.from_dict(params["teachers"]["ce"])   # an unknown key is a UserError naming it
+    CacheConfig.from_dict(params["cache"])   # an unknown key is a UserError naming it
 """
 
 from __future__ import annotations
@@ -46,17 +46,3 @@ class FromDict:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise self.bad(key, f"an integer >= {minimum}" + (" or nothing" if optional else ""))
-
-    def check_training(self) -> None:
-        """The settings of the one training loop: epochs, batch sizes, seed, workers, SGD, paths."""
-        self.check_ints(("epochs", "batch_size", "eval_batch_size"), minimum=1)
-        self.check_ints(("seed", "views_seed", "workers"), minimum=0)
-        if not self.lr > 0:  # type: ignore[attr-defined]
-            raise self.bad("lr", "a number > 0")
-        if not 0 <= self.momentum < 1:  # type: ignore[attr-defined]
-            raise self.bad("momentum", "a number in [0, 1)")
-        if not self.weight_decay >= 0:  # type: ignore[attr-defined]
-            raise self.bad("weight_decay", "a number >= 0")
-        for key in ("manifest", "out"):
-            if not getattr(self, key):
-                raise self.bad(key, "a non-empty string")

@@ -23,3 +23,8 @@ class UserError(ValueError):
             prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
             text = last[len(prefix):] if last.startswith(prefix) else last
         super().__init__(" ".join(text.split()))
+
+
+class DataError(UserError):
+    """A data or view problem: a missing or undecodable image, a bad view spec (stays one line
+    when raised inside a DataLoader worker, like every ``UserError``)."""

@@ -4,11 +4,15 @@
         torch.save(blob, tmp)                    # on success it replaces the target in one rename;
                                                  # on an error the target is untouched, tmp removed
     file_sha256("models/ce.pt")                  # how caches and manifests name the files they used
+    write_json("metrics/kd.json", {"top1": 0.8})  # metrics and logs, written the same atomic way
+    write_history("metrics/kd.csv", rows)         # one CSV row per dict
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,3 +46,18 @@ def file_sha256(path: str | Path) -> str:
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
     return digest.hexdigest()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_history(path: str | Path, rows: list[dict]) -> None:
+    """One CSV row per dict (columns: the union of the rows' keys, ``epoch`` first)."""
+    columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)

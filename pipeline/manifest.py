@@ -266,11 +266,11 @@ def _check_rows(path: Path, table: pa.Table, info: dict) -> None:
             raise UserError(f"{path}: split {name!r} has no rows (field 'split'), but metadata 'splits' lists it")
 
 
-def load_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Manifest:
+def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate a manifest; ``UserError`` (one line: file + field) on any problem.
 
-    ``check_files=True`` also asks the dataset's reader to check that every file the
-    ``source`` column names exists under the root (``kdcache manifest check`` does).
+    Whether the data files it names exist is the dataset reader's check
+    (``pipeline.data.check_files``), as is building one (``pipeline.data.build_manifest``).
     """
     path = Path(path)
     table, info = _read(path)
@@ -287,7 +287,7 @@ def load_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
     root = Path(info["root"])
     if not root.is_absolute():
         root = (path.resolve().parent / root).resolve()
-    manifest = Manifest(
+    return Manifest(
         path=path,
         dataset=info["dataset"],
         num_classes=int(info["num_classes"]),
@@ -298,11 +298,6 @@ def load_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
         table=table,
         splits=tuple(info["splits"]),
     )
-    if check_files:
-        from pipeline.data.base import READERS
-
-        READERS.get(manifest.dataset)().check_files(manifest)
-    return manifest
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
@@ -322,31 +317,3 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
             raise UserError(f"{path}: class {n!r} is listed twice")
         seen.add(n)
     return names
-
-
-def build_manifest(
-    dataset: str,
-    root: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    classes: str | os.PathLike | Sequence[str] | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    **options: Any,
-) -> Manifest:
-    """Scan ``root`` with the reader registered as ``dataset``, write ``out``, return it loaded.
-
-    ``classes``: a class-list file or a list of names; restricts to those classes, in that order.
-    ``options`` go to the reader (e.g. ``val_fraction``; synthetic: ``num_samples``, ``dim``,
-    ``num_classes``, ``sigma2``); unknown ones are a ``UserError``.
-    """
-    from pipeline.data.base import READERS
-
-    reader = READERS.create(dataset)
-    if classes is not None and not isinstance(classes, (list, tuple)):
-        classes = read_class_list(classes)
-    scan = reader.scan(Path(root), classes=classes, seed=seed, progress=progress, **options)
-    table = make_table(sample_id=scan.sample_id, label=scan.label, split=scan.split, source=scan.source)
-    write_manifest(out, table, dataset=dataset, class_names=scan.class_names, root=root, meta=scan.meta,
-                   splits=scan.splits)
-    return load_manifest(out)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.checkpoint import fit_state_dict, load_checkpoint, load_state_dict
 from pipeline.errors import UserError
 from pipeline.registry import Registry
 
@@ -62,30 +63,16 @@ def create_model(
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a kdcache checkpoint's ``model`` entry or a bare state_dict into ``model`` (strict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable / not a torch file
-        raise UserError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    state = blob.get("model", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a state_dict or a kdcache checkpoint, found {type(blob).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(
-            f"{path}: weights do not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise UserError(
-                f"{path}: weights field {key!r}: expected shape {tuple(own[key].shape)}, found {tuple(value.shape)}"
-            )
-    model.load_state_dict(state)
+    fit_state_dict(model, load_state_dict(path), path)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a kdcache checkpoint describes with its weights: ``(model in eval mode, meta)``."""
+    blob = load_checkpoint(path)
+    meta = blob["meta"]
+    model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), input_shape=meta["input_shape"])
+    fit_state_dict(model, {k.removeprefix("module."): v for k, v in blob["model"].items()}, path)
+    return model.to(device).eval(), meta
 
 
 def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -1,6 +1,6 @@
 """Shared by the DVC stages: read one section of params.yaml and report errors in one line.
 
-Stages are thin (STYLE rule 7): each reads its section, calls one library function and
+Stages are thin: each reads its section, calls one library function and
 writes the outputs whose paths dvc.yaml passes on its command line.
 """
 

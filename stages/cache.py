@@ -10,7 +10,7 @@ from _params import run, section
 
 from pipeline.errors import UserError
 from pipeline.store.verify import verify_store
-from pipeline.store.writer import cache_teacher
+from pipeline.cache import cache_teacher
 
 
 def main() -> None:

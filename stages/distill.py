@@ -11,7 +11,7 @@ from pathlib import Path
 
 from _params import run, section
 
-from pipeline.distill import DistillConfig, distill
+from pipeline.train import DistillConfig, distill
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from _params import run, section
 
-from pipeline.train import evaluate_checkpoint, write_json
+from pipeline.files import write_json
+from pipeline.train import evaluate_checkpoint
 
 # Figures worth a column in `dvc metrics show`; the rest stays in the checkpoints.
 KEEP = ("top1", "top5", "ce", "bayes_mse", "bayes_ce", "bayes_agree", "bayes_top1")

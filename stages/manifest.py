@@ -7,7 +7,7 @@ import argparse
 
 from _params import run, section
 
-from pipeline.manifest import build_manifest
+from pipeline.data import build_manifest
 
 
 def main() -> None:

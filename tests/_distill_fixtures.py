@@ -16,7 +16,7 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
-from pipeline.store.writer import cache_teacher
+from pipeline.cache import cache_teacher
 
 
 def untrained_teacher(manifest: str | Path, out: str | Path, *, arch: str = "mlp", seed: int = 0,
@@ -53,7 +53,7 @@ def ddp_worker(rank: int, world_size: int, port: int, config: dict, log_dir: str
     """One rank of a gloo DDP run (``torch.multiprocessing.spawn``): distil, log every step's rows as JSON."""
     import torch.distributed as dist
 
-    from pipeline.distill import DistillConfig, distill
+    from pipeline.train import DistillConfig, distill
 
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.store import schema
-from pipeline.store.writer import Provenance, write_cache
+from pipeline.cache import write_cache
+from pipeline.store.writer import Provenance
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def make_synthetic_teacher(root: Path, *, num_samples: int = 3000, seed: int = 0
     import torch
 
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.manifest import build_manifest
+    from pipeline.data import build_manifest
     from pipeline.models import create_model
 
     manifest = root / "synthetic.parquet"

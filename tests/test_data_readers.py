@@ -14,11 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from _data_fixtures import write_cifar10, write_cifar100, write_idx_dataset, write_imagefolder
-from pipeline.data import READERS, ViewSpec, open_split
+from pipeline.data import READERS, ViewSpec, check_files, open_split
 from pipeline.data.base import carve_val
 from pipeline.data.fashion import read_idx
 from pipeline.errors import UserError
-from pipeline.manifest import build_manifest, load_manifest
+from pipeline.manifest import load_manifest
+from pipeline.data import build_manifest
 
 PLAIN = ViewSpec("pad_crop_flip", params={"pad": 0})  # view 0 = raw pixels / 255
 
@@ -50,7 +51,7 @@ def test_fashion_idx(tmp_path: Path, gz: bool) -> None:
     val = open_split(m, "val", views=PLAIN)
     np.testing.assert_array_equal(_pixels(val)[..., 0], train_images[val.sample_ids])
     np.testing.assert_array_equal(val.labels, val.sample_ids % 10)
-    assert load_manifest(m.path, check_files=True).sha256 == m.sha256
+    assert check_files(load_manifest(m.path)).sha256 == m.sha256
 
 
 def test_gz_and_raw_hold_the_same_pixels(tmp_path: Path) -> None:

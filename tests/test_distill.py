@@ -27,9 +27,9 @@ from click.testing import CliRunner
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
-from pipeline.distill import DistillConfig, distill, student_paths
+from pipeline.train import DistillConfig, distill, student_paths
 from pipeline.errors import UserError
-from pipeline.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.train import evaluate_checkpoint
 
 
@@ -94,9 +94,9 @@ def test_offline_equals_online_on_the_same_seed_and_views(request, tmp_path, dat
         torch.testing.assert_close(a[key], b[key], rtol=1e-2, atol=2e-3)
     # a view that is not the one cached changes the targets: the check above is not vacuous
     if data_name == "images":
-        from pipeline.store.reader import Classroom
+        from pipeline.store.reader import StoreGroup
 
-        with Classroom([data["store"]]) as room:
+        with StoreGroup([data["store"]]) as room:
             t0, t1 = room.targets(0, np.arange(8))["logits"], room.targets(1, np.arange(8))["logits"]
         assert not torch.allclose(t0, t1, atol=1e-2)
 
@@ -243,7 +243,7 @@ def wrong(syn, tmp_path_factory):
     other = build_manifest("synthetic", root / "d1", root / "other.parquet", seed=1, num_samples=3000)
     four = build_manifest("synthetic", root / "d4", root / "four.parquet", seed=0, num_samples=3000, num_classes=4)
     four_teacher = untrained_teacher(four.path, root / "four.pt")
-    from pipeline.store.writer import cache_teacher
+    from pipeline.cache import cache_teacher
 
     cache_teacher(teacher=syn["teacher"], manifest=syn["manifest"], split="train", views=2, out=root / "half.zarr",
                   rows_per_block=64, shard=(0, 2), progress=False, device="cpu")

@@ -21,7 +21,7 @@ from _distill_fixtures import cache, ddp_worker
 from _store_fixtures import make_synthetic_teacher
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.distill import DistillConfig, distill
+from pipeline.train import DistillConfig, distill
 
 
 def _free_port() -> int:

@@ -83,7 +83,7 @@ def test_classroom_agreement_and_oracle(stores):
 def test_stores_of_different_manifests_are_refused(tmp_path, stores):
     from _store_fixtures import fake_provenance, FakeFactory
     from pipeline.store import schema
-    from pipeline.store.writer import write_cache
+    from pipeline.cache import write_cache
 
     layout = schema.Layout(num_samples=700, num_classes=6, num_views=2, rows_per_block=128, micro_batch=64)
     stranger = tmp_path / "stranger.zarr"

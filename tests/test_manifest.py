@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from _data_fixtures import write_imagefolder
 from pipeline.cli import cli
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, build_manifest, load_manifest, make_table, write_manifest
+from pipeline.manifest import Manifest, load_manifest, make_table, write_manifest
+from pipeline.data import build_manifest
 
 
 @pytest.fixture

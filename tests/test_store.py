@@ -19,7 +19,8 @@ from _store_fixtures import FakeFactory, fake_labels, fake_provenance, make_fake
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.verify import verify_store
-from pipeline.store.writer import BlockWriter, finalize, write_cache
+from pipeline.cache import write_cache
+from pipeline.store.writer import BlockWriter, finalize
 
 
 def test_format_version_lives_in_schema_and_readme_example_matches():

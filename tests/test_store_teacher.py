@@ -23,9 +23,9 @@ from _store_fixtures import make_synthetic_teacher, store_files
 
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.reader import Classroom
+from pipeline.store.reader import StoreGroup
 from pipeline.store.verify import verify_store
-from pipeline.store.writer import cache_teacher
+from pipeline.cache import cache_teacher
 
 SPLIT, VIEWS, RPB, MB = "test", 2, 128, 16           # 2700 rows: 22 blocks x 2 views
 ARGS = ["--split", SPLIT, "--views", str(VIEWS), "--rows-per-block", str(RPB), "--micro-batch", str(MB),
@@ -64,7 +64,7 @@ def test_cache_verifies_and_targets_match_the_teacher(teacher, reference):
     report = verify_store(reference)
     assert report.ok, str(report)
     assert report.rows_recomputed >= 2700
-    from pipeline.checkpoint import load_model
+    from pipeline.models import load_model
     from pipeline.data import open_split
     from pipeline.manifest import load_manifest
 
@@ -88,7 +88,7 @@ def test_reopening_with_another_checkpoint_or_manifest_is_refused(teacher, refer
     with pytest.raises(UserError, match=r"teacher\.checkpoint_sha256"):
         cache_teacher(teacher=other, manifest=manifest, split=SPLIT, views=VIEWS, out=reference,
                       rows_per_block=RPB, micro_batch=MB, progress=False)
-    from pipeline.manifest import build_manifest
+    from pipeline.data import build_manifest
 
     other_manifest = tmp_path / "other.parquet"
     build_manifest("synthetic", tmp_path / "syn", other_manifest, num_samples=3000, seed=1)
@@ -142,7 +142,7 @@ def test_sigkill_part_way_then_rerun_gives_the_same_bytes(teacher, reference, tm
     assert not zarr.open_group(str(out), mode="r").attrs["status"]["complete"]
     assert not verify_store(out).ok
     with pytest.raises(UserError, match="status.complete"):
-        Classroom([out])
+        StoreGroup([out])
     run = subprocess.run(_cli(manifest, ckpt, out), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"{2 * 22 - int(done.sum())} blocks computed" in run.stdout

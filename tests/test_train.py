@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.errors import UserError
-from pipeline.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.methods.teacher import ce_teacher_loss, mse_teacher_loss
 from pipeline.train import TeacherConfig, evaluate_checkpoint, train_teacher
-from pipeline.trainer.loop import (LoopState, cosine_schedule, fit, restore_train_state, sgd, shuffled_batches,
-                                   steps_per_epoch)
-from pipeline.trainer.runtime import Runtime
+from pipeline.train.loop import LoopState, cosine_schedule, fit, restore_train_state, sgd
+from pipeline.train.sampling import shuffled_batches
+from pipeline.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -63,14 +63,14 @@ def _tensor_data(n: int = 96, d: int = 6, c: int = 3, seed: int = 0) -> torch.ut
 
 
 def test_shuffled_batches_cover_every_row_once_per_epoch() -> None:
-    batches = shuffled_batches(10, batch_size=4, seed=1, epoch=0)
+    batches = list(shuffled_batches(10, batch_size=4, seed=1, epoch=0))
     assert [len(b) for b in batches] == [4, 4, 2]
     assert sorted(np.concatenate(batches).tolist()) == list(range(10))
     again = shuffled_batches(10, batch_size=4, seed=1, epoch=0)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
-    assert not np.array_equal(np.concatenate(batches), np.concatenate(shuffled_batches(10, batch_size=4, seed=1, epoch=1)))
-    ranks = [shuffled_batches(11, batch_size=2, seed=0, epoch=0, rank=r, world_size=3) for r in range(3)]
-    assert {len(r) for r in ranks} == {steps_per_epoch(11, batch_size=2, world_size=3)} == {2}
+    assert not np.array_equal(np.concatenate(batches), np.concatenate(list(shuffled_batches(10, batch_size=4, seed=1, epoch=1))))
+    ranks = [list(shuffled_batches(11, batch_size=2, seed=0, epoch=0, rank=r, world_size=3)) for r in range(3)]
+    assert {len(r) for r in ranks} == {2}
     rows = np.concatenate([np.concatenate(r) for r in ranks])
     assert len(rows) == len(set(rows.tolist())) == 9  # disjoint; 11 mod 3 = 2 trailing rows left out
 
@@ -116,7 +116,7 @@ def _dropout_run(data, epochs: int, *, stop_after: int | None = None, resume: di
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
     opt = sgd(model.parameters(), lr=0.1)
-    sched = cosine_schedule(opt, total_steps=epochs * steps_per_epoch(len(data), batch_size=20))
+    sched = cosine_schedule(opt, total_steps=epochs * len(shuffled_batches(len(data), batch_size=20, seed=5, epoch=0)))
     start = None
     if resume is not None:
         model.load_state_dict(resume["model"])

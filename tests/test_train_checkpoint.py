@@ -10,7 +10,9 @@ import hashlib
 import pytest
 import torch
 
-from pipeline.checkpoint import file_sha256, load_checkpoint, load_model, save_checkpoint
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.files import file_sha256
+from pipeline.models import load_model
 from pipeline.errors import UserError
 from pipeline.models import create_model
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.train import TeacherConfig, train_teacher
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.train import TeacherConfig, evaluate_checkpoint, train_teacher
 
 # The synthetic teacher recipe: 20 epochs, batch 128, SGD lr 0.1 (cosine), momentum 0.9.

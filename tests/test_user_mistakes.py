@@ -20,8 +20,8 @@ from _distill_fixtures import untrained_teacher
 from _store_fixtures import make_fake_store
 from pipeline.cli import cli
 from pipeline.errors import UserError
-from pipeline.manifest import build_manifest
-from pipeline.store.reader import Classroom
+from pipeline.data import build_manifest
+from pipeline.store.reader import StoreGroup
 from pipeline.store.verify import verify_store
 
 
@@ -43,7 +43,7 @@ def test_a_truncated_chunk_is_reported_by_verify_and_refused_by_readers(tmp_path
     report = verify_store(store)
     assert not report.ok and any("logits" in p and "view 1 block 2" in p for p in report.problems)
     with pytest.raises(UserError, match="logits"):
-        Classroom([store])
+        StoreGroup([store])
     _one_line_error(CliRunner().invoke(cli, ["inspect", str(store)]), "s.zarr", "logits")
 
 

@@ -19,7 +19,8 @@ from _data_fixtures import write_cifar10, write_imagefolder
 from pipeline.data import ViewSpec, default_views, open_split
 from pipeline.data.views import apply_view, batch_view, uniforms, uniforms_batch
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, build_manifest
+from pipeline.manifest import Manifest
+from pipeline.data import build_manifest
 
 SMALL_RRC = {"size": 16, "resize": 20}
 

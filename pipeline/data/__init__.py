@@ -1,9 +1,11 @@
 """The data layer: dataset readers behind one interface, and deterministic views.
 
+    from pipeline.data import build_manifest, check_files, default_views, open_split
     from pipeline.manifest import load_manifest
-    from pipeline.data import open_split, default_views
 
+    build_manifest("cifar10", "data/cifar", "data_manifests/cifar10.parquet")
     m = load_manifest("data_manifests/cifar10.parquet")
+    check_files(m)                                   # every file the manifest names is there
     ds = open_split(m, "train", views=default_views(m, seed=0), view=1)
     x, label, row = ds[0]
 
@@ -13,14 +15,18 @@ fashion-mnist (IDX), cifar10 / cifar100 (python pickles), imagefolder (PIL, lazy
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
 # Each import registers its reader(s).
 from pipeline.data import cifar, fashion, imagefolder, synthetic  # noqa: F401
 from pipeline.data.base import READERS
 from pipeline.data.dataset import InMemoryViewDataset, ViewDataset
 from pipeline.data.views import ViewSpec
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, load_manifest, make_table, read_class_list, write_manifest
 
-__all__ = ["READERS", "ViewDataset", "ViewSpec", "default_views", "open_split"]
+__all__ = ["READERS", "ViewDataset", "ViewSpec", "build_manifest", "check_files", "default_views", "open_split"]
 
 
 def default_views(manifest: Manifest, *, seed: int = 0) -> ViewSpec:
@@ -42,3 +48,38 @@ def open_split(manifest: Manifest, split: str, *, views: ViewSpec | None = None,
     cls = InMemoryViewDataset if samples.array is not None else ViewDataset
     return cls(samples, sample_ids=rows.sample_id, labels=rows.label, num_classes=manifest.num_classes,
                views=views, view=view, split=split, manifest_sha256=manifest.sha256)
+
+
+def check_files(manifest: Manifest) -> Manifest:
+    """Check that every data file ``manifest`` names exists (and is unchanged); returns it.
+
+    A ``UserError`` naming the first missing file (``kdcache manifest check`` and ``kdcache cache``
+    run it, so a missing image stops them before anything is written)."""
+    READERS.create(manifest.dataset).check_files(manifest)
+    return manifest
+
+
+def build_manifest(
+    dataset: str,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    classes: str | os.PathLike | Sequence[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **options: Any,
+) -> Manifest:
+    """Scan ``root`` with the reader registered as ``dataset``, write ``out``, return it loaded.
+
+    ``classes``: a class-list file or a list of names; restricts to those classes, in that order.
+    ``options`` go to the reader (e.g. ``val_fraction``; synthetic: ``num_samples``, ``dim``,
+    ``num_classes``, ``sigma2``); unknown ones are a ``UserError``.
+    """
+    reader = READERS.create(dataset)
+    if classes is not None and not isinstance(classes, (list, tuple)):
+        classes = read_class_list(classes)
+    scan = reader.scan(Path(root), classes=classes, seed=seed, progress=progress, **options)
+    table = make_table(sample_id=scan.sample_id, label=scan.label, split=scan.split, source=scan.source)
+    write_manifest(out, table, dataset=dataset, class_names=scan.class_names, root=root, meta=scan.meta,
+                   splits=scan.splits)
+    return load_manifest(out)

@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 READERS: Registry["Reader"] = Registry("dataset")
 
 
-class DataError(UserError):
-    """A data or view problem (a ``UserError``; stays one line from a DataLoader worker too)."""
-
-
 DEFAULT_VAL_FRACTION = 0.1
 
 

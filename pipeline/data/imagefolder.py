@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.base import DEFAULT_VAL_FRACTION, READERS, DataError, Reader, Samples, Scan, carve_val
+from pipeline.data.base import DEFAULT_VAL_FRACTION, READERS, Reader, Samples, Scan, carve_val
 from pipeline.data.views import ViewSpec
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 from pipeline.manifest import Manifest, SplitRows
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

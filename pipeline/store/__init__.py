@@ -1,12 +1,12 @@
-"""The teacher-logit cache: Zarr stores written once, verified, and read by distillation.
+"""The teacher-logit cache format: Zarr stores written block by block, verified, read for training.
 
-    schema.py   layout, FORMAT_VERSION, attrs, byte planning (README.md shows the attrs)
-    writer.py   create/reopen a store, resumable block writes, finalize; ``cache_teacher``
-    compute.py  block computers: the frozen teacher over a split's views, block by block
-    distribute.py  --shard i/n and dask.distributed execution (one task per block)
-    verify.py   ``kdcache verify``
-    reader.py   ``Classroom``: in-memory or block-streaming targets for training
+    schema.py   layout, FORMAT_VERSION, attrs, the fields stores must agree on, chunk keys, byte
+                planning (README.md shows the attrs)
+    writer.py   create/reopen a store, resumable block writes, finalize
+    verify.py   ``kdcache verify``; the completeness check every reader makes
+    reader.py   ``StoreGroup``: in-memory or block-streaming targets of several stores
 
-Submodules are imported explicitly (``from pipeline.store.reader import Classroom``) so that
-importing this package stays cheap.
+This package is the format only: it imports no model, checkpoint or dataset code. The job that
+fills a store (loading a teacher, --shard, dask) is ``pipeline.cache``. Submodules are imported
+explicitly (``from pipeline.store.reader import StoreGroup``) so that importing this package stays cheap.
 """

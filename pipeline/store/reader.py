@@ -1,8 +1,7 @@
-"""``Classroom``: the targets of several cache stores for training, never a random gather from Zarr.
+"""``StoreGroup``: the targets of several cache stores for training, never a random gather from Zarr.
 
-    room = Classroom(["caches/train/ce.zarr", "caches/train/mse.zarr"])
-    for rows in room.batch_sampler(batch_size=256, seed=0, epoch=e):        # DataLoader(batch_sampler=...)
-        t = room.targets(e % room.num_views, rows)   # logits [K,B,C], entropy [K,B], p_gt [K,B] float32
+    group = StoreGroup(["caches/train/ce.zarr", "caches/train/mse.zarr"])
+    t = group.targets(view, rows)       # logits [K,B,C], entropy [K,B], p_gt [K,B] float32 (memory mode)
 
 The stores must agree (manifest sha256 and split, sample order, views, num_classes) and be
 complete (status.complete, every marker, every chunk); otherwise ``UserError`` names the store
@@ -11,18 +10,12 @@ and field. Mentor k is the k-th store given (mentor 0 = the teacher, by conventi
 Two modes, chosen by ``mode="auto"`` from ``memory_budget_bytes`` (default: a quarter of RAM):
 - memory: every block of every store is read once, whole, into NumPy (float16 stays float16);
   ``targets`` is one vectorized gather per batch, converted to float32.
-- stream: the batch sampler shuffles the order of blocks, cuts it into windows of
-  ``window_blocks`` blocks, shuffles rows inside each window, and loads the next window on a
-  thread while the current one is served. Two windows stay readable (current and previous), so
-  a DataLoader may run its sampler up to a window ahead of ``targets``; the window is sized
-  for that (``max_lag_batches``). Asking for a row outside them is an error, never a slow read.
-
-DDP: every rank builds the same global order for (seed, epoch, view) and takes its slice of each
-global batch of ``batch_size * world_size`` rows, so ranks see disjoint rows and their union is
-every row once. ``drop_last=False``: the last global batch is split as evenly as possible (a
-rank gets nothing when fewer rows than ranks remain, so step counts can differ by one);
-``drop_last=True``: the remainder (< batch_size * world_size rows, different ones every epoch)
-is skipped and every rank makes the same number of steps.
+- stream: the caller (``pipeline.train.targets``, with the batch order of ``pipeline.train.sampling``)
+  cuts a shuffled block order into windows of ``window_width`` blocks and opens them with
+  ``stream(view, windows)``; the stream loads the next window on a thread while the current
+  one is served. Two windows stay readable (current and previous), so a DataLoader may run its
+  sampler up to a window ahead of ``targets``; the width is sized for that (``max_lag_batches``).
+  Asking for a row outside them is an error, never a slow read.
 
 Top-k stores: ``targets`` rebuilds dense logits: the stored top-k logits, and for every other
 class ``logsumexp + log(tail / (C - k))`` with ``tail`` the mass outside the top k. Softmax at
@@ -37,8 +30,7 @@ import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,8 +41,6 @@ from pipeline.store import schema
 from pipeline.store.verify import check_complete
 
 FIELDS = ("logits", "entropy", "p_gt")
-_AGREE = (("manifest", "sha256"), ("manifest", "split"), ("manifest", "num_samples"), ("manifest", "num_classes"),
-          ("views", "count"), ("views", "spec"))
 
 
 def default_memory_budget() -> int:
@@ -141,8 +131,7 @@ class _Blocks:
         for name, dst in out.items():
             arr = self.arrays[name]
             if self.raw and dst.dtype == arr.dtype and dst.flags.c_contiguous:
-                key = arr.metadata.encode_chunk_key((view, block) + (0,) * (arr.ndim - 2))
-                with open(self.path / name / key, "rb") as fh:
+                with open(self.path / schema.chunk_key(name, arr.ndim, view, block), "rb") as fh:
                     got = fh.readinto(dst.reshape(-1).view(np.uint8))
                 if got != dst.nbytes:
                     raise UserError(f"{self.path}: field {name}: expected a chunk of at least {dst.nbytes} bytes "
@@ -151,7 +140,7 @@ class _Blocks:
                 dst[...] = arr[view, start:stop]
 
 
-class Classroom:
+class StoreGroup:
     """Targets of K agreeing, complete stores; see the module docstring."""
 
     def __init__(self, stores: Sequence[str | Path], *, memory_budget_bytes: int | None = None, mode: str = "auto",
@@ -166,7 +155,7 @@ class Classroom:
         self.layouts = [lay for _, lay in checked]
         first = self.attrs[0]
         for path, attrs in zip(self.paths[1:], self.attrs[1:]):
-            for section, key in _AGREE:
+            for section, key in schema.AGREEMENT_FIELDS:
                 if attrs[section].get(key) != first[section].get(key):
                     raise UserError(f"{path}: field {section}.{key}: expected {first[section].get(key)!r} "
                                     f"(as {self.paths[0]}), found {attrs[section].get(key)!r}")
@@ -191,7 +180,7 @@ class Classroom:
         self.window_blocks = window_blocks
         self.max_lag_batches = int(max_lag_batches)
         self._memory: list[_Buffer] = []
-        self._stream: _Stream | None = None
+        self._stream: Stream | None = None
         if self.mode == "memory":
             self._load_memory()
         elif len({lay.rows_per_block for lay in self.layouts}) > 1:
@@ -226,108 +215,59 @@ class Classroom:
         if self.mode == "memory":
             return self._memory[view].gather(rows, fields)
         if self._stream is None or self._stream.view != view:
-            raise RuntimeError(f"stream mode: targets(view={view}) needs the batch sampler of that view to be running")
+            raise RuntimeError(f"stream mode: targets(view={view}) needs a stream of that view to be open (stream())")
         return self._stream.gather(rows, fields)
 
-    def batch_sampler(self, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                      drop_last: bool = False, view: int | None = None) -> "BatchSampler":
-        """Index batches of this rank for one epoch (view defaults to ``epoch % num_views``)."""
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"batch_size/rank/world_size: expected >= 1 and 0 <= rank < world_size, "
-                             f"found {batch_size}/{rank}/{world_size}")
-        view = epoch % self.num_views if view is None else int(view)
-        return BatchSampler(self, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                            drop_last=drop_last, view=view)
+    def window_width(self, global_batch: int) -> int:
+        """Blocks per streaming window: enough for ``max_lag_batches`` batches of lag, as many as
+        three windows of the memory budget allow (at most 16), and a batch spans at most two windows."""
+        lay = self.layouts[0]
+        need = math.ceil((self.max_lag_batches + 1) * global_batch / lay.rows_per_block)
+        block_bytes = sum(self._row_bytes(x) for x in self.layouts) * lay.rows_per_block
+        fit = max(1, self.memory_budget_bytes // (3 * block_bytes))
+        width = self.window_blocks or min(lay.num_blocks, max(need, min(fit, 16)))
+        return max(width, math.ceil(global_batch / lay.rows_per_block))
+
+    def stream(self, view: int, windows: Sequence[np.ndarray]) -> Stream:
+        """Serve ``view`` window by window (block ids per window, in serving order); closes any
+        stream before it. ``targets`` then reads from it."""
+        if self.mode != "stream":
+            raise RuntimeError("stream(): the group is in memory mode")
+        self.close()
+        self._stream = Stream(self, int(view), windows)
+        return self._stream
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
 
-    def __enter__(self) -> "Classroom":
+    def __enter__(self) -> "StoreGroup":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Classroom({self.num_mentors} mentors {self.teachers}, {self.num_samples} samples, "
+        return (f"StoreGroup({self.num_mentors} stores {self.teachers}, {self.num_samples} samples, "
                 f"{self.num_classes} classes, {self.num_views} views, mode={self.mode})")
 
 
-class BatchSampler:
-    """Re-iterable batches of one epoch for one rank (``len`` works, as DataLoader expects)."""
+class Stream:
+    """Three window slots: previous and current are readable, the next one loads on a thread.
 
-    def __init__(self, room: Classroom, *, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
-                 drop_last: bool, view: int) -> None:
-        self.room, self.batch_size, self.rank, self.world_size = room, batch_size, rank, world_size
-        self.drop_last, self.view, self.global_batch = drop_last, view, batch_size * world_size
-        rng = np.random.default_rng([seed, epoch, view])
-        n = room.num_samples
-        self.windows: list[np.ndarray] = []          # streaming: block ids of each window, in order
-        if room.mode == "memory":
-            self.order = rng.permutation(n)
-        else:
-            lay = room.layouts[0]
-            need = math.ceil((room.max_lag_batches + 1) * self.global_batch / lay.rows_per_block)
-            block_bytes = sum(room._row_bytes(x) for x in room.layouts) * lay.rows_per_block
-            fit = max(1, room.memory_budget_bytes // (3 * block_bytes))
-            width = room.window_blocks or min(lay.num_blocks, max(need, min(fit, 16)))
-            width = max(width, math.ceil(self.global_batch / lay.rows_per_block))   # a batch spans <= 2 windows
-            blocks = rng.permutation(lay.num_blocks)
-            self.windows = [blocks[i:i + width] for i in range(0, len(blocks), width)]
-            self.window_rows = [np.concatenate([np.arange(*lay.block_rows(b)) for b in w]) for w in self.windows]
-            self.order = np.concatenate([rng.permutation(rows) for rows in self.window_rows])
-            self.window_end = np.cumsum([len(r) for r in self.window_rows])
-            self.width = width
-
-    def _slices(self) -> list[tuple[int, int]]:
-        g, b, n = self.global_batch, self.batch_size, self.room.num_samples
-        full = n // g
-        out = [(i * g + self.rank * b, i * g + (self.rank + 1) * b) for i in range(full)]
-        if not self.drop_last and n > full * g:
-            bounds = np.linspace(full * g, n, self.world_size + 1).round().astype(int)
-            parts = [(int(bounds[r]), int(bounds[r + 1])) for r in range(self.world_size)]
-            lo, hi = parts[self.rank]
-            if hi > lo:
-                out.append((lo, hi))
-        return out
-
-    def __len__(self) -> int:
-        return len(self._slices())
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        if self.room.mode == "memory":
-            for lo, hi in self._slices():
-                yield self.order[lo:hi]
-            return
-        self.room.close()
-        stream = self.room._stream = _Stream(self.room, self)
-        for lo, hi in self._slices():
-            stream.ensure(int(np.searchsorted(self.window_end, hi - 1, side="right")))
-            yield self.order[lo:hi]
-
-
-def memory_batch_sampler(num_samples: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                         world_size: int = 1, drop_last: bool = False, view: int = 0) -> BatchSampler:
-    """The batches an in-memory ``Classroom`` of ``num_samples`` rows would give, without any store.
-
-    Live teachers (``kdcache distill --online``) and students without mentors use it, so that they
-    see exactly the batches a cached run of the same seed sees.
+    ``windows`` are the block ids of each window in the order they are served; position ``p`` of
+    the epoch's row order (the windows' rows, concatenated) lies in window ``searchsorted(window_end, p)``.
     """
-    rows_only = SimpleNamespace(mode="memory", num_samples=int(num_samples))
-    return BatchSampler(rows_only, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,  # type: ignore[arg-type]
-                        world_size=world_size, drop_last=drop_last, view=view)
 
-
-class _Stream:
-    """Three window slots: previous and current are readable, the next one loads on a thread."""
-
-    def __init__(self, room: Classroom, sampler: BatchSampler) -> None:
-        self.room, self.view, self.sampler = room, sampler.view, sampler
-        self.slot_rows = sampler.width * room.layouts[0].rows_per_block
-        self.buffer = _Buffer(room.layouts, 3 * self.slot_rows)
-        self.pos = np.full(room.num_samples, -1, np.int64)
+    def __init__(self, group: StoreGroup, view: int, windows: Sequence[np.ndarray]) -> None:
+        self.group, self.view, self.windows = group, view, [np.asarray(w) for w in windows]
+        lay = group.layouts[0]
+        self.window_rows = [np.concatenate([np.arange(*lay.block_rows(b)) for b in w]) for w in self.windows]
+        self.window_end = np.cumsum([len(r) for r in self.window_rows])
+        self.slot_rows = max(len(w) for w in self.windows) * lay.rows_per_block
+        self.buffer = _Buffer(group.layouts, 3 * self.slot_rows)
+        self.pos = np.full(group.num_samples, -1, np.int64)
         self.current = -1
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
         self.pending: dict[int, Future] = {}
@@ -335,26 +275,30 @@ class _Stream:
 
     def _load(self, j: int) -> None:
         at = (j % 3) * self.slot_rows
-        lay = self.room.layouts[0]
-        for block in self.sampler.windows[j]:
+        lay = self.group.layouts[0]
+        for block in self.windows[j]:
             start, stop = lay.block_rows(block)
-            for k, blocks in enumerate(self.room._blocks):
+            for k, blocks in enumerate(self.group._blocks):
                 blocks.read_into(self.view, block, self.buffer.views(k, slice(at, at + stop - start)))
             at += stop - start
 
     def _prefetch(self, j: int) -> None:
-        if j < len(self.sampler.windows) and j not in self.pending:
+        if j < len(self.windows) and j not in self.pending:
             self.pending[j] = self.pool.submit(self._load, j)
+
+    def ensure_position(self, position: int) -> None:
+        """Make the window holding order position ``position`` readable (waiting for it if needed)."""
+        self.ensure(int(np.searchsorted(self.window_end, position, side="right")))
 
     def ensure(self, j: int) -> None:
         while self.current < j:
             nxt = self.current + 1
             self._prefetch(nxt)
             self.pending.pop(nxt).result()
-            rows = self.sampler.window_rows[nxt]
+            rows = self.window_rows[nxt]
             self.pos[rows] = (nxt % 3) * self.slot_rows + np.arange(len(rows))
             if nxt >= 2:                               # its slot is where the next window goes
-                self.pos[self.sampler.window_rows[nxt - 2]] = -1
+                self.pos[self.window_rows[nxt - 2]] = -1
             self.current = nxt
             self._prefetch(nxt + 1)
 
@@ -362,7 +306,7 @@ class _Stream:
         pos = self.pos[rows]
         if (pos < 0).any():
             raise RuntimeError(f"stream mode: {int((pos < 0).sum())} rows are not in the current or previous window "
-                               "(ask only for rows of the running batch sampler; a larger window_blocks or "
+                               "(ask only for rows of the running batch order; a larger window_blocks or "
                                "max_lag_batches allows more lag)")
         return self.buffer.gather(pos, fields)
 

@@ -1,11 +1,12 @@
 """The cache store format, in one place: layout, ``FORMAT_VERSION``, attrs, byte planning.
 
 A store is one Zarr v3 group per (teacher, split). ``pipeline/store/README.md`` shows an
-example of its attrs; DESIGN.md ("The cache store") is the contract this module encodes.
+example of its attrs.
 
-    from pipeline.store.schema import Layout, plan_bytes
+    from pipeline.store.schema import Layout, plan_bytes, read_attrs
     layout = Layout(num_samples=60_000, num_classes=10, num_views=2)
     print(plan_bytes(layout, teachers=6))
+    attrs = read_attrs("caches/train/ce.zarr")      # format and version checked
 
 Blocks: the sample axis is cut into blocks of ``rows_per_block`` rows; a block of one view is
 the unit of work, of ownership (one writer) and of reading. Every data array is chunked so that
@@ -17,10 +18,13 @@ no sharding: a shard would have to be the block anyway, and chunk files per bloc
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from pipeline.errors import UserError
 
@@ -47,6 +51,11 @@ PROVENANCE_FIELDS = (
     ("views", "count"), ("views", "spec"),
     ("storage", "kind"), ("storage", "k"), ("storage", "dtype"), ("storage", "rows_per_block"),
     ("storage", "micro_batch"),
+)
+# Fields every store of a group read together must share: (section, key).
+AGREEMENT_FIELDS = (
+    ("manifest", "sha256"), ("manifest", "split"), ("manifest", "num_samples"), ("manifest", "num_classes"),
+    ("views", "count"), ("views", "spec"),
 )
 
 
@@ -252,3 +261,48 @@ def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     z = np.asarray(logits, dtype=np.float32)
     order = np.argsort(-z, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(z, order, axis=1), order
+
+
+def read_attrs(store: str | Path) -> dict[str, Any]:
+    """The attrs of a kdcache store, its schema and version checked; UserError naming the store otherwise."""
+    store = Path(store)
+    if not (store / "zarr.json").is_file():
+        raise UserError(f"{store}: field zarr.json: expected a kdcache store (Zarr v3 group), found no zarr.json")
+    try:
+        group = zarr.open_group(str(store), mode="r")
+    except Exception as err:  # noqa: BLE001 - a user's broken file, reported in one line
+        raise UserError(f"{store}: field zarr.json: expected a Zarr v3 group, found an unreadable store ({err})")
+    attrs = dict(group.attrs)
+    check_format(attrs, str(store))
+    return attrs
+
+
+def _existing_files(store: Path) -> dict[str, int]:
+    """Relative path -> size in bytes of every file of the store."""
+    found = {}
+    for root, _, files in os.walk(store):
+        rel = os.path.relpath(root, store)
+        for name in files:
+            key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+            found[key] = os.path.getsize(os.path.join(root, name))
+    return found
+
+
+def missing_chunks(store: str | Path, layout: Layout) -> list[tuple[str, int | None, int]]:
+    """(array, view, block) for every data chunk without a whole file (view None for sample_id/label).
+
+    kdcache writes chunks uncompressed (schema), so a chunk file holds exactly its chunk's bytes
+    (edge chunks are padded): a shorter or longer file is a damaged write, counted as missing.
+    """
+    files = _existing_files(Path(store))
+    holes = []
+    for name, (shape, chunks, dtype) in layout.arrays().items():
+        if name == "done":
+            continue
+        size = int(np.prod(chunks)) * np.dtype(dtype).itemsize
+        views = [None] if len(shape) == 1 else range(layout.num_views)
+        for view in views:
+            for block in range(layout.num_blocks):
+                if files.get(chunk_key(name, len(shape), view, block)) != size:
+                    holes.append((name, view, block))
+    return holes

@@ -14,7 +14,6 @@ top-k values and logsumexp imply.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,54 +27,9 @@ _UNIT_ROUNDOFF = {"float16": 2.0**-11, "float32": 2.0**-24}
 _SUBNORMAL = {"float16": 2.0**-25, "float32": 2.0**-150}
 
 
-def _existing_files(store: Path) -> dict[str, int]:
-    """Relative path -> size in bytes of every file of the store."""
-    found = {}
-    for root, _, files in os.walk(store):
-        rel = os.path.relpath(root, store)
-        for name in files:
-            key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
-            found[key] = os.path.getsize(os.path.join(root, name))
-    return found
-
-
-def missing_chunks(store: str | Path, layout: schema.Layout) -> list[tuple[str, int | None, int]]:
-    """(array, view, block) for every data chunk without a whole file (view None for sample_id/label).
-
-    kdcache writes chunks uncompressed (schema), so a chunk file holds exactly its chunk's bytes
-    (edge chunks are padded): a shorter or longer file is a damaged write, counted as missing.
-    """
-    files = _existing_files(Path(store))
-    holes = []
-    for name, (shape, chunks, dtype) in layout.arrays().items():
-        if name == "done":
-            continue
-        size = int(np.prod(chunks)) * np.dtype(dtype).itemsize
-        views = [None] if len(shape) == 1 else range(layout.num_views)
-        for view in views:
-            for block in range(layout.num_blocks):
-                if files.get(schema.chunk_key(name, len(shape), view, block)) != size:
-                    holes.append((name, view, block))
-    return holes
-
-
-def remove_partial_files(store: str | Path) -> None:
-    """Chunk files of writes killed mid-way (zarr writes ``c.<...>.partial``, then renames it).
-
-    Only chunk files: once every marker is set no chunk write is in flight, but another job may
-    be rewriting the group's zarr.json (its temporary file must be left alone).
-    """
-    for root, _, files in os.walk(store):
-        for name in files:
-            if name.startswith("c.") and name.endswith(".partial") and Path(root) != Path(store):
-                Path(root, name).unlink(missing_ok=True)
-
-
 def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
     """For readers: the attrs and layout of a complete store; ``UserError`` naming what is missing."""
-    from pipeline.store.writer import read_attrs
-
-    attrs = read_attrs(store)
+    attrs = schema.read_attrs(store)
     layout = schema.Layout.from_attrs(attrs)
     if not attrs["status"].get("complete"):
         raise UserError(f"{store}: field status.complete: expected true, found false (incomplete cache: "
@@ -85,7 +39,7 @@ def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
         v, b = np.argwhere(~done)[0]
         raise UserError(f"{store}: field done: expected every block marked, found {int((~done).sum())} unmarked "
                         f"(first: view {v} block {b})")
-    holes = missing_chunks(store, layout)
+    holes = schema.missing_chunks(store, layout)
     if holes:
         name, v, b = holes[0]
         raise UserError(f"{store}: field {name}: expected a whole chunk for every block, found {len(holes)} missing "
@@ -112,10 +66,8 @@ class VerifyReport:
 
 def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, max_problems: int = 50) -> VerifyReport:
     """Check everything listed in the module docstring; never raises for a damaged store (reports it)."""
-    from pipeline.store.writer import read_attrs
-
     store = Path(store)
-    attrs = read_attrs(store)
+    attrs = schema.read_attrs(store)
     report = VerifyReport(store)
     add = report.problems.append
     try:
@@ -148,7 +100,7 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, m
         add(f"done: expected a marker for view {v} block {b}, found none")
     if (~done).sum() > 10:
         add(f"done: {int((~done).sum())} markers missing in all")
-    holes = missing_chunks(store, lay)
+    holes = schema.missing_chunks(store, lay)
     for name, v, b in holes[:10]:
         add(f"{name}: expected a whole chunk for view {v} block {b}, found no file or a damaged one")
     if len(holes) > 10:

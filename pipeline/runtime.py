@@ -1,14 +1,21 @@
-"""Where and how a training process runs: device, precision, rank, seeds, RNG snapshots.
+"""Where and how a process runs models: device, precision, rank, seeds, RNG snapshots, threads.
 
-    from pipeline.trainer.runtime import Runtime, seed_everything
+    from pipeline.runtime import Runtime, seed_everything
     seed_everything(0)
     rt = Runtime.create("auto", images=True)      # CUDA when there is one, else CPU
     model = rt.prepare(model); ddp_model = rt.wrap(model)
+    with rt.autocast(): z = model(rt.to_device(x))
+
+The one device and precision policy, used by teacher training, caching, distillation and
+evaluation alike:
+- on CUDA, image models (inputs ``(C, H, W)``) run under bf16 autocast in channels_last
+  memory format; every loss, cached logit, entropy and p_gt is computed from logits cast to
+  float32 after the forward pass;
+- everything else (CPU, vector inputs) runs in float32.
 
 Under ``torchrun`` (environment ``WORLD_SIZE > 1``) ``Runtime.create`` joins the process
 group (NCCL on CUDA, gloo on CPU), picks ``cuda:LOCAL_RANK``, and ``wrap`` returns a
-DistributedDataParallel module; with one process everything is a no-op. On CUDA, image
-models run under bf16 autocast in channels_last memory format; on CPU in float32.
+DistributedDataParallel module; with one process everything is a no-op.
 """
 
 from __future__ import annotations
@@ -17,12 +24,29 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import UserError
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (None: leave them), then restore the count.
+
+    A fixed count makes CPU results bit-identical across runs and processes."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,8 +124,14 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def for_model(cls, device: str | torch.device, input_shape: tuple[int, ...]) -> "Runtime":
+        """A single-process runtime for a model of inputs ``input_shape`` (caching, evaluation)."""
+        return cls(resolve_device(device), images=len(tuple(input_shape)) == 3)
+
     @property
     def amp(self) -> bool:
+        """bf16 autocast and channels_last: image models on CUDA (the module's policy)."""
         return self.device.type == "cuda" and self.images
 
     def autocast(self) -> contextlib.AbstractContextManager:

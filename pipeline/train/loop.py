@@ -1,6 +1,7 @@
 """The one training loop, shared by teachers and students.
 
-    from pipeline.trainer.loop import fit, shuffled_batches, sgd, cosine_schedule, steps_per_epoch
+    from pipeline.train.loop import fit, sgd, cosine_schedule
+    from pipeline.train.sampling import shuffled_batches
 
     def step(models, batch):                       # models: as given (DDP-wrapped under torchrun)
         z = models[0](batch.x)
@@ -42,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import UserError
-from pipeline.trainer.runtime import Runtime, rng_state, set_rng_state
+from pipeline.runtime import Runtime, rng_state, set_rng_state
 
 
 @dataclass
@@ -91,41 +92,6 @@ def cosine_schedule(
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def steps_per_epoch(num_rows: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-    """How many batches ``shuffled_batches`` yields per rank per epoch."""
-    global_batch = batch_size * world_size
-    full, rest = divmod(num_rows, global_batch)
-    return full + (1 if rest >= world_size and not drop_last else 0)
-
-
-def shuffled_batches(
-    num_rows: int,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-) -> list[np.ndarray]:
-    """This rank's batches of row indices for ``epoch``: a permutation that depends only on (seed, epoch).
-
-    The permutation is cut into global batches of ``batch_size * world_size`` rows and each
-    global batch is dealt out to the ranks, so every rank takes the same number of steps; with
-    several ranks up to ``world_size - 1`` trailing rows are left out, with ``drop_last`` the
-    whole short last batch.
-    """
-    perm = np.random.default_rng([seed, epoch]).permutation(num_rows).astype(np.int64)
-    global_batch = batch_size * world_size
-    count = steps_per_epoch(num_rows, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
-    batches = []
-    for b in range(count):
-        chunk = perm[b * global_batch : (b + 1) * global_batch]
-        per_rank = len(chunk) // world_size
-        batches.append(chunk[rank * per_rank : (rank + 1) * per_rank])
-    return batches
 
 
 def capture_train_state(

@@ -7,7 +7,9 @@
 
 A factory is small, frozen and picklable: a dask worker or a shard job rebuilds the computer from
 it. The batches of a block are fixed (``micro_batch`` rows from the block start, the last one
-shorter), so a block's logits never depend on which process computed it, nor when.
+shorter), so a block's logits never depend on which process computed it, nor when. The teacher
+runs under the precision policy of ``pipeline.runtime`` (bf16 autocast for image models on CUDA,
+float32 otherwise); its logits are cast to float32 before anything is derived from them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
+import torch
+
+from pipeline.data import open_split
+from pipeline.data.views import ViewSpec
+from pipeline.errors import UserError
+from pipeline.manifest import load_manifest
+from pipeline.models import load_model
+from pipeline.runtime import Runtime, torch_threads
 
 
 class BlockComputer(Protocol):
@@ -37,15 +47,12 @@ def micro_batches(start: int, stop: int, micro_batch: int) -> list[np.ndarray]:
     return [np.arange(a, min(a + micro_batch, stop)) for a in range(start, stop, micro_batch)]
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
+def _worker_device(device: str) -> str:
+    """``auto`` inside a dask worker: spread the local workers over the GPUs of the machine."""
+    if device != "auto" or not torch.cuda.is_available():
         return device
-    if not torch.cuda.is_available():
-        return "cpu"
     index = 0
-    try:  # inside a dask worker: spread local workers over the GPUs of the machine
+    try:
         from distributed import get_worker
 
         name = get_worker().name
@@ -64,9 +71,9 @@ class TeacherFactory:
     split: str
     views: str                      # json.dumps(ViewSpec.to_dict()): hashable, and exact
     micro_batch: int = 256
-    device: str = "auto"            # "auto": cuda (bf16 autocast) when there is a GPU, else cpu
-    threads: int | None = None      # torch CPU threads; fix it for bit-identical results across runs
-    loader_workers: int = 0         # DataLoader workers decoding images (datasets without get_batch)
+    device: str = "auto"            # "auto": cuda when there is a GPU, else cpu
+    threads: int | None = None      # torch CPU threads while computing; fix it for bit-identical stores
+    workers: int = 0                # DataLoader workers decoding images (datasets without get_batch)
 
     def build(self) -> "TeacherComputer":
         return TeacherComputer(self)
@@ -76,59 +83,44 @@ class TeacherComputer:
     """The frozen teacher (eval mode, no grad) over the views of one split."""
 
     def __init__(self, factory: TeacherFactory) -> None:
-        import torch
-
-        from pipeline.checkpoint import load_model
-        from pipeline.data import open_split
-        from pipeline.data.views import ViewSpec
-        from pipeline.errors import UserError
-        from pipeline.manifest import load_manifest
-
-        if factory.threads:
-            torch.set_num_threads(int(factory.threads))
         self.factory = factory
-        self.device = _resolve_device(factory.device)
-        self.model, self.meta = load_model(factory.checkpoint, device=self.device)
         self.manifest = load_manifest(factory.manifest)
         self.spec = ViewSpec.from_dict(json.loads(factory.views))
-        self._open_split = open_split
-        self._datasets: dict[int, object] = {}
+        self._datasets: dict[int, Any] = {}
+        model, self.meta = load_model(factory.checkpoint)
         self.num_classes = int(self.meta["num_classes"])
         if self.num_classes != self.manifest.num_classes:
             raise UserError(f"{factory.checkpoint}: field num_classes: expected {self.manifest.num_classes} "
                             f"(manifest {factory.manifest}), found {self.num_classes}")
-        ds = self.dataset(0)
-        if tuple(self.meta["input_shape"]) != tuple(ds.input_shape):
-            raise UserError(f"{factory.checkpoint}: field input_shape: expected {tuple(ds.input_shape)} "
+        shape = tuple(self.dataset(0).input_shape)
+        if tuple(self.meta["input_shape"]) != shape:
+            raise UserError(f"{factory.checkpoint}: field input_shape: expected {shape} "
                             f"(split {factory.split} with views {self.spec.kind}), found {tuple(self.meta['input_shape'])}")
+        self.runtime = Runtime.for_model(_worker_device(factory.device), shape)
+        self.model = self.runtime.prepare(model).eval()
 
-    def dataset(self, view: int):
+    def dataset(self, view: int) -> Any:
         if view not in self._datasets:
-            self._datasets[view] = self._open_split(self.manifest, self.factory.split, views=self.spec, view=view)
+            self._datasets[view] = open_split(self.manifest, self.factory.split, views=self.spec, view=view)
         return self._datasets[view]
 
-    def _batches(self, view: int, start: int, stop: int):
-        import torch
-
+    def _batches(self, view: int, start: int, stop: int) -> Iterator[torch.Tensor]:
         ds = self.dataset(view)
         layout = micro_batches(start, stop, self.factory.micro_batch)
         if hasattr(ds, "get_batch"):
             for rows in layout:
-                yield ds.get_batch(rows)[0]
+                yield torch.as_tensor(ds.get_batch(rows)[0])
             return
         loader = torch.utils.data.DataLoader(ds, batch_sampler=[rows.tolist() for rows in layout],
-                                             num_workers=self.factory.loader_workers)
+                                             num_workers=self.factory.workers)
         for x, _, _ in loader:
             yield x
 
     def __call__(self, view: int, start: int, stop: int) -> np.ndarray:
-        import torch
-
-        cuda = self.device.startswith("cuda")
         out = []
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch_threads(self.factory.threads), torch.inference_mode(), self.runtime.autocast():
             for x in self._batches(view, start, stop):
-                out.append(self.model(x.to(self.device, non_blocking=True)).float().cpu().numpy())
+                out.append(self.model(self.runtime.to_device(x)).float().cpu().numpy())
         return np.concatenate(out, axis=0)
 
 

@@ -1,0 +1,88 @@
+"""The settings every training run shares, declared once, and the rule for ``--resume``.
+
+    @dataclass(frozen=True, kw_only=True)
+    class TeacherConfig(TrainConfig):
+        section: ClassVar[str] = "teacher"
+        resume_keys: ClassVar[tuple[str, ...]] = TrainConfig.resume_keys + ("arch", "loss")
+        arch: str
+        ...
+
+A run's checkpoint records ``asdict(config)`` under ``meta["config"]``; a run may resume from a
+checkpoint whose ``resume_keys`` settings and identity fields (manifest hash, mentors, ...)
+equal this run's, and that holds a train state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from pipeline.config import FromDict
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(FromDict):
+    """Settings of the one training loop (teachers and students alike)."""
+
+    # Settings that must match for ``resume`` to continue the same run (a task adds its own).
+    resume_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
+                                              "views_seed", "train_split")
+
+    manifest: str
+    out: str
+    epochs: int = 20
+    batch_size: int = 128                  # per process (DDP: per rank)
+    lr: float = 0.1                        # peak; cosine decay to 0, stepped per batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0                          # initialisation and batch order
+    views_seed: int = 0                    # seed of the replayable augmentations
+    train_split: str | None = "train"
+    val_split: str | None = "val"          # the default is skipped when the manifest has no such split
+    workers: int = 0                       # DataLoader workers decoding images
+    device: str = "auto"
+    eval_batch_size: int = 512
+    resume: str | None = None              # a checkpoint of an interrupted run with the same settings
+    metrics: str | None = None             # JSON of the last epoch
+    history: str | None = None             # CSV of every epoch; default: ``metrics`` with suffix .csv
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.check_ints(("epochs", "batch_size", "eval_batch_size"), minimum=1)
+        self.check_ints(("seed", "views_seed", "workers"), minimum=0)
+        if not _number(self.lr) or not self.lr > 0:
+            raise self.bad("lr", "a number > 0")
+        if not _number(self.momentum) or not 0 <= self.momentum < 1:
+            raise self.bad("momentum", "a number in [0, 1)")
+        if not _number(self.weight_decay) or not self.weight_decay >= 0:
+            raise self.bad("weight_decay", "a number >= 0")
+        for key in ("manifest", "out"):
+            if not getattr(self, key) or not isinstance(getattr(self, key), str):
+                raise self.bad(key, "a non-empty string")
+
+    @property
+    def history_path(self) -> str | None:
+        if self.history:
+            return self.history
+        return str(Path(self.metrics).with_suffix(".csv")) if self.metrics else None
+
+    def check_resume(self, blob: dict, identity: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """The checkpoint ``blob`` to resume must hold a train state, the ``identity`` meta fields of
+        this run and the same ``resume_keys`` settings (``config``: this run's ``asdict``, made plain)."""
+        saved = blob["meta"]
+        if blob.get("train_state") is None:
+            raise UserError(f"{self.resume}: checkpoint has no train state to resume from")
+        for key, want in identity.items():
+            if saved.get(key) != want:
+                raise UserError(f"{self.resume}: field {key!r}: expected {want!r} (this run), found {saved.get(key)!r}")
+        before = saved.get("config", {})
+        for key in self.resume_keys:
+            if before.get(key) != config.get(key):
+                raise UserError(f"{self.resume}: setting {key!r} differs: checkpoint has {before.get(key)!r}, "
+                                f"this run {config.get(key)!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

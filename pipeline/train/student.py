@@ -1,0 +1,287 @@
+"""Student training (distillation), one task on the shared loop: ``distill(DistillConfig) -> metrics``.
+
+    kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet \\
+        --student mlp --epochs 20 --out models/kd.pt
+
+    from pipeline.train import DistillConfig, distill
+    metrics = distill(DistillConfig(method="kd", mentors=("caches/train/ce.zarr",), manifest="m.parquet",
+                                    student="mlp", out="models/kd.pt"))
+
+The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
+``num_students``, ``needs`` and ``check_mentors``:
+
+- Targets (``pipeline.train.targets``): the mentor stores (``CachedTargets``), or with ``online``
+  the teacher checkpoints run on each batch (``LiveTargets``); each step asks for
+  ``targets(batch, fields=method.needs)`` (from a cache: one vectorized gather) and calls the
+  method on the students' float32 logits.
+- Views: the split is opened with the views spec stored in the cache and epoch ``e`` replays view
+  ``e mod V`` (V = the stores' view count): the student sees the pixels its teachers saw. Online or
+  without mentors the spec is the dataset's default with ``views_seed`` and V = ``views`` (what
+  ``kdcache cache --views V --view-seed S`` writes).
+- Batches: the targets' order (``pipeline.train.sampling``: block-aware when streaming, one slice
+  per DDP rank); online, the in-memory order over the same rows, so both see the same batches.
+- Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
+  cosine schedule. A goes to ``out``, B to ``out`` with suffix ``_b`` (``models/dual_b.pt``); both are
+  ordinary checkpoints for ``kdcache evaluate``. A's file holds the train state for ``resume``
+  (B's weights included), rewritten atomically after every epoch; a resumed run ends where an
+  uninterrupted one ends.
+- Logs: the loop's history (``train_<part>``, ``train_top1[_i]``, per student ``val_*[_i]``), its last
+  row as the metrics JSON, all rows as a CSV; the per-mentor 1-D stats a method returns (classroom:
+  rank, active, temperature) also as ``mentor_stats`` (CSV, one row per epoch and mentor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import yaml
+
+from pipeline import checkpoint as ckpt
+from pipeline.data import default_views, open_split
+from pipeline.files import write_history, write_json
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.methods import METHODS, create_method
+from pipeline.models import MODELS, create_model
+from pipeline.runtime import Runtime, seed_everything
+from pipeline.errors import UserError
+from pipeline.train.config import TrainConfig
+from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
+from pipeline.train.loop import Batch, LoopState, cosine_schedule, fit, restore_train_state, sgd
+from pipeline.train.targets import CachedTargets, LiveTargets, Targets
+
+CACHE_MODES = ("auto", "memory", "stream")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(TrainConfig):
+    """Settings of ``distill`` (also a ``students.<name>`` section of params.yaml)."""
+
+    section: ClassVar[str] = "distill"
+    resume_keys: ClassVar[tuple[str, ...]] = ("method", "options", "student", "student_b", "online") \
+        + TrainConfig.resume_keys
+
+    method: str
+    student: str
+    mentors: tuple[str, ...] = ()          # cache stores, teacher first
+    student_b: str | None = None           # the second student's arch (dual, dml)
+    options: dict = field(default_factory=dict)   # the method's options (docs/methods.md)
+    online: bool = False                   # live teachers instead of the cache
+    teachers: tuple[str, ...] = ()         # teacher checkpoints for ``online``, teacher first
+    init: str | None = None                # weights to start student A from
+    init_b: str | None = None              # ... and student B
+    views: int | None = None               # V without a cache (default 1); with one: must match it
+    train_split: str | None = None         # default: the stores' split, else "train"
+    cache_mode: str = "auto"               # auto | memory | stream (see pipeline.store.reader)
+    memory_budget_mb: int | None = None    # per process; default: a quarter of RAM over the local processes
+    mentor_stats: str | None = None        # default: ``out`` stem + "_mentors.csv", when there are any
+
+    def __post_init__(self) -> None:
+        for key in ("mentors", "teachers"):
+            value = getattr(self, key)
+            value = (value,) if isinstance(value, (str, Path)) else tuple(value or ())
+            object.__setattr__(self, key, tuple(str(v) for v in value))
+        if not isinstance(self.options, dict):
+            raise self.bad("options", "a mapping of option: value")
+        object.__setattr__(self, "options", dict(self.options))
+        super().__post_init__()
+        self.check_ints(("views", "memory_budget_mb"), minimum=1, optional=True)
+        if self.cache_mode not in CACHE_MODES:
+            raise self.bad("cache_mode", " or ".join(CACHE_MODES))
+        if self.method not in METHODS:
+            raise self.bad("method", "one of " + ", ".join(METHODS.names()))
+        method = create_method(self.method, **self.options)
+        for key in ("student",) + (("student_b",) if self.student_b is not None else ()):
+            if getattr(self, key) not in MODELS:
+                raise self.bad(key, "one of " + ", ".join(MODELS.names()))
+        if method.num_students == 2 and self.student_b is None:
+            raise self.bad("student_b", f"the arch of the second student (method {self.method!r} trains two)")
+        if method.num_students == 1 and (self.student_b is not None or self.init_b is not None):
+            raise self.bad("student_b" if self.student_b is not None else "init_b",
+                           f"none (method {self.method!r} trains one student)")
+        if self.online and self.mentors:
+            raise self.bad("mentors", "no stores with online (live teachers come from 'teachers')")
+        if self.teachers and not self.online:
+            raise self.bad("teachers", "checkpoints only with online (offline, the targets come from 'mentors')")
+        method.check_mentors(len(self.teachers if self.online else self.mentors))
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """Method options from ``KEY=VALUE`` strings (``--option``); values are YAML scalars
+    (``4`` -> int, ``true`` -> bool, ``~`` or nothing -> None)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--option: expected KEY=VALUE, found {pair!r}")
+        if key in options:
+            raise UserError(f"--option: expected each key once, found {key!r} twice")
+        try:
+            options[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--option {key}: expected a YAML scalar, found {value!r}") from None
+    return options
+
+
+def student_paths(out: str | Path, count: int) -> list[Path]:
+    """Where the students go: A at ``out``, B at ``out`` with suffix ``_b`` (``dual.pt`` -> ``dual_b.pt``)."""
+    out = Path(out)
+    return [out] + [out.with_name(f"{out.stem}_{chr(ord('a') + i)}{out.suffix}") for i in range(1, count)]
+
+
+def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None = None) -> dict:
+    """Train the student(s) of ``cfg``; checkpoint every epoch; returns the last epoch's metrics.
+
+    ``on_step(batch, out)`` (optional) sees every step's batch and loss dict before the backward pass.
+    """
+    manifest = load_manifest(cfg.manifest)
+    method = create_method(cfg.method, **cfg.options)
+    cached = CachedTargets.open(cfg.mentors, manifest, train_split=cfg.train_split, views=cfg.views,
+                                cache_mode=cfg.cache_mode, memory_budget_mb=cfg.memory_budget_mb,
+                                workers=cfg.workers) if cfg.mentors else None
+    try:
+        split = cached.split if cached else cfg.train_split or "train"
+        views = cached.views if cached else default_views(manifest, seed=cfg.views_seed)
+        num_views = cached.num_views if cached else cfg.views or 1
+        train_ds = open_split(manifest, split, views=views, view=0)
+        input_shape = tuple(train_ds.input_shape)
+        runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
+        targets: Targets = cached or LiveTargets(cfg.teachers, manifest, runtime=runtime, split=split, views=views,
+                                                 num_views=num_views, input_shape=input_shape)
+        return _train(cfg, manifest, method, targets, train_ds, runtime, on_step)
+    finally:
+        if cached is not None:
+            cached.close()
+
+
+def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets, train_ds: Any, runtime: Runtime,
+           on_step: Callable[[Batch, dict], None] | None) -> dict:
+    val_ds, val_posterior = None, None
+    if has_val_split(manifest, cfg.val_split):
+        val_ds = open_split(manifest, cfg.val_split, views=targets.views, view=0)
+        val_posterior = posterior(manifest, cfg.val_split)
+    input_shape = tuple(train_ds.input_shape)
+
+    def batches(epoch: int) -> Any:
+        return targets.batches(epoch, batch_size=cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
+                               world_size=runtime.world_size)
+
+    seed_everything(cfg.seed)
+    archs = [cfg.student, cfg.student_b][: method.num_students]
+    students = [runtime.prepare(_student(arch, init, manifest=manifest, input_shape=input_shape, key=key))
+                for arch, init, key in zip(archs, [cfg.init, cfg.init_b], ["init", "init_b"])]
+    optimizers = [sgd(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                  for m in students]
+    schedulers = [cosine_schedule(opt, total_steps=cfg.epochs * len(batches(0))) for opt in optimizers]
+    meta = {
+        "arch": archs[0], "num_classes": manifest.num_classes, "input_shape": list(input_shape),
+        "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
+        "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
+        "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": targets.views.to_dict(),
+        "num_views": targets.num_views, "train_split": targets.split, "seed": cfg.seed,
+        "students": archs, "config": ckpt.plain(asdict(cfg)),
+    }
+    start, per_mentor = None, set()
+    if cfg.resume:
+        blob = ckpt.load_checkpoint(cfg.resume)
+        _check_resume(cfg, blob, meta)
+        students[0].load_state_dict(blob["model"])
+        for model, state in zip(students[1:], blob["train_state"].get("students", [])):
+            model.load_state_dict(state)
+        start = restore_train_state(blob["train_state"], optimizers, schedulers)
+        per_mentor.update(blob["meta"].get("mentor_stats", []))
+
+    fields_ = tuple(sorted(method.needs))
+
+    def step(models: list[torch.nn.Module], batch: Batch) -> dict:
+        logits = [m(batch.x).float() for m in models]
+        got = targets.targets(batch, fields_) if fields_ else {}
+        out = dict(method(logits, {k: v.to(runtime.device, non_blocking=True) for k, v in got.items()}, batch.y))
+        per_mentor.update(k for k, v in out.items()
+                          if isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) == targets.num_mentors)
+        out["logits"] = logits[0] if len(logits) == 1 else logits
+        if on_step is not None:
+            on_step(batch, out)
+        return out
+
+    def on_epoch_start(epoch: int) -> None:
+        train_ds.set_view(epoch % targets.num_views)
+
+    def on_epoch_end(epoch: int, row: dict) -> dict:
+        scores: dict = {}
+        for i, model in enumerate(students if val_ds is not None else []):
+            got = evaluate_model(model, val_ds, runtime=runtime, batch_size=cfg.eval_batch_size,
+                                 workers=cfg.workers, posterior=val_posterior)
+            suffix = "" if len(students) == 1 else f"_{i}"
+            scores.update({f"val_{k}{suffix}": v for k, v in got.items() if k != "n"})
+        return scores
+
+    paths = student_paths(cfg.out, len(students))
+    stats_path = cfg.mentor_stats or str(Path(cfg.out).with_name(f"{Path(cfg.out).stem}_mentors.csv"))
+
+    def on_checkpoint(state: LoopState, train_state: dict) -> None:
+        common = {"epoch": state.epoch, "metrics": ckpt.plain(state.history[-1]),
+                  "history": ckpt.plain(state.history), "mentor_stats": sorted(per_mentor)}
+        train_state = {**train_state, "students": [{k: v.detach().cpu() for k, v in m.state_dict().items()}
+                                                   for m in students[1:]]}
+        for i in range(1, len(students)):
+            ckpt.save_checkpoint(paths[i], model=students[i], meta={**meta, **common, "arch": archs[i], "student": i})
+        ckpt.save_checkpoint(paths[0], model=students[0], meta={**meta, **common, "student": 0},
+                             train_state=train_state)
+        if cfg.history_path:
+            write_history(cfg.history_path, state.history)
+        if per_mentor:
+            write_mentor_stats(stats_path, state.history, names=targets.names, stats=sorted(per_mentor))
+
+    state = fit(
+        students, optimizers, step=step, dataset=train_ds, epochs=cfg.epochs, runtime=runtime,
+        schedulers=schedulers, workers=cfg.workers, start=start, batch_sampler=batches,
+        on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
+        progress=cfg.progress, desc=f"distill {cfg.method} {'+'.join(archs)}",
+    )
+    if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
+        on_checkpoint(state, blob["train_state"])  # a finished run: still leave out and the logs in place
+    metrics = ckpt.plain(state.history[-1]) if state.history else {}
+    if runtime.is_main and cfg.metrics:
+        write_json(cfg.metrics, metrics)
+    return metrics
+
+
+def _student(arch: str, init: str | None, *, manifest: Manifest, input_shape: tuple[int, ...], key: str) -> Any:
+    """A fresh student, or one started from ``init`` (whose class count must be the manifest's)."""
+    if init is not None and Path(init).is_file():
+        try:
+            meta = ckpt.load_checkpoint(init)["meta"]
+        except UserError:
+            meta = None  # a bare state_dict: create_model checks every key and shape
+        if meta is not None and int(meta["num_classes"]) != manifest.num_classes:
+            raise UserError(f"{init}: field num_classes: expected {manifest.num_classes} (manifest {manifest.path}) "
+                            f"for the student ({key}), found {meta['num_classes']}")
+    return create_model(arch, num_classes=manifest.num_classes, input_shape=input_shape, weights=init)
+
+
+def _check_resume(cfg: DistillConfig, blob: dict, meta: dict) -> None:
+    """The checkpoint to resume must come from this configuration, manifest and mentors."""
+    saved = blob["meta"]
+    if "method" not in saved:
+        raise UserError(f"{cfg.resume}: field 'method': expected a student checkpoint of `kdcache distill`, "
+                        f"found a {saved.get('loss', 'teacher')!r} teacher checkpoint")
+    if saved.get("method") != cfg.method:
+        raise UserError(f"{cfg.resume}: setting 'method' differs: checkpoint has {saved.get('method')!r}, "
+                        f"this run {cfg.method!r}")
+    shas = [m.get("checkpoint_sha256") for m in saved.get("mentors", [])]
+    if shas != [m["checkpoint_sha256"] for m in meta["mentors"]]:
+        raise UserError(f"{cfg.resume}: field 'mentors': expected teachers with checkpoint sha256 "
+                        f"{[m['checkpoint_sha256'] for m in meta['mentors']]} (this run), found {shas}")
+    cfg.check_resume(blob, {key: meta[key] for key in ("num_classes", "manifest_sha256", "views", "num_views",
+                                                       "students")}, meta["config"])
+
+
+def write_mentor_stats(path: str | Path, history: list[dict], *, names: Sequence[str], stats: Sequence[str]) -> None:
+    """One CSV row per (epoch, mentor): the epoch means of the per-mentor stats (``train_<stat>_<k>``)."""
+    rows = [{"epoch": row["epoch"], "mentor": k, "name": name, **{s: row.get(f"train_{s}_{k}") for s in stats}}
+            for row in history for k, name in enumerate(names)]
+    write_history(path, rows)

@@ -1,0 +1,191 @@
+"""Where a student's targets come from, behind one protocol: cache stores or live teachers.
+
+    targets = CachedTargets.open(stores, manifest)                 # offline: the stores, checked
+    targets = LiveTargets(checkpoints, manifest, runtime=rt, ...)   # online: the teachers run per batch
+    for rows in targets.batches(epoch, batch_size=128, seed=0): ...    # this rank's rows of the epoch
+    t = targets.targets(batch, ("logits", "p_gt"))    # logits [K,B,C], entropy [K,B], p_gt [K,B], float32
+
+Both give the same fields for the same rows and view, and the same batches for one seed (the
+in-memory order of ``pipeline.train.sampling``, key ``(seed, epoch, view)``; a streamed cache
+shuffles by blocks instead), so one method runs on either and an online run equals a float32
+cache run. Epoch ``e`` uses view ``e mod num_views``.
+
+The checks here are the user-facing ones of ``kdcache distill``: each store built from this
+manifest (class count, then content hash), complete and agreeing with the others (the store
+reader), its split and views those asked for; live teachers with the manifest's class count and
+the dataset's input shape. Each is a one-line ``UserError``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data.views import ViewSpec
+from pipeline.errors import UserError
+from pipeline.files import file_sha256
+from pipeline.manifest import Manifest
+from pipeline.methods.kd import entropy, gt_prob
+from pipeline.models import load_model
+from pipeline.runtime import Runtime
+from pipeline.store.reader import FIELDS, StoreGroup, default_memory_budget
+from pipeline.store.schema import read_attrs
+from pipeline.train.loop import Batch
+from pipeline.train.sampling import RankBatches, permutation, windowed_permutation
+
+
+class Targets(Protocol):
+    """What the student task needs from a source of targets."""
+
+    split: str                  # the split the targets cover
+    views: ViewSpec             # the views the targets were computed on
+    num_views: int
+    provenance: list[dict]      # per mentor, for the student's checkpoint meta
+    names: list[str]            # per mentor, for the mentor-stats CSV
+
+    @property
+    def num_mentors(self) -> int: ...
+
+    def batches(self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                drop_last: bool = False) -> RankBatches:
+        """This rank's batches of row indices for ``epoch``."""
+
+    def targets(self, batch: Batch, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The mentors' ``fields`` for the batch (float32; on the CPU or the batch's device)."""
+
+    def close(self) -> None: ...
+
+
+def _memory_batches(num_rows: int, epoch: int, num_views: int, *, batch_size: int, seed: int, rank: int,
+                    world_size: int, drop_last: bool) -> RankBatches:
+    order = permutation(num_rows, key=(seed, epoch, epoch % num_views))
+    return RankBatches(order, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
+
+
+class CachedTargets:
+    """Targets of K cache stores (a ``StoreGroup``), mentor k = the k-th store (0 = the teacher)."""
+
+    def __init__(self, stores: Sequence[str | Path], *, memory_budget_bytes: int | None = None, mode: str = "auto",
+                 window_blocks: int | None = None, max_lag_batches: int = 32) -> None:
+        self.group = StoreGroup(stores, memory_budget_bytes=memory_budget_bytes, mode=mode,
+                                window_blocks=window_blocks, max_lag_batches=max_lag_batches)
+        self.split = self.group.split
+        self.views = ViewSpec.from_dict(self.group.views["spec"])
+        self.num_views = self.group.num_views
+        self.provenance = [{"store": str(p), **{k: a["teacher"].get(k) for k in ("name", "arch", "checkpoint_sha256",
+                                                                                 "train_loss")}}
+                           for p, a in zip(self.group.paths, self.group.attrs)]
+        self.names = [str(p["name"]) for p in self.provenance]
+
+    @classmethod
+    def open(cls, stores: Sequence[str | Path], manifest: Manifest, *, train_split: str | None = None,
+             views: int | None = None, cache_mode: str = "auto", memory_budget_mb: int | None = None,
+             workers: int = 0) -> "CachedTargets":
+        """The stores of a distillation run, checked against ``manifest`` (and ``train_split``/``views``
+        when given). The default memory budget is a quarter of RAM shared by the local DDP processes,
+        each of which holds its own copy of an in-memory cache."""
+        for path in stores:  # against this manifest first; completeness and agreement: the StoreGroup
+            found = read_attrs(path)["manifest"]
+            if int(found["num_classes"]) != manifest.num_classes:
+                raise UserError(f"{path}: field manifest.num_classes: expected {manifest.num_classes} "
+                                f"(--manifest {manifest.path}), found {found['num_classes']}")
+            if found["sha256"] != manifest.sha256:
+                raise UserError(f"{path}: field manifest.sha256: expected {manifest.sha256} "
+                                f"(--manifest {manifest.path}), found {found['sha256']} (a cache of another manifest)")
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        budget = memory_budget_mb * 2**20 if memory_budget_mb else default_memory_budget() // local_processes
+        # A DataLoader draws up to 2 * workers batches ahead of the step: the stream must allow that lag.
+        out = cls(stores, memory_budget_bytes=budget, mode=cache_mode, max_lag_batches=max(32, 2 * workers + 2))
+        try:
+            if train_split is not None and train_split != out.split:
+                raise UserError(f"{stores[0]}: field manifest.split: expected {train_split!r} (train_split), "
+                                f"found {out.split!r}")
+            if views is not None and views != out.num_views:
+                raise UserError(f"{stores[0]}: field views.count: expected {views} (views), found {out.num_views}")
+            if not np.array_equal(manifest.split(out.split).sample_id, out.group.sample_ids):
+                raise UserError(f"{stores[0]}: field sample_id: expected the order of split {out.split!r} of "
+                                f"{manifest.path}, found another")
+        except UserError:
+            out.close()
+            raise
+        return out
+
+    @property
+    def num_mentors(self) -> int:
+        return self.group.num_mentors
+
+    def batches(self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                drop_last: bool = False) -> RankBatches:
+        """In memory: the shuffled order of ``pipeline.train.sampling``; streaming: its block-windowed
+        order, each window loaded (ahead, on a thread) before its first batch is served."""
+        group, view = self.group, epoch % self.num_views
+        if group.mode == "memory":
+            return _memory_batches(group.num_samples, epoch, self.num_views, batch_size=batch_size, seed=seed,
+                                   rank=rank, world_size=world_size, drop_last=drop_last)
+        layout = group.layouts[0]
+        order, windows = windowed_permutation(layout.num_blocks, layout.block_rows,
+                                              width=group.window_width(batch_size * world_size),
+                                              key=(seed, epoch, view))
+        return RankBatches(order, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
+                           start=lambda: group.stream(view, windows).ensure_position)
+
+    def targets(self, batch: Batch, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
+        return self.group.targets(batch.epoch % self.num_views, batch.rows, fields=fields)
+
+    def close(self) -> None:
+        self.group.close()
+
+
+class LiveTargets:
+    """Teacher checkpoints run on each batch's inputs: the targets a cache would hold, computed live.
+
+    The teachers run under the step's autocast (the precision policy of ``pipeline.runtime``, as
+    the cache writer's do); logits are cast to float32, entropy and p_gt come from them at T = 1.
+    With no checkpoints it only gives the batches (a student without mentors)."""
+
+    def __init__(self, checkpoints: Sequence[str | Path], manifest: Manifest, *, runtime: Runtime, split: str,
+                 views: ViewSpec, num_views: int, input_shape: tuple[int, ...]) -> None:
+        self.split, self.views, self.num_views = split, views, num_views
+        self.num_samples = len(manifest.split(split).sample_id)
+        self.models: list[torch.nn.Module] = []
+        self.provenance: list[dict] = []
+        for path in checkpoints:
+            model, meta = load_model(path)
+            if int(meta["num_classes"]) != manifest.num_classes:
+                raise UserError(f"{path}: field num_classes: expected {manifest.num_classes} "
+                                f"(manifest {manifest.path}), found {meta['num_classes']}")
+            if tuple(meta["input_shape"]) != tuple(input_shape):
+                raise UserError(f"{path}: field input_shape: expected {tuple(input_shape)} (split {split} "
+                                f"with views {views.kind}), found {tuple(meta['input_shape'])}")
+            model = runtime.prepare(model).eval()
+            model.requires_grad_(False)
+            self.models.append(model)
+            self.provenance.append({"checkpoint": str(path), "name": Path(path).stem, "arch": meta["arch"],
+                                    "checkpoint_sha256": file_sha256(path), "train_loss": meta.get("loss")})
+        self.names = [p["name"] for p in self.provenance]
+
+    @property
+    def num_mentors(self) -> int:
+        return len(self.models)
+
+    def batches(self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                drop_last: bool = False) -> RankBatches:
+        return _memory_batches(self.num_samples, epoch, self.num_views, batch_size=batch_size, seed=seed,
+                               rank=rank, world_size=world_size, drop_last=drop_last)
+
+    @torch.no_grad()
+    def targets(self, batch: Batch, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
+        z = torch.stack([m(batch.x).float() for m in self.models])
+        out: dict[str, Any] = {"logits": z} if "logits" in fields else {}
+        if "entropy" in fields:
+            out["entropy"] = entropy(z)
+        if "p_gt" in fields:
+            out["p_gt"] = gt_prob(z, batch.y)
+        return out
+
+    def close(self) -> None:
+        pass

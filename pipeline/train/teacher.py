@@ -1,0 +1,150 @@
+"""Teacher training, one task on the shared loop: ``train_teacher(TeacherConfig) -> metrics``.
+
+    kdcache train-teacher --manifest data_manifests/synthetic.parquet --arch mlp --loss mse --out models/mse.pt
+
+    from pipeline.train import TeacherConfig, train_teacher
+    metrics = train_teacher(TeacherConfig(manifest="m.parquet", arch="mlp", loss="ce", out="ce.pt"))
+
+Choices (documented here once):
+- SGD (momentum 0.9, weight decay on every parameter) with a cosine schedule stepped per
+  batch, from ``lr`` to 0 over all epochs; the loss is a registered teacher loss (ce, mse).
+- Views: epoch ``e`` (0-based) trains on the replayable view ``e + 1`` of the dataset's default
+  views (``pipeline.data.views``): fresh augmentation every epoch that can be reproduced exactly;
+  validation uses view 0, the evaluation transform. The spec is stored in the checkpoint.
+- Batches: ``pipeline.train.sampling.shuffled_batches`` (key: seed, epoch).
+- A checkpoint with the train state is written atomically to ``out`` after every epoch, so
+  ``resume`` (a checkpoint of the same configuration) continues where it stopped and ends with
+  the weights an uninterrupted run ends with (exactly, on CPU). The final file keeps its train state.
+- ``metrics`` (JSON: the last epoch's row) and ``history`` (CSV: one row per epoch; default
+  ``metrics`` with suffix ``.csv``) are optional; the same figures are in the checkpoint's meta.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.data import default_views, open_split
+from pipeline.files import atomic_path, write_history, write_json
+from pipeline.manifest import load_manifest
+from pipeline.methods.teacher import TEACHER_LOSSES
+from pipeline.models import MODELS, create_model
+from pipeline.runtime import Runtime, seed_everything, torch_threads
+from pipeline.train.config import TrainConfig
+from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
+from pipeline.train.loop import LoopState, cosine_schedule, fit, restore_train_state, sgd
+from pipeline.train.sampling import rank_slices, shuffled_batches
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig(TrainConfig):
+    """Settings of ``train_teacher`` (also a ``teachers.<name>`` section of params.yaml)."""
+
+    section: ClassVar[str] = "teacher"
+    resume_keys: ClassVar[tuple[str, ...]] = ("arch", "loss") + TrainConfig.resume_keys
+
+    arch: str
+    loss: str = "ce"
+    threads: int | None = None  # torch CPU threads while training; keep it fixed for bit-identical CPU runs
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in TEACHER_LOSSES:
+            raise self.bad("loss", "one of " + ", ".join(TEACHER_LOSSES.names()))
+        if self.arch not in MODELS:
+            raise self.bad("arch", "one of " + ", ".join(MODELS.names()))
+        self.check_ints(("threads",), minimum=1, optional=True)
+        if not self.train_split:
+            raise self.bad("train_split", "a non-empty string")
+
+
+def train_teacher(cfg: TeacherConfig) -> dict:
+    """Train a teacher on ``cfg.train_split``; checkpoint each epoch; returns the last epoch's metrics."""
+    with torch_threads(cfg.threads):
+        return _train(cfg)
+
+
+def _train(cfg: TeacherConfig) -> dict:
+    manifest = load_manifest(cfg.manifest)
+    views = default_views(manifest, seed=cfg.views_seed)
+    train_ds = open_split(manifest, cfg.train_split, views=views, view=1)
+    val_ds, val_posterior = None, None
+    if has_val_split(manifest, cfg.val_split):
+        val_ds = open_split(manifest, cfg.val_split, views=views, view=0)
+        val_posterior = posterior(manifest, cfg.val_split)
+    input_shape = tuple(train_ds.input_shape)
+    runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
+
+    seed_everything(cfg.seed)
+    model = runtime.prepare(create_model(cfg.arch, num_classes=manifest.num_classes, input_shape=input_shape))
+    optimizer = sgd(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    per_epoch = len(rank_slices(len(train_ds), batch_size=cfg.batch_size, world_size=runtime.world_size))
+    scheduler = cosine_schedule(optimizer, total_steps=cfg.epochs * per_epoch)
+    meta = {
+        "arch": cfg.arch, "num_classes": manifest.num_classes, "input_shape": list(input_shape),
+        "loss": cfg.loss, "manifest_sha256": manifest.sha256, "manifest": str(cfg.manifest),
+        "dataset": manifest.dataset, "views": views.to_dict(), "seed": cfg.seed,
+        "config": ckpt.plain(asdict(cfg)),
+    }
+    start: LoopState | None = None
+    if cfg.resume:
+        blob = ckpt.load_checkpoint(cfg.resume)
+        cfg.check_resume(blob, {"manifest_sha256": manifest.sha256}, meta["config"])
+        model.load_state_dict(blob["model"])
+        start = restore_train_state(blob["train_state"], [optimizer], [scheduler])
+
+    loss_fn = TEACHER_LOSSES.get(cfg.loss)
+
+    def step(models: list[torch.nn.Module], batch: Any) -> dict:
+        z = models[0](batch.x).float()
+        with torch.no_grad():  # the other teacher losses, logged for comparison
+            parts = {name: TEACHER_LOSSES.get(name)(z, batch.y) for name in TEACHER_LOSSES.names() if name != cfg.loss}
+        return {"loss": loss_fn(z, batch.y), **parts, "logits": z}
+
+    def on_epoch_start(epoch: int) -> None:
+        train_ds.set_view(epoch + 1)
+
+    def on_epoch_end(epoch: int, row: dict) -> dict:
+        if val_ds is None:
+            return {}
+        scores = evaluate_model(model, val_ds, runtime=runtime, batch_size=cfg.eval_batch_size,
+                                workers=cfg.workers, posterior=val_posterior)
+        return {f"val_{k}": v for k, v in scores.items() if k != "n"}
+
+    def on_checkpoint(state: LoopState, train_state: dict) -> None:
+        last = ckpt.plain(state.history[-1])
+        ckpt.save_checkpoint(cfg.out, model=model,
+                             meta={**meta, "epoch": state.epoch, "metrics": last, "history": ckpt.plain(state.history)},
+                             train_state=train_state)
+        if cfg.history_path:
+            write_history(cfg.history_path, state.history)
+
+    state = fit(
+        [model], [optimizer], step=step, dataset=train_ds, epochs=cfg.epochs, runtime=runtime,
+        schedulers=[scheduler], workers=cfg.workers, start=start,
+        batch_sampler=lambda e: shuffled_batches(len(train_ds), batch_size=cfg.batch_size, seed=cfg.seed, epoch=e,
+                                                 rank=runtime.rank, world_size=runtime.world_size),
+        on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
+        progress=cfg.progress, desc=f"teacher {cfg.arch}/{cfg.loss}",
+    )
+    metrics = ckpt.plain(state.history[-1]) if state.history else {}
+    if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
+        _finished_already(cfg, state.history)
+    if runtime.is_main and cfg.metrics:
+        write_json(cfg.metrics, metrics)
+    return metrics
+
+
+def _finished_already(cfg: TeacherConfig, history: list[dict]) -> None:
+    """Resuming a finished run trains nothing: still leave ``out`` and the history in place."""
+    assert cfg.resume is not None
+    if Path(cfg.out).resolve() != Path(cfg.resume).resolve():
+        with atomic_path(cfg.out) as tmp:
+            shutil.copyfile(cfg.resume, tmp)
+    if cfg.history_path:
+        write_history(cfg.history_path, history)
