@@ -354,7 +354,7 @@ class _Greedy(click.Option):
 
 
 @cli.command("distill")
-@click.option("--method", required=True, help="Distillation method (METHODS.md): nokd, kd, uncertainty, dual, dml, "
+@click.option("--method", required=True, help="Distillation method (docs/methods.md): nokd, kd, uncertainty, dual, dml, "
               "aver, ca-wkd, alpha-guided, adaptive-alpha, classroom.")
 @click.option("--mentors", cls=_Greedy, multiple=True, type=click.Path(path_type=str),
               help="Cache stores, teacher first (several after one flag, or the flag repeated).")

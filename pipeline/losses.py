@@ -1,10 +1,10 @@
-"""The public loss API (DESIGN.md, "Public loss API"): pure functions, logits in, scalar out.
+"""The public loss API: pure functions, logits in, scalar out.
 
     from pipeline.losses import kd_loss, classroom_loss
     loss = kd_loss(z_s, z_t, y, T=4.0)
     loss, info = classroom_loss(z_s, z_m, y, tau=12.0)     # z_m: [K, B, C], mentor 0 = teacher
 
-Formulas: METHODS.md. Options are keyword-only arguments. Mentor/teacher logits never receive
+Formulas: docs/methods.md. Options are keyword-only arguments. Mentor/teacher logits never receive
 gradient. The implementations live in ``pipeline/methods/<family>.py``.
 """
 

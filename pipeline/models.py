@@ -6,7 +6,7 @@
 
 Families (``MODELS.names()`` lists them all):
 
-- ``mlp``: ``d -> 128 -> 128 -> C`` with ReLU (METHODS.md, synthetic data); images are flattened.
+- ``mlp``: ``d -> 128 -> 128 -> C`` with ReLU (the synthetic data of docs/methods.md); images are flattened.
 - ``cnn``: a small 3-block CNN for 28 or 32 px inputs, any channel count.
 - ``resnet8 / 14 / 20 / 32 / 56 / 110``: the CIFAR ResNets of He et al. 2016 (3 stages of
   16 / 32 / 64 channels, 6n + 2 layers) with the paper's option A shortcut (stride-2 subsample

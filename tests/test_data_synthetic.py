@@ -20,7 +20,7 @@ from pipeline.data import build_manifest
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
-    """The default dataset of METHODS.md (100 000 samples; about a second to build)."""
+    """The default synthetic dataset of docs/methods.md (100 000 samples; about a second to build)."""
     tmp = tmp_path_factory.mktemp("syn")
     return build_manifest("synthetic", tmp / "data", tmp / "m.parquet", seed=0)
 

@@ -36,7 +36,7 @@ def test_every_chunk_is_one_view_block(tmp_path):
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     assert group["logits"].chunks == (1, 256, 10) and group["entropy"].chunks == (1, 256)
     assert group["done"].chunks == (1, 1) and group["done"].shape == (2, 4)
-    assert group["logits"].compressors == ()          # no compressor for logits (DESIGN.md)
+    assert group["logits"].compressors == ()          # no compressor for logits (pipeline/store/README.md)
     assert group.attrs["status"]["complete"] is True
 
 

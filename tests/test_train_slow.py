@@ -1,4 +1,4 @@
-"""Teachers on the default synthetic dataset (METHODS.md: K=3, d=30, sigma2=6, 5 000 train samples).
+"""Teachers on the default synthetic dataset (docs/methods.md: K=3, d=30, sigma2=6, 5 000 train samples).
 
     .venv/bin/pytest tests/test_train_slow.py -m slow -s      # about 10-30 s on 2 CPU cores
 

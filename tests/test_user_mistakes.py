@@ -1,4 +1,4 @@
-"""Mistakes and accidents a newcomer ran into: each ends in one clear line and leaves nothing half-done.
+"""Mistakes users make and accidents that happen: each ends in one clear line and leaves nothing half-done.
 
 A truncated chunk file, a missing image before caching, a typo in --val-split, stores of two
 splits given to inspect, and Ctrl-C in the middle of a run.

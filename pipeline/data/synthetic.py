@@ -1,4 +1,4 @@
-"""The synthetic Gaussian-mixture dataset with an exact Bayes posterior (METHODS.md).
+"""The synthetic Gaussian-mixture dataset with an exact Bayes posterior (docs/methods.md, "The synthetic dataset").
 
 ``y ~ Uniform{0..K-1}``, ``x = mu_y + eps``, ``eps ~ N(0, sigma2 I_d)``, ``mu_y in {-1, 0, 1}^d``,
 everything drawn from ``numpy.random.default_rng(seed)``. Defaults K=3, d=30, sigma2=6,

@@ -1,7 +1,7 @@
 """ClassroomKD (paper eq. 1–11, Algorithm 1): rank the classroom, activate the mentors ranked
 above the student, distil from each at a temperature that grows with the rank gap.
 
-Formulas and options: METHODS.md, section "ClassroomKD". Mentor 0 is the teacher.
+Formulas and options: docs/methods.md, section "classroom". Mentor 0 is the teacher.
 Everything but the final loss terms runs under no_grad. The options that reproduce the public
 code (rank_mean="geometric", active_if="ge", alpha_source="weight", round_ranks=2) are off by default.
 """

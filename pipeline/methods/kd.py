@@ -1,6 +1,6 @@
 """Single-teacher distillation: the KD building blocks and the methods nokd, kd, uncertainty.
 
-Formulas: METHODS.md ("Building blocks", rows nokd, kd, uncertainty).
+Formulas: docs/methods.md ("Building blocks"; nokd, kd, uncertainty).
 ``kd_kl`` is T² · KL(p^T(z_t) ‖ p^T(z_s)) per sample, batch-averaged by default; the teacher side
 never carries gradient. Losses compute in at least float32 (bf16/fp16 autocast logits are promoted,
 float64 stays float64, so gradcheck works).

@@ -1,6 +1,6 @@
 """Several teachers at once: aver (ClassroomKD eq. 12) and the confidence-aware methods 1–3.
 
-Formulas: METHODS.md (rows aver, ca-wkd, alpha-guided, adaptive-alpha). ``z_m`` is
+Formulas: docs/methods.md (aver, ca-wkd, alpha-guided, adaptive-alpha). ``z_m`` is
 [K, B, C]. Per-mentor p_gt comes from the cached exact values when given (``p_gt=`` [K, B]),
 otherwise from the logits; every weight and α is computed without gradient.
 """

@@ -1,6 +1,6 @@
 """Two students trained together: the methods dual (uncertainty-aware dual student) and dml.
 
-Formulas: METHODS.md (rows dual, dml). Each student's loss sees its peer detached,
+Formulas: docs/methods.md (dual, dml). Each student's loss sees its peer detached,
 so ``(loss_a + loss_b).backward()`` gives each student exactly its own gradient and the loop
 can step the two optimizers separately.
 """

@@ -1,4 +1,4 @@
-"""Teacher training losses (METHODS.md, "Teacher training"): logits in, scalar out.
+"""Teacher training losses (docs/methods.md, "Teacher training"): logits in, scalar out.
 
     from pipeline.methods.teacher import TEACHER_LOSSES
     loss = TEACHER_LOSSES.get("mse")(logits, labels)      # TEACHER_LOSSES.names() == ["ce", "mse"]

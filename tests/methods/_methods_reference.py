@@ -1,7 +1,7 @@
-"""Independent reference implementations of METHODS.md, for the tests only.
+"""Independent reference implementations of the formulas in docs/methods.md, for the tests only.
 
 Plain numpy in float64, one sample at a time, written from the formulas (not from the
-package's code): if the package and this file agree, both read METHODS.md the same way.
+package's code): if the package and this file agree, both read docs/methods.md the same way.
 """
 
 from __future__ import annotations

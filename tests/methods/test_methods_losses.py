@@ -1,5 +1,5 @@
 """The public loss API (pipeline.losses) against hand computations and against the independent
-per-sample numpy implementation of METHODS.md in _methods_reference.py.
+per-sample numpy implementation of docs/methods.md in _methods_reference.py.
 
 Run: .venv/bin/pytest tests/methods -q   (whole directory: about 8 s)
 """
@@ -286,7 +286,7 @@ def test_float64_inputs_stay_float64_and_pass_gradcheck():
     assert losses.kd_kl(z_s, z_t, 4.0).dtype == torch.float64
     assert torch.autograd.gradcheck(lambda z: losses.kd_kl(z, z_t, 4.0), (z_s,))
     assert torch.autograd.gradcheck(lambda z: losses.ca_wkd_loss(z, z_m, y), (z_s,))
-    # classroom's ranks and temperatures depend on z_s but are under no_grad (METHODS.md), so
+    # classroom's ranks and temperatures depend on z_s but are under no_grad (docs/methods.md), so
     # finite differences see more than the gradient does: check its precision only
     assert losses.classroom_loss(z_s, z_m, y)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(lambda z: losses.mse_teacher_loss(z, y), (z_s,))
