@@ -17,7 +17,7 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
 - Views: the split is opened with the views spec stored in the cache and epoch ``e`` replays view
   ``e mod V`` (V = the stores' view count): the student sees the pixels its teachers saw. Online or
   without mentors the spec is the dataset's default with ``views_seed`` and V = ``views`` (what
-  ``kdcache cache --views V --view-seed S`` writes).
+  ``kdcache cache --views V --views-seed S`` writes).
 - Batches: the targets' order (``pipeline.train.sampling``: block-aware when streaming, one slice
   per DDP rank); online, the in-memory order over the same rows, so both see the same batches.
 - Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
@@ -144,12 +144,12 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None
                                 workers=cfg.workers) if cfg.mentors else None
     try:
         split = cached.split if cached else cfg.train_split or "train"
-        views = cached.views if cached else default_views(manifest, seed=cfg.views_seed)
+        view_spec = cached.view_spec if cached else default_views(manifest, seed=cfg.views_seed)
         num_views = cached.num_views if cached else cfg.views or 1
-        train_ds = open_split(manifest, split, views=views, view=0)
+        train_ds = open_split(manifest, split, views=view_spec, view=0)
         input_shape = tuple(train_ds.input_shape)
         runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
-        targets: Targets = cached or LiveTargets(cfg.teachers, manifest, runtime=runtime, split=split, views=views,
+        targets: Targets = cached or LiveTargets(cfg.teachers, manifest, runtime=runtime, split=split, view_spec=view_spec,
                                                  num_views=num_views, input_shape=input_shape)
         return _train(cfg, manifest, method, targets, train_ds, runtime, on_step)
     finally:
@@ -161,7 +161,7 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
            on_step: Callable[[Batch, dict], None] | None) -> dict:
     val_ds, val_posterior = None, None
     if has_val_split(manifest, cfg.val_split):
-        val_ds = open_split(manifest, cfg.val_split, views=targets.views, view=0)
+        val_ds = open_split(manifest, cfg.val_split, views=targets.view_spec, view=0)
         val_posterior = posterior(manifest, cfg.val_split)
     input_shape = tuple(train_ds.input_shape)
 
@@ -180,7 +180,7 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
         "arch": archs[0], "num_classes": manifest.num_classes, "input_shape": list(input_shape),
         "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
         "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
-        "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": targets.views.to_dict(),
+        "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": targets.view_spec.to_dict(),
         "num_views": targets.num_views, "train_split": targets.split, "seed": cfg.seed,
         "students": archs, "config": ckpt.plain(asdict(cfg)),
     }

@@ -42,7 +42,7 @@ class Targets(Protocol):
     """What the student task needs from a source of targets."""
 
     split: str                  # the split the targets cover
-    views: ViewSpec             # the views the targets were computed on
+    view_spec: ViewSpec         # the views the targets were computed on
     num_views: int
     provenance: list[dict]      # per mentor, for the student's checkpoint meta
     names: list[str]            # per mentor, for the mentor-stats CSV
@@ -74,7 +74,7 @@ class CachedTargets:
         self.group = StoreGroup(stores, memory_budget_bytes=memory_budget_bytes, mode=mode,
                                 window_blocks=window_blocks, max_lag_batches=max_lag_batches)
         self.split = self.group.split
-        self.views = ViewSpec.from_dict(self.group.views["spec"])
+        self.view_spec = ViewSpec.from_dict(self.group.views["spec"])
         self.num_views = self.group.num_views
         self.provenance = [{"store": str(p), **{k: a["teacher"].get(k) for k in ("name", "arch", "checkpoint_sha256",
                                                                                  "train_loss")}}
@@ -148,8 +148,8 @@ class LiveTargets:
     With no checkpoints it only gives the batches (a student without mentors)."""
 
     def __init__(self, checkpoints: Sequence[str | Path], manifest: Manifest, *, runtime: Runtime, split: str,
-                 views: ViewSpec, num_views: int, input_shape: tuple[int, ...]) -> None:
-        self.split, self.views, self.num_views = split, views, num_views
+                 view_spec: ViewSpec, num_views: int, input_shape: tuple[int, ...]) -> None:
+        self.split, self.view_spec, self.num_views = split, view_spec, num_views
         self.num_samples = len(manifest.split(split).sample_id)
         self.models: list[torch.nn.Module] = []
         self.provenance: list[dict] = []
@@ -160,7 +160,7 @@ class LiveTargets:
                                 f"(manifest {manifest.path}), found {meta['num_classes']}")
             if tuple(meta["input_shape"]) != tuple(input_shape):
                 raise UserError(f"{path}: field input_shape: expected {tuple(input_shape)} (split {split} "
-                                f"with views {views.kind}), found {tuple(meta['input_shape'])}")
+                                f"with views {view_spec.kind}), found {tuple(meta['input_shape'])}")
             model = runtime.prepare(model).eval()
             model.requires_grad_(False)
             self.models.append(model)

@@ -71,11 +71,11 @@ def train_teacher(cfg: TeacherConfig) -> dict:
 
 def _train(cfg: TeacherConfig) -> dict:
     manifest = load_manifest(cfg.manifest)
-    views = default_views(manifest, seed=cfg.views_seed)
-    train_ds = open_split(manifest, cfg.train_split, views=views, view=1)
+    view_spec = default_views(manifest, seed=cfg.views_seed)
+    train_ds = open_split(manifest, cfg.train_split, views=view_spec, view=1)
     val_ds, val_posterior = None, None
     if has_val_split(manifest, cfg.val_split):
-        val_ds = open_split(manifest, cfg.val_split, views=views, view=0)
+        val_ds = open_split(manifest, cfg.val_split, views=view_spec, view=0)
         val_posterior = posterior(manifest, cfg.val_split)
     input_shape = tuple(train_ds.input_shape)
     runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
@@ -88,7 +88,7 @@ def _train(cfg: TeacherConfig) -> dict:
     meta = {
         "arch": cfg.arch, "num_classes": manifest.num_classes, "input_shape": list(input_shape),
         "loss": cfg.loss, "manifest_sha256": manifest.sha256, "manifest": str(cfg.manifest),
-        "dataset": manifest.dataset, "views": views.to_dict(), "seed": cfg.seed,
+        "dataset": manifest.dataset, "views": view_spec.to_dict(), "seed": cfg.seed,
         "config": ckpt.plain(asdict(cfg)),
     }
     start: LoopState | None = None
