@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.train import DistillConfig, distill, parse_options  # noqa: E402
 from pipeline.data import build_manifest  # noqa: E402
-from pipeline.cache import cache_teacher  # noqa: E402
+from pipeline.cache import CacheConfig, cache_teacher  # noqa: E402
 from pipeline.train import TeacherConfig, evaluate_checkpoint, train_teacher  # noqa: E402
 
 METRICS = (("top1", "test top-1 %", 100.0), ("bayes_agree", "agrees with Bayes %", 100.0),
@@ -69,7 +69,8 @@ def main() -> None:
         train_teacher(TeacherConfig(manifest=str(manifest), arch="mlp", loss="ce", out=str(teacher), device="cpu",
                                     epochs=args.teacher_epochs, weight_decay=args.teacher_wd, progress=False))
     store = teacher.with_suffix(".zarr")
-    cache_teacher(teacher=teacher, manifest=manifest, split="train", views=1, out=store, device="cpu", progress=False)
+    cache_teacher(CacheConfig(teacher=teacher, manifest=manifest, split="train", views=1, out=store, device="cpu",
+                              progress=False))
     teacher_scores = evaluate_checkpoint(teacher, manifest, "test", device="cpu")
 
     options = parse_options(args.option)

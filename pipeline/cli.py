@@ -240,7 +240,7 @@ def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None
 @click.option("--threads", type=int, default=None,
               help="Torch CPU threads per process; keep it the same across jobs for bit-identical stores.")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
-@click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the random views.")
+@click.option("--views-seed", type=int, default=0, show_default=True, help="Seed of the random views.")
 @click.option("--name", default=None, help="Teacher name recorded in the store (default: checkpoint file stem).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: str, manifest: str, split: str, views: int, out: str, storage: str, k: int | None,
@@ -257,10 +257,10 @@ def cache_command(teacher: str, manifest: str, split: str, views: int, out: str,
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    from pipeline.cache import cache_teacher
+    from pipeline.cache import CacheConfig, cache_teacher
 
-    result = cache_teacher(teacher=teacher, manifest=manifest, split=split, views=views, out=out, storage=storage,
-                           k=k, **options)
+    result = cache_teacher(CacheConfig(teacher=teacher, manifest=manifest, split=split, views=views, out=out,
+                                       storage=storage, k=k, **options))
     if result.complete:
         stats = result.stats or {}
         click.echo(f"{out}: complete ({result.computed} blocks computed by this run); accuracy {stats.get('accuracy')}, "
@@ -377,7 +377,7 @@ class _Greedy(click.Option):
 @click.option("--views", type=int, default=None,
               help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
 @click.option("--views-seed", type=int, default=0, show_default=True,
-              help="Seed of the default views without a cache (as kdcache cache --view-seed).")
+              help="Seed of the default views without a cache (as kdcache cache --views-seed).")
 @click.option("--train-split", default=None, help="Split to train on (default: the stores' split, else train).")
 @click.option("--val-split", default="val", show_default=True, help="Split scored after every epoch (skipped if absent).")
 @click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=None,

@@ -10,7 +10,7 @@ from _params import run, section
 
 from pipeline.errors import UserError
 from pipeline.store.verify import verify_store
-from pipeline.cache import cache_teacher
+from pipeline.cache import CacheConfig, cache_teacher
 
 
 def main() -> None:
@@ -19,10 +19,9 @@ def main() -> None:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="store to write")
     args = parser.parse_args()
-    cfg = section("cache")
-    result = cache_teacher(teacher=args.teacher, manifest=args.manifest, split=cfg["split"], views=int(cfg["views"]),
-                           out=args.out, dtype=cfg.get("dtype", "float16"), storage=cfg.get("storage", "dense"),
-                           k=cfg.get("k"), overwrite=True, progress=False)
+    cfg = CacheConfig.from_dict({**section("cache"), "teacher": args.teacher, "manifest": args.manifest,
+                                 "out": args.out, "overwrite": True, "progress": False})
+    result = cache_teacher(cfg)
     report = verify_store(args.out)
     if not (result.complete and report.ok):
         problem = report.problems[0] if report.problems else "not marked complete"

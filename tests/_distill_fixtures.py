@@ -16,7 +16,7 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
-from pipeline.cache import cache_teacher
+from pipeline.cache import CacheConfig, cache_teacher
 
 
 def untrained_teacher(manifest: str | Path, out: str | Path, *, arch: str = "mlp", seed: int = 0,
@@ -40,12 +40,8 @@ def untrained_teacher(manifest: str | Path, out: str | Path, *, arch: str = "mlp
 def cache(teacher: str | Path, manifest: str | Path, out: str | Path, *, views: int = 2, rows_per_block: int = 64,
           **kw) -> Path:
     """``kdcache cache`` of the train split (float16, dense), through the library writer."""
-    threads = torch.get_num_threads()
-    try:
-        cache_teacher(teacher=teacher, manifest=manifest, split="train", views=views, out=out,
-                      rows_per_block=rows_per_block, micro_batch=32, progress=False, device="cpu", **kw)
-    finally:
-        torch.set_num_threads(threads)  # the writer may set torch's threads for the whole process
+    cache_teacher(CacheConfig(teacher=teacher, manifest=manifest, split="train", views=views, out=out,
+                              rows_per_block=rows_per_block, micro_batch=32, progress=False, device="cpu", **kw))
     return Path(out)
 
 

@@ -243,10 +243,10 @@ def wrong(syn, tmp_path_factory):
     other = build_manifest("synthetic", root / "d1", root / "other.parquet", seed=1, num_samples=3000)
     four = build_manifest("synthetic", root / "d4", root / "four.parquet", seed=0, num_samples=3000, num_classes=4)
     four_teacher = untrained_teacher(four.path, root / "four.pt")
-    from pipeline.cache import cache_teacher
+    from pipeline.cache import CacheConfig, cache_teacher
 
-    cache_teacher(teacher=syn["teacher"], manifest=syn["manifest"], split="train", views=2, out=root / "half.zarr",
-                  rows_per_block=64, shard=(0, 2), progress=False, device="cpu")
+    cache_teacher(CacheConfig(teacher=syn["teacher"], manifest=syn["manifest"], split="train", views=2,
+                              out=root / "half.zarr", rows_per_block=64, shard="0/2", progress=False, device="cpu"))
     return {"other": str(cache(untrained_teacher(other.path, root / "o.pt"), other.path, root / "other.zarr")),
             "four": str(cache(four_teacher, four.path, root / "four.zarr")), "four_teacher": str(four_teacher),
             "half": str(root / "half.zarr")}

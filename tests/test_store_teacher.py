@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.reader import StoreGroup
 from pipeline.store.verify import verify_store
-from pipeline.cache import cache_teacher
+from pipeline.cache import CacheConfig, cache_teacher
 
 SPLIT, VIEWS, RPB, MB = "test", 2, 128, 16           # 2700 rows: 22 blocks x 2 views
 ARGS = ["--split", SPLIT, "--views", str(VIEWS), "--rows-per-block", str(RPB), "--micro-batch", str(MB),
@@ -45,11 +45,9 @@ def reference(teacher):
     """(a) one process, in this interpreter."""
     manifest, ckpt, _, root = teacher
     threads = torch.get_num_threads()
-    try:
-        result = cache_teacher(teacher=ckpt, manifest=manifest, split=SPLIT, views=VIEWS, out=root / "a.zarr",
-                               rows_per_block=RPB, micro_batch=MB, threads=1, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    result = cache_teacher(CacheConfig(teacher=ckpt, manifest=manifest, split=SPLIT, views=VIEWS, out=root / "a.zarr",
+                                       rows_per_block=RPB, micro_batch=MB, threads=1, progress=False))
+    assert torch.get_num_threads() == threads          # the thread count is the job's, not the process's
     assert result.complete and result.computed == 2 * 22
     return root / "a.zarr"
 
@@ -86,15 +84,15 @@ def test_cache_verifies_and_targets_match_the_teacher(teacher, reference):
 def test_reopening_with_another_checkpoint_or_manifest_is_refused(teacher, reference, tmp_path):
     manifest, ckpt, other, root = teacher
     with pytest.raises(UserError, match=r"teacher\.checkpoint_sha256"):
-        cache_teacher(teacher=other, manifest=manifest, split=SPLIT, views=VIEWS, out=reference,
-                      rows_per_block=RPB, micro_batch=MB, progress=False)
+        cache_teacher(CacheConfig(teacher=other, manifest=manifest, split=SPLIT, views=VIEWS, out=reference,
+                                  rows_per_block=RPB, micro_batch=MB, progress=False))
     from pipeline.data import build_manifest
 
     other_manifest = tmp_path / "other.parquet"
     build_manifest("synthetic", tmp_path / "syn", other_manifest, num_samples=3000, seed=1)
     with pytest.raises(UserError, match=r"manifest\.sha256"):
-        cache_teacher(teacher=ckpt, manifest=other_manifest, split=SPLIT, views=VIEWS, out=reference,
-                      rows_per_block=RPB, micro_batch=MB, progress=False)
+        cache_teacher(CacheConfig(teacher=ckpt, manifest=other_manifest, split=SPLIT, views=VIEWS, out=reference,
+                                  rows_per_block=RPB, micro_batch=MB, progress=False))
     cmd = _cli(manifest, other, reference)
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -152,12 +150,8 @@ def test_sigkill_part_way_then_rerun_gives_the_same_bytes(teacher, reference, tm
 
 def test_topk_store_of_the_teacher_reproduces_exact_targets(teacher, reference, tmp_path):
     manifest, ckpt, _, _ = teacher
-    threads = torch.get_num_threads()
-    try:
-        cache_teacher(teacher=ckpt, manifest=manifest, split=SPLIT, views=VIEWS, out=tmp_path / "top.zarr",
-                      storage="topk", k=2, rows_per_block=RPB, micro_batch=MB, threads=1, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    cache_teacher(CacheConfig(teacher=ckpt, manifest=manifest, split=SPLIT, views=VIEWS, out=tmp_path / "top.zarr",
+                              storage="topk", k=2, rows_per_block=RPB, micro_batch=MB, threads=1, progress=False))
     assert verify_store(tmp_path / "top.zarr").ok
     dense, top = (zarr.open_group(str(p), mode="r") for p in (reference, tmp_path / "top.zarr"))
     for name in ("entropy", "p_gt", "pred"):

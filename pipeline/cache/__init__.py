@@ -3,10 +3,11 @@
     kdcache cache --teacher models/ce.pt --manifest data_manifests/synthetic.parquet --split train \\
         --views 2 --out caches/train/ce.zarr
 
-    from pipeline.cache import cache_teacher
-    cache_teacher(teacher="models/ce.pt", manifest="data_manifests/synthetic.parquet",
-                  split="train", views=2, out="caches/train/ce.zarr")
+    from pipeline.cache import CacheConfig, cache_teacher
+    cache_teacher(CacheConfig(teacher="models/ce.pt", manifest="data_manifests/synthetic.parquet",
+                              split="train", views=2, out="caches/train/ce.zarr"))
 
+    config.py   CacheConfig: the settings of a caching job
     teacher.py  block computers: the frozen teacher over a split's views, block by block
     run.py      which blocks this job computes (--shard i/n, dask), then finalize
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.run import parse_shard, write_cache
 from pipeline.cache.teacher import TeacherFactory, default_threads
 from pipeline.checkpoint import load_checkpoint
@@ -30,51 +32,43 @@ from pipeline.manifest import load_manifest
 from pipeline.store import schema
 from pipeline.store.writer import CacheResult, Provenance
 
-__all__ = ["cache_teacher", "parse_shard", "write_cache"]
+__all__ = ["CacheConfig", "cache_teacher", "parse_shard", "write_cache"]
 
 
-def cache_teacher(*, teacher: str | Path, manifest: str | Path, split: str, views: int, out: str | Path,
-                  dtype: str = "float16", storage: str = "dense", k: int | None = None,
-                  rows_per_block: int | None = None, micro_batch: int = schema.DEFAULT_MICRO_BATCH,
-                  shard: str | tuple[int, int] | None = None, scheduler: str | None = None,
-                  local_workers: int | None = None, overwrite: bool = False, device: str = "auto",
-                  threads: int | None = None, workers: int = 0, view_seed: int = 0,
-                  view_spec: dict | None = None, name: str | None = None, progress: bool = True) -> CacheResult:
-    """Run the frozen teacher ``teacher`` over ``views`` views of ``split`` and write the store ``out``.
+def cache_teacher(cfg: CacheConfig) -> CacheResult:
+    """Run the frozen teacher ``cfg.teacher`` over ``cfg.views`` views of ``cfg.split`` and write the store ``cfg.out``.
 
-    ``view_spec`` (a ``ViewSpec.to_dict()``) defaults to the dataset's standard views with seed
-    ``view_seed``. ``threads`` fixes torch's CPU threads while blocks are computed (default: torch's own; for
+    ``threads`` fixes torch's CPU threads while blocks are computed (default: torch's own; for
     ``local_workers`` the cores shared out), which with the fixed batches of a block makes the
     bytes independent of who computed each block. Returns what was computed and whether the
     store is complete (it is not while other shards still run).
     """
-    teacher, manifest_path = Path(teacher).resolve(), Path(manifest).resolve()
+    teacher, manifest_path = Path(cfg.teacher).resolve(), Path(cfg.manifest).resolve()
     meta = load_checkpoint(teacher)["meta"]
     man = check_files(load_manifest(manifest_path))  # a missing image must stop us before the store exists
-    rows = man.split(split)
+    rows = man.split(cfg.split)
     if int(meta["num_classes"]) != man.num_classes:
         raise UserError(f"{teacher}: field num_classes: expected {man.num_classes} (manifest {manifest_path}), "
                         f"found {meta['num_classes']}")
-    if int(views) < 1:
-        raise UserError(f"--views: expected a positive number of views, found {views}")
-    spec = ViewSpec.from_dict(view_spec) if view_spec else default_views(man, seed=view_seed)
-    shape = tuple(open_split(man, split, views=spec, view=0).input_shape)
+    spec = ViewSpec.from_dict(cfg.view_spec) if cfg.view_spec else default_views(man, seed=cfg.views_seed)
+    shape = tuple(open_split(man, cfg.split, views=spec, view=0).input_shape)
     if tuple(meta["input_shape"]) != shape:        # before any store is created
-        raise UserError(f"{teacher}: field input_shape: expected {shape} (split {split} with views {spec.kind}), "
+        raise UserError(f"{teacher}: field input_shape: expected {shape} (split {cfg.split} with views {spec.kind}), "
                         f"found {tuple(meta['input_shape'])}")
-    layout = schema.Layout(num_samples=len(rows.sample_id), num_classes=man.num_classes, num_views=int(views),
-                           kind=storage, k=k, dtype=dtype, rows_per_block=rows_per_block, micro_batch=micro_batch)
+    layout = schema.Layout(num_samples=len(rows.sample_id), num_classes=man.num_classes, num_views=cfg.views,
+                           kind=cfg.storage, k=cfg.k, dtype=cfg.dtype, rows_per_block=cfg.rows_per_block,
+                           micro_batch=cfg.micro_batch)
     provenance = Provenance(
-        manifest={"path": str(manifest_path), "sha256": man.sha256, "split": split, "num_samples": layout.num_samples,
-                  "num_classes": man.num_classes, "dataset": man.dataset},
-        teacher={"name": name or teacher.stem, "arch": meta["arch"], "checkpoint_sha256": file_sha256(teacher),
+        manifest={"path": str(manifest_path), "sha256": man.sha256, "split": cfg.split,
+                  "num_samples": layout.num_samples, "num_classes": man.num_classes, "dataset": man.dataset},
+        teacher={"name": cfg.name or teacher.stem, "arch": meta["arch"], "checkpoint_sha256": file_sha256(teacher),
                  "train_loss": meta.get("loss"), "path": str(teacher), "manifest_sha256": meta.get("manifest_sha256")},
-        views={"count": int(views), "seed": spec.seed, "spec": spec.to_dict()},
+        views={"count": cfg.views, "seed": spec.seed, "spec": spec.to_dict()},
     )
-    factory = TeacherFactory(checkpoint=str(teacher), manifest=str(manifest_path), split=split,
+    factory = TeacherFactory(checkpoint=str(teacher), manifest=str(manifest_path), split=cfg.split,
                              views=json.dumps(spec.to_dict(), sort_keys=True), micro_batch=layout.micro_batch,
-                             device=device, threads=threads or default_threads(local_workers),
-                             workers=workers)
-    return write_cache(out, factory=factory, provenance=provenance, layout=layout, sample_id=rows.sample_id,
-                       label=rows.label, shard=shard, scheduler=scheduler, local_workers=local_workers,
-                       overwrite=overwrite, progress=progress)
+                             device=cfg.device, threads=cfg.threads or default_threads(cfg.local_workers),
+                             workers=cfg.workers)
+    return write_cache(cfg.out, factory=factory, provenance=provenance, layout=layout, sample_id=rows.sample_id,
+                       label=rows.label, shard=cfg.shard, scheduler=cfg.scheduler, local_workers=cfg.local_workers,
+                       overwrite=cfg.overwrite, progress=cfg.progress)

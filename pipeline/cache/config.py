@@ -1,0 +1,58 @@
+"""Settings of one caching job (also the ``cache`` section of params.yaml), defaults in one place.
+
+    from pipeline.cache import CacheConfig, cache_teacher
+    cache_teacher(CacheConfig(teacher="models/ce.pt", manifest="m.parquet", out="caches/train/ce.zarr", views=2))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any, ClassVar
+
+from pipeline.config import FromDict
+from pipeline.store import schema
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig(FromDict):
+    """What ``cache_teacher`` runs: which teacher over which views, stored how, computed by whom."""
+
+    section: ClassVar[str] = "cache"
+
+    teacher: str
+    manifest: str
+    out: str
+    split: str = "train"
+    views: int = 1                          # V views per sample (view 0 = the evaluation transform)
+    views_seed: int = 0                     # seed of the random views
+    view_spec: dict[str, Any] | None = None  # a ViewSpec.to_dict(); default: the dataset's views with views_seed
+    dtype: str = "float16"                  # of the stored logits (entropy, p_gt: always exact float32)
+    storage: str = "dense"                  # dense | topk
+    k: int | None = None                    # classes kept with storage topk
+    rows_per_block: int | None = None       # default: 4096, fewer for huge C
+    micro_batch: int = schema.DEFAULT_MICRO_BATCH
+    shard: str | None = None                # "i/n": every n-th block from the i-th (SLURM array jobs)
+    scheduler: str | None = None            # address of a dask scheduler: one task per block
+    local_workers: int | None = None        # a dask LocalCluster of this many processes
+    overwrite: bool = False                 # delete an existing store first
+    device: str = "auto"
+    threads: int | None = None              # torch CPU threads; the same across jobs for bit-identical stores
+    workers: int = 0                        # DataLoader workers decoding images
+    name: str | None = None                 # teacher name recorded in the store (default: checkpoint stem)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("teacher", "manifest", "out"):
+            if isinstance(getattr(self, key), PurePath):
+                object.__setattr__(self, key, str(getattr(self, key)))
+        for key in ("teacher", "manifest", "out", "split"):
+            if not getattr(self, key) or not isinstance(getattr(self, key), str):
+                raise self.bad(key, "a non-empty string")
+        self.check_ints(("views", "micro_batch"), minimum=1)
+        self.check_ints(("views_seed", "workers"), minimum=0)
+        self.check_ints(("k", "rows_per_block", "local_workers", "threads"), minimum=1, optional=True)
+        if self.dtype not in schema.DTYPES:
+            raise self.bad("dtype", " or ".join(schema.DTYPES))
+        if self.storage not in schema.STORAGE_KINDS:
+            raise self.bad("storage", " or ".join(schema.STORAGE_KINDS))
