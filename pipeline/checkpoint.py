@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import __version__
+from pipeline import __version__, faults
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 
@@ -71,6 +71,7 @@ def save_checkpoint(
         torch.save(blob, fh)
         fh.flush()
         os.fsync(fh.fileno())
+        faults.point("checkpoint")  # the temporary file is whole, the target not yet replaced
 
 
 def _torch_load(path: Path, what: str) -> Any:

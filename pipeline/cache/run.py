@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import faults
 from pipeline.cache.teacher import BlockComputer, ComputerFactory
 from pipeline.errors import UserError
 from pipeline.store import schema
@@ -43,6 +44,7 @@ def compute_block(writer: BlockWriter, computer: BlockComputer, view: int, block
     """Compute one block with ``computer`` and write it; returns the number of rows."""
     start, stop = writer.layout.block_rows(block)
     writer.write(view, block, np.asarray(computer(view, start, stop), dtype=np.float32))
+    faults.point("block")
     return stop - start
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline import __version__
+from pipeline import __version__, faults
 from pipeline.errors import UserError
 from pipeline.store import schema
 
@@ -133,6 +133,7 @@ class BlockWriter:
         stored.update(entropy=stats["entropy"], p_gt=stats["p_gt"], pred=stats["pred"])
         for name, value in stored.items():
             self.arrays[name][view, start:stop] = value
+        faults.point("marker")
         self.arrays["done"][view, block] = True       # only after every array of the block is written
 
     def _cast(self, values: np.ndarray, where: str) -> np.ndarray:
@@ -183,5 +184,6 @@ def finalize(store: str | Path) -> CacheResult:
     stats = {key: round(float(np.mean([s[key] for s in per_view])), 6) for key in per_view[0]}
     stats["per_view"] = per_view
     remove_partial_files(store)
+    faults.point("finalize")
     writer.group.attrs["status"] = {"complete": True, "finalized": _now(), "stats": stats}
     return CacheResult(store, 0, 0, True, stats)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import faults
 from pipeline.errors import UserError
 from pipeline.runtime import Runtime, rng_state, set_rng_state
 
@@ -300,4 +301,5 @@ def fit(
         if on_checkpoint is not None and runtime.is_main:
             on_checkpoint(state, capture_train_state(state, optimizers, schedulers))
         runtime.barrier()
+        faults.point("epoch")  # after the barrier: every rank knows the checkpoint is on disk
     return state
