@@ -5,7 +5,9 @@
     loss, info = classroom_loss(z_s, z_m, y, tau=12.0)     # z_m: [K, B, C], mentor 0 = teacher
 
 Formulas: docs/methods.md. Options are keyword-only arguments. Mentor/teacher logits never receive
-gradient. The implementations live in ``pipeline/methods/<family>.py``.
+gradient. The implementations live in ``pipeline/methods/<family>.py``; each registered method
+names the function it computes in its ``loss_fn`` (``METHODS.get("kd").loss_fn is kd_loss``), and
+the method tests check the two agree, so a new method's function is exported here as well.
 """
 
 from pipeline.methods.classroom import classroom_loss

@@ -9,7 +9,18 @@ dict; the training loop never looks at its name, only at the attributes below.
     out = method([z_s], classroom.targets(v, rows, fields=tuple(method.needs)), y)
     out["loss"].backward()
 
-Methods register themselves through the explicit imports in ``pipeline/methods/__init__.py``.
+Methods register themselves through the explicit imports in ``pipeline/methods/__init__.py``
+(one line per family module). Adding a method is one class in a family module, and for a new
+family module its import line there:
+
+    @register("my-method")
+    class MyMethod(Method):
+        defaults = {"T": 4.0}
+        loss_fn = staticmethod(my_loss)       # the public pure function it computes
+        def compute(self, students, targets, y): ...
+
+The registry-parametrized tests (tests/methods) then check it, including that its loss equals
+``loss_fn`` on the same batch (see ``Method.public_losses``).
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ class Method:
                     empty: the targets are not read at all
       defaults      option name -> default; options are the keyword arguments of ``__init__``
       choices       option name -> allowed values, for the options that are names
+      loss_fn       the public pure function (``pipeline.losses``) whose value the method's "loss"
+                    equals; wrap it in ``staticmethod``; ``public_losses`` says how it is called
     """
 
     name: ClassVar[str] = ""
@@ -53,6 +66,7 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     defaults: ClassVar[Mapping[str, Any]] = {}
     choices: ClassVar[Mapping[str, tuple]] = {}
+    loss_fn: ClassVar[Callable[..., Any] | None] = None
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))
@@ -89,8 +103,7 @@ class Method:
         if self.max_mentors is not None and num_mentors > self.max_mentors:
             raise UserError(
                 f"method {self.name!r} distils from {self.max_mentors} teacher store only, got {num_mentors} mentor "
-                "stores; pass only the teacher, or use a multi-mentor method (aver, ca-wkd, alpha-guided, "
-                "adaptive-alpha, classroom)"
+                f"stores; pass only the teacher, or use a multi-mentor method ({', '.join(multi_mentor_methods())})"
             )
 
     def __call__(
@@ -109,6 +122,29 @@ class Method:
     def compute(self, students: list[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor) -> dict:
         raise NotImplementedError
 
+    @classmethod
+    def public_losses(
+        cls, students: Sequence[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor,
+        options: Mapping[str, Any],
+    ) -> tuple[torch.Tensor, ...]:
+        """``loss_fn`` on one batch, one loss per student; their sum is what ``__call__``'s "loss" equals.
+
+        The default calls ``loss_fn(*students, mentors, y, **options)`` with ``mentors`` the teacher's
+        logits [B, C] when ``max_mentors == 1``, all mentors' logits [K, B, C] otherwise, and nothing
+        when ``needs`` is empty; a method whose function takes other arguments or returns more than
+        its losses overrides this. Only the logits are passed: the function computes entropy and p_gt
+        itself, where the method may read the cached values (equal up to float rounding)."""
+        if cls.loss_fn is None:
+            raise NotImplementedError(f"method {cls.name!r} declares no public loss function (loss_fn)")
+        if not cls.needs:
+            mentors: tuple[torch.Tensor, ...] = ()
+        elif cls.max_mentors == 1:
+            mentors = (targets["logits"][0],)
+        else:
+            mentors = (targets["logits"],)
+        out = cls.loss_fn(*students, *mentors, y, **options)
+        return tuple(out) if cls.num_students > 1 else (out,)
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({self.name!r}{', ' if options else ''}{options})"
@@ -122,6 +158,11 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         return METHODS.register(name)(cls)
 
     return decorator
+
+
+def multi_mentor_methods() -> list[str]:
+    """The registered methods that read the mentors and accept any number of mentor stores."""
+    return [name for name in METHODS.names() if METHODS.get(name).needs and METHODS.get(name).max_mentors is None]
 
 
 def create_method(name: str, **options: Any) -> Method:

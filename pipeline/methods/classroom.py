@@ -101,6 +101,11 @@ class Classroom(Method):
     defaults = {"tau": 12.0, "beta": 1.0, "delta": 0.0, "rank_mean": "arithmetic", "active_if": "gt",
                 "alpha_source": "rank", "round_ranks": None, "granularity": "batch", "ranking": "weight"}
     choices = CHOICES
+    loss_fn = staticmethod(classroom_loss)
+
+    @classmethod
+    def public_losses(cls, students, targets, y, options):
+        return (classroom_loss(students[0], targets["logits"], y, **options)[0],)  # drop the info dict
 
     def _check_option(self, key, value):
         if key == "round_ranks":

@@ -118,6 +118,7 @@ class NoKD(Method):
 
     min_mentors = 0
     needs = frozenset()
+    loss_fn = staticmethod(F.cross_entropy)  # plain CE: torch's function, so pipeline.losses has none
 
     def compute(self, students, targets, y):
         ce = F.cross_entropy(full(students[0]), y)
@@ -130,6 +131,7 @@ class KD(Method):
 
     max_mentors = 1
     defaults = {"T": 4.0, "w_ce": 0.5, "w_kd": 0.5}
+    loss_fn = staticmethod(kd_loss)
 
     def compute(self, students, targets, y):
         parts = kd_parts(students[0], targets["logits"][0], y, **self.options)
@@ -143,6 +145,7 @@ class Uncertainty(Method):
     max_mentors = 1
     needs = frozenset({"logits", "entropy"})
     defaults = {"T": 4.0, "alpha": 0.5, "beta": 0.5}
+    loss_fn = staticmethod(uncertainty_kd_loss)
 
     def compute(self, students, targets, y):
         entropy = targets["entropy"][0] if "entropy" in targets else None

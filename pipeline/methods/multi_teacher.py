@@ -94,6 +94,7 @@ def adaptive_alpha_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, *, 
 @register("aver")
 class Aver(Method):
     defaults = {"T": 4.0}
+    loss_fn = staticmethod(aver_loss)
 
     def compute(self, students, targets, y):
         ce = F.cross_entropy(full(students[0]), y)
@@ -106,6 +107,7 @@ class CAWKD(Method):
     min_mentors = 2
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0, "reference_code": False}
+    loss_fn = staticmethod(ca_wkd_loss)
 
     def compute(self, students, targets, y):
         parts = ca_wkd_parts(students[0], targets["logits"], y, **self.options, p_gt=targets.get("p_gt"))
@@ -118,6 +120,7 @@ class AlphaGuided(Method):
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0, "gamma": 2.0, "theta": 0.3, "confidence": "gt", "reference_code": False}
     choices = {"confidence": ("gt", "max")}
+    loss_fn = staticmethod(alpha_guided_loss)
 
     def compute(self, students, targets, y):
         parts = alpha_guided_parts(students[0], targets["logits"], y, **self.options, p_gt=targets.get("p_gt"))
@@ -128,6 +131,7 @@ class AlphaGuided(Method):
 class AdaptiveAlpha(Method):
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0}
+    loss_fn = staticmethod(adaptive_alpha_loss)
 
     def compute(self, students, targets, y):
         parts = adaptive_alpha_parts(students[0], targets["logits"], y, **self.options, p_gt=targets.get("p_gt"))

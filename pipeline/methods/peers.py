@@ -73,6 +73,7 @@ class Dual(Method):
     max_mentors = 1
     needs = frozenset({"logits", "entropy"})
     defaults = {"T": 4.0, "alpha": DUAL_ALPHA, "beta": DUAL_BETA, "gamma": DUAL_GAMMA}
+    loss_fn = staticmethod(dual_student_losses)
 
     def compute(self, students, targets, y):
         entropy = targets["entropy"][0] if "entropy" in targets else None
@@ -88,6 +89,7 @@ class DML(Method):
     min_mentors = 0
     needs = frozenset()
     defaults = {"T": 1.0}
+    loss_fn = staticmethod(dml_losses)
 
     def compute(self, students, targets, y):
         parts = dml_parts(students[0], students[1], y, **self.options)

@@ -1,7 +1,8 @@
 """The public loss API (pipeline.losses) against hand computations and against the independent
-per-sample numpy implementation of docs/methods.md in _methods_reference.py.
+per-sample numpy implementation of docs/methods.md in _methods_reference.py. The gradient and
+mentor-count checks run on every registered method's public function (``Method.public_losses``).
 
-Run: .venv/bin/pytest tests/methods -q   (whole directory: about 8 s)
+Run: .venv/bin/pytest tests/methods -q   (whole directory: about 20 s)
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import _methods_reference as ref
-from _method_cases import make_case, make_targets
 from pipeline import losses
 from pipeline.errors import UserError
+from pipeline.methods import METHODS
+from tests.methods import _methods_reference as ref
+from tests.methods._method_cases import make_case, make_targets
 
 TOL = dict(rel=1e-5, abs=1e-6)
 
@@ -82,11 +84,19 @@ def test_classroom_student_better_than_every_mentor_activates_none():
     assert info["rank"].shape == info["active"].shape == info["temperature"].shape == (3,)
 
 
-@pytest.mark.parametrize("fn", [losses.ca_wkd_loss, losses.alpha_guided_loss])
-def test_weighting_methods_need_two_mentors(fn):
-    z_s, z_m, y = make_case(4, K=1)
-    with pytest.raises(UserError, match="at least 2 mentors"):
-        fn(z_s, z_m, y)
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).min_mentors >= 2])
+def test_public_function_of_a_multi_mentor_method_rejects_too_few_mentors(name):
+    # the method checks its mentor count before calling compute; its public function checks it too
+    cls = METHODS.get(name)
+    z_s, z_m, y = make_case(4, K=cls.min_mentors - 1)
+    students = [z_s] + [torch.randn_like(z_s) for _ in range(cls.num_students - 1)]
+    with pytest.raises(UserError, match=f"at least {cls.min_mentors} mentors"):
+        cls.public_losses(students, {"logits": z_m}, y, {})
+
+
+def test_multi_mentor_methods_are_checked():
+    # guards the test above against an empty parametrization
+    assert {"ca-wkd", "alpha-guided"} <= {n for n in METHODS.names() if METHODS.get(n).min_mentors >= 2}
 
 
 # ---------------------------------------------------------------- against the reference
@@ -230,38 +240,38 @@ def _leaf(t):
     return t.clone().requires_grad_(True)
 
 
-PUBLIC_WITH_MENTORS = [
-    lambda z_s, z_m, y: losses.kd_loss(z_s, z_m[0], y),
-    lambda z_s, z_m, y: losses.uncertainty_kd_loss(z_s, z_m[0], y),
-    lambda z_s, z_m, y: losses.aver_loss(z_s, z_m, y),
-    lambda z_s, z_m, y: losses.ca_wkd_loss(z_s, z_m, y),
-    lambda z_s, z_m, y: losses.alpha_guided_loss(z_s, z_m, y),
-    lambda z_s, z_m, y: losses.adaptive_alpha_loss(z_s, z_m, y),
-    lambda z_s, z_m, y: losses.classroom_loss(z_s, z_m, y, delta=1.0)[0],
-    lambda z_s, z_m, y: losses.classroom_loss(z_s, z_m, y, granularity="sample")[0],
-    lambda z_s, z_m, y: sum(losses.dual_student_losses(z_s, z_s * 0.5, z_m[0], y)),
+# every method that reads mentors, through its declared public function, plus option variants
+# that take other code paths
+MENTOR_CASES = [(name, {}) for name in METHODS.names() if METHODS.get(name).needs] + [
+    ("classroom", {"delta": 1.0}),
+    ("classroom", {"granularity": "sample"}),
 ]
 
 
-@pytest.mark.parametrize("fn", PUBLIC_WITH_MENTORS)
-def test_mentor_logits_never_receive_gradient(fn):
-    z_s, z_m, y = make_case(16)
-    z_s, z_m = _leaf(z_s), _leaf(z_m)
-    loss = fn(z_s, z_m, y)
+def _case_id(value) -> str:
+    return value if isinstance(value, str) else ",".join(f"{k}={v}" for k, v in value.items()) or "defaults"
+
+
+@pytest.mark.parametrize("name, options", MENTOR_CASES, ids=_case_id)
+def test_mentor_logits_never_receive_gradient(name, options):
+    cls = METHODS.get(name)
+    z_s, z_m, y = make_case(16, K=max(3, cls.min_mentors))
+    students = [_leaf(z_s)] + [_leaf(z_s * 0.5) for _ in range(cls.num_students - 1)]
+    z_m = _leaf(z_m)
+    loss = sum(cls.public_losses(students, {"logits": z_m}, y, options))
     assert loss.grad_fn is not None
-    grads = torch.autograd.grad(loss, [z_s, z_m], allow_unused=True)
-    assert grads[0] is not None and grads[0].abs().sum() > 0
-    assert grads[1] is None
+    *student_grads, mentor_grad = torch.autograd.grad(loss, [*students, z_m], allow_unused=True)
+    for grad in student_grads:
+        assert grad is not None and grad.abs().sum() > 0
+    assert mentor_grad is None
 
 
-@pytest.mark.parametrize("pair", ["dual", "dml"])
-def test_each_student_loss_ignores_the_peer(pair):
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).num_students == 2])
+def test_each_student_loss_ignores_the_peer(name):
+    cls = METHODS.get(name)
     z_a, z_m, y = make_case(17)
     z_a, z_b = _leaf(z_a), _leaf(z_m[1])
-    if pair == "dual":
-        loss_a, loss_b = losses.dual_student_losses(z_a, z_b, z_m[0], y)
-    else:
-        loss_a, loss_b = losses.dml_losses(z_a, z_b, y)
+    loss_a, loss_b = cls.public_losses([z_a, z_b], {"logits": z_m}, y, {})
     assert torch.autograd.grad(loss_a, z_b, allow_unused=True)[0] is None
     assert torch.autograd.grad(loss_b, z_a, allow_unused=True)[0] is None
     assert torch.autograd.grad(loss_a, z_a)[0].abs().sum() > 0

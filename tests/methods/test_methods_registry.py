@@ -1,27 +1,57 @@
 """Shared checks for every registered method (parametrized over METHODS.names(), so a new
-method gets them for free), the options/mentor-count errors, and each method against its
-public loss function.
+method gets them for free: the test-only methods of tests/methods/plugin_*.py, registered by
+conftest.py, run through them too), the options/mentor-count errors, and each method against
+the public loss function it declares (``loss_fn``).
 
-Run: .venv/bin/pytest tests/methods -q   (whole directory: about 8 s)
+Run: .venv/bin/pytest tests/methods -q   (whole directory: about 20 s)
 """
 
 from __future__ import annotations
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from _method_cases import make_case, make_targets
 from pipeline import losses
 from pipeline.errors import UserError
 from pipeline.methods import METHODS, Method, create_method
+from tests.methods._method_cases import make_case, make_targets
 
 ALL = METHODS.names()
 FIELDS = {"logits", "entropy", "p_gt"}
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 
 
-def test_registry_has_the_methods_of_methods_md():
-    expected = {"nokd", "kd", "uncertainty", "dual", "dml", "aver", "ca-wkd", "alpha-guided", "adaptive-alpha", "classroom"}
-    assert expected <= set(ALL)
+def _package_methods() -> list[str]:
+    """The registered methods defined in the package (not by a test module)."""
+    return [name for name in ALL if METHODS.get(name).__module__.startswith("pipeline.")]
+
+
+def _docs_section(title: str) -> str:
+    text = DOCS.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_docs_methods_md_documents_exactly_the_package_methods():
+    documented = re.findall(r"^### `([^`]+)`", _docs_section("Methods"), flags=re.M)
+    assert len(documented) >= 10  # guards the parsing: one heading per method
+    assert sorted(documented) == sorted(_package_methods())
+
+
+def test_docs_api_table_names_each_methods_public_function():
+    # rows "| `kd_loss(z_s, ...)` ... | `kd` |": function name -> method
+    table = _docs_section("Python API (`pipeline.losses`)")
+    rows = dict(re.findall(r"^\| `(\w+)\(.*\| `([^`]+)` \|$", table, flags=re.M))
+    assert len(rows) >= 9  # guards the parsing
+    for name in _package_methods():
+        fn = METHODS.get(name).loss_fn
+        if getattr(losses, fn.__name__, None) is fn:
+            assert rows.get(fn.__name__) == name, f"docs/methods.md: no API row `{fn.__name__}(...)` | `{name}`"
 
 
 def _num_mentors(method: Method) -> int:
@@ -77,13 +107,7 @@ def test_one_step_gives_a_finite_loss_and_moves_every_student(name):
             assert not value.requires_grad, f"{name}: part {key} is not detached"
 
 
-PAIRS = {
-    "dual": lambda z_a, z_b, targets, y: losses.dual_student_losses(z_a, z_b, targets["logits"][0], y),
-    "dml": lambda z_a, z_b, targets, y: losses.dml_losses(z_a, z_b, y),
-}
-
-
-@pytest.mark.parametrize("name", [n for n in ALL if create_method(n).num_students == 2])
+@pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).num_students == 2])
 def test_two_students_each_get_only_their_own_gradient(name):
     method = create_method(name)
     x, targets, y = _batch(method)
@@ -91,10 +115,11 @@ def test_two_students_each_get_only_their_own_gradient(name):
     z_b = torch.randn(len(y), targets["logits"].shape[-1], requires_grad=True)
     out = method([z_a, z_b], targets, y)
     assert torch.allclose(out["loss"], out["loss_a"] + out["loss_b"])
-    # the summed loss's gradient wrt each student is that of its own loss alone
+    # the summed loss's gradient wrt each student is that of its own public loss alone
     g_a, g_b = torch.autograd.grad(out["loss"], [z_a, z_b])
-    loss_a, loss_b = PAIRS[name](z_a, z_b, targets, y)
+    loss_a, loss_b = method.public_losses([z_a, z_b], targets, y, method.options)
     assert torch.autograd.grad(loss_a, z_b, allow_unused=True)[0] is None
+    assert torch.autograd.grad(loss_b, z_a, allow_unused=True)[0] is None
     assert torch.allclose(g_a, torch.autograd.grad(loss_a, z_a)[0], atol=1e-6)
     assert torch.allclose(g_b, torch.autograd.grad(loss_b, z_b)[0], atol=1e-6)
 
@@ -142,37 +167,48 @@ def test_mentor_count_outside_the_declared_range_is_a_user_error(name):
         with pytest.raises(UserError, match="at least"):
             method.check_mentors(method.min_mentors - 1)
     if method.max_mentors is not None:
-        with pytest.raises(UserError, match="teacher store only"):
+        with pytest.raises(UserError, match="teacher store only") as err:
             method.check_mentors(method.max_mentors + 1)
+        # the way out it suggests: every method that takes any number of mentors, and only those
+        suggested = str(err.value).rsplit("(", 1)[1].rstrip(")").split(", ")
+        assert suggested == [n for n in ALL if METHODS.get(n).needs and METHODS.get(n).max_mentors is None]
+        assert "classroom" in suggested
         _, z_m, y = make_case(1, K=method.max_mentors + 1)
         students = [torch.randn(len(y), z_m.shape[-1]) for _ in range(method.num_students)]
         with pytest.raises(UserError):
             method(students, make_targets(z_m, y), y)
 
 
-# Each method's loss equals its public function on the same batch (the method may read the
-# cached entropy / p_gt instead of recomputing them: equal up to float rounding).
-PUBLIC = {
-    "nokd": lambda z, zm, y: torch.nn.functional.cross_entropy(z[0], y),
-    "kd": lambda z, zm, y: losses.kd_loss(z[0], zm[0], y),
-    "uncertainty": lambda z, zm, y: losses.uncertainty_kd_loss(z[0], zm[0], y),
-    "dual": lambda z, zm, y: sum(losses.dual_student_losses(z[0], z[1], zm[0], y)),
-    "dml": lambda z, zm, y: sum(losses.dml_losses(z[0], z[1], y)),
-    "aver": lambda z, zm, y: losses.aver_loss(z[0], zm, y),
-    "ca-wkd": lambda z, zm, y: losses.ca_wkd_loss(z[0], zm, y),
-    "alpha-guided": lambda z, zm, y: losses.alpha_guided_loss(z[0], zm, y),
-    "adaptive-alpha": lambda z, zm, y: losses.adaptive_alpha_loss(z[0], zm, y),
-    "classroom": lambda z, zm, y: losses.classroom_loss(z[0], zm, y)[0],
-}
+@pytest.mark.parametrize("name", ALL)
+def test_declares_its_public_loss_function(name):
+    cls = METHODS.get(name)
+    fn = cls.loss_fn
+    assert callable(fn), f"{name}: declare the public pure function it computes as loss_fn"
+    if fn.__module__.startswith("pipeline."):  # the package's own functions are public API
+        assert getattr(losses, fn.__name__, None) is fn, f"{name}: {fn.__name__} is not exported by pipeline.losses"
+        assert fn.__name__ in losses.__all__
+    # an option that is also a parameter of the function has the same default in both
+    parameters = inspect.signature(fn).parameters
+    for key, default in cls.defaults.items():
+        if key in parameters:
+            assert parameters[key].default == default, f"{name}: default {key}={default!r} differs from {fn.__name__}'s"
 
 
-@pytest.mark.parametrize("name", sorted(PUBLIC))
-def test_method_equals_its_public_loss(name):
-    method = create_method(name)
+# Each method's loss equals its declared public function on the same batch (the method may read
+# the cached entropy / p_gt instead of recomputing them: equal up to float rounding). Once with the
+# defaults (the function's own defaults: nothing passed), once with every float option changed.
+@pytest.mark.parametrize("changed", [False, True], ids=["defaults", "changed-options"])
+@pytest.mark.parametrize("name", ALL)
+def test_method_equals_its_public_loss(name, changed):
+    cls = METHODS.get(name)
+    options = {key: 0.7 * value for key, value in cls.defaults.items() if isinstance(value, float)} if changed else {}
+    method = create_method(name, **options)
     _, targets, y = _batch(method, seed=3)
     z = [torch.randn(len(y), targets["logits"].shape[-1]) for _ in range(method.num_students)]
     got = method(z, targets, y)["loss"]
-    assert got.item() == pytest.approx(PUBLIC[name](z, targets["logits"], y).item(), rel=1e-5, abs=1e-6)
+    expected = sum(cls.public_losses(z, {"logits": targets["logits"]}, y, options))
+    assert isinstance(expected, torch.Tensor) and expected.ndim == 0
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
 def test_classroom_logs_per_mentor_rank_active_temperature():

@@ -1,0 +1,1 @@
+"""Registry-parametrized tests of the distillation methods (``pipeline.methods``)."""
