@@ -1,37 +1,79 @@
-"""Shared by the DVC stages: read one section of params.yaml and report errors in one line.
+"""Shared by the DVC stages: read one section of params.yaml into a config, report errors in one line.
 
-Stages are thin: each reads its section, calls one library function and
-writes the outputs whose paths dvc.yaml passes on its command line.
+    params = Section.read("students", "kd_ce")             # params.yaml[students][kd_ce]
+    cfg = params.config(DistillConfig, manifest=args.manifest, out=args.out)
+    # a mistake: "error: params.yaml: students.kd_ce.lr: expected a number > 0, found -1", exit 2
+
+Stages are thin: each reads its section, calls one library function and writes the outputs
+whose paths dvc.yaml passes on its command line. The settings' defaults live in the config
+classes, never here.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import yaml
 
+from pipeline.config import ConfigError, FromDict
 from pipeline.errors import UserError
 
+PARAMS = "params.yaml"
 
-def section(name: str, *keys: str, path: str | Path = "params.yaml") -> Any:
-    """``params.yaml[name][keys[0]]...``; a missing file or key is a UserError naming it."""
-    path = Path(path)
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    value: Any = params
-    trail = name
-    for key in (name, *keys):
-        if not isinstance(value, dict) or key not in value:
-            raise UserError(f"{path}: missing key {trail!r}")
-        value = value[key]
-        trail = f"{trail}.{key}" if key != name else trail
-    return value
+C = TypeVar("C", bound=FromDict)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One mapping of params.yaml (``values``), with the file and key path errors name."""
+
+    values: dict[str, Any]
+    source: str
+    prefix: str
+
+    @classmethod
+    def read(cls, name: str, *keys: str, path: str | Path = PARAMS) -> Section:
+        """``params.yaml[name][keys[0]]...``; a missing file or key, or a value that is not a
+        mapping, is a UserError naming it. An empty section (``evaluate:``) means the defaults."""
+        path = Path(path)
+        try:
+            params = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise UserError(f"{path}: cannot read ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        value: Any = params
+        trail: list[str] = []
+        for key in (name, *keys):
+            if not isinstance(value, dict) or key not in value:
+                raise UserError(f"{path}: missing key {'.'.join((*trail, key))!r}")
+            value = value[key]
+            trail.append(key)
+        prefix = ".".join(trail)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping of key: value, found {value!r}", source=str(path), prefix=prefix)
+        return cls(dict(value), str(path), prefix)
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """An error about ``key`` of this section: ``params.yaml: <prefix>.<key>: <problem>``."""
+        return ConfigError(problem, key=key, source=self.source, prefix=self.prefix)
+
+    def with_values(self, **values: Any) -> Section:
+        """This section with some of its values replaced (still named as coming from the file)."""
+        return replace(self, values={**self.values, **values})
+
+    def config(self, cls: type[C], **given: Any) -> C:
+        """``cls`` built from this section plus ``given``, the values the stage sets itself (paths
+        from its command line): the file may not set those too, they would be silently overridden."""
+        for key in self.values:
+            if key in given:
+                raise self.error(key, "set by the stage itself (paths come from dvc.yaml), not here")
+        return cls.from_dict({**self.values, **given}, source=self.source, prefix=self.prefix)
 
 
 def run(main: Callable[[], None]) -> None:

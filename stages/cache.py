@@ -6,7 +6,7 @@
 
 import argparse
 
-from _params import run, section
+from _params import Section, run
 
 from pipeline.errors import UserError
 from pipeline.store.verify import verify_store
@@ -19,8 +19,8 @@ def main() -> None:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="store to write")
     args = parser.parse_args()
-    cfg = CacheConfig.from_dict({**section("cache"), "teacher": args.teacher, "manifest": args.manifest,
-                                 "out": args.out, "overwrite": True, "progress": False})
+    cfg = Section.read("cache").config(CacheConfig, teacher=args.teacher, manifest=args.manifest, out=args.out,
+                                       overwrite=True, progress=False)
     result = cache_teacher(cfg)
     report = verify_store(args.out)
     if not (result.complete and report.ok):

@@ -9,7 +9,7 @@ Mentors are named by their teacher: ``mentors: [ce]`` reads ``<caches>/ce.zarr``
 import argparse
 from pathlib import Path
 
-from _params import run, section
+from _params import Section, run
 
 from pipeline.train import DistillConfig, distill
 
@@ -22,10 +22,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="student checkpoint to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON (a CSV history goes beside it)")
     args = parser.parse_args()
-    params = dict(section("students", args.name))
-    mentors = [str(Path(args.caches) / f"{name}.zarr") for name in params.pop("mentors", [])]
-    cfg = DistillConfig.from_dict({**params, "mentors": mentors, "manifest": args.manifest, "out": args.out,
-                                   "metrics": args.metrics})
+    params = Section.read("students", args.name)
+    if "mentors" in params.values:         # teacher names -> their stores
+        names = params.values["mentors"]
+        if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+            raise params.error("mentors", f"expected a list of teacher names, found {names!r}")
+        params = params.with_values(mentors=[str(Path(args.caches) / f"{name}.zarr") for name in names])
+    cfg = params.config(DistillConfig, manifest=args.manifest, out=args.out, metrics=args.metrics)
     metrics = distill(cfg)
     print(f"student {args.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 

@@ -10,10 +10,10 @@ same figures as a Markdown table (``--table``) that ``make run`` prints at the e
 import argparse
 from pathlib import Path
 
-from _params import run, section
+from _params import Section, run
 
-from pipeline.files import write_json
-from pipeline.train import evaluate_checkpoint
+from pipeline.files import atomic_path, write_json
+from pipeline.train import EvaluateConfig
 
 # Figures worth a column in `dvc metrics show`; the rest stays in the checkpoints.
 KEEP = ("top1", "top5", "ce", "bayes_mse", "bayes_ce", "bayes_agree", "bayes_top1")
@@ -26,17 +26,19 @@ def main() -> None:
     parser.add_argument("--table", required=True, help="Markdown table to write")
     parser.add_argument("checkpoints", nargs="+")
     args = parser.parse_args()
-    split = section("evaluate", "split")
+    cfg = Section.read("evaluate").config(EvaluateConfig)
+    split = cfg.split
     results = {}
     for ckpt in args.checkpoints:
-        scores = evaluate_checkpoint(ckpt, args.manifest, split, strict=True)
+        scores = cfg.score(ckpt, args.manifest)
         results[Path(ckpt).stem] = {k: round(float(scores[k]), 5) for k in KEEP if k in scores}
     write_json(args.out, {split: results})
     columns = [k for k in KEEP if any(k in row for row in results.values())]
     lines = [f"| {split} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.4f}" for k in columns) + " |"
               for name, row in results.items()]
-    Path(args.table).write_text("\n".join(lines) + "\n")
+    with atomic_path(args.table) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

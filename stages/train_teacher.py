@@ -6,7 +6,7 @@
 
 import argparse
 
-from _params import run, section
+from _params import Section, run
 
 from pipeline.train import TeacherConfig, train_teacher
 
@@ -18,8 +18,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="checkpoint to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON (a CSV history goes beside it)")
     args = parser.parse_args()
-    params = dict(section("teachers", args.name))
-    cfg = TeacherConfig.from_dict({**params, "manifest": args.manifest, "out": args.out, "metrics": args.metrics})
+    cfg = Section.read("teachers", args.name).config(TeacherConfig, manifest=args.manifest, out=args.out,
+                                                      metrics=args.metrics)
     metrics = train_teacher(cfg)
     print(f"teacher {args.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 

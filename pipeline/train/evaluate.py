@@ -20,14 +20,16 @@ trained on another manifest (hash) only warns, unless ``strict``.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import FromDict
 from pipeline.data import default_views, open_split
 from pipeline.data.synthetic import bayes_posterior
 from pipeline.data.views import ViewSpec
@@ -146,3 +148,31 @@ def evaluate_checkpoint(
     scores = evaluate_model(runtime.prepare(model), dataset, runtime=runtime, batch_size=batch_size, workers=workers,
                             posterior=posterior(man, split))
     return {**scores, "checkpoint": str(ckpt), "split": split, "manifest_match": match}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(FromDict):
+    """How checkpoints are scored (the ``evaluate`` section of params.yaml):
+    ``EvaluateConfig.from_dict(params["evaluate"]).score("models/kd.pt", "m.parquet")``."""
+
+    section: ClassVar[str] = "evaluate"
+
+    split: str = "test"
+    batch_size: int = 512
+    workers: int = 0                       # DataLoader workers decoding images
+    device: str = "auto"
+    strict: bool = False                   # another manifest than the checkpoint's: an error (else a warning)
+
+    def __post_init__(self) -> None:
+        for key in ("split", "device"):
+            if not getattr(self, key) or not isinstance(getattr(self, key), str):
+                raise self.bad(key, "a non-empty string")
+        self.check_ints(("batch_size",), minimum=1)
+        self.check_ints(("workers",), minimum=0)
+        if not isinstance(self.strict, bool):
+            raise self.bad("strict", "true or false")
+
+    def score(self, ckpt: str | Path, manifest: str | Path | Manifest) -> dict[str, Any]:
+        """``evaluate_checkpoint`` of ``ckpt`` on this split of ``manifest`` with these settings."""
+        return evaluate_checkpoint(ckpt, manifest, self.split, batch_size=self.batch_size, device=self.device,
+                                   workers=self.workers, strict=self.strict)
