@@ -5,16 +5,132 @@
 
 Every command calls one library function. A user's mistake raises ``UserError`` and ends
 here as one line on stderr and exit status 2, never a traceback.
+
+Names and defaults have one source each: the choices of ``--dataset``, ``--loss``, ``--method``
+(and the archs listed in the help) are the library's registries, read whenever click validates
+or prints help, so a name registered after import is a choice too; option defaults are the
+fields of ``TeacherConfig``, ``DistillConfig`` and ``CacheConfig``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import sys
+import warnings
+from typing import Any, Callable, Sequence
 
 import click
 
 from pipeline import __version__
+from pipeline.cache import CacheConfig, cache_teacher
+from pipeline.data import READERS, build_manifest, check_files
 from pipeline.errors import UserError
+from pipeline.files import write_json
+from pipeline.inspect import format_report, inspect_stores, write_report
+from pipeline.manifest import load_manifest
+from pipeline.methods import METHODS
+from pipeline.methods.teacher import TEACHER_LOSSES
+from pipeline.models import MODELS
+from pipeline.store.schema import DTYPES, STORAGE_KINDS, Layout, human_bytes, plan_bytes
+from pipeline.store.verify import verify_store
+from pipeline.train import (
+    DistillConfig,
+    EvaluateConfig,
+    TeacherConfig,
+    distill,
+    parse_options,
+    student_paths,
+    train_teacher,
+)
+from pipeline.train.student import CACHE_MODES
+
+
+def _default(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config`` (its default or default_factory())."""
+    for item in dataclasses.fields(config):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            raise TypeError(f"{config.__name__}.{name} has no default")
+    raise TypeError(f"{config.__name__} has no field {name!r}")
+
+
+class _Names(click.Choice):
+    """A ``click.Choice`` whose choices are ``names()`` (a registry's ``names``), read each time click
+    validates, completes or prints help, not once at import."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
+        super().__init__((), case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:
+        """click.Choice.__init__ assigns the choices; they come from ``names`` instead."""
+
+
+class _ListsNames(click.Option):
+    """An option whose help ends with ``names()``, read when the help is shown (model archs: too many
+    to spell in the usage line; the configs validate them and name the key)."""
+
+    def __init__(self, *args: Any, names: Callable[[], Sequence[str]], **kwargs: Any) -> None:
+        self._names = names
+        self._base_help = kwargs.get("help") or ""
+        super().__init__(*args, **kwargs)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = f"{self._base_help} One of: {', '.join(self._names())}.".strip()
+        return super().get_help_record(ctx)
+
+
+class _Greedy(click.Option):
+    """A ``multiple`` option that also takes several values after one flag: ``--mentors a.zarr b.zarr``
+    as well as ``--mentors a.zarr --mentors b.zarr`` (its command must be a ``_GreedyCommand``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, multiple=True, **kwargs)
+
+
+class _GreedyCommand(click.Command):
+    """A command whose ``_Greedy`` options take every value up to the next option: the arguments are
+    rewritten (``--mentors a b`` -> ``--mentors a --mentors b``) before click parses them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        flags = {opt for param in self.params if isinstance(param, _Greedy) for opt in param.opts}
+        return super().parse_args(ctx, _expand_greedy(args, flags))
+
+
+def _expand_greedy(args: Sequence[str], flags: set[str]) -> list[str]:
+    """``args`` with each bare value that follows a value of a flag in ``flags`` given its own flag."""
+    out: list[str] = []
+    greedy: str | None = None   # the flag whose values are being read
+    needs_value = False         # the next argument is the value of a flag just seen
+    for i, arg in enumerate(args):
+        if needs_value:
+            out.append(arg)
+            needs_value = False
+        elif arg == "--":       # the end of the options: the rest is passed on as it is
+            out.extend(args[i:])
+            break
+        elif arg in flags:
+            greedy, needs_value = arg, True
+            out.append(arg)
+        elif arg.partition("=")[0] in flags and "=" in arg:  # --mentors=a.zarr b.zarr
+            greedy = arg.partition("=")[0]
+            out.append(arg)
+        elif greedy is not None and not arg.startswith("-"):
+            out += [greedy, arg]
+        else:
+            greedy = None
+            out.append(arg)
+    return out
 
 
 class _Group(click.Group):
@@ -51,9 +167,6 @@ def cli() -> None:
 
 
 # --- manifest --------------------------------------------------------------
-_DATASETS = ["synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder"]
-
-
 @cli.group("manifest")
 def manifest_group() -> None:
     """Build and check Parquet manifests (one row per sample: id, label, split, source).
@@ -66,7 +179,7 @@ def manifest_group() -> None:
 
 
 @manifest_group.command("build")
-@click.option("--dataset", required=True, type=click.Choice(_DATASETS), help="Dataset reader.")
+@click.option("--dataset", required=True, type=_Names(READERS.names), help="Dataset reader.")
 @click.option("--root", required=True, type=click.Path(path_type=str),
               help="Dataset root (synthetic: where the generated data is written).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest to write (.parquet).")
@@ -99,8 +212,6 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
       kdcache manifest build --dataset fashion-mnist --root /usr/share/datasets/fashion-mnist --out data_manifests/fashion.parquet
       kdcache manifest build --dataset imagefolder --root data/imagenet --classes data_manifests/imagenet100.txt --out data_manifests/imagenet100.parquet
     """
-    from pipeline.data import build_manifest
-
     given = {k: v for k, v in options.items() if v is not None}
     m = build_manifest(dataset, root, out, classes=classes, seed=seed, progress=True, **given)
     sizes = ", ".join(f"{k} {v}" for k, v in m.split_sizes().items())
@@ -109,21 +220,18 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
 
 @manifest_group.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--files/--no-files", "check_files", default=True, show_default=True,
+@click.option("--files/--no-files", "with_files", default=True, show_default=True,
               help="Also check that the data files the manifest names exist (and are unchanged).")
-def manifest_check(file: str, check_files: bool) -> None:
+def manifest_check(file: str, with_files: bool) -> None:
     """Validate a manifest and print a summary (exit 2 with one line if it is bad).
 
     \b
     Example:
       kdcache manifest check data_manifests/cifar10.parquet
     """
-    from pipeline.data import check_files as check_data_files
-    from pipeline.manifest import load_manifest
-
     m = load_manifest(file)
-    if check_files:
-        check_data_files(m)
+    if with_files:
+        check_files(m)
     names = ", ".join(m.class_names[:10]) + (", ..." if m.num_classes > 10 else "")
     click.echo(f"manifest: {file}")
     click.echo(f"dataset:  {m.dataset} (root {m.root})")
@@ -135,27 +243,35 @@ def manifest_check(file: str, check_files: bool) -> None:
 # --- train-teacher / evaluate ----------------------------------------------
 @cli.command("train-teacher")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--arch", required=True, help="Model name (see pipeline.models: mlp, cnn, resnet20, resnet18, ...).")
-@click.option("--loss", type=click.Choice(["ce", "mse"]), default="ce", show_default=True,
+@click.option("--arch", required=True, metavar="ARCH", cls=_ListsNames, names=MODELS.names, help="Model name.")
+@click.option("--loss", type=_Names(TEACHER_LOSSES.names), default=_default(TeacherConfig, "loss"), show_default=True,
               help="ce: cross-entropy; mse: mean squared error of softmax vs one-hot.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Checkpoint to write (rewritten atomically after every epoch).")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Peak learning rate (cosine decay per step).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
-@click.option("--views-seed", type=int, default=0, show_default=True, help="Seed of the replayable augmentations.")
-@click.option("--val-split", default="val", show_default=True, help="Split scored after every epoch (skipped if absent).")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--epochs", type=int, default=_default(TeacherConfig, "epochs"), show_default=True)
+@click.option("--batch-size", type=int, default=_default(TeacherConfig, "batch_size"), show_default=True)
+@click.option("--lr", type=float, default=_default(TeacherConfig, "lr"), show_default=True,
+              help="Peak learning rate (cosine decay per step).")
+@click.option("--momentum", type=float, default=_default(TeacherConfig, "momentum"), show_default=True)
+@click.option("--weight-decay", type=float, default=_default(TeacherConfig, "weight_decay"), show_default=True)
+@click.option("--seed", type=int, default=_default(TeacherConfig, "seed"), show_default=True,
+              help="Seed of initialisation and batch order.")
+@click.option("--views-seed", type=int, default=_default(TeacherConfig, "views_seed"), show_default=True,
+              help="Seed of the replayable augmentations.")
+@click.option("--val-split", default=_default(TeacherConfig, "val_split"), show_default=True,
+              help="Split scored after every epoch (skipped if absent).")
+@click.option("--workers", type=int, default=_default(TeacherConfig, "workers"), show_default=True,
+              help="DataLoader workers decoding images.")
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=_default(TeacherConfig, "resume"),
               help="Checkpoint of an interrupted run with the same settings: continue it.")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=_default(TeacherConfig, "metrics"),
               help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv).")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads (fix it for bit-identical CPU runs).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+@click.option("--device", default=_default(TeacherConfig, "device"), show_default=True,
+              help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--threads", type=int, default=_default(TeacherConfig, "threads"),
+              help="Torch CPU threads (fix it for bit-identical CPU runs).")
+@click.option("--progress/--no-progress", default=_default(TeacherConfig, "progress"), show_default=True,
+              help="Progress bar on a terminal.")
 def train_teacher_command(**options) -> None:
     """Train a teacher with cross-entropy or MSE on the train split of a manifest.
 
@@ -168,10 +284,6 @@ def train_teacher_command(**options) -> None:
       kdcache train-teacher --manifest data_manifests/cifar100.parquet --arch resnet56 --loss ce --epochs 240 --lr 0.05 --workers 4 --out models/r56.pt
       kdcache train-teacher ... --out models/r56.pt --resume models/r56.pt      # after an interruption
     """
-    from pipeline.train import TeacherConfig, train_teacher
-
-    import os
-
     metrics = train_teacher(TeacherConfig(**options))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
@@ -183,13 +295,17 @@ def train_teacher_command(**options) -> None:
 @cli.command("evaluate")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--split", default="test", show_default=True, help="Split to score (view 0, the evaluation transform).")
+@click.option("--split", default=_default(EvaluateConfig, "split"), show_default=True,
+              help="Split to score (view 0, the evaluation transform).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, help="Also write the metrics as JSON.")
-@click.option("--batch-size", type=int, default=512, show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--strict", is_flag=True, help="Refuse a checkpoint trained on another manifest (default: warn).")
-def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None, **options) -> None:
+@click.option("--batch-size", type=int, default=_default(EvaluateConfig, "batch_size"), show_default=True)
+@click.option("--workers", type=int, default=_default(EvaluateConfig, "workers"), show_default=True,
+              help="DataLoader workers decoding images.")
+@click.option("--device", default=_default(EvaluateConfig, "device"), show_default=True,
+              help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--strict/--no-strict", default=_default(EvaluateConfig, "strict"), show_default=True,
+              help="Refuse a checkpoint trained on another manifest (otherwise: warn).")
+def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options) -> None:
     """Score a checkpoint on a split: top-1/top-5 accuracy and cross-entropy; on synthetic data
     also MSE and CE to the exact Bayes posterior, agreement with it, and its accuracy (the ceiling).
 
@@ -197,16 +313,13 @@ def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None
     Example:
       kdcache evaluate models/mse.pt --manifest data_manifests/synthetic.parquet --split test --out metrics/mse_test.json
     """
-    import warnings
-
-    from pipeline.files import write_json
-    from pipeline.train import evaluate_checkpoint
-
+    cfg = EvaluateConfig(**options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate_checkpoint(checkpoint, manifest, split, **options)
+        result = cfg.score(checkpoint, manifest)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
+    split = cfg.split
     percent = {"top1", "top5", "bayes_agree", "bayes_top1"}
     click.echo(f"{checkpoint} on {split} ({result['n']} samples)")
     for key in ("top1", "top5", "ce", "bayes_top1", "bayes_agree", "bayes_mse", "bayes_ce"):
@@ -221,28 +334,41 @@ def evaluate_command(checkpoint: str, manifest: str, split: str, out: str | None
 @cli.command("cache")
 @click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher checkpoint.")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--split", default="train", show_default=True, help="Split to cache.")
-@click.option("--views", type=int, default=1, show_default=True, help="Number of views V (view 0 = eval transform).")
+@click.option("--split", default=_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
+@click.option("--views", type=int, default=_default(CacheConfig, "views"), show_default=True,
+              help="Number of views V (view 0 = eval transform).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Store to write (a .zarr directory).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default=_default(CacheConfig, "dtype"), show_default=True,
               help="Dtype of the stored logits (entropy, p_gt are always exact float32).")
-@click.option("--storage", type=click.Choice(["dense", "topk"]), default="dense", show_default=True,
+@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=_default(CacheConfig, "storage"), show_default=True,
               help="dense logits [V,N,C], or top-k values/indices + logsumexp.")
-@click.option("--k", type=int, default=None, help="Classes kept per sample with --storage topk.")
-@click.option("--rows-per-block", type=int, default=None,
+@click.option("--k", type=int, default=_default(CacheConfig, "k"), help="Classes kept per sample with --storage topk.")
+@click.option("--rows-per-block", type=int, default=_default(CacheConfig, "rows_per_block"),
               help="Rows per block (= chunk, the unit of work and resume); default 4096, less for huge C.")
-@click.option("--micro-batch", type=int, default=256, show_default=True, help="Teacher batch size inside a block.")
-@click.option("--shard", default=None, help="i/n: compute every n-th block starting at i (SLURM array jobs).")
-@click.option("--scheduler", default=None, help="Address of a running dask scheduler: one task per block.")
-@click.option("--local-workers", type=int, default=None, help="Start a dask LocalCluster of N worker processes.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store first.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda with bf16 autocast if present), cpu, cuda:0 ...")
-@click.option("--threads", type=int, default=None,
+@click.option("--micro-batch", type=int, default=_default(CacheConfig, "micro_batch"), show_default=True,
+              help="Teacher batch size inside a block.")
+@click.option("--shard", default=_default(CacheConfig, "shard"),
+              help="i/n: compute every n-th block starting at i (SLURM array jobs).")
+@click.option("--scheduler", default=_default(CacheConfig, "scheduler"),
+              help="Address of a running dask scheduler: one task per block.")
+@click.option("--local-workers", type=int, default=_default(CacheConfig, "local_workers"),
+              help="Start a dask LocalCluster of N worker processes.")
+@click.option("--overwrite", is_flag=True, default=_default(CacheConfig, "overwrite"), help="Delete an existing store first.")
+@click.option("--device", default=_default(CacheConfig, "device"), show_default=True,
+              help="auto (cuda with bf16 autocast if present), cpu, cuda:0 ...")
+@click.option("--threads", type=int, default=_default(CacheConfig, "threads"),
               help="Torch CPU threads per process; keep it the same across jobs for bit-identical stores.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
-@click.option("--views-seed", type=int, default=0, show_default=True, help="Seed of the random views.")
-@click.option("--name", default=None, help="Teacher name recorded in the store (default: checkpoint file stem).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (rows/s) on stderr.")
+@click.option("--workers", type=int, default=_default(CacheConfig, "workers"), show_default=True,
+              help="DataLoader workers decoding images.")
+# The spellings before --workers/--views-seed, kept working (and out of --help) for one release.
+@click.option("--loader-workers", "workers", type=int, default=_default(CacheConfig, "workers"), hidden=True)
+@click.option("--views-seed", type=int, default=_default(CacheConfig, "views_seed"), show_default=True,
+              help="Seed of the random views.")
+@click.option("--view-seed", "views_seed", type=int, default=_default(CacheConfig, "views_seed"), hidden=True)
+@click.option("--name", default=_default(CacheConfig, "name"),
+              help="Teacher name recorded in the store (default: checkpoint file stem).")
+@click.option("--progress/--no-progress", default=_default(CacheConfig, "progress"), show_default=True,
+              help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: str, manifest: str, split: str, views: int, out: str, storage: str, k: int | None,
                   **options) -> None:
     """Run a frozen teacher over every sample and view of a split; write its targets to a Zarr store.
@@ -257,8 +383,6 @@ def cache_command(teacher: str, manifest: str, split: str, views: int, out: str,
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    from pipeline.cache import CacheConfig, cache_teacher
-
     result = cache_teacher(CacheConfig(teacher=teacher, manifest=manifest, split=split, views=views, out=out,
                                        storage=storage, k=k, **options))
     if result.complete:
@@ -283,8 +407,6 @@ def verify_command(stores: tuple[str, ...], sample_rows: int) -> None:
     Example:
       kdcache verify caches/train/ce.zarr caches/train/mse.zarr
     """
-    from pipeline.store.verify import verify_store
-
     failed = 0
     for store in stores:
         report = verify_store(store, sample_rows=sample_rows)
@@ -298,11 +420,11 @@ def verify_command(stores: tuple[str, ...], sample_rows: int) -> None:
 @click.option("--num-samples", type=int, default=None, help="N (or take it from --manifest/--split).")
 @click.option("--num-classes", type=int, default=None, help="C (or take it from --manifest).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=str), default=None, help="Manifest giving N and C.")
-@click.option("--split", default="train", show_default=True, help="Split of --manifest.")
-@click.option("--views", type=int, default=1, show_default=True, help="Views V per sample.")
+@click.option("--split", default=_default(CacheConfig, "split"), show_default=True, help="Split of --manifest.")
+@click.option("--views", type=int, default=_default(CacheConfig, "views"), show_default=True, help="Views V per sample.")
 @click.option("--teachers", type=int, default=1, show_default=True, help="Number of stores (teachers).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--storage", type=click.Choice(["dense", "topk"]), default="dense", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=_default(CacheConfig, "dtype"), show_default=True)
+@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=_default(CacheConfig, "storage"), show_default=True)
 @click.option("--k", type=int, default=None, help="Classes kept with --storage topk.")
 @click.option("--rows-per-block", type=int, default=None, help="As for `kdcache cache` (default 4096).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
@@ -314,11 +436,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
       kdcache plan --num-samples 1281167 --num-classes 1000 --views 4 --teachers 3
       kdcache plan --manifest data_manifests/imagenet100.parquet --split train --storage topk --k 20
     """
-    from pipeline.store.schema import Layout, human_bytes, plan_bytes
-
     if manifest:
-        from pipeline.manifest import load_manifest
-
         m = load_manifest(manifest)
         num_samples = num_samples or len(m.split(split).sample_id)
         num_classes = num_classes or m.num_classes
@@ -334,69 +452,63 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 
 
 # --- distill ---------------------------------------------------------------
-class _Greedy(click.Option):
-    """A ``multiple`` option that also takes several values after one flag: ``--mentors a.zarr b.zarr``."""
-
-    def add_to_parser(self, parser, ctx) -> None:  # type: ignore[no-untyped-def]
-        super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            option = parser._long_opt.get(name) or parser._short_opt.get(name)
-            if option is None:
-                continue
-            single = option.process
-
-            def process(value, state, single=single) -> None:  # type: ignore[no-untyped-def]
-                single(value, state)
-                while state.rargs and not state.rargs[0].startswith("-"):
-                    single(state.rargs.pop(0), state)
-
-            option.process = process
-
-
-@cli.command("distill")
-@click.option("--method", required=True, help="Distillation method (docs/methods.md): nokd, kd, uncertainty, dual, dml, "
-              "aver, ca-wkd, alpha-guided, adaptive-alpha, classroom.")
-@click.option("--mentors", cls=_Greedy, multiple=True, type=click.Path(path_type=str),
+@cli.command("distill", cls=_GreedyCommand)
+@click.option("--method", required=True, type=_Names(METHODS.names), help="Distillation method (docs/methods.md).")
+@click.option("--mentors", cls=_Greedy, default=_default(DistillConfig, "mentors"), type=click.Path(path_type=str),
               help="Cache stores, teacher first (several after one flag, or the flag repeated).")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--student", required=True, help="Student arch (mlp, cnn, resnet20, resnet18, mobilenet_v2, ...).")
-@click.option("--student-b", default=None, help="Second student's arch (dual, dml); saved as OUT with suffix _b.")
+@click.option("--student", required=True, metavar="ARCH", cls=_ListsNames, names=MODELS.names, help="Student arch.")
+@click.option("--student-b", metavar="ARCH", default=_default(DistillConfig, "student_b"),
+              help="Second student's arch, one of the --student names (dual, dml); saved as OUT with suffix _b.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Student checkpoint (rewritten atomically after every epoch).")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="A method option (repeatable), e.g. T=4, tau=12, round_ranks=2, reference_code=true.")
-@click.option("--online", is_flag=True, help="Run the --teachers live instead of reading a cache.")
-@click.option("--teachers", cls=_Greedy, multiple=True, type=click.Path(dir_okay=False, path_type=str),
-              help="With --online: teacher checkpoints, teacher first.")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Per process (DDP: per rank).")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Peak learning rate (cosine decay per step).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
-@click.option("--views", type=int, default=None,
+@click.option("--online", is_flag=True, default=_default(DistillConfig, "online"),
+              help="Run the --teachers live instead of reading a cache.")
+@click.option("--teachers", cls=_Greedy, default=_default(DistillConfig, "teachers"),
+              type=click.Path(dir_okay=False, path_type=str),
+              help="With --online: teacher checkpoints, teacher first (several after one flag, or the flag repeated).")
+@click.option("--epochs", type=int, default=_default(DistillConfig, "epochs"), show_default=True)
+@click.option("--batch-size", type=int, default=_default(DistillConfig, "batch_size"), show_default=True,
+              help="Per process (DDP: per rank).")
+@click.option("--lr", type=float, default=_default(DistillConfig, "lr"), show_default=True,
+              help="Peak learning rate (cosine decay per step).")
+@click.option("--momentum", type=float, default=_default(DistillConfig, "momentum"), show_default=True)
+@click.option("--weight-decay", type=float, default=_default(DistillConfig, "weight_decay"), show_default=True)
+@click.option("--seed", type=int, default=_default(DistillConfig, "seed"), show_default=True,
+              help="Seed of initialisation and batch order.")
+@click.option("--views", type=int, default=_default(DistillConfig, "views"),
               help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
-@click.option("--views-seed", type=int, default=0, show_default=True,
+@click.option("--views-seed", type=int, default=_default(DistillConfig, "views_seed"), show_default=True,
               help="Seed of the default views without a cache (as kdcache cache --views-seed).")
-@click.option("--train-split", default=None, help="Split to train on (default: the stores' split, else train).")
-@click.option("--val-split", default="val", show_default=True, help="Split scored after every epoch (skipped if absent).")
-@click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--train-split", default=_default(DistillConfig, "train_split"),
+              help="Split to train on (default: the stores' split, else train).")
+@click.option("--val-split", default=_default(DistillConfig, "val_split"), show_default=True,
+              help="Split scored after every epoch (skipped if absent).")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "init"),
               help="Start student A from these weights (a checkpoint or state_dict).")
-@click.option("--init-b", type=click.Path(dir_okay=False, path_type=str), default=None, help="Same for student B.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
-@click.option("--cache-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+@click.option("--init-b", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "init_b"),
+              help="Same for student B.")
+@click.option("--workers", type=int, default=_default(DistillConfig, "workers"), show_default=True,
+              help="DataLoader workers decoding images.")
+@click.option("--cache-mode", type=click.Choice(CACHE_MODES), default=_default(DistillConfig, "cache_mode"),
+              show_default=True,
               help="Read the cache into memory or stream it by blocks (auto: memory when it fits the budget).")
-@click.option("--memory-budget-mb", type=int, default=None,
+@click.option("--memory-budget-mb", type=int, default=_default(DistillConfig, "memory_budget_mb"),
               help="Memory for the cache per process (default: a quarter of RAM shared by the local ranks).")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "resume"),
               help="Checkpoint of an interrupted run with the same settings: continue it.")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "metrics"),
               help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv).")
-@click.option("--mentor-stats", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--mentor-stats", type=click.Path(dir_okay=False, path_type=str),
+              default=_default(DistillConfig, "mentor_stats"),
               help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
                    "default OUT stem + _mentors.csv.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+@click.option("--device", default=_default(DistillConfig, "device"), show_default=True,
+              help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--progress/--no-progress", default=_default(DistillConfig, "progress"), show_default=True,
+              help="Progress bar on a terminal.")
 def distill_command(option_pairs: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
 
@@ -420,10 +532,6 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
       torchrun --nproc_per_node 4 -m pipeline.cli distill --method kd --mentors caches/train/r56.zarr ... --out models/kd.pt
       kdcache distill ... --out models/kd.pt --resume models/kd.pt
     """
-    import os
-
-    from pipeline.train import DistillConfig, distill, parse_options, student_paths
-
     config = DistillConfig(options=parse_options(option_pairs), **options)
     metrics = distill(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
@@ -435,8 +543,6 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
 
 
 # --- inspect ---------------------------------------------------------------
-
-
 @cli.command("inspect")
 @click.argument("stores", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -454,10 +560,6 @@ def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json
       kdcache inspect caches/train/ce.zarr
       kdcache inspect caches/train/ce.zarr caches/train/mse.zarr --out reports/inspect
     """
-    import json
-
-    from pipeline.inspect import format_report, inspect_stores, write_report
-
     report = inspect_stores(list(stores), bins=bins)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if out:

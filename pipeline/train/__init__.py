@@ -18,9 +18,9 @@
 The device and precision policy is ``pipeline.runtime``'s, shared with caching.
 """
 
-from pipeline.train.evaluate import evaluate_checkpoint
+from pipeline.train.evaluate import EvaluateConfig, evaluate_checkpoint
 from pipeline.train.student import DistillConfig, distill, parse_options, student_paths
 from pipeline.train.teacher import TeacherConfig, train_teacher
 
-__all__ = ["DistillConfig", "TeacherConfig", "distill", "evaluate_checkpoint", "parse_options", "student_paths",
-           "train_teacher"]
+__all__ = ["DistillConfig", "EvaluateConfig", "TeacherConfig", "distill", "evaluate_checkpoint", "parse_options",
+           "student_paths", "train_teacher"]
