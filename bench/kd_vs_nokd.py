@@ -9,9 +9,9 @@ The default synthetic dataset (docs/methods.md, "The synthetic dataset";
 5 % train = 5 000 rows, 90 % test), a CE teacher (mlp,
 ``--teacher-epochs``), its cache (1 view: the data are vectors, every view is the same), then for
 each seed an ``mlp`` student with ``kd`` and one with ``nokd``: the same initialisation, batch order
-and schedule (both read the cache's batch sampler; nokd ignores the targets). Prints the test
-accuracy (mean ± std over the seeds), agreement with the Bayes classifier and MSE to the Bayes
-posterior, next to the teacher's and the Bayes ceiling.
+and schedule (both take the cache's ``CachedTargets.batches``; nokd ignores the targets). Prints
+the test accuracy (mean ± std over the seeds), agreement with the Bayes classifier and MSE to the
+Bayes posterior, next to the teacher's and the Bayes ceiling.
 """
 
 from __future__ import annotations

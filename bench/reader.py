@@ -9,12 +9,13 @@ random teachers: the reader does not care what the numbers are), then times, for
 - the student step: the project's ``cnn`` (3 conv blocks of 32/64/128 channels, BN, ReLU, max-pool,
   global pool, linear; 28x28x1 inputs, Fashion-MNIST sized) — forward, ``aver_loss`` over the 6
   mentors (CE + KD to each), backward, SGD step, on random inputs, after warm-up;
-- target reads in memory mode: ``next(batch sampler)`` + ``Classroom.targets`` per batch;
-- target reads in streaming mode, inside that training loop: the time spent in the sampler
+- target reads in memory mode: ``next(CachedTargets.batches(...))`` + ``StoreGroup.targets`` per
+  batch (``CachedTargets(..., mode="memory")``, its ``.group`` doing the gather);
+- target reads in streaming mode, inside that training loop: the time spent in the batch order
   (waiting for a window, if the prefetch thread is late) and in ``targets``, while the next window
   loads on a thread during the student's steps (window = 1 block, so windows turn over every
   16 steps);
-- streaming throughput: one epoch of sampler + targets with no student at all (rows/s);
+- streaming throughput: one epoch of batches + targets with no student at all (rows/s);
 - for comparison, what the reader avoids: a random gather of the batch's rows from each Zarr store.
 
 Goal: target reads <= 1% of the step in both modes.
@@ -27,19 +28,24 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cache import write_cache  # noqa: E402
+from pipeline.losses import aver_loss  # noqa: E402
+from pipeline.models import create_model  # noqa: E402
 from pipeline.store import schema  # noqa: E402
-from pipeline.store.reader import Classroom  # noqa: E402
-from pipeline.cache import write_cache
 from pipeline.store.writer import Provenance  # noqa: E402
+from pipeline.train.targets import CachedTargets  # noqa: E402
 
 K, N, C, BATCH = 6, 60_000, 10, 256
 
@@ -76,10 +82,7 @@ def build_stores(root: Path) -> list[Path]:
     return paths
 
 
-def make_step():
-    from pipeline.losses import aver_loss
-    from pipeline.models import create_model
-
+def make_step() -> tuple[Callable[[torch.Tensor], None], int]:
     torch.manual_seed(0)
     net = create_model("cnn", num_classes=C, input_shape=(1, 28, 28))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -104,44 +107,48 @@ def time_step(step, warmup: int = 5, steps: int = 30) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def time_memory_reads(room: Classroom, epochs: int = 3) -> float:
+def time_memory_reads(targets: CachedTargets, epochs: int = 3) -> tuple[float, float]:
+    """Mean and median seconds of one batch's row indices plus its gathered targets."""
     times = []
     for epoch in range(epochs):
-        it = iter(room.batch_sampler(batch_size=BATCH, seed=0, epoch=epoch, drop_last=True))
+        view = epoch % targets.num_views
+        it = iter(targets.batches(epoch, batch_size=BATCH, seed=0, drop_last=True))
         while True:
             t0 = time.perf_counter()
             rows = next(it, None)
             if rows is None:
                 break
-            room.targets(0, rows)
+            targets.group.targets(view, rows)
             times.append(time.perf_counter() - t0)
     return float(np.mean(times)), float(np.median(times))
 
 
-def time_stream_in_training(room: Classroom, step, steps: int) -> float:
-    it = iter(room.batch_sampler(batch_size=BATCH, seed=0, epoch=0, drop_last=True))
+def time_stream_in_training(targets: CachedTargets, step: Callable[[torch.Tensor], None],
+                            steps: int) -> tuple[float, float]:
+    """Mean and median seconds per batch spent on targets while the student trains (epoch 0)."""
+    it = iter(targets.batches(0, batch_size=BATCH, seed=0, drop_last=True))
     spent = []
     for _ in range(steps):
         t0 = time.perf_counter()
         rows = next(it)
-        z = room.targets(0, rows)["logits"]
+        z = targets.group.targets(0, rows)["logits"]
         spent.append(time.perf_counter() - t0)
         step(z)
     spent = spent[1:]                         # the first batch waits for the first window (start-up)
     return float(np.mean(spent)), float(np.median(spent))
 
 
-def stream_rows_per_second(room: Classroom) -> float:
+def stream_rows_per_second(targets: CachedTargets) -> float:
+    """Rows per second over one whole epoch (epoch 1) of batches and targets, no student."""
+    view = 1 % targets.num_views
     t0 = time.perf_counter()
     rows = 0
-    for batch in room.batch_sampler(batch_size=BATCH, seed=0, epoch=1):
-        rows += len(room.targets(0, batch)["logits"][0])
+    for batch in targets.batches(1, batch_size=BATCH, seed=0):
+        rows += len(targets.group.targets(view, batch)["logits"][0])
     return rows / (time.perf_counter() - t0)
 
 
 def time_zarr_gather(paths: list[Path], reps: int = 20) -> float:
-    import zarr
-
     arrays = [zarr.open_group(str(p), mode="r")["logits"] for p in paths]
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -169,18 +176,18 @@ def main() -> None:
         t_step = time_step(step)
         print(f"student step: cnn ({params / 1e3:.0f} k params), batch {BATCH}, 1x28x28, aver_loss over {K} mentors, "
               f"SGD: {t_step * 1e3:.2f} ms")
-        with Classroom(paths, mode="memory") as room:
-            t_mem, med_mem = time_memory_reads(room)
+        with closing(CachedTargets(paths, mode="memory")) as targets:
+            t_mem, med_mem = time_memory_reads(targets)
         print(f"memory mode   : {t_mem * 1e6:8.1f} us per batch (median {med_mem * 1e6:.1f}) = "
               f"{100 * t_mem / t_step:6.3f}% of a step")
-        with Classroom(paths, memory_budget_bytes=1 << 20, window_blocks=1) as room:
-            assert room.mode == "stream"
-            t_stream, med_stream = time_stream_in_training(room, step, args.stream_steps)
+        with closing(CachedTargets(paths, memory_budget_bytes=1 << 20, window_blocks=1)) as targets:
+            assert targets.group.mode == "stream"
+            t_stream, med_stream = time_stream_in_training(targets, step, args.stream_steps)
             print(f"stream mode   : {t_stream * 1e6:8.1f} us per batch (median {med_stream * 1e6:.1f}) = "
                   f"{100 * t_stream / t_step:6.3f}% of a step (inside the training loop, {args.stream_steps} steps, "
                   "window = 1 block of 4096 rows, prefetch thread)")
-            rate = stream_rows_per_second(room)
-        print(f"stream rows/s : {rate:,.0f} (sampler + targets of {K} stores, no student)")
+            rate = stream_rows_per_second(targets)
+        print(f"stream rows/s : {rate:,.0f} (batches + targets of {K} stores, no student)")
         t_zarr = time_zarr_gather(paths)
         print(f"for comparison, random gather of the batch from Zarr each step: {t_zarr * 1e3:.2f} ms "
               f"= {100 * t_zarr / t_step:.1f}% of a step")

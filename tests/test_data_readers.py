@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _data_fixtures import write_cifar10, write_cifar100, write_idx_dataset, write_imagefolder
-from pipeline.data import READERS, ViewSpec, check_files, open_split
+from pipeline.data import READERS, ViewSpec, build_manifest, check_files, open_split
 from pipeline.data.base import carve_val
 from pipeline.data.fashion import read_idx
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
-from pipeline.data import build_manifest
+from tests.support.data import write_cifar10, write_cifar100, write_idx_dataset, write_imagefolder
 
 PLAIN = ViewSpec("pad_crop_flip", params={"pad": 0})  # view 0 = raw pixels / 255
 

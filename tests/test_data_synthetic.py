@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import default_views, open_split
+from pipeline.data import build_manifest, default_views, open_split
 from pipeline.data.synthetic import bayes_posterior, load_arrays
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
-from pipeline.data import build_manifest
 
 
 @pytest.fixture(scope="module")

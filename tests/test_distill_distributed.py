@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _distill_fixtures import cache, ddp_worker
-from _store_fixtures import make_synthetic_teacher
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.train import DistillConfig, distill
+from tests.support.distill import cache, ddp_worker
+from tests.support.stores import make_synthetic_teacher
 
 
 def _free_port() -> int:

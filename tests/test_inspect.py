@@ -10,10 +10,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from _store_fixtures import make_fake_store
+from pipeline.cache import write_cache
 from pipeline.cli import cli
 from pipeline.errors import UserError
-from pipeline.inspect import format_report, inspect_stores, write_report
+from pipeline.inspect import format_report, inspect_stores
+from pipeline.store import schema
+from tests.support.stores import FakeFactory, fake_provenance, make_fake_store
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +83,6 @@ def test_classroom_agreement_and_oracle(stores):
 
 
 def test_stores_of_different_manifests_are_refused(tmp_path, stores):
-    from _store_fixtures import fake_provenance, FakeFactory
-    from pipeline.store import schema
-    from pipeline.cache import write_cache
-
     layout = schema.Layout(num_samples=700, num_classes=6, num_views=2, rows_per_block=128, micro_batch=64)
     stranger = tmp_path / "stranger.zarr"
     write_cache(stranger, factory=FakeFactory(6), provenance=fake_provenance(700, 6, 2, manifest_sha="x" * 64),

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from _data_fixtures import write_imagefolder
 from pipeline.cli import cli
+from pipeline.data import build_manifest
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, load_manifest, make_table, write_manifest
-from pipeline.data import build_manifest
+from tests.support.data import write_imagefolder
 
 
 @pytest.fixture

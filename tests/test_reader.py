@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from _store_fixtures import FakeFactory, fake_labels, fake_provenance, make_fake_store
 
+from pipeline.cache import write_cache
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.reader import StoreGroup, dense_from_topk
 from pipeline.train.sampling import windowed_permutation
 from pipeline.train.targets import CachedTargets
-from pipeline.cache import write_cache
+from tests.support.stores import FakeFactory, fake_labels, fake_provenance, make_fake_store
 
 N, C, RPB = 1000, 10, 128                      # 8 blocks, the last one short
 

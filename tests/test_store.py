@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _store_fixtures import FakeFactory, fake_labels, fake_provenance, make_fake_store, store_bytes, store_files
+from click.testing import CliRunner
 
+from pipeline.cache import write_cache
+from pipeline.cli import cli
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.verify import verify_store
-from pipeline.cache import write_cache
 from pipeline.store.writer import BlockWriter, finalize
+from tests.support.stores import FakeFactory, fake_labels, fake_provenance, make_fake_store, store_bytes, store_files
 
 
 def test_format_version_lives_in_schema_and_readme_example_matches():
@@ -139,9 +141,8 @@ def test_bad_logits_stop_the_run_and_leave_no_marker(tmp_path, seed, message):
     assert not verify_store(tmp_path / "s.zarr").ok
 
 
-def test_verify_reports_each_kind_of_damage(tmp_path):
-    ref = tmp_path / "ref.zarr"
-    make_fake_store(ref)
+def test_verify_reports_each_kind_of_damage(fake_store, tmp_path):
+    ref = fake_store
     assert verify_store(ref).ok and verify_store(ref).rows_recomputed > 0
 
     def damaged(name):
@@ -174,11 +175,10 @@ def test_verify_reports_each_kind_of_damage(tmp_path):
         verify_store(tmp_path / "nothing.zarr")
 
 
-def test_finalize_refuses_marked_blocks_without_data(tmp_path):
-    make_fake_store(tmp_path / "s.zarr")
-    (tmp_path / "s.zarr" / "p_gt" / "c.0.1").unlink()
+def test_finalize_refuses_marked_blocks_without_data(fake_store):
+    (fake_store / "p_gt" / "c.0.1").unlink()
     with pytest.raises(UserError, match="p_gt"):
-        finalize(tmp_path / "s.zarr")
+        finalize(fake_store)
 
 
 def test_topk_store_keeps_exact_targets_and_the_topk_logits(tmp_path):
@@ -226,19 +226,14 @@ def test_block_writer_reads_layout_from_attrs(tmp_path):
     assert writer.missing() == []
 
 
-def test_cli_plan_and_verify(tmp_path):
-    from click.testing import CliRunner
-
-    from pipeline.cli import cli
-
+def test_cli_plan_and_verify(fake_store, tmp_path):
     runner = CliRunner()
     out = runner.invoke(cli, ["plan", "--num-samples", "20000", "--num-classes", "100", "--views", "2",
                               "--storage", "topk", "--k", "20", "--teachers", "3"])
     assert out.exit_code == 0 and "topk_index" in out.output and "total" in out.output
-    make_fake_store(tmp_path / "s.zarr")
-    assert runner.invoke(cli, ["verify", str(tmp_path / "s.zarr")]).exit_code == 0
-    (tmp_path / "s.zarr" / "entropy" / "c.0.1").unlink()
-    damaged = runner.invoke(cli, ["verify", str(tmp_path / "s.zarr")])
+    assert runner.invoke(cli, ["verify", str(fake_store)]).exit_code == 0
+    (fake_store / "entropy" / "c.0.1").unlink()
+    damaged = runner.invoke(cli, ["verify", str(fake_store)])
     assert damaged.exit_code == 1 and "entropy: expected a whole chunk for view 0 block 1" in damaged.output
     missing = runner.invoke(cli, ["verify", str(tmp_path / "none.zarr")])
     assert missing.exit_code == 2 and missing.output.startswith("error: ")

@@ -13,19 +13,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from _store_fixtures import make_synthetic_teacher, store_files
 
+from pipeline.cache import CacheConfig, cache_teacher
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.reader import StoreGroup
 from pipeline.store.verify import verify_store
-from pipeline.cache import CacheConfig, cache_teacher
+from tests.support.stores import store_files, synthetic_checkpoint
 
 SPLIT, VIEWS, RPB, MB = "test", 2, 128, 16           # 2700 rows: 22 blocks x 2 views
 ARGS = ["--split", SPLIT, "--views", str(VIEWS), "--rows-per-block", str(RPB), "--micro-batch", str(MB),
@@ -33,10 +33,11 @@ ARGS = ["--split", SPLIT, "--views", str(VIEWS), "--rows-per-block", str(RPB), "
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(synthetic_teacher, tmp_path_factory):
+    """(manifest, teacher, another teacher of the same manifest, this module's folder for outputs)."""
     root = tmp_path_factory.mktemp("teacher")
-    manifest, ckpt = make_synthetic_teacher(root)
-    _, other = make_synthetic_teacher(root, torch_seed=1, name="other.pt")
+    manifest, ckpt = synthetic_teacher
+    other = synthetic_checkpoint(manifest, root / "other.pt", torch_seed=1)
     return manifest, ckpt, other, root
 
 
@@ -62,9 +63,9 @@ def test_cache_verifies_and_targets_match_the_teacher(teacher, reference):
     report = verify_store(reference)
     assert report.ok, str(report)
     assert report.rows_recomputed >= 2700
-    from pipeline.models import load_model
     from pipeline.data import open_split
     from pipeline.manifest import load_manifest
+    from pipeline.models import load_model
 
     model, _ = load_model(ckpt)
     ds = open_split(load_manifest(manifest), SPLIT, view=1)
@@ -123,29 +124,72 @@ def test_local_dask_cluster_writes_the_same_store(teacher, reference, tmp_path):
     assert store_files(out) == store_files(reference)
 
 
+def _run_with_fault(cmd: list[str], fault: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with ``KDCACHE_FAULT=fault``; it must die there by SIGKILL."""
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "KDCACHE_FAULT": fault})
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    return run
+
+
 @pytest.mark.distributed
-def test_sigkill_part_way_then_rerun_gives_the_same_bytes(teacher, reference, tmp_path):
+@pytest.mark.parametrize("fault, markers, recomputed", [
+    ("block:1", 1, 2 * 22 - 1),        # right after the first block's data and marker
+    ("marker:1", 0, 2 * 22),           # the first block's data written, its marker not: it is computed again
+    ("finalize:1", 2 * 22, 0),         # every block written and checked, status.complete not yet set
+])
+def test_sigkill_part_way_then_rerun_gives_the_same_bytes(teacher, reference, tmp_path, fault, markers, recomputed):
     manifest, ckpt, _, _ = teacher
     out = tmp_path / "d.zarr"
-    proc = subprocess.Popen(_cli(manifest, ckpt, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = out / "done"
-    deadline = time.time() + 120
-    while not (markers.exists() and any(p.name.startswith("c.") and "partial" not in p.name for p in markers.iterdir())):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first block"
-        time.sleep(0.001)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = zarr.open_group(str(out), mode="r")["done"][:]
-    assert 0 < done.sum() < done.size, "killed too late to test a resume"
-    assert not zarr.open_group(str(out), mode="r").attrs["status"]["complete"]
+    _run_with_fault(_cli(manifest, ckpt, out), fault)
+    group = zarr.open_group(str(out), mode="r")
+    done = group["done"][:]
+    assert int(done.sum()) == markers and bool(done[0, 0]) == (markers > 0)
+    assert (out / schema.chunk_key("logits", 3, 0, 0)).is_file()     # the first block's data is there in every case
+    assert not group.attrs["status"]["complete"]
     assert not verify_store(out).ok
     with pytest.raises(UserError, match="status.complete"):
         StoreGroup([out])
-    run = subprocess.run(_cli(manifest, ckpt, out), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(_cli(manifest, ckpt, out), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"{2 * 22 - int(done.sum())} blocks computed" in run.stdout
+    assert f": complete ({recomputed} blocks computed by this run)" in run.stdout
     assert verify_store(out).ok
     assert store_files(out) == store_files(reference)
+
+
+def _train_teacher_cmd(manifest, out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train-teacher", "--manifest", str(manifest), "--arch", "mlp",
+            "--epochs", "3", "--threads", "1", "--no-progress", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(teacher):
+    """An uninterrupted 3-epoch train-teacher run on the same manifest."""
+    manifest, _, _, root = teacher
+    out = root / "trained.pt"
+    run = subprocess.run(_train_teacher_cmd(manifest, out), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return load_checkpoint(out)
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(teacher, trained, tmp_path, nth):
+    manifest = teacher[0]
+    out = tmp_path / "t.pt"
+    _run_with_fault(_train_teacher_cmd(manifest, out), f"checkpoint:{nth}")
+    assert len(list(tmp_path.glob(".t.pt.tmp-*"))) == 1      # killed with the new file whole but not yet renamed
+    if nth == 1:
+        assert not out.exists()                              # no checkpoint yet, never half of one
+        resume: list[str] = []
+    else:
+        blob = load_checkpoint(out)                          # the previous epoch's file, intact
+        assert blob["meta"]["epoch"] == 1 and blob["train_state"]["epoch"] == 1
+        resume = ["--resume", str(out)]
+    run = subprocess.run(_train_teacher_cmd(manifest, out, *resume), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    final = load_checkpoint(out)
+    assert final["meta"]["epoch"] == 3
+    for key, value in trained["model"].items():
+        assert torch.equal(final["model"][key], value), key
 
 
 def test_topk_store_of_the_teacher_reproduces_exact_targets(teacher, reference, tmp_path):

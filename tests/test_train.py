@@ -16,23 +16,15 @@ from click.testing import CliRunner
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
-from pipeline.errors import UserError
 from pipeline.data import build_manifest
+from pipeline.errors import UserError
 from pipeline.methods.teacher import ce_teacher_loss, mse_teacher_loss
+from pipeline.runtime import Runtime
 from pipeline.train import TeacherConfig, evaluate_checkpoint, train_teacher
 from pipeline.train.loop import LoopState, cosine_schedule, fit, restore_train_state, sgd
 from pipeline.train.sampling import shuffled_batches
-from pipeline.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> str:
-    """A small synthetic manifest: 200 train / 200 val / 3600 test rows, K = 3, d = 30."""
-    root = tmp_path_factory.mktemp("synthetic")
-    build_manifest("synthetic", root / "data", root / "syn.parquet", seed=0, num_samples=4000)
-    return str(root / "syn.parquet")
 
 
 def _config(manifest: str, out, **kw) -> TeacherConfig:
@@ -201,10 +193,8 @@ def test_train_teacher_resume_equals_uninterrupted(synthetic, tmp_path, monkeypa
         train_teacher(replace(part, lr=0.2, resume=part.out))
 
 
-def test_teacher_on_tiny_images_with_workers(tmp_path) -> None:
-    from _data_fixtures import write_cifar10
-
-    manifest = build_manifest("cifar10", write_cifar10(tmp_path / "c10"), tmp_path / "c10.parquet", seed=0)
+def test_teacher_on_tiny_images_with_workers(cifar10_root, tmp_path) -> None:
+    manifest = build_manifest("cifar10", cifar10_root, tmp_path / "c10.parquet", seed=0)
     cfg = _config(str(manifest.path), tmp_path / "cnn.pt", arch="cnn", epochs=2, batch_size=8, workers=1)
     metrics = train_teacher(cfg)
     assert metrics["epoch"] == 2 and "train_top5" in metrics and "val_top5" in metrics

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.files import file_sha256
-from pipeline.models import load_model
 from pipeline.errors import UserError
-from pipeline.models import create_model
+from pipeline.files import file_sha256
+from pipeline.models import create_model, load_model
 
 META = {"arch": "resnet8", "num_classes": 4, "input_shape": (1, 28, 28), "loss": "mse",
         "manifest_sha256": "ab" * 32, "dataset": "fashion-mnist", "views": {"kind": "identity", "seed": 0, "params": {}},

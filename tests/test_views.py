@@ -15,20 +15,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _data_fixtures import write_cifar10, write_imagefolder
-from pipeline.data import ViewSpec, default_views, open_split
+from pipeline.data import ViewSpec, build_manifest, default_views, open_split
 from pipeline.data.views import apply_view, batch_view, uniforms, uniforms_batch
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
-from pipeline.data import build_manifest
+from tests.support.data import write_imagefolder
 
 SMALL_RRC = {"size": 16, "resize": 20}
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+def cifar(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     tmp = tmp_path_factory.mktemp("cifar")
-    return build_manifest("cifar10", write_cifar10(tmp / "root"), tmp / "c.parquet", val_fraction=0.2)
+    return build_manifest("cifar10", cifar10_root, tmp / "c.parquet", val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")

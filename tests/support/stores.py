@@ -1,6 +1,12 @@
-"""Helpers for the store and reader tests: a fake deterministic teacher and store builders.
+"""Fake stores and tiny synthetic teachers for the store, reader and cache tests.
 
-Imported by tests/test_store*.py, tests/test_reader*.py and bench/reader.py (not a conftest).
+    from tests.support.stores import FakeFactory, make_fake_store, make_synthetic_teacher
+    make_fake_store(tmp_path / "s.zarr", num_samples=700, views=1)   # any layout, through write_cache
+    manifest, ckpt = make_synthetic_teacher(tmp_path)                # 3000 samples, a confident MLP
+
+``FakeFactory`` is a deterministic stand-in teacher (logits a pure function of seed, view and
+row), so a store written in any block order or by any shards has the same bytes. The defaults
+are also fixtures (tests/conftest.py): ``fake_store`` and ``synthetic_teacher``.
 """
 
 from __future__ import annotations
@@ -9,9 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from pipeline.store import schema
 from pipeline.cache import write_cache
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import build_manifest
+from pipeline.manifest import load_manifest
+from pipeline.models import create_model
+from pipeline.store import schema
 from pipeline.store.writer import Provenance
 
 
@@ -28,6 +39,8 @@ class FakeFactory:
 
 
 class FakeComputer:
+    """The built block computer: ``(view, start, stop) -> float32 logits``, recording each call."""
+
     def __init__(self, factory: FakeFactory) -> None:
         self.factory = factory
         self.num_classes = factory.num_classes
@@ -44,6 +57,7 @@ class FakeComputer:
 
 def fake_provenance(num_samples: int, num_classes: int, views: int, *, manifest_sha: str = "m" * 64,
                     teacher_sha: str = "t" * 64, name: str = "fake") -> Provenance:
+    """What ``write_cache`` records about a fake store's manifest, teacher and views."""
     return Provenance(
         manifest={"path": "fake.parquet", "sha256": manifest_sha, "split": "train", "num_samples": num_samples,
                   "num_classes": num_classes, "dataset": "fake"},
@@ -53,12 +67,15 @@ def fake_provenance(num_samples: int, num_classes: int, views: int, *, manifest_
 
 
 def fake_labels(num_samples: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Random int32 labels, the same for the same arguments."""
     return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
 
 
 def make_fake_store(out: Path, *, num_samples: int = 1000, num_classes: int = 10, views: int = 2,
                     kind: str = "dense", k: int | None = None, dtype: str = "float16", rows_per_block: int = 256,
                     micro_batch: int = 64, seed: int = 0, teacher_sha: str = "t" * 64, **kw):
+    """A complete ``FakeFactory`` store at ``out`` (``kw`` go to ``write_cache``: shard, overwrite ...);
+    returns ``write_cache``'s result."""
     layout = schema.Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=kind, k=k,
                            dtype=dtype, rows_per_block=rows_per_block, micro_batch=micro_batch)
     return write_cache(out, factory=FakeFactory(num_classes, seed=seed),
@@ -78,27 +95,24 @@ def store_bytes(store: Path) -> int:
     return Path(store).stat().st_size + sum(p.stat().st_size for p in Path(store).rglob("*"))
 
 
-def make_synthetic_teacher(root: Path, *, num_samples: int = 3000, seed: int = 0, scale: float = 8.0,
-                           torch_seed: int = 0, name: str = "teacher.pt") -> tuple[Path, Path]:
-    """A synthetic manifest and an untrained MLP teacher (last layer scaled so it is confident)."""
-    import torch
-
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.data import build_manifest
-    from pipeline.models import create_model
-
-    manifest = root / "synthetic.parquet"
-    if not manifest.exists():
-        build_manifest("synthetic", root / "synthetic", manifest, num_samples=num_samples, seed=seed)
-    from pipeline.manifest import load_manifest
-
+def synthetic_checkpoint(manifest: str | Path, out: str | Path, *, torch_seed: int = 0,
+                         scale: float = 8.0) -> Path:
+    """An untrained MLP for a synthetic ``manifest`` (last layer scaled so it is confident), saved at ``out``."""
     m = load_manifest(manifest)
     torch.manual_seed(torch_seed)
     net = create_model("mlp", num_classes=m.num_classes, input_shape=(30,))
     with torch.no_grad():
         last = [mod for mod in net.modules() if isinstance(mod, torch.nn.Linear)][-1]
         last.weight.mul_(scale)
-    ckpt = root / name
-    save_checkpoint(ckpt, model=net, meta={"arch": "mlp", "num_classes": m.num_classes, "input_shape": (30,),
-                                           "loss": "ce", "manifest_sha256": m.sha256})
-    return manifest, ckpt
+    save_checkpoint(out, model=net, meta={"arch": "mlp", "num_classes": m.num_classes, "input_shape": (30,),
+                                          "loss": "ce", "manifest_sha256": m.sha256})
+    return Path(out)
+
+
+def make_synthetic_teacher(root: Path, *, num_samples: int = 3000, seed: int = 0, scale: float = 8.0,
+                           torch_seed: int = 0, name: str = "teacher.pt") -> tuple[Path, Path]:
+    """A synthetic manifest (``root/synthetic.parquet``, reused if there) and a ``synthetic_checkpoint`` beside it."""
+    manifest = root / "synthetic.parquet"
+    if not manifest.exists():
+        build_manifest("synthetic", root / "synthetic", manifest, num_samples=num_samples, seed=seed)
+    return manifest, synthetic_checkpoint(manifest, root / name, torch_seed=torch_seed, scale=scale)

@@ -1,7 +1,9 @@
 """Tiny on-disk datasets for the data-layer tests (written into a test's tmp_path).
 
-    from _data_fixtures import write_idx_dataset, write_cifar10, write_imagefolder   # tests/ is on sys.path
+    from tests.support.data import write_idx_dataset, write_cifar10, write_imagefolder
     root = write_idx_dataset(tmp_path / "fm", n_train=30, n_test=10, gz=True)
+
+The default CIFAR-10 folder is also the session fixture ``cifar10_root`` (tests/conftest.py).
 
 Each writer produces the real file layout of its format with random pixels, so the readers
 are tested on the bytes they will meet, at a size that takes milliseconds.

@@ -1,8 +1,12 @@
-"""Helpers for the distillation tests: tiny teachers, their caches, and a DDP worker.
+"""Tiny teachers, their caches, and a DDP worker for the distillation tests.
 
-Imported by tests/test_distill*.py and bench/kd_vs_nokd.py (not a conftest). Manifests and
-teachers come from the data/store helpers (``build_manifest``, ``make_synthetic_teacher``);
-caches from the library writer (``cache_teacher``), never from a copy of it.
+    from tests.support.distill import cache, ddp_worker, untrained_teacher
+    teacher = untrained_teacher(manifest, tmp_path / "t.pt", arch="cnn")
+    store = cache(teacher, manifest, tmp_path / "t.zarr", views=1)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, port, config, str(tmp_path)), nprocs=2)
+
+Caches come from the library writer (``cache_teacher``), never from a copy of it. ``ddp_worker``
+lives in this importable module so that spawned processes can unpickle it by name.
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from pipeline.cache import CacheConfig, cache_teacher
 from pipeline.checkpoint import save_checkpoint
+from pipeline.data import default_views, open_split
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
-from pipeline.cache import CacheConfig, cache_teacher
+from pipeline.train import DistillConfig, distill
 
 
 def untrained_teacher(manifest: str | Path, out: str | Path, *, arch: str = "mlp", seed: int = 0,
                       scale: float = 4.0) -> Path:
     """A random ``arch`` for ``manifest`` (last layer scaled so its targets are not uniform), saved as a checkpoint."""
-    from pipeline.data import default_views, open_split
-
     m = load_manifest(manifest)
     views = default_views(m)
     shape = tuple(open_split(m, "train", views=views).input_shape)
@@ -47,10 +52,6 @@ def cache(teacher: str | Path, manifest: str | Path, out: str | Path, *, views: 
 
 def ddp_worker(rank: int, world_size: int, port: int, config: dict, log_dir: str) -> None:
     """One rank of a gloo DDP run (``torch.multiprocessing.spawn``): distil, log every step's rows as JSON."""
-    import torch.distributed as dist
-
-    from pipeline.train import DistillConfig, distill
-
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
