@@ -41,12 +41,12 @@ import yaml
 
 from pipeline import checkpoint as ckpt
 from pipeline.data import default_views, open_split
+from pipeline.errors import UserError
 from pipeline.files import write_history, write_json
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
 from pipeline.models import MODELS, create_model
 from pipeline.runtime import Runtime, seed_everything
-from pipeline.errors import UserError
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
 from pipeline.train.loop import Batch, LoopState, cosine_schedule, fit, restore_train_state, sgd
