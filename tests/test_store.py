@@ -28,9 +28,15 @@ from tests.support.stores import FakeFactory, fake_labels, fake_provenance, make
 def test_format_version_lives_in_schema_and_readme_example_matches():
     readme = (Path(schema.__file__).parent / "README.md").read_text()
     example = json.loads(readme.split("```json")[1].split("```")[0])
-    assert example["schema"] == schema.SCHEMA and example["version"] == schema.FORMAT_VERSION
+    assert example["schema"] == schema.SCHEMA and example["version"] == schema.FORMAT_VERSION == 2
+    schema.check_format(example, "README.md")
+    assert set(example["checksums"]) == {"algorithm", "sample_id", "label"}
     layout = schema.Layout.from_attrs(example)
     assert set(example["storage"]) == set(layout.storage_attrs())
+    table = readme.split("## Arrays")[1].split("##")[0]
+    for kind, k in (("dense", None), ("topk", 3)):                 # the table lists every array of the layout
+        for name in schema.Layout(num_samples=10, num_classes=5, num_views=1, kind=kind, k=k).arrays():
+            assert f"`{name}`" in table, name
 
 
 def test_every_chunk_is_one_view_block(tmp_path):
@@ -38,6 +44,9 @@ def test_every_chunk_is_one_view_block(tmp_path):
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     assert group["logits"].chunks == (1, 256, 10) and group["entropy"].chunks == (1, 256)
     assert group["done"].chunks == (1, 1) and group["done"].shape == (2, 4)
+    assert group["checksum"].chunks == (1, 1, 4) and group["checksum"].shape == (2, 4, 4)
+    assert group["checksum"].attrs["arrays"] == ["logits", "entropy", "p_gt", "pred"]
+    assert sorted(group) == sorted(["sample_id", "label", "logits", "entropy", "p_gt", "pred", "done", "checksum"])
     assert group["logits"].compressors == ()          # no compressor for logits (pipeline/store/README.md)
     assert group.attrs["status"]["complete"] is True
 

@@ -7,6 +7,11 @@ The stores must agree (manifest sha256 and split, sample order, views, num_class
 complete (status.complete, every marker, every chunk); otherwise ``UserError`` names the store
 and field. Mentor k is the k-th store given (mentor 0 = the teacher, by convention).
 
+Every chunk read is checked against its CRC-32 (schema.py), every data chunk of the block, the
+``pred`` one too: a block whose bytes changed after it was written is a ``UserError`` naming the
+store, array, view and block, never a silently wrong target. Memory mode checks every block once,
+at load; streaming checks each window as it loads, on the prefetch thread.
+
 Two modes, chosen by ``mode="auto"`` from ``memory_budget_bytes`` (default: a quarter of RAM):
 - memory: every block of every store is read once, whole, into NumPy (float16 stays float16);
   ``targets`` is one vectorized gather per batch, converted to float32.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -113,31 +119,67 @@ class _Buffer:
 
 
 class _Blocks:
-    """Whole (view, block) reads of one store. kdcache writes every array uncompressed and
-    little-endian (schema.py), so a block is read straight from its chunk file into the buffer
-    (one ``readinto``, no Python work per value, the GIL released during the read); any other
-    encoding, or a store that is not a local directory, goes through zarr."""
+    """Whole (view, block) reads of one store, each chunk checked against its CRC-32.
+
+    kdcache writes every array uncompressed and little-endian (schema.py), so a block is read
+    straight from its chunk file into the buffer (one ``readinto``, no Python work per value, the
+    GIL released during the read and the CRC); any other encoding, or a store that is not a local
+    directory, goes through zarr, and the CRC is taken over the values encoded as kdcache writes them.
+    """
+
+    check_checksums = True     # False only for the benchmark's baseline (bench/reader.py)
 
     def __init__(self, path: Path, layout: schema.Layout, group: zarr.Group) -> None:
-        names = ["logits"] if layout.kind == "dense" else ["topk_values", "topk_index", "logsumexp"]
         self.path, self.layout = path, layout
-        self.arrays = {name: group[name] for name in names + ["entropy", "p_gt"]}
+        self.names = layout.block_arrays()                    # every array with a checksum, in its order
+        self.arrays = {name: group[name] for name in self.names}
         self.raw = path.is_dir() and sys.byteorder == "little" and all(
             not a.compressors and not a.filters and getattr(a.serializer, "endian", None) is not None
             and a.serializer.endian.value == "little" for a in self.arrays.values())
+        found = list(group[schema.CHECKSUM].attrs.get("arrays", []))
+        if found != self.names:
+            raise UserError(f"{path}: field checksum.arrays: expected {self.names}, found {found}")
+        self.expected = group[schema.CHECKSUM][:]             # [V, num_blocks, A] uint32, a few KiB
 
     def read_into(self, view: int, block: int, out: dict[str, np.ndarray]) -> None:
+        """Fill ``out`` (some of the block arrays) with (view, block); every array of the block is checked."""
         start, stop = self.layout.block_rows(block)
-        for name, dst in out.items():
-            arr = self.arrays[name]
-            if self.raw and dst.dtype == arr.dtype and dst.flags.c_contiguous:
-                with open(self.path / schema.chunk_key(name, arr.ndim, view, block), "rb") as fh:
-                    got = fh.readinto(dst.reshape(-1).view(np.uint8))
-                if got != dst.nbytes:
-                    raise UserError(f"{self.path}: field {name}: expected a chunk of at least {dst.nbytes} bytes "
-                                    f"for view {view} block {block}, found {got}")
+        for i, name in enumerate(self.names):
+            arr, dst = self.arrays[name], out.get(name)
+            if self.raw:
+                found = self._read_raw(name, arr, view, block, dst, stop - start)
             else:
-                dst[...] = arr[view, start:stop]
+                values = arr[view, start:stop]
+                if dst is not None:
+                    dst[...] = values
+                found = schema.chunk_crc32(values, rows=self.layout.rows_per_block, dtype=str(arr.dtype)) \
+                    if self.check_checksums else None
+            expected = int(self.expected[view, block, i])
+            if found is not None and found != expected:
+                raise schema.checksum_error(self.path, name, view, block, expected=expected, found=found)
+
+    def _read_raw(self, name: str, arr: zarr.Array, view: int, block: int, dst: np.ndarray | None,
+                  rows: int) -> int | None:
+        """Read one chunk file (its rows into ``dst`` when given); its CRC-32, or None when checks are off."""
+        check = self.check_checksums
+        want = rows * int(np.prod(arr.chunks[2:], dtype=np.int64)) * arr.dtype.itemsize
+        direct = dst is not None and dst.dtype == arr.dtype and dst.flags.c_contiguous
+        if dst is None and not check:
+            return None
+        with open(self.path / schema.chunk_key(name, arr.ndim, view, block), "rb") as fh:
+            if direct:
+                head = dst.reshape(-1).view(np.uint8)
+                got = fh.readinto(head)
+                tail = fh.read() if check else b""            # the padding of the last block, if any
+            else:                                             # not wanted, or another dtype: via bytes
+                head, tail = fh.read(), b""
+                got = min(len(head), want)
+        if got != want:
+            raise UserError(f"{self.path}: field {name}: expected a chunk of at least {want} bytes "
+                            f"for view {view} block {block}, found {got}")
+        if dst is not None and not direct:
+            dst[...] = np.frombuffer(head, dtype=arr.dtype.newbyteorder("<"), count=dst.size).reshape(dst.shape)
+        return zlib.crc32(tail, zlib.crc32(head)) if check else None
 
 
 class StoreGroup:
@@ -162,9 +204,12 @@ class StoreGroup:
         groups = [zarr.open_group(str(p), mode="r") for p in self.paths]
         self.sample_ids = groups[0]["sample_id"][:]
         self.labels = groups[0]["label"][:]
+        schema.check_ids_checksums(self.paths[0], self.attrs[0], sample_id=self.sample_ids, label=self.labels)
         for path, group in zip(self.paths[1:], groups[1:]):
             if not np.array_equal(group["sample_id"][:], self.sample_ids):
                 raise UserError(f"{path}: field sample_id: expected the sample order of {self.paths[0]}, found another")
+        for path, attrs in zip(self.paths[1:], self.attrs[1:]):       # equal ids: the same CRC, checked per store
+            schema.check_ids_checksums(path, attrs, sample_id=self.sample_ids)
         self._blocks = [_Blocks(p, lay, g) for p, lay, g in zip(self.paths, self.layouts, groups)]
         self.num_mentors = len(self.paths)
         self.num_samples = int(first["manifest"]["num_samples"])

@@ -13,12 +13,20 @@ the unit of work, of ownership (one writer) and of reading. Every data array is 
 a chunk is exactly one (view, block), so a block write never shares a chunk with another block
 (no read-modify-write between writers, the data loss of zarr-python issues 3514/3682). There is
 no sharding: a shard would have to be the block anyway, and chunk files per block are few.
+
+Checksums (version 2): every data chunk of a block has a CRC-32 (``zlib.crc32``) of its bytes as
+written to the chunk file (uncompressed little-endian, the last block padded to the full chunk
+with the fill value), kept in the ``checksum`` array [V, num_blocks, A] (A = the block arrays in
+``Layout.block_arrays()`` order), one (1, 1, A) chunk per block, written after the block's data
+and before its ``done`` marker. ``sample_id`` and ``label`` (written once, at creation) have a
+CRC-32 of their values in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +37,9 @@ import zarr
 from pipeline.errors import UserError
 
 SCHEMA = "kdcache-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # 2: chunk checksums (the `checksum` array, attrs `checksums`)
+CHECKSUM = "checksum"            # the array of per-block chunk checksums
+CHECKSUM_ALGORITHM = "crc32"
 
 DTYPES = ("float16", "float32")
 STORAGE_KINDS = ("dense", "topk")
@@ -131,11 +141,13 @@ class Layout:
         out["p_gt"] = ((v, n), (1, r), "float32")
         out["pred"] = ((v, n), (1, r), "int32")
         out["done"] = ((v, self.num_blocks), (1, 1), "bool")
+        out[CHECKSUM] = ((v, self.num_blocks, len(self.block_arrays())), (1, 1, len(self.block_arrays())), "uint32")
         return out
 
     def block_arrays(self) -> list[str]:
-        """The per-view arrays a block write fills (everything but sample_id, label, done)."""
-        return [name for name, (shape, _, _) in self.arrays().items() if len(shape) >= 2 and name != "done"]
+        """The data arrays a block write fills, in the order of the last axis of ``checksum``."""
+        head = ["logits"] if self.kind == "dense" else ["topk_values", "topk_index", "logsumexp"]
+        return head + ["entropy", "p_gt", "pred"]
 
     def storage_attrs(self) -> dict[str, Any]:
         return {"kind": self.kind, "k": self.k, "dtype": self.dtype, "rows_per_block": int(self.rows_per_block),
@@ -161,14 +173,56 @@ def fill_value(dtype: str) -> Any:
         return float("nan")
     if dtype == "bool":
         return False
-    if dtype == "uint16":
-        return 65535
+    if np.dtype(dtype).kind == "u":
+        return int(np.iinfo(dtype).max)
     return -1
 
 
+def chunk_crc32(values: np.ndarray, *, rows: int, dtype: str) -> int:
+    """CRC-32 of a chunk's file as kdcache writes it, from the values of its ``len(values)`` rows.
+
+    The file is the values in little-endian ``dtype``, uncompressed, padded with the fill value to
+    ``rows`` rows (the chunk's row count: only the last block has fewer values than that).
+    """
+    data = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
+    crc = zlib.crc32(data.reshape(-1).view(np.uint8))
+    if len(data) < rows:
+        pad = np.full((rows - len(data),) + data.shape[1:], fill_value(dtype), dtype=data.dtype)
+        crc = zlib.crc32(pad.reshape(-1).view(np.uint8), crc)
+    return crc
+
+
+def ids_checksums(sample_id: np.ndarray, label: np.ndarray) -> dict[str, Any]:
+    """The attrs section ``checksums``: CRC-32 of the sample_id (int64) and label (int32) values, little-endian."""
+    return {"algorithm": CHECKSUM_ALGORITHM,
+            "sample_id": zlib.crc32(np.ascontiguousarray(sample_id, dtype="<i8").view(np.uint8)),
+            "label": zlib.crc32(np.ascontiguousarray(label, dtype="<i4").view(np.uint8))}
+
+
+def check_ids_checksums(store: str | Path, attrs: dict[str, Any], **values: np.ndarray) -> None:
+    """``sample_id=``/``label=`` values against the attrs ``checksums``; ``UserError`` naming the array otherwise."""
+    found = ids_checksums(values.get("sample_id", np.zeros(0)), values.get("label", np.zeros(0)))
+    for name in values:
+        expected = attrs["checksums"].get(name)
+        if expected != found[name]:
+            shown = f"{expected:08x}" if isinstance(expected, int) else repr(expected)
+            raise UserError(f"{store}: field checksums.{name}: expected crc32 {shown}, found {found[name]:08x} "
+                            "(the array changed after the store was created; recompute the store: rerun its "
+                            "`kdcache cache` command with --overwrite)")
+
+
+def checksum_error(store: str | Path, name: str, view: int, block: int, *, expected: int, found: int) -> UserError:
+    """The one-line error of a data chunk whose bytes are not those its block was written with."""
+    return UserError(f"{store}: field checksum: {name} view {view} block {block}: expected crc32 {expected:08x}, "
+                     f"found {found:08x} (the chunk changed after it was written; recompute the block: delete "
+                     f"{Path(store) / chunk_key('done', 2, view, block)} and rerun the same `kdcache cache` command, "
+                     "or rerun it with --overwrite)")
+
+
 def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dict[str, Any], layout: Layout,
-                created: str, kdcache_version: str) -> dict[str, Any]:
-    """The group attrs written once when a store is created (status.complete starts false)."""
+                created: str, kdcache_version: str, checksums: dict[str, Any]) -> dict[str, Any]:
+    """The group attrs written once when a store is created (status.complete starts false);
+    ``checksums`` is ``ids_checksums(sample_id, label)``."""
     return {
         "schema": SCHEMA,
         "version": FORMAT_VERSION,
@@ -178,6 +232,7 @@ def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dic
         "teacher": dict(teacher),
         "views": dict(views),
         "storage": layout.storage_attrs(),
+        "checksums": dict(checksums),
         "status": {"complete": False},
     }
 
@@ -186,11 +241,18 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     """Schema name and version, with 'expected X, found Y'."""
     if attrs.get("schema") != SCHEMA:
         raise UserError(f"{store}: field schema: expected {SCHEMA!r}, found {attrs.get('schema')!r} (not a kdcache store)")
-    if attrs.get("version") != FORMAT_VERSION:
-        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {attrs.get('version')!r}")
-    for section in ("manifest", "teacher", "views", "storage", "status"):
+    version = attrs.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
+        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {version} (a store of an older "
+                        "kdcache, without chunk checksums; recompute it: rerun its `kdcache cache` command with --overwrite)")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {version!r}")
+    for section in ("manifest", "teacher", "views", "storage", "checksums", "status"):
         if not isinstance(attrs.get(section), dict):
             raise UserError(f"{store}: field {section}: expected a mapping, found {attrs.get(section)!r}")
+    if attrs["checksums"].get("algorithm") != CHECKSUM_ALGORITHM:
+        raise UserError(f"{store}: field checksums.algorithm: expected {CHECKSUM_ALGORITHM!r}, "
+                        f"found {attrs['checksums'].get('algorithm')!r}")
 
 
 def check_provenance(existing: dict[str, Any], wanted: dict[str, Any], store: str) -> None:
@@ -217,7 +279,7 @@ def plan_bytes(layout: Layout, *, teachers: int = 1) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, (shape, chunks, dtype) in layout.arrays().items():
         itemsize = np.dtype(dtype).itemsize
-        if name == "done":
+        if name in ("done", CHECKSUM):
             nbytes = int(np.prod(shape)) * itemsize
         else:
             per_row = int(np.prod(shape)) // layout.num_samples

@@ -13,9 +13,10 @@ business (``pipeline.cache``); this module only writes the format. The rules:
 - Metadata and the sample_id/label arrays are created once, atomically (built in a temporary
   directory, then renamed into place), so concurrent ``--shard i/n`` jobs can all start at once.
   Reopening with other provenance is a ``UserError`` naming the field.
-- A (view, block) is written by one owner, whole: its chunk of every array, then its ``done``
-  marker. A rerun computes only the blocks without a marker; a block's batches are fixed by the
-  layout, so the bytes do not depend on who computed it or when.
+- A (view, block) is written by one owner, whole: its chunk of every array, then the CRC-32 of
+  each of those chunks (its chunk of ``checksum``), then its ``done`` marker. A rerun computes
+  only the blocks without a marker; a block's batches are fixed by the layout, so the bytes do
+  not depend on who computed it or when.
 - ``finalize`` sets ``status.complete`` only after every marker and every chunk is checked.
 """
 
@@ -66,6 +67,8 @@ def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, filters=None,
                            fill_value=schema.fill_value(dtype), config={"write_empty_chunks": True},
                            chunk_key_encoding={"name": "default", "separator": schema.CHUNK_SEPARATOR})
+    # the checksum array names its last axis, so that the store describes itself
+    group[schema.CHECKSUM].attrs.update(algorithm=schema.CHECKSUM_ALGORITHM, arrays=layout.block_arrays())
     group["sample_id"][:] = np.asarray(sample_id, dtype=np.int64)
     group["label"][:] = np.asarray(label, dtype=np.int32)
 
@@ -75,7 +78,8 @@ def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.La
     """Create the store (atomically) or check that the existing one has this provenance; return its attrs."""
     out = Path(out)
     wanted = schema.build_attrs(manifest=provenance.manifest, teacher=provenance.teacher, views=provenance.views,
-                                layout=layout, created=_now(), kdcache_version=__version__)
+                                layout=layout, created=_now(), kdcache_version=__version__,
+                                checksums=schema.ids_checksums(sample_id, label))
     if len(sample_id) != layout.num_samples or len(label) != layout.num_samples:
         raise UserError(f"{out}: field manifest.num_samples: expected {layout.num_samples} sample ids and labels, "
                         f"found {len(sample_id)} and {len(label)}")
@@ -114,7 +118,7 @@ class BlockWriter:
         return [(v, b) for v, b in self.layout.units() if not done[v, b]]
 
     def write(self, view: int, block: int, logits: np.ndarray) -> None:
-        """Write a block's arrays from its full float32 logits, then its done marker."""
+        """Write a block's arrays from its full float32 logits, then their checksums, then its done marker."""
         lay = self.layout
         start, stop = lay.block_rows(block)
         where = f"{self.store}: view {view}, rows {start}:{stop}"
@@ -131,8 +135,13 @@ class BlockWriter:
             stored = {"topk_values": self._cast(values, where), "topk_index": index.astype(schema.index_dtype(lay.num_classes)),
                       "logsumexp": stats["logsumexp"]}
         stored.update(entropy=stats["entropy"], p_gt=stats["p_gt"], pred=stats["pred"])
-        for name, value in stored.items():
+        crcs = np.empty(len(lay.block_arrays()), np.uint32)
+        for i, name in enumerate(lay.block_arrays()):
+            # exactly the bytes zarr writes (the array's little-endian dtype), so the CRC is the file's
+            value = np.ascontiguousarray(stored[name], dtype=self.arrays[name].dtype.newbyteorder("<"))
+            crcs[i] = schema.chunk_crc32(value, rows=lay.rows_per_block, dtype=str(self.arrays[name].dtype))
             self.arrays[name][view, start:stop] = value
+        self.arrays[schema.CHECKSUM][view, block] = crcs
         faults.point("marker")
         self.arrays["done"][view, block] = True       # only after every array of the block is written
 
@@ -146,10 +155,21 @@ class BlockWriter:
 
 
 def remove_partial_files(store: str | Path) -> None:
-    """Chunk files of writes killed mid-way (zarr writes ``c.<...>.partial``, then renames it).
+    """Remove the temporary files of chunk writes killed mid-way; called by ``finalize`` only
+    once every marker is set.
 
-    Only chunk files: once every marker is set no chunk write is in flight, but another job may
-    be rewriting the group's zarr.json (its temporary file must be left alone).
+    zarr's LocalStore writes a chunk to ``<key minus its last suffix>.<uuid>.partial`` in the
+    array's folder and renames it over the key (``c.0.3.0`` -> ``c.0.3.<uuid>.partial``; for
+    2-D arrays the block is not even in the name). Could one of them be another job's write in
+    flight? A block's marker is written only after every chunk of the block is renamed into
+    place, so the job that marked a block has no write of it in flight; the only other writer
+    of a marked block would be a second owner of it. The cache job claims every block before
+    computing it and reads the marker again once the claim is taken
+    (``pipeline.cache.claims``), so with every marker set no job still starts or continues a
+    chunk write: every ``.partial`` left is a dead writer's. (Were a duplicate writer still
+    running, removing its file would make its rename fail, with the chunk in place whole.)
+    Only chunk files: another job may be rewriting the group's zarr.json (its temporary file
+    must be left alone).
     """
     for root, _, files in os.walk(store):
         for name in files:
