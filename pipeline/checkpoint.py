@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline import __version__, faults
 from pipeline.errors import UserError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, os_error_text
 
 FORMAT = "kdcache-checkpoint"
 VERSION = 1
@@ -67,11 +67,15 @@ def save_checkpoint(
         "meta": {**meta, "input_shape": list(meta["input_shape"]), "kdcache_version": __version__},
         "train_state": train_state,
     }
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(blob, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-        faults.point("checkpoint")  # the temporary file is whole, the target not yet replaced
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            faults.point("checkpoint")  # the temporary file is whole, the target not yet replaced
+    except OSError as err:  # a full disk, a read-only folder: the previous checkpoint stays as it was
+        raise UserError(f"{os_error_text(err, path)}; checkpoint {path} not written (a previous one is "
+                        "untouched)") from None
 
 
 def _torch_load(path: Path, what: str) -> Any:
@@ -112,7 +116,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load ``state`` into ``model`` strictly; a missing/extra key or a shape mismatch is a UserError."""
+    """Load ``state`` into ``model`` strictly; a missing/extra key, a shape mismatch or a NaN/Inf
+    weight is a UserError."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -126,6 +131,11 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str |
                 f"{path}: weights do not fit the model: field {key!r}: expected shape {tuple(own[key].shape)}, "
                 f"found {tuple(value.shape)}"
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # NaN weights give NaN logits: scored, cached or distilled from, they would pass for numbers
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"{path}: field 'model.{key}': expected finite weights, found {bad} NaN/Inf "
+                            f"of {value.numel()} (a diverged run?)")
     model.load_state_dict(state)
 
 

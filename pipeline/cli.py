@@ -14,12 +14,13 @@ fields of ``TeacherConfig``, ``DistillConfig`` and ``CacheConfig``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 
@@ -27,7 +28,7 @@ from pipeline import __version__
 from pipeline.cache import CacheConfig, cache_teacher
 from pipeline.data import READERS, build_manifest, check_files
 from pipeline.errors import UserError
-from pipeline.files import write_json
+from pipeline.files import check_writable, os_error_text, write_json
 from pipeline.inspect import format_report, inspect_stores, write_report
 from pipeline.manifest import load_manifest
 from pipeline.methods import METHODS
@@ -134,13 +135,24 @@ def _expand_greedy(args: Sequence[str], flags: set[str]) -> list[str]:
 
 
 class _Group(click.Group):
-    """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130."""
+    """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
+
+    An ``OSError`` that names a file (a full disk, a read-only folder, a file where a folder should
+    be) is the user's to fix too: one line with the path and the reason, exit status 2. The library
+    turns the ones it expects into ``UserError`` where it knows what the path is for; this catches
+    the rest (``--out`` of evaluate or inspect, for instance)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines():
+                return super().invoke(ctx)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except OSError as err:
+            if err.filename is None:
+                raise
+            click.echo(f"error: {os_error_text(err)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             # Nothing is lost: cache blocks with markers stay, checkpoints are written per epoch.
@@ -148,6 +160,18 @@ class _Group(click.Group):
                        "only the missing blocks, or add `--resume OUT` to train-teacher/distill to continue "
                        "from the last epoch", err=True)
             ctx.exit(130)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show each warning the library raises as one ``warning: <message>`` line on stderr, when it is
+    raised (a provenance warning at the start of a long run is read at the start)."""
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -314,6 +338,8 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
       kdcache evaluate models/mse.pt --manifest data_manifests/synthetic.parquet --split test --out metrics/mse_test.json
     """
     cfg = EvaluateConfig(**options)
+    if out:
+        check_writable(out, what="--out")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = cfg.score(checkpoint, manifest)
@@ -397,19 +423,24 @@ def cache_command(teacher: str, manifest: str, split: str, views: int, out: str,
 @cli.command("verify")
 @click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--sample-rows", type=int, default=4096, show_default=True,
-              help="Rows whose entropy, p_gt, pred are recomputed from the stored logits.")
-def verify_command(stores: tuple[str, ...], sample_rows: int) -> None:
-    """Check cache stores: attrs, shapes, markers, chunks, NaN/Inf, recomputed targets.
+              help="Rows whose entropy, p_gt, pred are recomputed from the stored logits (0: none).")
+@click.option("--checksums/--no-checksums", default=True, show_default=True,
+              help="Compare every chunk with its CRC-32 (--no-checksums: faster, misses changed bytes).")
+def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -> None:
+    """Check cache stores: attrs, shapes, markers, chunks, checksums, NaN/Inf, recomputed targets.
 
     Exit status 1 when any store is incomplete or inconsistent.
 
     \b
-    Example:
+    Examples:
       kdcache verify caches/train/ce.zarr caches/train/mse.zarr
+      kdcache verify --sample-rows 0 --no-checksums caches/train/ce.zarr     # markers, files, NaN only
     """
+    if sample_rows < 0:
+        raise UserError(f"--sample-rows: expected an integer >= 0 (0: no recomputation), found {sample_rows}")
     failed = 0
     for store in stores:
-        report = verify_store(store, sample_rows=sample_rows)
+        report = verify_store(store, sample_rows=sample_rows, checksums=checksums)
         click.echo(str(report))
         failed += not report.ok
     if failed:

@@ -6,14 +6,18 @@
     file_sha256("models/ce.pt")                  # how caches and manifests name the files they used
     write_json("metrics/kd.json", {"top1": 0.8})  # metrics and logs, written the same atomic way
     write_history("metrics/kd.csv", rows)         # one CSV row per dict
+    check_writable("models/ce.pt", what="--out")  # before hours of work: the folder exists and takes a file
+    os_error_text(err)                            # "<path>: No space left on device (ENOSPC)"
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +38,37 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def os_error_text(err: OSError, path: str | Path | None = None) -> str:
+    """One line for an OS error: the path it names (else ``path``), the reason and the errno name
+    (``/data/c.zarr/logits/c.0.1.0: No space left on device (ENOSPC)``)."""
+    where = err.filename if err.filename is not None else path
+    reason = err.strerror or str(err) or type(err).__name__
+    if isinstance(err, FileExistsError):  # mkdir of a folder whose name is taken by a file
+        reason = "exists and is not a folder"
+    name = errno.errorcode.get(err.errno or 0, "")
+    text = f"{reason} ({name})" if name else reason
+    return f"{where}: {text}" if where is not None else text
+
+
+def check_writable(path: str | Path, *, what: str) -> None:
+    """Make sure a file can be written at ``path`` before long work starts: its folder is created
+    and a temporary file is written and removed there. An ``OSError`` (a file where a folder should
+    be, a read-only folder, a full disk) is a ``UserError`` naming ``what`` (e.g. ``--out``) and the path."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UserError(f"{path}: {what}: expected a file name, found a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=path.parent)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{os_error_text(err, path)}; {what} {path} cannot be written there") from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -14,8 +14,10 @@ one is right (oracle accuracy), and how often each is the most confident in the 
 ``p_gt``), the quantity the multi-teacher methods rank by.
 
 Every figure is computed from the stores' chunks by dask, block by block, so stores larger than
-memory are fine. ``--out`` writes ``summary.json``, ``per_class.csv``, ``entropy_hist.csv`` and,
-when matplotlib is installed (extra ``[plots]``), ``entropy_hist.png`` and ``reliability.png``.
+memory are fine. A store whose teacher checkpoint changed after caching is a warning
+(``pipeline.store.provenance``). ``--out`` writes ``summary.json``, ``per_class.csv``,
+``entropy_hist.csv`` and, when matplotlib is installed (extra ``[plots]``), ``entropy_hist.png``
+and ``reliability.png``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +35,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import UserError
+from pipeline.store.provenance import changed_teachers
 from pipeline.store.verify import check_complete
 
 
@@ -47,6 +51,8 @@ def _max_prob(group: zarr.Group, kind: str) -> da.Array:
 def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Lazy dask figures for one store, and the facts read from its attrs."""
     attrs, layout = check_complete(path)
+    for line in changed_teachers(attrs, store=path):
+        warnings.warn(line, stacklevel=3)
     group = zarr.open_group(path, mode="r")
     num_classes, num_views = layout.num_classes, layout.num_views
     label = da.from_zarr(group["label"]).astype(np.int64)

@@ -21,6 +21,7 @@ import zarr
 
 from pipeline.cache import CacheConfig, cache_teacher
 from pipeline.checkpoint import load_checkpoint
+from pipeline.data import build_manifest
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.reader import StoreGroup
@@ -87,11 +88,10 @@ def test_reopening_with_another_checkpoint_or_manifest_is_refused(teacher, refer
     with pytest.raises(UserError, match=r"teacher\.checkpoint_sha256"):
         cache_teacher(CacheConfig(teacher=other, manifest=manifest, split=SPLIT, views=VIEWS, out=reference,
                                   rows_per_block=RPB, micro_batch=MB, progress=False))
-    from pipeline.data import build_manifest
-
     other_manifest = tmp_path / "other.parquet"
     build_manifest("synthetic", tmp_path / "syn", other_manifest, num_samples=3000, seed=1)
-    with pytest.raises(UserError, match=r"manifest\.sha256"):
+    # the teacher was trained on the first manifest: a warning, then the store's own manifest refuses
+    with pytest.raises(UserError, match=r"manifest\.sha256"), pytest.warns(UserWarning, match="manifest_sha256"):
         cache_teacher(CacheConfig(teacher=ckpt, manifest=other_manifest, split=SPLIT, views=VIEWS, out=reference,
                                   rows_per_block=RPB, micro_batch=MB, progress=False))
     cmd = _cli(manifest, other, reference)

@@ -18,6 +18,7 @@ The store format itself (schema, writer, reader, verify) is ``pipeline.store``; 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from pipeline.cache.config import CacheConfig
@@ -27,7 +28,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.data import check_files, default_views, open_split
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
-from pipeline.files import file_sha256
+from pipeline.files import file_sha256, os_error_text
 from pipeline.manifest import load_manifest
 from pipeline.store import schema
 from pipeline.store.writer import CacheResult, Provenance
@@ -41,7 +42,9 @@ def cache_teacher(cfg: CacheConfig) -> CacheResult:
     ``threads`` fixes torch's CPU threads while blocks are computed (default: torch's own; for
     ``local_workers`` the cores shared out), which with the fixed batches of a block makes the
     bytes independent of who computed each block. Returns what was computed and whether the
-    store is complete (it is not while other shards still run).
+    store is complete (it is not while other shards still run). A teacher trained on another
+    manifest (same class count) is a warning; an ``OSError`` while the store is written (a full
+    disk, a read-only folder) is a ``UserError`` naming the path, and leaves the store incomplete.
     """
     teacher, manifest_path = Path(cfg.teacher).resolve(), Path(cfg.manifest).resolve()
     meta = load_checkpoint(teacher)["meta"]
@@ -50,6 +53,10 @@ def cache_teacher(cfg: CacheConfig) -> CacheResult:
     if int(meta["num_classes"]) != man.num_classes:
         raise UserError(f"{teacher}: field num_classes: expected {man.num_classes} (manifest {manifest_path}), "
                         f"found {meta['num_classes']}")
+    trained_on = meta.get("manifest_sha256")
+    if trained_on is not None and trained_on != man.sha256:  # as `kdcache evaluate` does: allowed, but said
+        warnings.warn(f"{teacher}: field 'manifest_sha256': trained on {trained_on}, caching {manifest_path} "
+                      f"({man.sha256})", stacklevel=2)
     spec = ViewSpec.from_dict(cfg.view_spec) if cfg.view_spec else default_views(man, seed=cfg.views_seed)
     shape = tuple(open_split(man, cfg.split, views=spec, view=0).input_shape)
     if tuple(meta["input_shape"]) != shape:        # before any store is created
@@ -69,6 +76,12 @@ def cache_teacher(cfg: CacheConfig) -> CacheResult:
                              views=json.dumps(spec.to_dict(), sort_keys=True), micro_batch=layout.micro_batch,
                              device=cfg.device, threads=cfg.threads or default_threads(cfg.local_workers),
                              workers=cfg.workers)
-    return write_cache(cfg.out, factory=factory, provenance=provenance, layout=layout, sample_id=rows.sample_id,
-                       label=rows.label, shard=cfg.shard, scheduler=cfg.scheduler, local_workers=cfg.local_workers,
-                       overwrite=cfg.overwrite, progress=cfg.progress)
+    try:
+        return write_cache(cfg.out, factory=factory, provenance=provenance, layout=layout, sample_id=rows.sample_id,
+                           label=rows.label, shard=cfg.shard, scheduler=cfg.scheduler,
+                           local_workers=cfg.local_workers, overwrite=cfg.overwrite, progress=cfg.progress)
+    except OSError as err:
+        # A full disk, a read-only folder, a file where the store's folder should be: the store is
+        # left incomplete (blocks with markers are kept), and the same command completes it later.
+        raise UserError(f"{os_error_text(err, cfg.out)}; --out {cfg.out} is not complete: fix that and rerun "
+                        "the same command (finished blocks are kept)") from None

@@ -1,19 +1,26 @@
 """``kdcache verify STORE``: is a cache complete and consistent? Non-zero exit when it is not.
 
     kdcache verify caches/train/ce.zarr
+    kdcache verify --sample-rows 0 --no-checksums caches/train/ce.zarr     # markers, files, NaN only
     python -c "from pipeline.store.verify import verify_store; print(verify_store('caches/train/ce.zarr'))"
 
 Checks: format and attrs; every array's shape, dtype and chunks against the layout; every done
-marker; a chunk file for every (array, view, block); NaN/Inf anywhere in the stored values
-(every block is read once); index ranges; and a recomputation of entropy, p_gt and pred from a
-sample of stored logits. Stored values were computed from the teacher's float32 logits, and the
-stored logits are rounded to the store dtype, so recomputations are compared within the bound
-that rounding allows (half an ulp per logit, propagated); a top-k store checks the bounds its
-top-k values and logsumexp imply.
+marker; a chunk file for every (array, view, block); the CRC-32 of every data chunk against the
+one written with it (each mismatch listed with its array, view and block) and of sample_id and
+label; NaN/Inf anywhere in the stored values (every block is read once, from its chunk files);
+index ranges; and a recomputation of entropy, p_gt and pred from a sample of stored logits.
+Stored values were computed from the teacher's float32 logits, and the stored logits are rounded
+to the store dtype, so recomputations are compared within the bound that rounding allows (half
+an ulp per logit, propagated); a top-k store checks the bounds its top-k values and logsumexp imply.
+
+``check_complete``, the check every reader makes when it opens a store, stays cheap: markers and
+file sizes only (the readers check each chunk's CRC as they read it).
 """
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +29,7 @@ import zarr
 
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.provenance import changed_teachers
 
 _UNIT_ROUNDOFF = {"float16": 2.0**-11, "float32": 2.0**-24}
 _SUBNORMAL = {"float16": 2.0**-25, "float32": 2.0**-150}
@@ -34,7 +42,12 @@ def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
     if not attrs["status"].get("complete"):
         raise UserError(f"{store}: field status.complete: expected true, found false (incomplete cache: "
                         "rerun `kdcache cache` for it, then `kdcache verify`)")
-    done = zarr.open_group(str(store), mode="r")["done"][:]
+    group = zarr.open_group(str(store), mode="r")
+    for name, want in layout.arrays().items():  # array metadata edited by hand: a reader would misread the chunks
+        found = (tuple(group[name].shape), tuple(group[name].chunks), str(group[name].dtype)) if name in group else None
+        if found != want:
+            raise UserError(f"{store}: field {name}: expected shape/chunks/dtype {want}, found {found}")
+    done = group["done"][:]
     if not done.all():
         v, b = np.argwhere(~done)[0]
         raise UserError(f"{store}: field done: expected every block marked, found {int((~done).sum())} unmarked "
@@ -53,6 +66,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     rows_recomputed: int = 0
     blocks_scanned: int = 0
+    chunks_checked: int = 0          # data chunks whose CRC-32 was compared
     summary: str = ""
 
     @property
@@ -64,11 +78,19 @@ class VerifyReport:
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
-def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, max_problems: int = 50) -> VerifyReport:
-    """Check everything listed in the module docstring; never raises for a damaged store (reports it)."""
+def verify_store(store: str | Path, *, sample_rows: int = 4096, checksums: bool = True, seed: int = 0,
+                 max_problems: int = 50) -> VerifyReport:
+    """Check everything listed in the module docstring; never raises for a damaged store (reports it).
+
+    ``sample_rows=0`` skips the recomputation of targets; ``checksums=False`` skips the CRC-32 pass.
+    """
+    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 0:
+        raise UserError(f"--sample-rows: expected an integer >= 0 (0: no recomputation), found {sample_rows!r}")
     store = Path(store)
     attrs = schema.read_attrs(store)
     report = VerifyReport(store)
+    for line in changed_teachers(attrs, store=store):  # not damage to the store: said, not listed as a problem
+        warnings.warn(line, stacklevel=2)
     add = report.problems.append
     try:
         lay = schema.Layout.from_attrs(attrs)
@@ -88,9 +110,16 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, m
         found = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
         if found != (shape, chunks, dtype):
             add(f"{name}: expected shape/chunks/dtype {(shape, chunks, dtype)}, found {found}")
+        elif arr.compressors or arr.filters or (arr.dtype.itemsize > 1 and getattr(
+                getattr(arr.serializer, "endian", None), "value", None) != "little"):
+            add(f"{name}: expected uncompressed little-endian chunks (the kdcache format), found another encoding")
         else:
             arrays[name] = arr
     if report.problems:
+        return report
+    names = lay.block_arrays()
+    if list(arrays[schema.CHECKSUM].attrs.get("arrays", [])) != names:
+        add(f"checksum.arrays: expected {names}, found {arrays[schema.CHECKSUM].attrs.get('arrays')!r}")
         return report
     if not attrs["status"].get("complete"):
         add("status.complete: expected true, found false (rerun `kdcache cache` with the same arguments: "
@@ -107,34 +136,60 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, seed: int = 0, m
         add(f"chunks: {len(holes)} missing or damaged in all")
     hole_units = {(v, b) for _, v, b in holes}
     sample_id, label = arrays["sample_id"][:], arrays["label"][:]
+    if checksums and not any(name in ("sample_id", "label") for name, _, _ in holes):
+        found_ids = schema.ids_checksums(sample_id, label)
+        for name in ("sample_id", "label"):
+            expected = attrs["checksums"].get(name)
+            if expected != found_ids[name]:
+                shown = f"{expected:08x}" if isinstance(expected, int) else repr(expected)
+                add(f"checksums.{name}: expected crc32 {shown}, found {found_ids[name]:08x} (changed after the store "
+                    "was created)")
     if len(np.unique(sample_id)) != lay.num_samples:
         add("sample_id: expected unique ids, found duplicates")
     if label.min(initial=0) < 0 or label.max(initial=0) >= lay.num_classes:
         add(f"label: expected values in [0, {lay.num_classes}), found [{label.min()}, {label.max()}]")
+    expected_crc = arrays[schema.CHECKSUM][:]
     rng = np.random.default_rng(seed)
     per_unit = max(1, -(-sample_rows // max(1, len(lay.units()))))
+    value_problems, listed_all = 0, True
     for v, b in lay.units():
         if not done[v, b] or (v, b) in hole_units or (None, b) in hole_units:
             continue
-        if len(report.problems) >= max_problems:
-            add("... more problems not listed")
-            break
         start, stop = lay.block_rows(b)
-        block = {name: arrays[name][v, start:stop] for name in lay.block_arrays()}
         where = f"view {v} rows {start}:{stop}"
+        block = {}
+        for i, name in enumerate(names):
+            data = (store / schema.chunk_key(name, arrays[name].ndim, v, b)).read_bytes()
+            if checksums:
+                found_crc, want_crc = zlib.crc32(data), int(expected_crc[v, b, i])
+                report.chunks_checked += 1
+                if found_crc != want_crc:    # every one is listed: they say which blocks to recompute
+                    add(f"checksum: {name} view {v} block {b}: expected crc32 {want_crc:08x}, found {found_crc:08x} "
+                        "(the chunk changed after it was written)")
+            arr = arrays[name]
+            chunk = np.frombuffer(data, dtype=arr.dtype.newbyteorder("<"))
+            block[name] = chunk.reshape((lay.rows_per_block,) + arr.chunks[2:])[: stop - start]
+        if value_problems >= max_problems:       # keep checking CRCs, stop listing value problems
+            if listed_all:
+                add("... more problems not listed")
+                listed_all = False
+            continue
+        before = len(report.problems)
         finite = True
         for name, values in block.items():
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 add(f"{name}: expected finite values, found {int((~np.isfinite(values)).sum())} NaN/Inf at {where}")
                 finite = False
-        if not finite:
-            continue
-        pick = np.sort(rng.choice(stop - start, size=min(per_unit, stop - start), replace=False))
-        check = _check_dense if lay.kind == "dense" else _check_topk
-        for problem in check(lay, {k: a[pick] for k, a in block.items()}, label[start:stop][pick]):
-            add(f"{problem} at {where}")
-        report.rows_recomputed += len(pick)
         report.blocks_scanned += 1
+        if finite and sample_rows > 0:
+            pick = np.sort(rng.choice(stop - start, size=min(per_unit, stop - start), replace=False))
+            check = _check_dense if lay.kind == "dense" else _check_topk
+            for problem in check(lay, {k: a[pick] for k, a in block.items()}, label[start:stop][pick]):
+                add(f"{problem} at {where}")
+            report.rows_recomputed += len(pick)
+        value_problems += len(report.problems) - before
+    checked = f"{report.chunks_checked} chunk checksums checked" if checksums else "checksums not checked"
+    report.summary += f"; {checked}, {report.rows_recomputed} rows recomputed"
     return report
 
 

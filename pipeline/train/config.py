@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Mapping
 
 from pipeline.config import FromDict
 from pipeline.errors import UserError
+from pipeline.files import check_writable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,17 @@ class TrainConfig(FromDict):
         if self.history:
             return self.history
         return str(Path(self.metrics).with_suffix(".csv")) if self.metrics else None
+
+    def output_paths(self) -> dict[str, str]:
+        """The files a run writes, by option name (a task adds its own)."""
+        paths = {"--out": self.out, "--metrics": self.metrics, "--history": self.history_path}
+        return {what: path for what, path in paths.items() if path}
+
+    def check_outputs(self) -> None:
+        """Every output can be written (``pipeline.files.check_writable``), before any epoch runs:
+        a file where a folder should be or a read-only folder is one line now, not after an epoch."""
+        for what, path in self.output_paths().items():
+            check_writable(path, what=what)
 
     def check_resume(self, blob: dict, identity: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """The checkpoint ``blob`` to resume must hold a train state, the ``identity`` meta fields of

@@ -13,8 +13,8 @@ against the labels), ``n``. With the exact Bayes posterior ``p*`` of the synthet
 where ``argmax p_model == argmax p*``, and ``bayes_top1`` = accuracy of ``argmax p*`` (the ceiling).
 
 Every split is scored with view 0, the evaluation transform. ``evaluate_checkpoint``: a
-checkpoint whose class count or input shape differs from the manifest's is an error; one
-trained on another manifest (hash) only warns, unless ``strict``.
+checkpoint whose class count or input shape differs from the manifest's is an error, and so
+are NaN/Inf weights or logits; one trained on another manifest (hash) only warns, unless ``strict``.
 """
 
 from __future__ import annotations
@@ -145,8 +145,14 @@ def evaluate_checkpoint(
         raise UserError(f"{ckpt}: field 'input_shape': checkpoint expects {tuple(meta['input_shape'])}, "
                         f"split {split!r} of {man.path} gives {tuple(dataset.input_shape)}")
     runtime = Runtime.create(device, images=len(dataset.input_shape) == 3)
-    scores = evaluate_model(runtime.prepare(model), dataset, runtime=runtime, batch_size=batch_size, workers=workers,
-                            posterior=posterior(man, split))
+    logits, labels = predict_logits(runtime.prepare(model), dataset, runtime=runtime, batch_size=batch_size,
+                                    workers=workers)
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():  # an accuracy of NaN logits is a number that means nothing
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise UserError(f"{ckpt}: field logits: expected finite values on split {split!r} of {man.path}, found "
+                        f"NaN/Inf in {len(rows)} rows (first: {rows[:5]})")
+    scores = score_logits(logits, labels, posterior=posterior(man, split))
     return {**scores, "checkpoint": str(ckpt), "split": split, "manifest_match": match}
 
 

@@ -226,6 +226,12 @@ class _Meter:
 # --- the loop -------------------------------------------------------------------------------
 
 
+def _finite(models: Sequence[nn.Module]) -> bool:
+    """Whether every weight of ``models`` is finite (one reduction and one sync, once per epoch)."""
+    flags = [torch.isfinite(p).all() for m in models for p in m.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def epoch_line(desc: str, row: Mapping[str, float], *, epochs: int) -> str:
     """``train 3/20: train_loss 0.4121 train_top1 0.8400 val_top1 0.8012 (1.9 s)``: losses and accuracies."""
     keys = [k for k in row if k.startswith(("train_loss", "train_top1", "val_top1", "val_bayes_mse"))]
@@ -248,6 +254,7 @@ def fit(
     on_epoch_start: Callable[[int], None] | None = None,
     on_epoch_end: Callable[[int, dict], dict | None] | None = None,
     on_checkpoint: Callable[[LoopState, dict], None] | None = None,
+    on_diverged: Callable[[int], None] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> LoopState:
@@ -256,7 +263,11 @@ def fit(
     ``models`` must already be on the runtime's device (``runtime.prepare``); the step receives
     them wrapped by ``runtime.wrap`` (DDP under torchrun). ``on_epoch_start(epoch)`` runs before
     the epoch's data is opened (set the view there); ``on_epoch_end(epoch, row)`` may return
-    more metrics for the row (validation); ``on_checkpoint`` runs on rank 0 only.
+    more metrics for the row (validation); ``on_checkpoint`` runs on rank 0 only. When an
+    epoch's loss or the weights after it are not finite, ``on_diverged(epoch)`` may raise an error
+    naming the cause (NaN targets, say); otherwise the run stops with "training diverged ... lower
+    the lr", before that epoch's checkpoint. Nothing is checked per step: the epoch's loss is
+    summed on the device anyway, and the weights are checked once per epoch.
     """
     state = start or LoopState()
     wrapped = [runtime.wrap(m) for m in models]
@@ -289,7 +300,13 @@ def fit(
         bar.close()
         row: dict = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"] if optimizers else 0.0}
         row.update(meter.result(runtime, prefix="train_"))
-        if not math.isfinite(row.get("train_loss", 0.0)):
+        finite_weights = _finite(models)
+        if not math.isfinite(row.get("train_loss", 0.0)) or not finite_weights:
+            if on_diverged is not None:
+                on_diverged(epoch)
+            if not finite_weights:  # a NaN gradient of the epoch's last steps: the loss did not show it yet
+                raise UserError(f"training diverged: the weights are NaN/Inf after epoch {epoch + 1} (train_loss "
+                                f"{row.get('train_loss')}); lower the lr")
             raise UserError(f"training diverged: train_loss is {row['train_loss']} in epoch {epoch + 1}; lower the lr")
         if on_epoch_end is not None:
             row.update(on_epoch_end(epoch, row) or {})

@@ -108,6 +108,14 @@ class DistillConfig(TrainConfig):
         method.check_mentors(len(self.teachers if self.online else self.mentors))
 
 
+    def output_paths(self) -> dict[str, str]:
+        paths = super().output_paths()
+        method = create_method(self.method, **self.options)
+        for i, path in enumerate(student_paths(self.out, method.num_students)[1:], start=1):
+            paths[f"--out (student {chr(ord('a') + i)})"] = str(path)
+        return paths
+
+
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     """Method options from ``KEY=VALUE`` strings (``--option``); values are YAML scalars
     (``4`` -> int, ``true`` -> bool, ``~`` or nothing -> None)."""
@@ -139,6 +147,7 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None
     """
     manifest = load_manifest(cfg.manifest)
     method = create_method(cfg.method, **cfg.options)
+    cfg.check_outputs()  # an unwritable --out is said now, not after the first epoch
     cached = CachedTargets.open(cfg.mentors, manifest, train_split=cfg.train_split, views=cfg.views,
                                 cache_mode=cfg.cache_mode, memory_budget_mb=cfg.memory_budget_mb,
                                 workers=cfg.workers) if cfg.mentors else None
@@ -219,6 +228,13 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
             scores.update({f"val_{k}{suffix}": v for k, v in got.items() if k != "n"})
         return scores
 
+    def on_diverged(epoch: int) -> None:
+        # NaN targets make a NaN loss whatever the lr: name the store (or teacher) and the rows.
+        problem = targets.nonfinite(epoch % targets.num_views, dataset=train_ds, batches=lambda: batches(epoch),
+                                    runtime=runtime)
+        if problem:
+            raise UserError(problem)
+
     paths = student_paths(cfg.out, len(students))
     stats_path = cfg.mentor_stats or str(Path(cfg.out).with_name(f"{Path(cfg.out).stem}_mentors.csv"))
 
@@ -240,7 +256,7 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
         students, optimizers, step=step, dataset=train_ds, epochs=cfg.epochs, runtime=runtime,
         schedulers=schedulers, workers=cfg.workers, start=start, batch_sampler=batches,
         on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
-        progress=cfg.progress, desc=f"distill {cfg.method} {'+'.join(archs)}",
+        on_diverged=on_diverged, progress=cfg.progress, desc=f"distill {cfg.method} {'+'.join(archs)}",
     )
     if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
         on_checkpoint(state, blob["train_state"])  # a finished run: still leave out and the logs in place

@@ -13,17 +13,21 @@ cache run. Epoch ``e`` uses view ``e mod num_views``.
 The checks here are the user-facing ones of ``kdcache distill``: each store built from this
 manifest (class count, then content hash), complete and agreeing with the others (the store
 reader), its split and views those asked for; live teachers with the manifest's class count and
-the dataset's input shape. Each is a one-line ``UserError``.
+the dataset's input shape. Each is a one-line ``UserError``. A store whose teacher checkpoint
+changed on disk after caching is a warning (``pipeline.store.provenance``). After a non-finite
+loss, ``nonfinite(view, ...)`` names the mentor and rows whose targets are NaN/Inf, if any.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
+import zarr
 
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
@@ -32,9 +36,10 @@ from pipeline.manifest import Manifest
 from pipeline.methods.kd import entropy, gt_prob
 from pipeline.models import load_model
 from pipeline.runtime import Runtime
+from pipeline.store.provenance import changed_teachers
 from pipeline.store.reader import FIELDS, StoreGroup, default_memory_budget
 from pipeline.store.schema import read_attrs
-from pipeline.train.loop import Batch
+from pipeline.train.loop import Batch, iter_batches
 from pipeline.train.sampling import RankBatches, permutation, windowed_permutation
 
 
@@ -57,7 +62,21 @@ class Targets(Protocol):
     def targets(self, batch: Batch, fields: Sequence[str]) -> dict[str, torch.Tensor]:
         """The mentors' ``fields`` for the batch (float32; on the CPU or the batch's device)."""
 
+    def nonfinite(self, view: int, *, dataset: Any, batches: Callable[[], Iterable[np.ndarray]],
+                  runtime: Runtime) -> str | None:
+        """After a non-finite loss: a line naming the mentor and rows whose targets of ``view`` are
+        NaN/Inf, or None when they are all finite (then the student itself diverged)."""
+
     def close(self) -> None: ...
+
+
+def _rows_text(rows: Sequence[int]) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:10])
+    return f"[{shown}{', ...' if len(rows) > 10 else ''}]" + (f" ({len(rows)} rows)" if len(rows) > 10 else "")
+
+
+def _bad_kind(values: np.ndarray | torch.Tensor) -> str:
+    return "NaN" if bool(np.isnan(np.asarray(values, dtype=np.float64)).any()) else "Inf"
 
 
 def _memory_batches(num_rows: int, epoch: int, num_views: int, *, batch_size: int, seed: int, rank: int,
@@ -89,7 +108,10 @@ class CachedTargets:
         when given). The default memory budget is a quarter of RAM shared by the local DDP processes,
         each of which holds its own copy of an in-memory cache."""
         for path in stores:  # against this manifest first; completeness and agreement: the StoreGroup
-            found = read_attrs(path)["manifest"]
+            attrs = read_attrs(path)
+            for line in changed_teachers(attrs, store=path):
+                warnings.warn(line, stacklevel=2)
+            found = attrs["manifest"]
             if int(found["num_classes"]) != manifest.num_classes:
                 raise UserError(f"{path}: field manifest.num_classes: expected {manifest.num_classes} "
                                 f"(--manifest {manifest.path}), found {found['num_classes']}")
@@ -136,6 +158,29 @@ class CachedTargets:
     def targets(self, batch: Batch, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
         return self.group.targets(batch.epoch % self.num_views, batch.rows, fields=fields)
 
+    def nonfinite(self, view: int, *, dataset: Any = None, batches: Any = None, runtime: Any = None) -> str | None:
+        """The first store whose stored floats of ``view`` hold NaN/Inf, and the rows (read block by
+        block: only after a non-finite loss, never per step)."""
+        for path, layout in zip(self.group.paths, self.group.layouts):
+            group = zarr.open_group(str(path), mode="r")
+            for name in layout.block_arrays():
+                array = group[name]
+                if array.dtype.kind != "f":
+                    continue
+                rows: list[int] = []
+                kind = "Inf"
+                for block in range(layout.num_blocks):
+                    start, stop = layout.block_rows(block)
+                    values = np.asarray(array[view, start:stop]).reshape(stop - start, -1)
+                    bad = ~np.isfinite(values).all(axis=1)
+                    if bad.any():
+                        rows += (start + np.flatnonzero(bad)).tolist()
+                        kind = "NaN" if kind == "NaN" or _bad_kind(values[bad]) == "NaN" else kind
+                if rows:
+                    return f"{path}: field {name}: expected finite values, found {kind} in rows {_rows_text(rows)} " \
+                           f"of view {view}"
+        return None
+
     def close(self) -> None:
         self.group.close()
 
@@ -176,6 +221,22 @@ class LiveTargets:
                 drop_last: bool = False) -> RankBatches:
         return _memory_batches(self.num_samples, epoch, self.num_views, batch_size=batch_size, seed=seed,
                                rank=rank, world_size=world_size, drop_last=drop_last)
+
+    @torch.no_grad()
+    def nonfinite(self, view: int, *, dataset: Any, batches: Callable[[], Iterable[np.ndarray]],
+                  runtime: Runtime) -> str | None:
+        """Run the teachers over the epoch's batches again until one gives NaN/Inf logits: that
+        teacher's checkpoint and the rows (only after a non-finite loss, never per step)."""
+        for x, _, rows in iter_batches(dataset, batches(), runtime=runtime):
+            with runtime.autocast():
+                outputs = [m(x).float() for m in self.models]
+            for meta, z in zip(self.provenance, outputs):
+                bad = ~torch.isfinite(z).all(dim=1)
+                if bool(bad.any()):
+                    found = sorted(rows[bad.cpu().numpy()].tolist())
+                    return f"{meta['checkpoint']}: field logits: expected finite values, found " \
+                           f"{_bad_kind(z[bad].cpu())} in rows {_rows_text(found)} of view {view}"
+        return None
 
     @torch.no_grad()
     def targets(self, batch: Batch, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:

@@ -71,6 +71,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
 
 def _train(cfg: TeacherConfig) -> dict:
     manifest = load_manifest(cfg.manifest)
+    cfg.check_outputs()  # an unwritable --out is said now, not after the first epoch
     view_spec = default_views(manifest, seed=cfg.views_seed)
     train_ds = open_split(manifest, cfg.train_split, views=view_spec, view=1)
     val_ds, val_posterior = None, None

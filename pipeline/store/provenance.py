@@ -1,0 +1,36 @@
+"""Is what a store was computed from still what it says? Warnings about provenance that drifted.
+
+    from pipeline.store.provenance import changed_teachers
+    for line in changed_teachers(read_attrs("caches/train/ce.zarr"), store="caches/train/ce.zarr"):
+        warnings.warn(line)
+
+A store records its teacher checkpoint's path and sha256 (``teacher.path``,
+``teacher.checkpoint_sha256``). When that file still exists but its bytes changed (retrained in
+place, overwritten by another run), the store's targets are no longer the teacher's of that name:
+the store is not damaged, so this is a warning, not an error. A checkpoint that is gone (the store
+was copied to another machine) says nothing. The checkpoint is hashed in full, once per call
+(what is recorded is a sha256; a size or time check would miss a same-size rewrite).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.files import file_sha256
+
+
+def changed_teachers(attrs: dict[str, Any], *, store: str | Path | None = None) -> list[str]:
+    """Warning lines (``<store>: field teacher.checkpoint_sha256: ...``) for a recorded teacher
+    checkpoint that exists but whose sha256 is no longer the one recorded; empty when it matches
+    or is not there."""
+    teacher = attrs.get("teacher") or {}
+    path, recorded = teacher.get("path"), teacher.get("checkpoint_sha256")
+    if not path or not recorded or not Path(path).is_file():
+        return []
+    found = file_sha256(path)
+    if found == recorded:
+        return []
+    where = f"{store}: " if store is not None else ""
+    return [f"{where}field teacher.checkpoint_sha256: expected {recorded} (the teacher when cached), found "
+            f"{found} in {path}: the checkpoint changed after caching; recache it, or restore the checkpoint"]
