@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from pipeline.data import build_manifest, default_views, open_split
-from pipeline.data.synthetic import bayes_posterior, load_arrays
+from pipeline.data.synthetic import (
+    bayes_posterior,
+    generate,
+    load_arrays,
+    posterior_of,
+    write_npz,
+)
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
 
@@ -88,3 +94,19 @@ def test_changed_data_file_is_caught(tmp_path: Path) -> None:
     np.savez(tmp_path / "d" / "synthetic.npz", **data)
     with pytest.raises(UserError, match="changed since the manifest was built"):
         bayes_posterior(m, "train")
+
+
+def test_chunked_file_has_the_bytes_of_one_draw(tmp_path: Path) -> None:
+    """Written 7 rows at a time, the file is byte for byte np.savez of the draws made in one call each."""
+    n, d, k, sigma2, seed = 50, 6, 4, 2.0, 5
+    rng = np.random.default_rng(seed)
+    means = rng.integers(-1, 2, size=(k, d)).astype(np.float32)
+    y = rng.integers(0, k, size=n).astype(np.int32)
+    x = (means[y] + rng.normal(0.0, np.sqrt(sigma2), size=(n, d))).astype(np.float32)
+    np.savez(tmp_path / "whole.npz", x=x, y=y, means=means, posterior=posterior_of(x, means, sigma2=sigma2))
+    got_y = write_npz(tmp_path / "chunked.npz", num_samples=n, dim=d, num_classes=k, sigma2=sigma2, seed=seed,
+                      chunk_rows=7)
+    assert (tmp_path / "chunked.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+    np.testing.assert_array_equal(got_y, y)
+    data = generate(num_samples=n, dim=d, num_classes=k, sigma2=sigma2, seed=seed)
+    np.testing.assert_array_equal(data["x"], x)

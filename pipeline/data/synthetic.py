@@ -12,15 +12,19 @@ so contiguous blocks are as random as any split).
 ``root/synthetic.npz`` holds x [N, d] float32, y [N] int32, means [K, d] float32 and
 posterior [N, K] float32 = softmax_y(-||x - mu_y||^2 / (2 sigma2)) computed in float64 from
 the stored float32 x. The manifest's ``source`` is the row index into these arrays; its meta
-records the parameters and the file's sha256.
+records the parameters and the file's sha256. The file is generated and written ``CHUNK_ROWS``
+rows at a time (``write_npz``), so a million samples need no more memory than a hundred
+thousand for x; the values and bytes are those of drawing everything at once.
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from pipeline.data.base import READERS, Reader, Samples, Scan, check_recorded_files
 from pipeline.data.views import ViewSpec
@@ -30,16 +34,61 @@ from pipeline.manifest import Manifest, SplitRows
 
 FILE_NAME = "synthetic.npz"
 SPLIT_FRACTIONS = (("train", 0.05), ("val", 0.05), ("test", 0.90))
+CHUNK_ROWS = 100_000  # rows generated and written at a time: bounds the float64 temporaries (~25 MB at d=30)
 
 
 def generate(*, num_samples: int, dim: int, num_classes: int, sigma2: float, seed: int) -> dict[str, np.ndarray]:
-    """x, y, means, posterior as described in the module docstring."""
+    """x, y, means, posterior as described in the module docstring, all in memory (see ``write_npz``)."""
+    means, y, chunks = _draws(num_samples=num_samples, dim=dim, num_classes=num_classes, sigma2=sigma2, seed=seed)
+    xs, posts = zip(*chunks)
+    return {"x": np.concatenate(xs), "y": y, "means": means, "posterior": np.concatenate(posts)}
+
+
+def _draws(*, num_samples: int, dim: int, num_classes: int, sigma2: float, seed: int,
+           chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """means, y, and the (x, posterior) row chunks, in order.
+
+    The draws are those of one ``rng.normal(size=(N, d))`` call: the Generator's normal sampler
+    keeps no state between calls, so consecutive row chunks continue the same stream and give
+    the same values (y is drawn whole: the bounded-integer sampler buffers 32-bit halves within
+    one call, so splitting it would shift the stream; it is only N int32s).
+    """
     rng = np.random.default_rng(seed)
     means = rng.integers(-1, 2, size=(num_classes, dim)).astype(np.float32)
     y = rng.integers(0, num_classes, size=num_samples).astype(np.int32)
-    noise = rng.normal(0.0, np.sqrt(sigma2), size=(num_samples, dim))
-    x = (means[y] + noise).astype(np.float32)
-    return {"x": x, "y": y, "means": means, "posterior": posterior_of(x, means, sigma2=sigma2)}
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, num_samples, chunk_rows):
+            rows = y[start:start + chunk_rows]
+            noise = rng.normal(0.0, np.sqrt(sigma2), size=(len(rows), dim))
+            x = (means[rows] + noise).astype(np.float32)
+            yield x, posterior_of(x, means, sigma2=sigma2)
+
+    return means, y, chunks()
+
+
+def write_npz(path: str | Path, *, num_samples: int, dim: int, num_classes: int, sigma2: float,
+              seed: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """Generate and write ``path`` chunk by chunk (the bytes ``np.savez(path, **generate(...))`` writes,
+    without holding x in memory); returns y. The posterior, N x K, is kept until x is written."""
+    means, y, chunks = _draws(num_samples=num_samples, dim=dim, num_classes=num_classes, sigma2=sigma2,
+                              seed=seed, chunk_rows=chunk_rows)
+    posterior = np.empty((num_samples, num_classes), dtype=np.float32)
+    # The layout of np.savez: stored (uncompressed) members x, y, means, posterior, zip64 forced,
+    # each a version 1.0 .npy header then the C-order data.
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as fh:
+            npy_format.write_array_header_1_0(fh, {"descr": npy_format.dtype_to_descr(np.dtype(np.float32)),
+                                                   "fortran_order": False, "shape": (num_samples, dim)})
+            start = 0
+            for x, post in chunks:
+                fh.write(x.tobytes("C"))
+                posterior[start:start + len(x)] = post
+                start += len(x)
+        for name, value in (("y", y), ("means", means), ("posterior", posterior)):
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                npy_format.write_array(fh, value, allow_pickle=False)
+    return y
 
 
 def posterior_of(x: np.ndarray, means: np.ndarray, *, sigma2: float) -> np.ndarray:
@@ -78,11 +127,10 @@ class SyntheticReader(Reader):
             raise UserError("dataset 'synthetic': --classes does not apply (use --num-classes)")
         if seed < 0:
             raise UserError(f"option 'seed': expected an integer >= 0, found {seed}")
-        data = generate(num_samples=n, dim=d, num_classes=k, sigma2=sigma2, seed=seed)
         path = root / FILE_NAME
         try:
             with atomic_path(path, suffix=".npz") as tmp:
-                np.savez(tmp, **data)
+                y = write_npz(tmp, num_samples=n, dim=d, num_classes=k, sigma2=sigma2, seed=seed)
         except OSError as err:
             raise UserError(f"{path}: cannot write the synthetic data ({err.strerror or err})") from None
         meta = {"num_samples": n, "dim": d, "num_classes": k, "sigma2": sigma2, "seed": int(seed),
@@ -90,7 +138,7 @@ class SyntheticReader(Reader):
                 "files": {FILE_NAME: file_sha256(path)}}
         return Scan(
             sample_id=np.arange(n, dtype=np.int64),
-            label=data["y"],
+            label=y,
             split=_split_column(n),
             source=np.asarray([str(i) for i in range(n)], dtype=object),
             class_names=tuple(f"class_{i}" for i in range(k)),
