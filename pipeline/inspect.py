@@ -17,7 +17,19 @@ Every figure is computed from the stores' chunks by dask, block by block, so sto
 memory are fine. A store whose teacher checkpoint changed after caching is a warning
 (``pipeline.store.provenance``). ``--out`` writes ``summary.json``, ``per_class.csv``,
 ``entropy_hist.csv`` and, when matplotlib is installed (extra ``[plots]``), ``entropy_hist.png``
-and ``reliability.png``.
+and ``reliability.png`` (with the number of samples per confidence bin under the curve). An
+empty bin, or a class without samples, has ``null`` figures in the JSON (never 0.0 or NaN).
+The entropy histogram's edges run from 0 to ``log C`` in nats (``entropy_edges``); the last bin
+holds the maximum.
+
+``--samples FILE.parquet`` (``write_samples``) writes one row per sample and view: ``sample_id``,
+``view``, ``source`` (from the manifest the stores recorded, null when that file is gone),
+``label``, per teacher ``<name>_pred``, ``<name>_p_gt``, ``<name>_entropy``, and across teachers
+``n_distinct_preds``, ``frac_disagree_with_majority`` and ``mean_p_gt``; one Parquet row group per
+store block, read and written block by block.
+
+    from pipeline.inspect import write_samples
+    write_samples(["caches/train/ce.zarr", "caches/train/mse.zarr"], "reports/samples.parquet")
 """
 
 from __future__ import annotations
@@ -32,9 +44,13 @@ from typing import Any, Sequence
 import dask
 import dask.array as da
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
+from pipeline.manifest import load_manifest
 from pipeline.store.provenance import changed_teachers
 from pipeline.store.verify import check_complete
 
@@ -63,7 +79,10 @@ def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]
     conf = _max_prob(group, layout.kind)
     # Equal-width bins on [0, 1]: ECE from per-bin counts, confidence and accuracy sums.
     conf_bin = da.clip((conf * bins).astype(np.int64), 0, bins - 1)
-    ent_bin = da.clip((norm_entropy * bins).astype(np.int64), 0, bins - 1)
+    # Entropy bins by comparison with the edges (as np.histogram): [e_b, e_b+1), the last one closed;
+    # rounding just outside [0, log C] still counts in the first or last bin.
+    edges = entropy_edges(num_classes, bins)
+    ent_bin = da.clip(da.digitize(entropy.astype(np.float64), edges) - 1, 0, bins - 1)
     per_view, hist = [], []
     for v in range(num_views):
         cb = conf_bin[v]
@@ -86,8 +105,18 @@ def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]
     facts = {"store": path, "teacher": attrs["teacher"].get("name"), "train_loss": attrs["teacher"].get("train_loss"),
              "manifest_sha256": attrs["manifest"]["sha256"], "split": attrs["manifest"]["split"],
              "num_samples": layout.num_samples, "num_classes": num_classes, "num_views": num_views,
-             "storage": layout.kind, "label": label}
+             "storage": layout.kind, "entropy_edges": [round(float(e), 6) for e in edges], "label": label}
     return lazy, facts
+
+
+def entropy_edges(num_classes: int, bins: int) -> np.ndarray:
+    """The entropy histogram's ``bins + 1`` edges, 0 to ``log C`` nats (0 to 1 for a single class)."""
+    return np.linspace(0.0, math.log(num_classes) if num_classes > 1 else 1.0, bins + 1)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> list[float | None]:
+    """num / den rounded, None where den is 0 (an empty bin has no mean: null in the JSON)."""
+    return [round(float(a) / float(b), 6) if b > 0 else None for a, b in zip(num, den)]
 
 
 def _finish_view(row: dict[str, Any]) -> tuple[dict[str, float], dict[str, list]]:
@@ -95,9 +124,8 @@ def _finish_view(row: dict[str, Any]) -> tuple[dict[str, float], dict[str, list]
     count, conf_sum, correct_sum = row.pop("_bin_count"), row.pop("_bin_conf"), row.pop("_bin_correct")
     n = max(int(count.sum()), 1)
     row["ece"] = float(np.abs(conf_sum - correct_sum).sum() / n)  # sum_b |acc_b - conf_b| * n_b / n
-    safe = np.maximum(count, 1)
-    reliability = {"count": count.astype(int).tolist(), "confidence": (conf_sum / safe).round(6).tolist(),
-                   "accuracy": (correct_sum / safe).round(6).tolist()}
+    reliability = {"count": count.astype(int).tolist(), "confidence": _ratio(conf_sum, count),
+                   "accuracy": _ratio(correct_sum, count)}
     return {key: round(float(value), 6) for key, value in row.items()}, reliability
 
 
@@ -118,35 +146,68 @@ def inspect_stores(stores: Sequence[str | Path], *, bins: int = 20) -> dict[str,
     lazies, facts = zip(*(_store_lazy(str(s), bins=bins) for s in stores))
     (computed,) = dask.compute(list(lazies))
     labels = [np.asarray(f.pop("label")) for f in facts]
-    names = [f["teacher"] for f in facts]
-    if len(set(names)) < len(names):  # the same teacher cached twice: tell the stores apart by file
-        for fact in facts:
-            fact["teacher"] = Path(fact["store"]).stem
+    for fact, name in zip(facts, _teacher_names(facts)):
+        fact["teacher"] = name
     report: dict[str, Any] = {"bins": bins, "stores": []}
     for fact, result in zip(facts, computed):
         pc = result["per_class"]
-        count = np.maximum(pc["count"], 1)
+        count = pc["count"]
         per_view, reliability = zip(*(_finish_view(dict(row)) for row in result["per_view"]))
         report["stores"].append({
             **fact,
             "per_view": list(per_view),
             "reliability": list(reliability),
             "entropy_hist": [[int(c) for c in h] for h in result["entropy_hist"]],
-            "per_class": {"count": pc["count"].tolist(), "accuracy": (pc["correct"] / count).round(6).tolist(),
-                          "mean_entropy": (pc["entropy"] / count).round(6).tolist()},
+            "per_class": {"count": count.tolist(), "accuracy": _ratio(pc["correct"], count),
+                          "mean_entropy": _ratio(pc["entropy"], count)},
         })
     if len(stores) > 1:
+        _check_classroom(facts)
         first = facts[0]
         for fact, label in zip(facts[1:], labels[1:]):
-            for key, field in (("manifest_sha256", "manifest.sha256"), ("split", "manifest.split")):
-                if fact[key] != first[key]:
-                    raise UserError(f"{fact['store']}: field {field}: expected {first[key]} "
-                                    f"(as {first['store']}), found {fact[key]}; a classroom needs stores of the "
-                                    "same manifest split (inspect them one at a time otherwise)")
             if not np.array_equal(label, labels[0]):
                 raise UserError(f"{fact['store']}: field label: expected the labels of {first['store']}, found others")
         report["classroom"] = _classroom([r["pred0"] for r in computed], [r["p_gt0"] for r in computed], labels[0])
     return report
+
+
+def _teacher_names(facts: Sequence[dict[str, Any]]) -> list[str]:
+    """The teachers' names; the stores' file stems when a name repeats (the same teacher cached
+    twice), then ``<stem>_<i>`` if stems repeat too."""
+    names = [str(f["teacher"]) for f in facts]
+    if len(set(names)) < len(names):
+        names = [Path(f["store"]).stem for f in facts]
+    if len(set(names)) < len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    return names
+
+
+def _check_classroom(facts: Sequence[dict[str, Any]]) -> None:
+    """UserError unless every store caches the same manifest split as the first."""
+    first = facts[0]
+    for fact in facts[1:]:
+        for key, field in (("manifest_sha256", "manifest.sha256"), ("split", "manifest.split")):
+            if fact[key] != first[key]:
+                raise UserError(f"{fact['store']}: field {field}: expected {first[key]} "
+                                f"(as {first['store']}), found {fact[key]}; a classroom needs stores of the "
+                                "same manifest split (inspect them one at a time otherwise)")
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """The report as strict JSON: a NaN or infinite figure becomes ``null`` (json.dumps would write ``NaN``)."""
+    return json.dumps(_finite(report), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -174,14 +235,14 @@ def write_report(report: dict[str, Any], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.json", out / "per_class.csv", out / "entropy_hist.csv"]
-    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written[0].write_text(report_json(report))
     with written[1].open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["teacher", "class", "count", "accuracy", "mean_entropy"])
         for s in report["stores"]:
             pc = s["per_class"]
             for c, row in enumerate(zip(pc["count"], pc["accuracy"], pc["mean_entropy"])):
-                w.writerow([s["teacher"], c, *row])
+                w.writerow([s["teacher"], c, *("" if x is None else x for x in row)])
     bins = report["bins"]
     with written[2].open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -202,27 +263,129 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     except ImportError:  # plots are optional: pip install 'kdcache[plots]'
         return []
     bins = report["bins"]
-    centers = (np.arange(bins) + 0.5) / bins
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in report["stores"]:
         hist = np.asarray(s["entropy_hist"][0], dtype=float)
-        ax.step(centers, hist / max(hist.sum(), 1), where="mid", label=f"{s['teacher']} ({s['train_loss']})")
-    ax.set(xlabel="normalized entropy H / log C (view 0)", ylabel="fraction of samples", title="Teacher uncertainty")
+        # stairs over the edges: the first and last bins drawn whole, 0 to log C
+        ax.stairs(hist / max(hist.sum(), 1), s["entropy_edges"], label=f"{s['teacher']} ({s['train_loss']})")
+    edges = report["stores"][0]["entropy_edges"]
+    ax.set(xlabel="entropy H in nats (view 0), 0 to log C", ylabel="fraction of samples", title="Teacher uncertainty",
+           xlim=(edges[0], edges[-1]))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "entropy_hist.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    for s in report["stores"]:
+    lows = np.arange(bins) / bins
+    width = 1.0 / bins / len(report["stores"])
+    for i, s in enumerate(report["stores"]):
         rel = s["reliability"][0]
-        seen = np.asarray(rel["count"]) > 0
-        ax.plot(np.asarray(rel["confidence"])[seen], np.asarray(rel["accuracy"])[seen], "o-",
-                label=f"{s['teacher']} (ECE {s['per_view'][0]['ece']:.3f})")
-    ax.set(xlabel="confidence (max probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title="Reliability (view 0)")
+        conf = np.asarray(rel["confidence"], dtype=float)  # None (empty bin) -> NaN: not drawn
+        line, = ax.plot(conf, np.asarray(rel["accuracy"], dtype=float), "o-",
+                        label=f"{s['teacher']} (ECE {s['per_view'][0]['ece']:.3f})")
+        # How many samples each point stands on: a point over a handful of samples is noise.
+        strip.bar(lows + i * width, rel["count"], width=width, align="edge", color=line.get_color())
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (view 0)")
     ax.legend()
+    strip.set(xlabel="confidence (max probability)", ylabel="samples per bin")
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=120)
     plt.close(fig)
     return [out / "entropy_hist.png", out / "reliability.png"]
+
+
+def write_samples(stores: Sequence[str | Path], out: str | Path) -> int:
+    """The per-sample table of the module docstring at ``out`` (atomically); returns its row count.
+
+    UserError for an incomplete store or stores of different manifest splits. The source column is
+    null, with one warning, when the manifest the stores recorded is missing or has changed.
+    """
+    if not stores:
+        raise UserError("inspect: expected at least one store")
+    paths = [str(s) for s in stores]
+    opened = [check_complete(p) for p in paths]
+    for path, (attrs, _) in zip(paths, opened):
+        for line in changed_teachers(attrs, store=path):
+            warnings.warn(line, stacklevel=2)
+    facts = [{"store": p, "teacher": a["teacher"].get("name"), "manifest_sha256": a["manifest"]["sha256"],
+              "split": a["manifest"]["split"]} for p, (a, _) in zip(paths, opened)]
+    _check_classroom(facts)
+    names = _teacher_names(facts)
+    if "mean" in names:  # "mean_p_gt" is the across-teacher column
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    layout = opened[0][1]
+    for path, (_, other) in zip(paths[1:], opened[1:]):
+        if (other.num_samples, other.num_views) != (layout.num_samples, layout.num_views):
+            raise UserError(f"{path}: field manifest.num_samples/views.count: expected {layout.num_samples}/"
+                            f"{layout.num_views} (as {paths[0]}), found {other.num_samples}/{other.num_views}")
+    groups = [zarr.open_group(p, mode="r") for p in paths]
+    source = _sources(opened[0][0]["manifest"], store=paths[0], num_samples=layout.num_samples)
+    schema_ = pa.schema([("sample_id", pa.int64()), ("view", pa.int32()), ("source", pa.string()),
+                         ("label", pa.int32())]
+                        + [f for n in names for f in ((f"{n}_pred", pa.int32()), (f"{n}_p_gt", pa.float32()),
+                                                      (f"{n}_entropy", pa.float32()))]
+                        + [("n_distinct_preds", pa.int32()), ("frac_disagree_with_majority", pa.float32()),
+                           ("mean_p_gt", pa.float32())])
+    views, rows = layout.num_views, 0
+    with atomic_path(out, suffix=".parquet") as tmp, pq.ParquetWriter(tmp, schema_) as writer:
+        for block in range(layout.num_blocks):
+            start, stop = layout.block_rows(block)
+            label = groups[0]["label"][start:stop]
+            for path, g in zip(paths[1:], groups[1:]):
+                if not np.array_equal(g["label"][start:stop], label):
+                    raise UserError(f"{path}: field label: expected the labels of {paths[0]}, found others "
+                                    f"(rows {start}..{stop - 1})")
+            # [V, n] arrays -> rows ordered by sample, then view
+            pred = np.stack([g["pred"][:, start:stop].T.ravel() for g in groups])  # [T, n * V]
+            p_gt = np.stack([g["p_gt"][:, start:stop].T.ravel() for g in groups])
+            entropy = [g["entropy"][:, start:stop].T.ravel() for g in groups]
+            n = stop - start
+            columns: dict[str, Any] = {
+                "sample_id": np.repeat(groups[0]["sample_id"][start:stop], views),
+                "view": np.tile(np.arange(views, dtype=np.int32), n),
+                "source": pa.nulls(n * views, pa.string()) if source is None
+                else np.repeat(source[start:stop], views),
+                "label": np.repeat(label, views),
+            }
+            for i, name in enumerate(names):
+                columns.update({f"{name}_pred": pred[i], f"{name}_p_gt": p_gt[i], f"{name}_entropy": entropy[i]})
+            columns.update(_disagreement(pred, p_gt))
+            table = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema_],
+                                         schema=schema_)
+            writer.write_table(table, row_group_size=max(len(table), 1))  # one row group per block
+            rows += len(table)
+    return rows
+
+
+def _disagreement(pred: np.ndarray, p_gt: np.ndarray) -> dict[str, np.ndarray]:
+    """Across the teachers (axis 0) of [T, M] predictions: distinct predictions, the fraction that
+    differ from the most common one, and the mean p_gt."""
+    ordered = np.sort(pred, axis=0)
+    distinct = 1 + (np.diff(ordered, axis=0) != 0).sum(axis=0)
+    majority = np.max([(pred == p).sum(axis=0) for p in pred], axis=0)  # votes of the most common prediction
+    teachers = len(pred)
+    return {"n_distinct_preds": distinct.astype(np.int32),
+            "frac_disagree_with_majority": ((teachers - majority) / teachers).astype(np.float32),
+            "mean_p_gt": p_gt.astype(np.float64).mean(axis=0).astype(np.float32)}
+
+
+def _sources(recorded: dict[str, Any], *, store: str, num_samples: int) -> np.ndarray | None:
+    """The manifest's source of each store row, or None (with one warning) when the manifest the
+    store recorded is missing or is not the one it was cached from."""
+    path = recorded.get("path")
+    if not path or not Path(path).is_file():
+        warnings.warn(f"{store}: manifest {path} (field manifest.path) not found: column source left null",
+                      stacklevel=3)
+        return None
+    manifest = load_manifest(path)
+    if manifest.sha256 != recorded.get("sha256"):
+        warnings.warn(f"{store}: manifest {path} changed since caching (sha256 {manifest.sha256[:12]}..., recorded "
+                      f"{str(recorded.get('sha256'))[:12]}...): column source left null", stacklevel=3)
+        return None
+    rows = manifest.split(recorded["split"])
+    if len(rows) != num_samples:
+        warnings.warn(f"{store}: manifest {path} split {recorded['split']} has {len(rows)} rows, the store "
+                      f"{num_samples}: column source left null", stacklevel=3)
+        return None
+    return rows.source

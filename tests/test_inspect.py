@@ -1,19 +1,31 @@
-"""kdcache inspect: figures recomputed independently from the stored arrays, classroom checks, CLI."""
+"""kdcache inspect: figures recomputed independently from the stored arrays, classroom checks, the
+per-sample table, the JSON and plots, CLI."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import zarr
 from click.testing import CliRunner
 
 from pipeline.cache import write_cache
 from pipeline.cli import cli
+from pipeline.data import build_manifest
 from pipeline.errors import UserError
-from pipeline.inspect import format_report, inspect_stores
+from pipeline.inspect import (
+    format_report,
+    inspect_stores,
+    report_json,
+    write_report,
+    write_samples,
+)
 from pipeline.store import schema
 from tests.support.stores import FakeFactory, fake_provenance, make_fake_store
 
@@ -110,3 +122,146 @@ def test_cli_writes_reports_and_fails_in_one_line(tmp_path, stores):
     result = runner.invoke(cli, ["inspect", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 2
     assert "missing.zarr" in result.output and "Traceback" not in result.output
+
+
+# --- per-sample table -------------------------------------------------------
+
+class _Group:
+    """Three teachers (seeds 0, 1, 2) of one real synthetic manifest's train split, 4 blocks of 64 rows."""
+
+    def __init__(self, root):
+        self.manifest_path = root / "m.parquet"
+        self.manifest = build_manifest("synthetic", root / "data", self.manifest_path, num_samples=4000, seed=0)
+        rows = self.manifest.split("train")
+        self.rows = rows
+        self.stores = []
+        for seed, name in enumerate(("a", "b", "c")):
+            prov = fake_provenance(len(rows), 3, 2, name=name)
+            prov = dataclasses.replace(prov, manifest={**prov.manifest, "path": str(self.manifest_path),
+                                                       "sha256": self.manifest.sha256, "num_classes": 3})
+            layout = schema.Layout(num_samples=len(rows), num_classes=3, num_views=2, rows_per_block=64,
+                                   micro_batch=32)
+            store = root / f"{name}.zarr"
+            write_cache(store, factory=FakeFactory(3, seed=seed), provenance=prov, layout=layout,
+                        sample_id=rows.sample_id, label=rows.label, progress=False)
+            self.stores.append(store)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    return _Group(tmp_path_factory.mktemp("group"))
+
+
+def test_samples_table_matches_a_direct_computation(tmp_path, group):
+    out = tmp_path / "samples.parquet"
+    n_rows = write_samples(group.stores, out)
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_row_groups == 4  # 200 rows in blocks of 64: one row group per block
+    table = pq.read_table(out)
+    assert n_rows == len(table) == 200 * 2
+    arrays = [zarr.open_group(str(s), mode="r") for s in group.stores]
+    preds = np.stack([g["pred"][:] for g in arrays])  # [T, V, N]
+    p_gts = np.stack([g["p_gt"][:] for g in arrays])
+    entropies = np.stack([g["entropy"][:] for g in arrays])
+    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    i = 0
+    for row in range(200):
+        for view in range(2):
+            assert col["sample_id"][i] == group.rows.sample_id[row] and col["view"][i] == view
+            assert col["source"][i] == group.rows.source[row] and col["label"][i] == group.rows.label[row]
+            for t, name in enumerate(("a", "b", "c")):
+                assert col[f"{name}_pred"][i] == preds[t, view, row]
+                assert col[f"{name}_p_gt"][i] == p_gts[t, view, row]
+                assert col[f"{name}_entropy"][i] == entropies[t, view, row]
+            votes = collections.Counter(preds[:, view, row].tolist())
+            assert col["n_distinct_preds"][i] == len(votes)
+            assert col["frac_disagree_with_majority"][i] == pytest.approx(1 - max(votes.values()) / 3)
+            assert col["mean_p_gt"][i] == pytest.approx(p_gts[:, view, row].mean(), abs=1e-6)
+            i += 1
+    assert col["n_distinct_preds"].max() > 1  # the fake teachers do disagree somewhere
+
+
+def test_samples_without_the_manifest_leave_source_null_with_one_warning(tmp_path, stores, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the fake stores record manifest path fake.parquet, not here
+    runner = CliRunner()
+    out = tmp_path / "s.parquet"
+    result = runner.invoke(cli, ["inspect", str(stores[0]), str(stores[1]), "--samples", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sum("manifest.path" in line for line in result.output.splitlines()) == 1
+    table = pq.read_table(out)
+    assert len(table) == 700 * 2 and table.column("source").null_count == len(table)
+    assert table.column_names[-3:] == ["n_distinct_preds", "frac_disagree_with_majority", "mean_p_gt"]
+    assert {"dense_pred", "other_pred"} <= set(table.column_names)  # both named "fake": told apart by file
+
+
+def test_samples_of_mismatched_stores_write_nothing(tmp_path, stores):
+    layout = schema.Layout(num_samples=700, num_classes=6, num_views=2, rows_per_block=128, micro_batch=64)
+    relabelled = tmp_path / "relabelled.zarr"
+    write_cache(relabelled, factory=FakeFactory(6), provenance=fake_provenance(700, 6, 2), layout=layout,
+                sample_id=np.arange(700, dtype=np.int64), label=np.zeros(700, np.int32), progress=False)
+    out = tmp_path / "s.parquet"
+    with pytest.raises(UserError, match="field label"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_samples([stores[0], relabelled], out)
+    assert not out.exists() and list(tmp_path.glob(".s.parquet*")) == []
+
+
+# --- figures -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _EdgeFactory:
+    """Even rows: equal logits (entropy log C); odd rows: one class far ahead (entropy 0)."""
+
+    num_classes: int
+
+    def build(self):
+        return self
+
+    def __call__(self, view: int, start: int, stop: int) -> np.ndarray:
+        z = np.zeros((stop - start, self.num_classes), np.float32)
+        z[(np.arange(start, stop) % 2 == 1), 0] = 60.0
+        return z
+
+
+def test_reliability_json_has_counts_and_null_empty_bins(tmp_path, stores):
+    dense = stores[0]
+    report = inspect_stores([dense], bins=20)
+    out = tmp_path / "report"
+    write_report(report, out)
+    text = (out / "summary.json").read_text()
+    assert "NaN" not in text
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    g = zarr.open_group(str(dense), mode="r")
+    z = g["logits"][:].astype(np.float64)
+    conf = (1.0 / np.exp(z - z.max(-1, keepdims=True)).sum(-1))
+    for v, rel in enumerate(summary["stores"][0]["reliability"]):
+        counts = np.bincount(np.clip((conf[v] * 20).astype(int), 0, 19), minlength=20)
+        assert rel["count"] == counts.tolist()
+        assert counts[:3].sum() == 0  # max probability of 6 classes is >= 1/6: the low bins are empty
+        for c, mean_conf, acc in zip(rel["count"], rel["confidence"], rel["accuracy"]):
+            assert (mean_conf is None) == (acc is None) == (c == 0)
+    assert json.loads(report_json({"x": float("nan"), "y": [np.float32("inf"), 1.5]})) == {"x": None, "y": [None, 1.5]}
+
+
+def test_entropy_histogram_edges_cover_zero_to_log_c(tmp_path, stores):
+    report = inspect_stores([stores[0]], bins=10)
+    s = report["stores"][0]
+    edges = np.linspace(0, math.log(6), 11)
+    assert s["entropy_edges"] == pytest.approx(edges.tolist(), abs=1e-6)
+    entropy = zarr.open_group(str(stores[0]), mode="r")["entropy"][:]
+    for v in range(2):
+        assert s["entropy_hist"][v] == np.histogram(np.clip(entropy[v], 0, math.log(6)), bins=edges)[0].tolist()
+    layout = schema.Layout(num_samples=300, num_classes=5, num_views=1, rows_per_block=64, micro_batch=32)
+    edge = tmp_path / "edge.zarr"
+    write_cache(edge, factory=_EdgeFactory(5), provenance=fake_provenance(300, 5, 1), layout=layout,
+                sample_id=np.arange(300, dtype=np.int64), label=np.zeros(300, np.int32), progress=False)
+    (hist,) = inspect_stores([edge], bins=10)["stores"][0]["entropy_hist"]
+    assert hist[0] == 150 and hist[-1] == 150 and sum(hist) == 300  # 0 in the first bin, log C in the last
+
+
+def test_plots_are_written_with_matplotlib(tmp_path, stores):
+    pytest.importorskip("matplotlib")
+    written = write_report(inspect_stores([stores[0], stores[1]], bins=10), tmp_path / "r")
+    for name in ("entropy_hist.png", "reliability.png"):
+        path = tmp_path / "r" / name
+        assert path in written and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
