@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import warnings
@@ -29,7 +28,13 @@ from pipeline.cache import CacheConfig, cache_teacher
 from pipeline.data import READERS, build_manifest, check_files
 from pipeline.errors import UserError
 from pipeline.files import check_writable, os_error_text, write_json
-from pipeline.inspect import format_report, inspect_stores, write_report
+from pipeline.inspect import (
+    format_report,
+    inspect_stores,
+    report_json,
+    write_report,
+    write_samples,
+)
 from pipeline.manifest import load_manifest
 from pipeline.methods import METHODS
 from pipeline.methods.teacher import TEACHER_LOSSES
@@ -268,6 +273,10 @@ def manifest_check(file: str, with_files: bool) -> None:
 @cli.command("train-teacher")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--arch", required=True, metavar="ARCH", cls=_ListsNames, names=MODELS.names, help="Model name.")
+@click.option("--arch-option", "arch_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
+              help="A size option of the arch (repeatable): mlp hidden=64, depth=3; cnn width=16.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=_default(TeacherConfig, "weights"),
+              help="Fine-tune: start from these weights (a kdcache checkpoint or state_dict; every key and shape must match).")
 @click.option("--loss", type=_Names(TEACHER_LOSSES.names), default=_default(TeacherConfig, "loss"), show_default=True,
               help="ce: cross-entropy; mse: mean squared error of softmax vs one-hot.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
@@ -296,7 +305,7 @@ def manifest_check(file: str, with_files: bool) -> None:
               help="Torch CPU threads (fix it for bit-identical CPU runs).")
 @click.option("--progress/--no-progress", default=_default(TeacherConfig, "progress"), show_default=True,
               help="Progress bar on a terminal.")
-def train_teacher_command(**options) -> None:
+def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
     """Train a teacher with cross-entropy or MSE on the train split of a manifest.
 
     SGD with momentum, cosine learning rate per step, epoch e on augmentation view e + 1;
@@ -306,9 +315,11 @@ def train_teacher_command(**options) -> None:
     Examples:
       kdcache train-teacher --manifest data_manifests/synthetic.parquet --arch mlp --loss mse --out models/mse.pt --weight-decay 5e-3
       kdcache train-teacher --manifest data_manifests/cifar100.parquet --arch resnet56 --loss ce --epochs 240 --lr 0.05 --workers 4 --out models/r56.pt
+      kdcache train-teacher --manifest data_manifests/fashion.parquet --arch cnn --arch-option width=16 --out models/cnn16.pt   # a smaller peer
+      kdcache train-teacher ... --weights models/r56.pt --lr 0.01 --epochs 20 --out models/r56_ft.pt   # fine-tune
       kdcache train-teacher ... --out models/r56.pt --resume models/r56.pt      # after an interruption
     """
-    metrics = train_teacher(TeacherConfig(**options))
+    metrics = train_teacher(TeacherConfig(arch_options=parse_options(arch_options, flag="--arch-option"), **options))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     shown = {k: v for k, v in metrics.items() if k.startswith(("train_", "val_"))}
@@ -491,6 +502,10 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 @click.option("--student", required=True, metavar="ARCH", cls=_ListsNames, names=MODELS.names, help="Student arch.")
 @click.option("--student-b", metavar="ARCH", default=_default(DistillConfig, "student_b"),
               help="Second student's arch, one of the --student names (dual, dml); saved as OUT with suffix _b.")
+@click.option("--student-option", "student_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
+              help="A size option of the student's arch (repeatable): mlp hidden=64, depth=3; cnn width=16.")
+@click.option("--student-b-option", "student_b_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
+              help="Same for the second student.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Student checkpoint (rewritten atomically after every epoch).")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
@@ -540,7 +555,8 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=_default(DistillConfig, "progress"), show_default=True,
               help="Progress bar on a terminal.")
-def distill_command(option_pairs: tuple[str, ...], **options) -> None:
+def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, ...],
+                    student_b_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
 
     Epoch e replays view e mod V of the cache, so the student sees the pixels its teachers saw.
@@ -551,6 +567,8 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
     Examples:
       # single teacher
       kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet --student mlp --out models/kd.pt --option T=4
+      # a smaller student: size options of its arch
+      kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet --student mlp --student-option hidden=32 --student-option depth=1 --out models/kd_small.pt
       # several teachers (weighted by their confidence)
       kdcache distill --method ca-wkd --mentors caches/train/r56.zarr caches/train/r110.zarr --manifest data_manifests/cifar100.parquet --student mobilenet_v2 --out models/cawkd.pt
       # classroom: teacher first, then peers; mentor ranks/temperatures per epoch in models/room_mentors.csv
@@ -563,7 +581,10 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
       torchrun --nproc_per_node 4 -m pipeline.cli distill --method kd --mentors caches/train/r56.zarr ... --out models/kd.pt
       kdcache distill ... --out models/kd.pt --resume models/kd.pt
     """
-    config = DistillConfig(options=parse_options(option_pairs), **options)
+    config = DistillConfig(options=parse_options(option_pairs),
+                           student_options=parse_options(student_options, flag="--student-option"),
+                           student_b_options=parse_options(student_b_options, flag="--student-b-option"),
+                           **options)
     metrics = distill(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
@@ -580,7 +601,11 @@ def distill_command(option_pairs: tuple[str, ...], **options) -> None:
               help="Folder for summary.json, per_class.csv, entropy_hist.csv and plots (with matplotlib).")
 @click.option("--bins", type=int, default=20, show_default=True, help="Bins of the entropy and confidence histograms.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
-def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json: bool) -> None:
+@click.option("--samples", type=click.Path(dir_okay=False), default=None,
+              help="Parquet file: one row per sample and view with each teacher's pred, p_gt and entropy, "
+                   "the source and label, and how much the teachers disagree.")
+def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json: bool,
+                    samples: str | None) -> None:
     """How uncertain are cached teachers: accuracy, entropy, confidence weight, p_gt, calibration.
 
     With several stores of the same split (a classroom) it also prints how often the teachers
@@ -590,12 +615,16 @@ def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json
     Examples:
       kdcache inspect caches/train/ce.zarr
       kdcache inspect caches/train/ce.zarr caches/train/mse.zarr --out reports/inspect
+      kdcache inspect caches/train/ce.zarr caches/train/mse.zarr --samples reports/samples.parquet
     """
     report = inspect_stores(list(stores), bins=bins)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    click.echo(report_json(report).rstrip("\n") if as_json else format_report(report))
     if out:
         for path in write_report(report, out):
             click.echo(f"wrote {path}", err=True)
+    if samples:
+        rows = write_samples(list(stores), samples)
+        click.echo(f"wrote {samples} ({rows} rows)", err=True)
 
 
 def main() -> None:

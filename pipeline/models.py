@@ -3,11 +3,14 @@
     from pipeline.models import MODELS, create_model
     net = create_model("resnet20", num_classes=100, input_shape=(3, 32, 32))
     net = create_model("mlp", num_classes=3, input_shape=(30,), weights="models/ce.pt")
+    net = create_model("cnn", num_classes=10, input_shape=(3, 32, 32), width=16)   # a size option
 
 Families (``MODELS.names()`` lists them all):
 
 - ``mlp``: ``d -> 128 -> 128 -> C`` with ReLU (the synthetic data of docs/methods.md); images are flattened.
+  Options: ``hidden`` (units per hidden layer, default 128), ``depth`` (hidden layers, default 2).
 - ``cnn``: a small 3-block CNN for 28 or 32 px inputs, any channel count.
+  Option: ``width`` (channels of the first block, doubled by each next one; default 32).
 - ``resnet8 / 14 / 20 / 32 / 56 / 110``: the CIFAR ResNets of He et al. 2016 (3 stages of
   16 / 32 / 64 channels, 6n + 2 layers) with the paper's option A shortcut (stride-2 subsample
   plus zero-padded channels: no extra parameters, so resnet20 has 0.27 M weights as in the paper).
@@ -17,13 +20,19 @@ Families (``MODELS.names()`` lists them all):
   resnets a 3x3 stride-1 stem without max-pool, mobilenets a stride-1 first conv, VGGs the
   CIFAR head (global pool + one linear layer, last max-pool dropped).
 
+Size options are the keyword-only parameters a factory declares past ``num_classes`` and
+``input_shape`` (``model_options(arch)`` lists them with their defaults); each is an integer >= 1,
+and the defaults build exactly the model the arch built before it had options. Checkpoints record
+them as meta ``arch_options`` so ``load_model`` rebuilds the same network. The other families take none.
+
 ``weights`` is a local file only: a kdcache checkpoint or a bare ``state_dict``.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +46,8 @@ MODELS: Registry[nn.Module] = Registry("model")
 
 SMALL_INPUT = 64  # images up to this many pixels a side get the CIFAR-style stem
 
+_BUILD_ARGS = ("num_classes", "input_shape")  # what every factory takes; its other keywords are size options
+
 
 def create_model(
     arch: str,
@@ -44,21 +55,41 @@ def create_model(
     num_classes: int,
     input_shape: tuple[int, ...],
     weights: str | Path | None = None,
+    **options: Any,
 ) -> nn.Module:
     """Build ``arch`` for ``num_classes`` outputs and inputs of ``input_shape`` ((d,) or (C, H, W)).
 
-    ``weights`` loads a local checkpoint or state_dict (strictly: every key and shape must match).
+    ``options`` are the arch's size options (``model_options``); ``weights`` loads a local
+    checkpoint or state_dict (strictly: every key and shape must match).
     """
     factory = MODELS.get(arch)
+    check_model_options(arch, options)
     if num_classes < 1:
         raise UserError(f"model {arch!r}: num_classes must be >= 1, found {num_classes}")
     shape = tuple(int(s) for s in input_shape)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise UserError(f"model {arch!r}: input_shape must be (d,) or (C, H, W), found {shape}")
-    model = factory(num_classes=num_classes, input_shape=shape)
+    model = factory(num_classes=num_classes, input_shape=shape, **options)
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def model_options(arch: str) -> dict[str, Any]:
+    """The size options ``arch`` takes, with their defaults (``{}`` for an arch without any)."""
+    params = inspect.signature(MODELS.get(arch)).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _BUILD_ARGS}
+
+
+def check_model_options(arch: str, options: Mapping[str, Any]) -> None:
+    """Refuse options ``arch`` does not take, or values that are not integers >= 1 (one line, naming both)."""
+    known = model_options(arch)
+    for key, value in options.items():
+        if key not in known:
+            expected = f"expected one of: {', '.join(sorted(known))}" if known else "it takes no options"
+            raise UserError(f"model {arch!r}: unknown option {key!r}; {expected}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"model {arch!r}: option {key!r}: expected an integer >= 1, found {value!r}")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -70,7 +101,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     """Rebuild the model a kdcache checkpoint describes with its weights: ``(model in eval mode, meta)``."""
     blob = load_checkpoint(path)
     meta = blob["meta"]
-    model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), input_shape=meta["input_shape"])
+    # Checkpoints written before size options existed have no ``arch_options``: the defaults.
+    model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), input_shape=meta["input_shape"],
+                         **dict(meta.get("arch_options") or {}))
     fit_state_dict(model, {k.removeprefix("module."): v for k, v in blob["model"].items()}, path)
     return model.to(device).eval(), meta
 
@@ -85,29 +118,27 @@ def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
 
 
 class MLP(nn.Module):
-    """``d -> hidden -> hidden -> C`` with ReLU; image inputs are flattened."""
+    """``d -> hidden (x depth) -> C`` with ReLU; image inputs are flattened."""
 
-    def __init__(self, in_features: int, num_classes: int, *, hidden: int = 128):
+    def __init__(self, in_features: int, num_classes: int, *, hidden: int = 128, depth: int = 2):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 @MODELS.register("mlp")
-def mlp(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+def mlp(*, num_classes: int, input_shape: tuple[int, ...], hidden: int = 128, depth: int = 2) -> nn.Module:
     in_features = 1
     for s in input_shape:
         in_features *= s
-    return MLP(in_features, num_classes)
+    return MLP(in_features, num_classes, hidden=hidden, depth=depth)
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -115,12 +146,13 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 @MODELS.register("cnn")
-def cnn(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """Three conv blocks (32, 64, 128 channels, each halving the size), global pool, linear."""
+def cnn(*, num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> nn.Module:
+    """Three conv blocks (``width``, 2 x, 4 x channels: 32, 64, 128 by default; each halving the size),
+    global pool, linear."""
     channels, _, _ = _image_shape("cnn", input_shape)
     layers: list[nn.Module] = []
     cin = channels
-    for cout in (32, 64, 128):
+    for cout in (width, 2 * width, 4 * width):
         layers += _conv_bn(cin, cout) + [nn.MaxPool2d(2, ceil_mode=True)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]

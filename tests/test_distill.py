@@ -26,7 +26,8 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.data import build_manifest
 from pipeline.errors import UserError
-from pipeline.train import DistillConfig, distill, evaluate_checkpoint, student_paths
+from pipeline.models import load_model
+from pipeline.train import DistillConfig, TeacherConfig, distill, evaluate_checkpoint, student_paths, train_teacher
 from tests.support.distill import cache, untrained_teacher
 from tests.support.stores import synthetic_checkpoint
 
@@ -288,3 +289,77 @@ def test_cli_distill_with_greedy_mentors_and_options(syn, tmp_path):
     help_text = CliRunner().invoke(cli, ["distill", "--help"]).output
     for example in ("--method kd", "--method ca-wkd", "--method classroom", "--student-b", "--online", "--resume"):
         assert example in help_text
+
+
+# --- student size options ---------------------------------------------------------------------------
+
+
+def _widths(path) -> list[tuple[int, int]]:
+    model, _ = load_model(path)
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_cli_student_options_reach_the_checkpoint_and_evaluate(syn, tmp_path):
+    out = tmp_path / "small.pt"
+    result = CliRunner().invoke(cli, ["distill", "--method", "kd", "--mentors", syn["store"], "--manifest",
+                                      syn["manifest"], "--student", "mlp", "--student-option", "hidden=32",
+                                      "--student-option", "depth=1", "--out", str(out), "--epochs", "1",
+                                      "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(out)["meta"]
+    assert meta["arch_options"] == {"hidden": 32, "depth": 1} and meta["config"]["student_options"] == meta["arch_options"]
+    assert _widths(out) == [(30, 32), (32, 3)]
+    result = CliRunner().invoke(cli, ["evaluate", str(out), "--manifest", syn["manifest"], "--device", "cpu"])
+    assert result.exit_code == 0 and "top1" in result.output, result.output
+    help_text = CliRunner().invoke(cli, ["distill", "--help"]).output
+    assert "--student-option hidden=32" in help_text and "--student-b-option" in help_text
+
+
+def test_two_students_each_with_their_own_options(syn, tmp_path):
+    cfg = _cfg(syn, tmp_path / "dual.pt", method="dual", student_b="mlp", student_options={"hidden": 16},
+               student_b_options={"depth": 1})
+    distill(cfg)
+    a, b = student_paths(cfg.out, 2)
+    assert load_checkpoint(a)["meta"]["arch_options"] == {"hidden": 16}
+    assert load_checkpoint(b)["meta"]["arch_options"] == {"depth": 1}
+    assert _widths(a) == [(30, 16), (16, 16), (16, 3)] and _widths(b) == [(30, 128), (128, 3)]
+    for path in (a, b):
+        assert 0 < evaluate_checkpoint(path, syn["manifest"], "test", device="cpu")["top1"] <= 1
+    # resume keys: another size for either student is another run
+    with pytest.raises(UserError, match="setting 'student_b_options' differs: checkpoint has {'depth': 1}, this run {}"):
+        distill(replace(cfg, student_b_options={}, resume=cfg.out))
+
+
+def test_online_teacher_with_arch_options_and_a_sized_student(syn, tmp_path):
+    teacher = TeacherConfig(manifest=syn["manifest"], arch="mlp", arch_options={"hidden": 24, "depth": 3},
+                            out=str(tmp_path / "t24.pt"), epochs=1, batch_size=32, device="cpu", progress=False)
+    train_teacher(teacher)
+    store = cache(teacher.out, syn["manifest"], tmp_path / "t24.zarr")
+    cfg = _cfg(syn, tmp_path / "off.pt", mentors=(str(store),), student_options={"hidden": 8})
+    _, off_losses, _ = _run(cfg)
+    _, on_losses, _ = _run(_online(cfg, [teacher.out]))  # the live teacher is rebuilt from its meta
+    np.testing.assert_allclose(off_losses, on_losses, rtol=1e-2)
+    assert load_checkpoint(cfg.out + ".online.pt")["meta"]["mentors"][0]["arch"] == "mlp"
+    assert _widths(cfg.out) == [(30, 8), (8, 8), (8, 3)]
+
+
+def test_student_option_mistakes_name_the_key(syn, tmp_path):
+    with pytest.raises(UserError, match="distill config key 'student_options': model 'mlp': unknown option 'width'; "
+                                        "expected one of: depth, hidden"):
+        _cfg(syn, tmp_path / "s.pt", student_options={"width": 8})
+    with pytest.raises(UserError, match="'student_b_options': expected none without student_b"):
+        _cfg(syn, tmp_path / "s.pt", student_b_options={"hidden": 8})
+    with pytest.raises(UserError, match=r"^params.yaml: students.room.student_b_options: model 'resnet8': "
+                                        r"unknown option 'width'; it takes no options$"):
+        DistillConfig.from_dict({"method": "dual", "mentors": [syn["store"]], "manifest": syn["manifest"],
+                                 "student": "mlp", "student_b": "resnet8", "student_b_options": {"width": 8},
+                                 "out": "s.pt"}, source="params.yaml", prefix="students.room")
+    base = ["distill", "--method", "dual", "--mentors", syn["store"], "--manifest", syn["manifest"], "--student", "mlp",
+            "--student-b", "mlp", "--out", str(tmp_path / "s.pt"), "--device", "cpu", "--no-progress"]
+    for extra, expected in [(["--student-b-option", "hidden=0"], "model 'mlp': option 'hidden': expected an integer >= 1"),
+                            (["--student-option", "depth"], "--student-option: expected KEY=VALUE, found 'depth'")]:
+        result = CliRunner().invoke(cli, base + extra)
+        assert result.exit_code == 2, (result.output, result.exception)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (tmp_path / "s.pt").exists()

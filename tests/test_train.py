@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from pipeline.cache import CacheConfig, cache_teacher
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
-from pipeline.data import build_manifest
+from pipeline.data import build_manifest, default_views, open_split
 from pipeline.errors import UserError
+from pipeline.manifest import load_manifest
 from pipeline.methods.teacher import ce_teacher_loss, mse_teacher_loss
+from pipeline.models import load_model
 from pipeline.runtime import Runtime
+from pipeline.store.reader import StoreGroup
 from pipeline.train import TeacherConfig, evaluate_checkpoint, train_teacher
 from pipeline.train.loop import LoopState, cosine_schedule, fit, restore_train_state, sgd
 from pipeline.train.sampling import shuffled_batches
@@ -250,3 +254,114 @@ def test_resuming_a_finished_run_trains_nothing_and_still_writes_out(synthetic, 
     assert again == first
     assert (tmp_path / "b.pt").read_bytes() == (tmp_path / "a.pt").read_bytes()
     assert len((tmp_path / "b.csv").read_text().splitlines()) == 3
+
+
+# --- size options and fine-tuning ------------------------------------------------------
+
+
+def test_arch_option_checkpoint_evaluates_and_caches_with_its_architecture(synthetic, tmp_path) -> None:
+    out = tmp_path / "small.pt"
+    result = CliRunner().invoke(cli, ["train-teacher", "--manifest", synthetic, "--arch", "mlp", "--arch-option",
+                                      "hidden=16", "--arch-option", "depth=1", "--out", str(out), "--epochs", "1",
+                                      "--batch-size", "64", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(out)["meta"]
+    assert meta["arch_options"] == {"hidden": 16, "depth": 1} and meta["config"]["arch_options"] == meta["arch_options"]
+    model, _ = load_model(out)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(30, 16), (16, 3)]
+    scores = evaluate_checkpoint(out, synthetic, "test", device="cpu")
+    assert scores["n"] == 3600 and 0 < scores["top1"] <= 1
+    store = tmp_path / "small.zarr"
+    done = cache_teacher(CacheConfig(teacher=str(out), manifest=synthetic, split="train", views=1, out=str(store),
+                                     dtype="float32", progress=False, device="cpu"))
+    assert done.complete
+    manifest = load_manifest(synthetic)
+    x, _ = open_split(manifest, "train", views=default_views(manifest), view=0).get_batch(np.arange(200))
+    with torch.no_grad():
+        want = model(x)
+    with StoreGroup([store]) as room:
+        got = room.targets(0, np.arange(200))["logits"][0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_without_arch_options_load_with_the_defaults(synthetic, tmp_path) -> None:
+    cfg = _config(synthetic, tmp_path / "t.pt", epochs=1)
+    train_teacher(cfg)
+    blob = load_checkpoint(cfg.out)
+    del blob["meta"]["arch_options"], blob["meta"]["config"]["arch_options"]
+    old = tmp_path / "old.pt"
+    torch.save(blob, old)
+    model, meta = load_model(old)
+    assert "arch_options" not in meta
+    assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)] == [128, 128, 3]
+    assert evaluate_checkpoint(old, synthetic, "test", device="cpu")["n"] == 3600
+    # resuming it (finished: nothing to train) counts the missing options as the defaults
+    train_teacher(replace(cfg, out=str(tmp_path / "again.pt"), resume=str(old)))
+
+
+def test_arch_options_are_a_resume_key(synthetic, tmp_path) -> None:
+    cfg = _config(synthetic, tmp_path / "w8.pt", epochs=2, arch_options={"hidden": 8})
+    train_teacher(replace(cfg, epochs=1))
+    with pytest.raises(UserError, match="setting 'epochs' differs"):
+        train_teacher(replace(cfg, resume=cfg.out))
+    with pytest.raises(UserError, match="setting 'arch_options' differs: checkpoint has {'hidden': 8}, this run {}"):
+        train_teacher(replace(cfg, epochs=1, arch_options={}, resume=cfg.out))
+
+
+def test_arch_option_mistakes_name_the_key(synthetic, tmp_path) -> None:
+    with pytest.raises(UserError, match="teacher config key 'arch_options': model 'mlp': unknown option 'width'; "
+                                        "expected one of: depth, hidden"):
+        _config(synthetic, "x.pt", arch_options={"width": 16})
+    with pytest.raises(UserError, match=r"^params.yaml: teachers.small.arch_options: model 'cnn': option 'width': "
+                                        r"expected an integer >= 1, found 0$"):
+        TeacherConfig.from_dict({"manifest": synthetic, "arch": "cnn", "out": "x.pt", "arch_options": {"width": 0}},
+                                source="params.yaml", prefix="teachers.small")
+    with pytest.raises(UserError, match="'arch_options': expected a mapping"):
+        TeacherConfig.from_dict({"manifest": synthetic, "arch": "cnn", "out": "x.pt", "arch_options": 16})
+    runner = CliRunner()
+    base = ["train-teacher", "--manifest", synthetic, "--arch", "resnet8", "--out", str(tmp_path / "x.pt"),
+            "--device", "cpu", "--no-progress"]
+    for extra, expected in [(["--arch-option", "width=16"], "model 'resnet8': unknown option 'width'; it takes no options"),
+                            (["--arch-option", "width"], "--arch-option: expected KEY=VALUE, found 'width'")]:
+        result = runner.invoke(cli, base + extra)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (tmp_path / "x.pt").exists()
+    help_text = runner.invoke(cli, ["train-teacher", "--help"]).output
+    assert "--arch-option width=16" in help_text and "--weights" in help_text
+
+
+def test_weights_fine_tunes_from_the_given_checkpoint(synthetic, tmp_path) -> None:
+    source = _config(synthetic, tmp_path / "src.pt", epochs=2, arch_options={"hidden": 32}, seed=1)
+    train_teacher(source)
+    src = load_checkpoint(source.out)["model"]
+    # a tiny lr barely moves the weights: the run starts from the source, not from seed 0's initialisation
+    tuned = _config(synthetic, tmp_path / "ft.pt", epochs=1, lr=1e-9, arch_options={"hidden": 32}, weights=source.out)
+    train_teacher(tuned)
+    got = load_checkpoint(tuned.out)
+    assert got["meta"]["config"]["weights"] == source.out
+    fresh = _config(synthetic, tmp_path / "fresh.pt", epochs=1, lr=1e-9, arch_options={"hidden": 32})
+    train_teacher(fresh)
+    init = load_checkpoint(fresh.out)["model"]
+    for key, value in src.items():
+        torch.testing.assert_close(got["model"][key], value, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(init[key], value, atol=1e-3) for key, value in src.items())
+    # a bare state_dict works too; the first epoch's loss is the source model's loss on the same batches
+    bare = tmp_path / "bare.pt"
+    torch.save(src, bare)
+    again = train_teacher(replace(tuned, out=str(tmp_path / "ft2.pt"), weights=str(bare)))
+    first = load_checkpoint(tuned.out)["meta"]["metrics"]
+    assert {k: v for k, v in again.items() if k != "time_s"} == {k: v for k, v in first.items() if k != "time_s"}
+    model, _ = load_model(source.out)
+    manifest = load_manifest(synthetic)
+    x, y = open_split(manifest, "train", views=default_views(manifest), view=1).get_batch(np.arange(200))
+    with torch.no_grad():
+        assert again["train_loss"] == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-5)
+    # strict: weights of another size do not fit
+    with pytest.raises(UserError, match="src.pt.*shape"):
+        train_teacher(_config(synthetic, tmp_path / "bad.pt", epochs=1, weights=source.out))
+    assert not (tmp_path / "bad.pt").exists()
+    with pytest.raises(UserError, match="not found"):
+        train_teacher(_config(synthetic, tmp_path / "bad.pt", epochs=1, weights=str(tmp_path / "nope.pt")))

@@ -2,6 +2,7 @@
 
     kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet \\
         --student mlp --epochs 20 --out models/kd.pt
+    kdcache distill ... --student mlp --student-option hidden=64 --out models/kd64.pt   # a smaller student
 
     from pipeline.train import DistillConfig, distill
     metrics = distill(DistillConfig(method="kd", mentors=("caches/train/ce.zarr",), manifest="m.parquet",
@@ -22,9 +23,10 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
   per DDP rank); online, the in-memory order over the same rows, so both see the same batches.
 - Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
   cosine schedule. A goes to ``out``, B to ``out`` with suffix ``_b`` (``models/dual_b.pt``); both are
-  ordinary checkpoints for ``kdcache evaluate``. A's file holds the train state for ``resume``
-  (B's weights included), rewritten atomically after every epoch; a resumed run ends where an
-  uninterrupted one ends.
+  ordinary checkpoints for ``kdcache evaluate``. ``student_options`` / ``student_b_options`` are the
+  archs' size options (``pipeline.models.model_options``), recorded as meta ``arch_options``.
+  A's file holds the train state for ``resume`` (B's weights included), rewritten atomically
+  after every epoch; a resumed run ends where an uninterrupted one ends.
 - Logs: the loop's history (``train_<part>``, ``train_top1[_i]``, per student ``val_*[_i]``), its last
   row as the metrics JSON, all rows as a CSV; the per-mentor 1-D stats a method returns (classroom:
   rank, active, temperature) also as ``mentor_stats`` (CSV, one row per epoch and mentor).
@@ -40,12 +42,13 @@ import torch
 import yaml
 
 from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
 from pipeline.errors import UserError
 from pipeline.files import write_history, write_json
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
-from pipeline.models import MODELS, create_model
+from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
@@ -60,13 +63,15 @@ class DistillConfig(TrainConfig):
     """Settings of ``distill`` (also a ``students.<name>`` section of params.yaml)."""
 
     section: ClassVar[str] = "distill"
-    resume_keys: ClassVar[tuple[str, ...]] = ("method", "options", "student", "student_b", "online") \
-        + TrainConfig.resume_keys
+    resume_keys: ClassVar[tuple[str, ...]] = ("method", "options", "student", "student_options", "student_b",
+                                              "student_b_options", "online") + TrainConfig.resume_keys
 
     method: str
     student: str
     mentors: tuple[str, ...] = ()          # cache stores, teacher first
     student_b: str | None = None           # the second student's arch (dual, dml)
+    student_options: dict = field(default_factory=dict)    # student A's size options, e.g. {"hidden": 64}
+    student_b_options: dict = field(default_factory=dict)  # ... and student B's
     options: dict = field(default_factory=dict)   # the method's options (docs/methods.md)
     online: bool = False                   # live teachers instead of the cache
     teachers: tuple[str, ...] = ()         # teacher checkpoints for ``online``, teacher first
@@ -83,9 +88,10 @@ class DistillConfig(TrainConfig):
             value = getattr(self, key)
             value = (value,) if isinstance(value, (str, Path)) else tuple(value or ())
             object.__setattr__(self, key, tuple(str(v) for v in value))
-        if not isinstance(self.options, dict):
-            raise self.bad("options", "a mapping of option: value")
-        object.__setattr__(self, "options", dict(self.options))
+        for key in ("options", "student_options", "student_b_options"):
+            if not isinstance(getattr(self, key), dict):
+                raise self.bad(key, "a mapping of option: value")
+            object.__setattr__(self, key, dict(getattr(self, key)))
         super().__post_init__()
         self.check_ints(("views", "memory_budget_mb"), minimum=1, optional=True)
         if self.cache_mode not in CACHE_MODES:
@@ -96,6 +102,12 @@ class DistillConfig(TrainConfig):
         for key in ("student",) + (("student_b",) if self.student_b is not None else ()):
             if getattr(self, key) not in MODELS:
                 raise self.bad(key, "one of " + ", ".join(MODELS.names()))
+            try:
+                check_model_options(getattr(self, key), getattr(self, f"{key}_options"))
+            except UserError as err:
+                raise ConfigError(str(err), key=f"{key}_options", section=self.section) from None
+        if self.student_b is None and self.student_b_options:
+            raise self.bad("student_b_options", "none without student_b")
         if method.num_students == 2 and self.student_b is None:
             raise self.bad("student_b", f"the arch of the second student (method {self.method!r} trains two)")
         if method.num_students == 1 and (self.student_b is not None or self.init_b is not None):
@@ -116,21 +128,21 @@ class DistillConfig(TrainConfig):
         return paths
 
 
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """Method options from ``KEY=VALUE`` strings (``--option``); values are YAML scalars
-    (``4`` -> int, ``true`` -> bool, ``~`` or nothing -> None)."""
+def parse_options(pairs: Sequence[str], *, flag: str = "--option") -> dict[str, Any]:
+    """Options from ``KEY=VALUE`` strings (``--option``, ``--arch-option``, ``--student-option`` ...; ``flag``
+    names it in errors); values are YAML scalars (``4`` -> int, ``true`` -> bool, ``~`` or nothing -> None)."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UserError(f"--option: expected KEY=VALUE, found {pair!r}")
+            raise UserError(f"{flag}: expected KEY=VALUE, found {pair!r}")
         if key in options:
-            raise UserError(f"--option: expected each key once, found {key!r} twice")
+            raise UserError(f"{flag}: expected each key once, found {key!r} twice")
         try:
             options[key] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
-            raise UserError(f"--option {key}: expected a YAML scalar, found {value!r}") from None
+            raise UserError(f"{flag} {key}: expected a YAML scalar, found {value!r}") from None
     return options
 
 
@@ -180,13 +192,16 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
 
     seed_everything(cfg.seed)
     archs = [cfg.student, cfg.student_b][: method.num_students]
-    students = [runtime.prepare(_student(arch, init, manifest=manifest, input_shape=input_shape, key=key))
-                for arch, init, key in zip(archs, [cfg.init, cfg.init_b], ["init", "init_b"])]
+    arch_options = [cfg.student_options, cfg.student_b_options][: method.num_students]
+    students = [runtime.prepare(_student(arch, init, manifest=manifest, input_shape=input_shape, key=key,
+                                         options=options))
+                for arch, init, key, options in zip(archs, [cfg.init, cfg.init_b], ["init", "init_b"], arch_options)]
     optimizers = [sgd(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                   for m in students]
     schedulers = [cosine_schedule(opt, total_steps=cfg.epochs * len(batches(0))) for opt in optimizers]
     meta = {
-        "arch": archs[0], "num_classes": manifest.num_classes, "input_shape": list(input_shape),
+        "arch": archs[0], "arch_options": ckpt.plain(arch_options[0]), "num_classes": manifest.num_classes,
+        "input_shape": list(input_shape),
         "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
         "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
         "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": targets.view_spec.to_dict(),
@@ -244,7 +259,9 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
         train_state = {**train_state, "students": [{k: v.detach().cpu() for k, v in m.state_dict().items()}
                                                    for m in students[1:]]}
         for i in range(1, len(students)):
-            ckpt.save_checkpoint(paths[i], model=students[i], meta={**meta, **common, "arch": archs[i], "student": i})
+            ckpt.save_checkpoint(paths[i], model=students[i], meta={**meta, **common, "arch": archs[i],
+                                                                  "arch_options": ckpt.plain(arch_options[i]),
+                                                                  "student": i})
         ckpt.save_checkpoint(paths[0], model=students[0], meta={**meta, **common, "student": 0},
                              train_state=train_state)
         if cfg.history_path:
@@ -266,8 +283,10 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
     return metrics
 
 
-def _student(arch: str, init: str | None, *, manifest: Manifest, input_shape: tuple[int, ...], key: str) -> Any:
-    """A fresh student, or one started from ``init`` (whose class count must be the manifest's)."""
+def _student(arch: str, init: str | None, *, manifest: Manifest, input_shape: tuple[int, ...], key: str,
+             options: dict[str, Any]) -> Any:
+    """A fresh student (``options``: the arch's size options), or one started from ``init`` (whose class
+    count must be the manifest's)."""
     if init is not None and Path(init).is_file():
         try:
             meta = ckpt.load_checkpoint(init)["meta"]
@@ -276,7 +295,7 @@ def _student(arch: str, init: str | None, *, manifest: Manifest, input_shape: tu
         if meta is not None and int(meta["num_classes"]) != manifest.num_classes:
             raise UserError(f"{init}: field num_classes: expected {manifest.num_classes} (manifest {manifest.path}) "
                             f"for the student ({key}), found {meta['num_classes']}")
-    return create_model(arch, num_classes=manifest.num_classes, input_shape=input_shape, weights=init)
+    return create_model(arch, num_classes=manifest.num_classes, input_shape=input_shape, weights=init, **options)
 
 
 def _check_resume(cfg: DistillConfig, blob: dict, meta: dict) -> None:
@@ -292,6 +311,9 @@ def _check_resume(cfg: DistillConfig, blob: dict, meta: dict) -> None:
     if shas != [m["checkpoint_sha256"] for m in meta["mentors"]]:
         raise UserError(f"{cfg.resume}: field 'mentors': expected teachers with checkpoint sha256 "
                         f"{[m['checkpoint_sha256'] for m in meta['mentors']]} (this run), found {shas}")
+    before = saved.get("config", {})
+    for key in ("student_options", "student_b_options"):  # written before size options: the defaults
+        before.setdefault(key, {})
     cfg.check_resume(blob, {key: meta[key] for key in ("num_classes", "manifest_sha256", "views", "num_views",
                                                        "students")}, meta["config"])
 

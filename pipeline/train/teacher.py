@@ -1,6 +1,7 @@
 """Teacher training, one task on the shared loop: ``train_teacher(TeacherConfig) -> metrics``.
 
     kdcache train-teacher --manifest data_manifests/synthetic.parquet --arch mlp --loss mse --out models/mse.pt
+    kdcache train-teacher ... --arch cnn --arch-option width=16 --out models/cnn16.pt   # a smaller CNN
 
     from pipeline.train import TeacherConfig, train_teacher
     metrics = train_teacher(TeacherConfig(manifest="m.parquet", arch="mlp", loss="ce", out="ce.pt"))
@@ -15,6 +16,10 @@ Choices (documented here once):
 - A checkpoint with the train state is written atomically to ``out`` after every epoch, so
   ``resume`` (a checkpoint of the same configuration) continues where it stopped and ends with
   the weights an uninterrupted run ends with (exactly, on CPU). The final file keeps its train state.
+- ``arch_options``: the arch's size options (``pipeline.models.model_options``), recorded in the
+  checkpoint's meta so evaluate, cache and online teachers rebuild the same network.
+- ``weights``: fine-tune, starting from a kdcache checkpoint's or a bare state_dict's weights
+  (loaded strictly) instead of a fresh initialisation; the schedule, seed and batches are unchanged.
 - ``metrics`` (JSON: the last epoch's row) and ``history`` (CSV: one row per epoch; default
   ``metrics`` with suffix ``.csv``) are optional; the same figures are in the checkpoint's meta.
 """
@@ -22,18 +27,20 @@ Choices (documented here once):
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
+from pipeline.errors import UserError
 from pipeline.files import atomic_path, write_history, write_json
 from pipeline.manifest import load_manifest
 from pipeline.methods.teacher import TEACHER_LOSSES
-from pipeline.models import MODELS, create_model
+from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything, torch_threads
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
@@ -46,10 +53,12 @@ class TeacherConfig(TrainConfig):
     """Settings of ``train_teacher`` (also a ``teachers.<name>`` section of params.yaml)."""
 
     section: ClassVar[str] = "teacher"
-    resume_keys: ClassVar[tuple[str, ...]] = ("arch", "loss") + TrainConfig.resume_keys
+    resume_keys: ClassVar[tuple[str, ...]] = ("arch", "arch_options", "loss") + TrainConfig.resume_keys
 
     arch: str
+    arch_options: dict = field(default_factory=dict)  # the arch's size options, e.g. {"width": 16} for cnn
     loss: str = "ce"
+    weights: str | None = None  # fine-tune: start from this checkpoint's (or state_dict's) weights
     threads: int | None = None  # torch CPU threads while training; keep it fixed for bit-identical CPU runs
 
     def __post_init__(self) -> None:
@@ -58,6 +67,15 @@ class TeacherConfig(TrainConfig):
             raise self.bad("loss", "one of " + ", ".join(TEACHER_LOSSES.names()))
         if self.arch not in MODELS:
             raise self.bad("arch", "one of " + ", ".join(MODELS.names()))
+        if not isinstance(self.arch_options, dict):
+            raise self.bad("arch_options", "a mapping of option: value")
+        object.__setattr__(self, "arch_options", dict(self.arch_options))
+        try:
+            check_model_options(self.arch, self.arch_options)
+        except UserError as err:
+            raise ConfigError(str(err), key="arch_options", section=self.section) from None
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise self.bad("weights", "a checkpoint or state_dict file, or nothing")
         self.check_ints(("threads",), minimum=1, optional=True)
         if not self.train_split:
             raise self.bad("train_split", "a non-empty string")
@@ -82,19 +100,22 @@ def _train(cfg: TeacherConfig) -> dict:
     runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
 
     seed_everything(cfg.seed)
-    model = runtime.prepare(create_model(cfg.arch, num_classes=manifest.num_classes, input_shape=input_shape))
+    model = runtime.prepare(create_model(cfg.arch, num_classes=manifest.num_classes, input_shape=input_shape,
+                                         weights=cfg.weights, **cfg.arch_options))
     optimizer = sgd(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     per_epoch = len(rank_slices(len(train_ds), batch_size=cfg.batch_size, world_size=runtime.world_size))
     scheduler = cosine_schedule(optimizer, total_steps=cfg.epochs * per_epoch)
     meta = {
-        "arch": cfg.arch, "num_classes": manifest.num_classes, "input_shape": list(input_shape),
-        "loss": cfg.loss, "manifest_sha256": manifest.sha256, "manifest": str(cfg.manifest),
+        "arch": cfg.arch, "arch_options": ckpt.plain(cfg.arch_options), "num_classes": manifest.num_classes,
+        "input_shape": list(input_shape), "loss": cfg.loss, "manifest_sha256": manifest.sha256,
+        "manifest": str(cfg.manifest),
         "dataset": manifest.dataset, "views": view_spec.to_dict(), "seed": cfg.seed,
         "config": ckpt.plain(asdict(cfg)),
     }
     start: LoopState | None = None
     if cfg.resume:
         blob = ckpt.load_checkpoint(cfg.resume)
+        blob["meta"].get("config", {}).setdefault("arch_options", {})  # written before size options: the defaults
         cfg.check_resume(blob, {"manifest_sha256": manifest.sha256}, meta["config"])
         model.load_state_dict(blob["model"])
         start = restore_train_state(blob["train_state"], [optimizer], [scheduler])
