@@ -14,17 +14,23 @@ fields of ``TeacherConfig``, ``DistillConfig`` and ``CacheConfig``.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import sys
 import warnings
-from typing import Any, Callable, Iterator, Sequence
 
 import click
 
 from pipeline import __version__
 from pipeline.cache import CacheConfig, cache_teacher
+from pipeline.cli_options import (
+    Greedy,
+    GreedyCommand,
+    ListsNames,
+    RegistryChoice,
+    config_default,
+    training_options,
+    warnings_as_lines,
+)
 from pipeline.data import READERS, build_manifest, check_files
 from pipeline.errors import UserError
 from pipeline.files import check_writable, os_error_text, write_json
@@ -53,92 +59,6 @@ from pipeline.train import (
 from pipeline.train.student import CACHE_MODES
 
 
-def _default(config: type, name: str) -> Any:
-    """The default of field ``name`` of the config dataclass ``config`` (its default or default_factory())."""
-    for item in dataclasses.fields(config):
-        if item.name == name:
-            if item.default is not dataclasses.MISSING:
-                return item.default
-            if item.default_factory is not dataclasses.MISSING:
-                return item.default_factory()
-            raise TypeError(f"{config.__name__}.{name} has no default")
-    raise TypeError(f"{config.__name__} has no field {name!r}")
-
-
-class _Names(click.Choice):
-    """A ``click.Choice`` whose choices are ``names()`` (a registry's ``names``), read each time click
-    validates, completes or prints help, not once at import."""
-
-    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
-        self._names = names
-        super().__init__((), case_sensitive=True)
-
-    @property  # type: ignore[override]
-    def choices(self) -> tuple[str, ...]:
-        return tuple(self._names())
-
-    @choices.setter
-    def choices(self, value: Sequence[str]) -> None:
-        """click.Choice.__init__ assigns the choices; they come from ``names`` instead."""
-
-
-class _ListsNames(click.Option):
-    """An option whose help ends with ``names()``, read when the help is shown (model archs: too many
-    to spell in the usage line; the configs validate them and name the key)."""
-
-    def __init__(self, *args: Any, names: Callable[[], Sequence[str]], **kwargs: Any) -> None:
-        self._names = names
-        self._base_help = kwargs.get("help") or ""
-        super().__init__(*args, **kwargs)
-
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        self.help = f"{self._base_help} One of: {', '.join(self._names())}.".strip()
-        return super().get_help_record(ctx)
-
-
-class _Greedy(click.Option):
-    """A ``multiple`` option that also takes several values after one flag: ``--mentors a.zarr b.zarr``
-    as well as ``--mentors a.zarr --mentors b.zarr`` (its command must be a ``_GreedyCommand``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, multiple=True, **kwargs)
-
-
-class _GreedyCommand(click.Command):
-    """A command whose ``_Greedy`` options take every value up to the next option: the arguments are
-    rewritten (``--mentors a b`` -> ``--mentors a --mentors b``) before click parses them."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        flags = {opt for param in self.params if isinstance(param, _Greedy) for opt in param.opts}
-        return super().parse_args(ctx, _expand_greedy(args, flags))
-
-
-def _expand_greedy(args: Sequence[str], flags: set[str]) -> list[str]:
-    """``args`` with each bare value that follows a value of a flag in ``flags`` given its own flag."""
-    out: list[str] = []
-    greedy: str | None = None   # the flag whose values are being read
-    needs_value = False         # the next argument is the value of a flag just seen
-    for i, arg in enumerate(args):
-        if needs_value:
-            out.append(arg)
-            needs_value = False
-        elif arg == "--":       # the end of the options: the rest is passed on as it is
-            out.extend(args[i:])
-            break
-        elif arg in flags:
-            greedy, needs_value = arg, True
-            out.append(arg)
-        elif arg.partition("=")[0] in flags and "=" in arg:  # --mentors=a.zarr b.zarr
-            greedy = arg.partition("=")[0]
-            out.append(arg)
-        elif greedy is not None and not arg.startswith("-"):
-            out += [greedy, arg]
-        else:
-            greedy = None
-            out.append(arg)
-    return out
-
-
 class _Group(click.Group):
     """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
 
@@ -149,7 +69,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            with _warnings_as_lines():
+            with warnings_as_lines():
                 return super().invoke(ctx)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
@@ -165,18 +85,6 @@ class _Group(click.Group):
                        "only the missing blocks, or add `--resume OUT` to train-teacher/distill to continue "
                        "from the last epoch", err=True)
             ctx.exit(130)
-
-
-@contextlib.contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """Show each warning the library raises as one ``warning: <message>`` line on stderr, when it is
-    raised (a provenance warning at the start of a long run is read at the start)."""
-    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        click.echo(f"warning: {message}", err=True)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,7 +116,7 @@ def manifest_group() -> None:
 
 
 @manifest_group.command("build")
-@click.option("--dataset", required=True, type=_Names(READERS.names), help="Dataset reader.")
+@click.option("--dataset", required=True, type=RegistryChoice(READERS.names), help="Dataset reader.")
 @click.option("--root", required=True, type=click.Path(path_type=str),
               help="Dataset root (synthetic: where the generated data is written).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest to write (.parquet).")
@@ -272,39 +180,18 @@ def manifest_check(file: str, with_files: bool) -> None:
 # --- train-teacher / evaluate ----------------------------------------------
 @cli.command("train-teacher")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--arch", required=True, metavar="ARCH", cls=_ListsNames, names=MODELS.names, help="Model name.")
+@click.option("--arch", required=True, metavar="ARCH", cls=ListsNames, names=MODELS.names, help="Model name.")
 @click.option("--arch-option", "arch_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
               help="A size option of the arch (repeatable): mlp hidden=64, depth=3; cnn width=16.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=_default(TeacherConfig, "weights"),
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=config_default(TeacherConfig, "weights"),
               help="Fine-tune: start from these weights (a kdcache checkpoint or state_dict; every key and shape must match).")
-@click.option("--loss", type=_Names(TEACHER_LOSSES.names), default=_default(TeacherConfig, "loss"), show_default=True,
+@click.option("--loss", type=RegistryChoice(TEACHER_LOSSES.names), default=config_default(TeacherConfig, "loss"), show_default=True,
               help="ce: cross-entropy; mse: mean squared error of softmax vs one-hot.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Checkpoint to write (rewritten atomically after every epoch).")
-@click.option("--epochs", type=int, default=_default(TeacherConfig, "epochs"), show_default=True)
-@click.option("--batch-size", type=int, default=_default(TeacherConfig, "batch_size"), show_default=True)
-@click.option("--lr", type=float, default=_default(TeacherConfig, "lr"), show_default=True,
-              help="Peak learning rate (cosine decay per step).")
-@click.option("--momentum", type=float, default=_default(TeacherConfig, "momentum"), show_default=True)
-@click.option("--weight-decay", type=float, default=_default(TeacherConfig, "weight_decay"), show_default=True)
-@click.option("--seed", type=int, default=_default(TeacherConfig, "seed"), show_default=True,
-              help="Seed of initialisation and batch order.")
-@click.option("--views-seed", type=int, default=_default(TeacherConfig, "views_seed"), show_default=True,
-              help="Seed of the replayable augmentations.")
-@click.option("--val-split", default=_default(TeacherConfig, "val_split"), show_default=True,
-              help="Split scored after every epoch (skipped if absent).")
-@click.option("--workers", type=int, default=_default(TeacherConfig, "workers"), show_default=True,
-              help="DataLoader workers decoding images.")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=_default(TeacherConfig, "resume"),
-              help="Checkpoint of an interrupted run with the same settings: continue it.")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=_default(TeacherConfig, "metrics"),
-              help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv).")
-@click.option("--device", default=_default(TeacherConfig, "device"), show_default=True,
-              help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--threads", type=int, default=_default(TeacherConfig, "threads"),
+@training_options(TeacherConfig)
+@click.option("--threads", type=int, default=config_default(TeacherConfig, "threads"),
               help="Torch CPU threads (fix it for bit-identical CPU runs).")
-@click.option("--progress/--no-progress", default=_default(TeacherConfig, "progress"), show_default=True,
-              help="Progress bar on a terminal.")
 def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
     """Train a teacher with cross-entropy or MSE on the train split of a manifest.
 
@@ -330,15 +217,15 @@ def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
 @cli.command("evaluate")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--split", default=_default(EvaluateConfig, "split"), show_default=True,
+@click.option("--split", default=config_default(EvaluateConfig, "split"), show_default=True,
               help="Split to score (view 0, the evaluation transform).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, help="Also write the metrics as JSON.")
-@click.option("--batch-size", type=int, default=_default(EvaluateConfig, "batch_size"), show_default=True)
-@click.option("--workers", type=int, default=_default(EvaluateConfig, "workers"), show_default=True,
+@click.option("--batch-size", type=int, default=config_default(EvaluateConfig, "batch_size"), show_default=True)
+@click.option("--workers", type=int, default=config_default(EvaluateConfig, "workers"), show_default=True,
               help="DataLoader workers decoding images.")
-@click.option("--device", default=_default(EvaluateConfig, "device"), show_default=True,
+@click.option("--device", default=config_default(EvaluateConfig, "device"), show_default=True,
               help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--strict/--no-strict", default=_default(EvaluateConfig, "strict"), show_default=True,
+@click.option("--strict/--no-strict", default=config_default(EvaluateConfig, "strict"), show_default=True,
               help="Refuse a checkpoint trained on another manifest (otherwise: warn).")
 def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options) -> None:
     """Score a checkpoint on a split: top-1/top-5 accuracy and cross-entropy; on synthetic data
@@ -371,40 +258,40 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
 @cli.command("cache")
 @click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher checkpoint.")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--split", default=_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
-@click.option("--views", type=int, default=_default(CacheConfig, "views"), show_default=True,
+@click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
+@click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True,
               help="Number of views V (view 0 = eval transform).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Store to write (a .zarr directory).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=_default(CacheConfig, "dtype"), show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True,
               help="Dtype of the stored logits (entropy, p_gt are always exact float32).")
-@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=_default(CacheConfig, "storage"), show_default=True,
+@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True,
               help="dense logits [V,N,C], or top-k values/indices + logsumexp.")
-@click.option("--k", type=int, default=_default(CacheConfig, "k"), help="Classes kept per sample with --storage topk.")
-@click.option("--rows-per-block", type=int, default=_default(CacheConfig, "rows_per_block"),
+@click.option("--k", type=int, default=config_default(CacheConfig, "k"), help="Classes kept per sample with --storage topk.")
+@click.option("--rows-per-block", type=int, default=config_default(CacheConfig, "rows_per_block"),
               help="Rows per block (= chunk, the unit of work and resume); default 4096, less for huge C.")
-@click.option("--micro-batch", type=int, default=_default(CacheConfig, "micro_batch"), show_default=True,
+@click.option("--micro-batch", type=int, default=config_default(CacheConfig, "micro_batch"), show_default=True,
               help="Teacher batch size inside a block.")
-@click.option("--shard", default=_default(CacheConfig, "shard"),
+@click.option("--shard", default=config_default(CacheConfig, "shard"),
               help="i/n: compute every n-th block starting at i (SLURM array jobs).")
-@click.option("--scheduler", default=_default(CacheConfig, "scheduler"),
+@click.option("--scheduler", default=config_default(CacheConfig, "scheduler"),
               help="Address of a running dask scheduler: one task per block.")
-@click.option("--local-workers", type=int, default=_default(CacheConfig, "local_workers"),
+@click.option("--local-workers", type=int, default=config_default(CacheConfig, "local_workers"),
               help="Start a dask LocalCluster of N worker processes.")
-@click.option("--overwrite", is_flag=True, default=_default(CacheConfig, "overwrite"), help="Delete an existing store first.")
-@click.option("--device", default=_default(CacheConfig, "device"), show_default=True,
+@click.option("--overwrite", is_flag=True, default=config_default(CacheConfig, "overwrite"), help="Delete an existing store first.")
+@click.option("--device", default=config_default(CacheConfig, "device"), show_default=True,
               help="auto (cuda with bf16 autocast if present), cpu, cuda:0 ...")
-@click.option("--threads", type=int, default=_default(CacheConfig, "threads"),
+@click.option("--threads", type=int, default=config_default(CacheConfig, "threads"),
               help="Torch CPU threads per process; keep it the same across jobs for bit-identical stores.")
-@click.option("--workers", type=int, default=_default(CacheConfig, "workers"), show_default=True,
+@click.option("--workers", type=int, default=config_default(CacheConfig, "workers"), show_default=True,
               help="DataLoader workers decoding images.")
 # The spellings before --workers/--views-seed, kept working (and out of --help) for one release.
-@click.option("--loader-workers", "workers", type=int, default=_default(CacheConfig, "workers"), hidden=True)
-@click.option("--views-seed", type=int, default=_default(CacheConfig, "views_seed"), show_default=True,
+@click.option("--loader-workers", "workers", type=int, default=config_default(CacheConfig, "workers"), hidden=True)
+@click.option("--views-seed", type=int, default=config_default(CacheConfig, "views_seed"), show_default=True,
               help="Seed of the random views.")
-@click.option("--view-seed", "views_seed", type=int, default=_default(CacheConfig, "views_seed"), hidden=True)
-@click.option("--name", default=_default(CacheConfig, "name"),
+@click.option("--view-seed", "views_seed", type=int, default=config_default(CacheConfig, "views_seed"), hidden=True)
+@click.option("--name", default=config_default(CacheConfig, "name"),
               help="Teacher name recorded in the store (default: checkpoint file stem).")
-@click.option("--progress/--no-progress", default=_default(CacheConfig, "progress"), show_default=True,
+@click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: str, manifest: str, split: str, views: int, out: str, storage: str, k: int | None,
                   **options) -> None:
@@ -462,11 +349,11 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -
 @click.option("--num-samples", type=int, default=None, help="N (or take it from --manifest/--split).")
 @click.option("--num-classes", type=int, default=None, help="C (or take it from --manifest).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=str), default=None, help="Manifest giving N and C.")
-@click.option("--split", default=_default(CacheConfig, "split"), show_default=True, help="Split of --manifest.")
-@click.option("--views", type=int, default=_default(CacheConfig, "views"), show_default=True, help="Views V per sample.")
+@click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split of --manifest.")
+@click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True, help="Views V per sample.")
 @click.option("--teachers", type=int, default=1, show_default=True, help="Number of stores (teachers).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=_default(CacheConfig, "dtype"), show_default=True)
-@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=_default(CacheConfig, "storage"), show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True)
+@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True)
 @click.option("--k", type=int, default=None, help="Classes kept with --storage topk.")
 @click.option("--rows-per-block", type=int, default=None, help="As for `kdcache cache` (default 4096).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
@@ -494,13 +381,13 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 
 
 # --- distill ---------------------------------------------------------------
-@cli.command("distill", cls=_GreedyCommand)
-@click.option("--method", required=True, type=_Names(METHODS.names), help="Distillation method (docs/methods.md).")
-@click.option("--mentors", cls=_Greedy, default=_default(DistillConfig, "mentors"), type=click.Path(path_type=str),
+@cli.command("distill", cls=GreedyCommand)
+@click.option("--method", required=True, type=RegistryChoice(METHODS.names), help="Distillation method (docs/methods.md).")
+@click.option("--mentors", cls=Greedy, default=config_default(DistillConfig, "mentors"), type=click.Path(path_type=str),
               help="Cache stores, teacher first (several after one flag, or the flag repeated).")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
-@click.option("--student", required=True, metavar="ARCH", cls=_ListsNames, names=MODELS.names, help="Student arch.")
-@click.option("--student-b", metavar="ARCH", default=_default(DistillConfig, "student_b"),
+@click.option("--student", required=True, metavar="ARCH", cls=ListsNames, names=MODELS.names, help="Student arch.")
+@click.option("--student-b", metavar="ARCH", default=config_default(DistillConfig, "student_b"),
               help="Second student's arch, one of the --student names (dual, dml); saved as OUT with suffix _b.")
 @click.option("--student-option", "student_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
               help="A size option of the student's arch (repeatable): mlp hidden=64, depth=3; cnn width=16.")
@@ -510,51 +397,29 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               help="Student checkpoint (rewritten atomically after every epoch).")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="A method option (repeatable), e.g. T=4, tau=12, round_ranks=2, reference_code=true.")
-@click.option("--online", is_flag=True, default=_default(DistillConfig, "online"),
+@click.option("--online", is_flag=True, default=config_default(DistillConfig, "online"),
               help="Run the --teachers live instead of reading a cache.")
-@click.option("--teachers", cls=_Greedy, default=_default(DistillConfig, "teachers"),
+@click.option("--teachers", cls=Greedy, default=config_default(DistillConfig, "teachers"),
               type=click.Path(dir_okay=False, path_type=str),
               help="With --online: teacher checkpoints, teacher first (several after one flag, or the flag repeated).")
-@click.option("--epochs", type=int, default=_default(DistillConfig, "epochs"), show_default=True)
-@click.option("--batch-size", type=int, default=_default(DistillConfig, "batch_size"), show_default=True,
-              help="Per process (DDP: per rank).")
-@click.option("--lr", type=float, default=_default(DistillConfig, "lr"), show_default=True,
-              help="Peak learning rate (cosine decay per step).")
-@click.option("--momentum", type=float, default=_default(DistillConfig, "momentum"), show_default=True)
-@click.option("--weight-decay", type=float, default=_default(DistillConfig, "weight_decay"), show_default=True)
-@click.option("--seed", type=int, default=_default(DistillConfig, "seed"), show_default=True,
-              help="Seed of initialisation and batch order.")
-@click.option("--views", type=int, default=_default(DistillConfig, "views"),
+@training_options(DistillConfig)
+@click.option("--views", type=int, default=config_default(DistillConfig, "views"),
               help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
-@click.option("--views-seed", type=int, default=_default(DistillConfig, "views_seed"), show_default=True,
-              help="Seed of the default views without a cache (as kdcache cache --views-seed).")
-@click.option("--train-split", default=_default(DistillConfig, "train_split"),
+@click.option("--train-split", default=config_default(DistillConfig, "train_split"),
               help="Split to train on (default: the stores' split, else train).")
-@click.option("--val-split", default=_default(DistillConfig, "val_split"), show_default=True,
-              help="Split scored after every epoch (skipped if absent).")
-@click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "init"),
+@click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init"),
               help="Start student A from these weights (a checkpoint or state_dict).")
-@click.option("--init-b", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "init_b"),
+@click.option("--init-b", type=click.Path(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init_b"),
               help="Same for student B.")
-@click.option("--workers", type=int, default=_default(DistillConfig, "workers"), show_default=True,
-              help="DataLoader workers decoding images.")
-@click.option("--cache-mode", type=click.Choice(CACHE_MODES), default=_default(DistillConfig, "cache_mode"),
+@click.option("--cache-mode", type=click.Choice(CACHE_MODES), default=config_default(DistillConfig, "cache_mode"),
               show_default=True,
               help="Read the cache into memory or stream it by blocks (auto: memory when it fits the budget).")
-@click.option("--memory-budget-mb", type=int, default=_default(DistillConfig, "memory_budget_mb"),
+@click.option("--memory-budget-mb", type=int, default=config_default(DistillConfig, "memory_budget_mb"),
               help="Memory for the cache per process (default: a quarter of RAM shared by the local ranks).")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "resume"),
-              help="Checkpoint of an interrupted run with the same settings: continue it.")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=str), default=_default(DistillConfig, "metrics"),
-              help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv).")
 @click.option("--mentor-stats", type=click.Path(dir_okay=False, path_type=str),
-              default=_default(DistillConfig, "mentor_stats"),
+              default=config_default(DistillConfig, "mentor_stats"),
               help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
                    "default OUT stem + _mentors.csv.")
-@click.option("--device", default=_default(DistillConfig, "device"), show_default=True,
-              help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--progress/--no-progress", default=_default(DistillConfig, "progress"), show_default=True,
-              help="Progress bar on a terminal.")
 def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, ...],
                     student_b_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).

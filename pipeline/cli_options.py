@@ -1,0 +1,167 @@
+"""The click building blocks of ``pipeline.cli``: where option names and defaults come from.
+
+    @cli.command("distill", cls=GreedyCommand)
+    @click.option("--method", type=RegistryChoice(METHODS.names))        # choices read when used
+    @click.option("--mentors", cls=Greedy)                                # --mentors a b, or repeated
+    @training_options(DistillConfig)                                      # the shared training settings
+    def distill_command(**options): ...
+
+- ``config_default(Config, "field")``: an option's default is its config field's default.
+- ``RegistryChoice``: a ``click.Choice`` over a registry's names, read each time click validates,
+  completes or prints help (a name registered after import is a choice too).
+- ``ListsNames``: an option whose help lists a registry's names (model archs).
+- ``Greedy`` + ``GreedyCommand``: a ``multiple`` option that also takes several values after one flag.
+- ``training_options(Config)``: the options of ``TrainConfig``'s shared settings, declared once for
+  train-teacher and distill, with ``Config``'s defaults.
+- ``warnings_as_lines``: library warnings as ``warning: <message>`` lines on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_default(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config`` (its default or default_factory())."""
+    for item in dataclasses.fields(config):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            raise TypeError(f"{config.__name__}.{name} has no default")
+    raise TypeError(f"{config.__name__} has no field {name!r}")
+
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices are ``names()`` (a registry's ``names``), read each time click
+    validates, completes or prints help, not once at import."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
+        super().__init__((), case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:
+        """click.Choice.__init__ assigns the choices; they come from ``names`` instead."""
+
+
+class ListsNames(click.Option):
+    """An option whose help ends with ``names()``, read when the help is shown (model archs: too many
+    to spell in the usage line; the configs validate them and name the key)."""
+
+    def __init__(self, *args: Any, names: Callable[[], Sequence[str]], **kwargs: Any) -> None:
+        self._names = names
+        self._base_help = kwargs.get("help") or ""
+        super().__init__(*args, **kwargs)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = f"{self._base_help} One of: {', '.join(self._names())}.".strip()
+        return super().get_help_record(ctx)
+
+
+class Greedy(click.Option):
+    """A ``multiple`` option that also takes several values after one flag: ``--mentors a.zarr b.zarr``
+    as well as ``--mentors a.zarr --mentors b.zarr`` (its command must be a ``GreedyCommand``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, multiple=True, **kwargs)
+
+
+class GreedyCommand(click.Command):
+    """A command whose ``Greedy`` options take every value up to the next option: the arguments are
+    rewritten (``--mentors a b`` -> ``--mentors a --mentors b``) before click parses them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        flags = {opt for param in self.params if isinstance(param, Greedy) for opt in param.opts}
+        return super().parse_args(ctx, expand_greedy(args, flags))
+
+
+def expand_greedy(args: Sequence[str], flags: set[str]) -> list[str]:
+    """``args`` with each bare value that follows a value of a flag in ``flags`` given its own flag."""
+    out: list[str] = []
+    greedy: str | None = None   # the flag whose values are being read
+    needs_value = False         # the next argument is the value of a flag just seen
+    for i, arg in enumerate(args):
+        if needs_value:
+            out.append(arg)
+            needs_value = False
+        elif arg == "--":       # the end of the options: the rest is passed on as it is
+            out.extend(args[i:])
+            break
+        elif arg in flags:
+            greedy, needs_value = arg, True
+            out.append(arg)
+        elif arg.partition("=")[0] in flags and "=" in arg:  # --mentors=a.zarr b.zarr
+            greedy = arg.partition("=")[0]
+            out.append(arg)
+        elif greedy is not None and not arg.startswith("-"):
+            out += [greedy, arg]
+        else:
+            greedy = None
+            out.append(arg)
+    return out
+
+
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Show each warning the library raises as one ``warning: <message>`` line on stderr, when it is
+    raised (a provenance warning at the start of a long run is read at the start)."""
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def training_options(config: type) -> Callable[[F], F]:
+    """The command-line options of the settings every training run shares (``TrainConfig``), with the
+    defaults of ``config`` (``TeacherConfig`` or ``DistillConfig``)."""
+    path = click.Path(dir_okay=False, path_type=str)
+    options = [
+        click.option("--epochs", type=int, default=config_default(config, "epochs"), show_default=True),
+        click.option("--batch-size", type=int, default=config_default(config, "batch_size"), show_default=True,
+                     help="Per process (DDP: per rank)."),
+        click.option("--lr", type=float, default=config_default(config, "lr"), show_default=True,
+                     help="Peak learning rate (cosine decay per step)."),
+        click.option("--momentum", type=float, default=config_default(config, "momentum"), show_default=True),
+        click.option("--weight-decay", type=float, default=config_default(config, "weight_decay"), show_default=True),
+        click.option("--seed", type=int, default=config_default(config, "seed"), show_default=True,
+                     help="Seed of initialisation and batch order."),
+        click.option("--views-seed", type=int, default=config_default(config, "views_seed"), show_default=True,
+                     help="Seed of the replayable augmentations (distill: of the default views without a cache, "
+                          "as kdcache cache --views-seed)."),
+        click.option("--val-split", default=config_default(config, "val_split"), show_default=True,
+                     help="Split scored after every epoch (skipped if absent)."),
+        click.option("--workers", type=int, default=config_default(config, "workers"), show_default=True,
+                     help="DataLoader workers decoding images."),
+        click.option("--resume", type=path, default=config_default(config, "resume"),
+                     help="Checkpoint of an interrupted run with the same settings: continue it."),
+        click.option("--metrics", type=path, default=config_default(config, "metrics"),
+                     help="JSON of the last epoch's metrics; a per-epoch CSV goes next to it (.csv)."),
+        click.option("--device", default=config_default(config, "device"), show_default=True,
+                     help="auto (cuda if present), cpu, cuda, cuda:N."),
+        click.option("--progress/--no-progress", default=config_default(config, "progress"), show_default=True,
+                     help="Progress bar on a terminal."),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
