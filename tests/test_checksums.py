@@ -26,6 +26,7 @@ from pipeline.store import schema
 from pipeline.store.reader import StoreGroup
 from pipeline.store.verify import verify_store
 from pipeline.train.targets import CachedTargets
+from tests.support.cli import one_error_line
 from tests.support.distill import cache
 from tests.support.stores import make_fake_store
 
@@ -95,16 +96,6 @@ def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
     for needle in needles:
         assert needle in text, text
     return text
-
-
-def _cli_one_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("key", ["float16", "float32", "topk"])
@@ -227,7 +218,7 @@ def test_verify_options_sample_rows_and_no_checksums(intact, tmp_path):
     quick = verify_store(store, sample_rows=0)
     assert quick.ok and quick.rows_recomputed == 0 and quick.chunks_checked == full.chunks_checked
     runner = CliRunner()
-    _cli_one_error(runner.invoke(cli, ["verify", "--sample-rows", "-5", str(store)]), "--sample-rows", "-5")
+    one_error_line(runner.invoke(cli, ["verify", "--sample-rows", "-5", str(store)]), "--sample-rows", "-5")
     with pytest.raises(UserError, match="sample-rows"):
         verify_store(store, sample_rows=-5)
     flip_byte(store, "pred", view=0, block=1)        # a wrong pred value: only the CRC or recomputation sees it
@@ -247,7 +238,7 @@ def test_a_version_1_store_is_refused_with_how_to_recompute_it(intact, tmp_path)
         with pytest.raises(UserError) as err:
             call()
         _one_line(err, *needles)
-    _cli_one_error(CliRunner().invoke(cli, ["verify", str(store)]), *needles)
+    one_error_line(CliRunner().invoke(cli, ["verify", str(store)]), *needles)
     with pytest.raises(UserError, match="found 1"):                  # the cache job will not resume it ...
         make_fake_store(store, **_store_kwargs({"dtype": "float16"}))
     make_fake_store(store, overwrite=True, **_store_kwargs({"dtype": "float16"}))     # ... --overwrite does
@@ -276,5 +267,5 @@ def test_distill_stops_with_one_line_on_a_changed_chunk(synthetic_teacher, real_
             "distill", "--method", "kd", "--mentors", str(store), "--manifest", str(manifest), "--student", "mlp",
             "--epochs", "1", "--batch-size", "32", "--cache-mode", mode, "--no-progress", "--device", "cpu",
             "--out", str(tmp_path / f"{mode}.pt")])
-        _cli_one_error(result, str(store), f"field checksum: {name} view 0 block 1: expected crc32")
+        one_error_line(result, str(store), f"field checksum: {name} view 0 block 1: expected crc32")
         assert not (tmp_path / f"{mode}.pt").exists()

@@ -20,18 +20,10 @@ from pipeline.errors import UserError
 from pipeline.store.reader import StoreGroup
 from pipeline.store.verify import verify_store
 from pipeline.train import TeacherConfig, train_teacher
+from tests.support.cli import one_error_line
 from tests.support.data import write_imagefolder
 from tests.support.distill import cache, untrained_teacher
 from tests.support.stores import make_fake_store
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_a_truncated_chunk_is_reported_by_verify_and_refused_by_readers(tmp_path):
@@ -44,7 +36,7 @@ def test_a_truncated_chunk_is_reported_by_verify_and_refused_by_readers(tmp_path
     assert not report.ok and any("logits" in p and "view 1 block 2" in p for p in report.problems)
     with pytest.raises(UserError, match="logits"):
         StoreGroup([store])
-    _one_line_error(CliRunner().invoke(cli, ["inspect", str(store)]), "s.zarr", "logits")
+    one_error_line(CliRunner().invoke(cli, ["inspect", str(store)]), "s.zarr", "logits")
 
 
 def test_cache_checks_image_files_before_creating_the_store(tmp_path):
@@ -56,14 +48,14 @@ def test_cache_checks_image_files_before_creating_the_store(tmp_path):
     out = tmp_path / "c.zarr"
     result = CliRunner().invoke(cli, ["cache", "--teacher", str(teacher), "--manifest", str(manifest),
                                       "--split", "train", "--out", str(out)])
-    _one_line_error(result, "img_2.png")
+    one_error_line(result, "img_2.png")
     assert not out.exists()
 
 
 def test_a_val_split_typo_is_an_error_not_a_silent_skip(synthetic, tmp_path):
     result = CliRunner().invoke(cli, ["train-teacher", "--manifest", str(synthetic), "--arch", "mlp", "--epochs", "1",
                                       "--val-split", "vall", "--out", str(tmp_path / "t.pt")])
-    _one_line_error(result, "'vall'")
+    one_error_line(result, "'vall'")
 
 
 def test_inspect_names_the_split_when_stores_disagree(synthetic, tmp_path):
@@ -75,7 +67,7 @@ def test_inspect_names_the_split_when_stores_disagree(synthetic, tmp_path):
                                           "--split", split, "--out", str(out), "--threads", "1"])
         assert result.exit_code == 0, result.output
         stores.append(str(out))
-    _one_line_error(CliRunner().invoke(cli, ["inspect", *stores]), "manifest.split", "val")
+    one_error_line(CliRunner().invoke(cli, ["inspect", *stores]), "manifest.split", "val")
 
 
 def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(synthetic, tmp_path):
@@ -104,4 +96,4 @@ def test_resuming_distill_from_a_teacher_checkpoint_names_the_mistake(synthetic,
     result = CliRunner().invoke(cli, ["distill", "--method", "kd", "--mentors", str(store), "--manifest", str(synthetic),
                                       "--student", "mlp", "--epochs", "1", "--out", str(tmp_path / "s.pt"),
                                       "--resume", str(trained)])
-    _one_line_error(result, "trained.pt", "'method'", "teacher checkpoint")
+    one_error_line(result, "trained.pt", "'method'", "teacher checkpoint")
