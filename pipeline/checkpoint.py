@@ -20,6 +20,7 @@ crash never leaves half a checkpoint under the final name.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,12 @@ def _torch_load(path: Path, what: str) -> Any:
         raise UserError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # A pickled object (a whole nn.Module, a custom class) would run code to load: refused, never executed.
+        if "Unsupported global" in str(err):
+            raise UserError(f"{path}: refused: it needs arbitrary unpickling (weights_only=False) to load; save a "
+                            "state_dict (torch.save(model.state_dict(), ...))") from None
+        raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
     except Exception as err:
         raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
 
@@ -105,14 +112,45 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights in ``path``: a kdcache checkpoint's ``model`` entry or a bare state_dict
-    (``module.`` prefixes of DDP-saved weights removed)."""
+    """The weights in ``path``, read as data only: a bare state_dict, or a checkpoint dict holding
+    one under ``state_dict`` or ``model`` (a kdcache checkpoint), or a ``.safetensors`` file (with
+    the safetensors package); ``module.`` prefixes of DDP-saved weights removed."""
     path = Path(path)
-    blob = _torch_load(path, "weights file")
-    state = blob.get("model", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a state_dict or a kdcache checkpoint, found {type(blob).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        blob: Any = _safetensors_load(path)
+    else:
+        blob = _torch_load(path, "weights file")
+    state = blob
+    if isinstance(blob, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(blob.get(key), dict):
+                state = blob[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a state_dict (names -> tensors), a dict holding one under 'state_dict' "
+                        f"or 'model', or a kdcache checkpoint, found {_describe(state)}")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        odd = [k for k, v in value.items() if not isinstance(v, torch.Tensor)]
+        return f"a dict with non-tensor entries {odd[:3]}" if odd else "an empty dict"
+    return type(value).__name__
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        from safetensors.torch import load_file  # optional: only .safetensors weights need it
+    except ImportError:
+        raise UserError(f"{path}: expected the safetensors package to read it, found it missing "
+                        "(pip install safetensors)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:
+        raise UserError(f"{path}: unreadable weights file ({type(err).__name__}: {str(err)[:200]})") from None
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -256,7 +256,11 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
 
 # --- cache / verify / plan -------------------------------------------------
 @cli.command("cache")
-@click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher checkpoint.")
+@click.option("--teacher", required=True,
+              help="A kdcache checkpoint; an arch name with --weights (kdcache's, any torchvision classification "
+                   "model, timm:NAME); or module:function of your code returning an nn.Module.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=config_default(CacheConfig, "weights"),
+              help="Weights of an arch or module:function teacher: a state_dict file (read as data only).")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True,
@@ -303,6 +307,8 @@ def cache_command(teacher: str, manifest: str, split: str, views: int, out: str,
     \b
     Examples:
       kdcache cache --teacher models/ce.pt --manifest data_manifests/synthetic.parquet --split train --views 2 --out caches/train/ce.zarr
+      kdcache cache --teacher resnet18 --weights weights/r18.pt ...      # an arch name + a state_dict
+      kdcache cache --teacher my_models:build_teacher ...                # your code (--weights optional)
       kdcache cache ... --storage topk --k 20
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4

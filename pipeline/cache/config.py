@@ -2,6 +2,8 @@
 
     from pipeline.cache import CacheConfig, cache_teacher
     cache_teacher(CacheConfig(teacher="models/ce.pt", manifest="m.parquet", out="caches/train/ce.zarr", views=2))
+    CacheConfig(teacher="resnet18", weights="weights/r18.pt", ...)      # an arch name + a state_dict
+    CacheConfig(teacher="my_models:build_teacher", ...)                 # your callable (weights optional)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class CacheConfig(FromDict):
 
     section: ClassVar[str] = "cache"
 
-    teacher: str
+    teacher: str                            # a checkpoint, an arch name (with weights) or module:function
     manifest: str
     out: str
     split: str = "train"
@@ -39,16 +41,19 @@ class CacheConfig(FromDict):
     device: str = "auto"
     threads: int | None = None              # torch CPU threads; the same across jobs for bit-identical stores
     workers: int = 0                        # DataLoader workers decoding images
+    weights: str | None = None              # weights file of an arch or callable teacher (a state_dict)
     name: str | None = None                 # teacher name recorded in the store (default: checkpoint stem)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("teacher", "manifest", "out"):
+        for key in ("teacher", "manifest", "out", "weights"):
             if isinstance(getattr(self, key), PurePath):
                 object.__setattr__(self, key, str(getattr(self, key)))
         for key in ("teacher", "manifest", "out", "split"):
             if not getattr(self, key) or not isinstance(getattr(self, key), str):
                 raise self.bad(key, "a non-empty string")
+        if self.weights is not None and (not self.weights or not isinstance(self.weights, str)):
+            raise self.bad("weights", "a non-empty string (a weights file)")
         self.check_ints(("views", "micro_batch"), minimum=1)
         self.check_ints(("views_seed", "workers"), minimum=0)
         self.check_ints(("k", "rows_per_block", "local_workers", "threads"), minimum=1, optional=True)
