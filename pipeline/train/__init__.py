@@ -13,14 +13,16 @@
     teacher.py   the teacher task (ce / mse losses)
     student.py   the student task (distillation methods)
     targets.py   where a student's targets come from: cache stores or live teachers, one protocol
+    loader.py    DistillLoader: (x, y, cached targets) batches for your own training loop
     evaluate.py  accuracy / cross-entropy / distance to a known posterior; evaluate_checkpoint
 
 The device and precision policy is ``pipeline.runtime``'s, shared with caching.
 """
 
 from pipeline.train.evaluate import EvaluateConfig, evaluate_checkpoint
+from pipeline.train.loader import DistillLoader
 from pipeline.train.student import DistillConfig, distill, parse_options, student_paths
 from pipeline.train.teacher import TeacherConfig, train_teacher
 
-__all__ = ["DistillConfig", "EvaluateConfig", "TeacherConfig", "distill", "evaluate_checkpoint", "parse_options",
-           "student_paths", "train_teacher"]
+__all__ = ["DistillConfig", "DistillLoader", "EvaluateConfig", "TeacherConfig", "distill", "evaluate_checkpoint",
+           "parse_options", "student_paths", "train_teacher"]
