@@ -112,6 +112,15 @@ class FromDict:
         (``from_dict`` rewords it as ``params.yaml: <prefix>.lr: ...``)."""
         return ConfigError(f"expected {expected}, found {getattr(self, key)!r}", key=key, section=self.section)
 
+    def check_strings(self, keys: Iterable[str], *, optional: bool = False) -> None:
+        """Each of ``keys`` is a non-empty string (or, with ``optional``, nothing)."""
+        for key in keys:
+            value = getattr(self, key)
+            if optional and value is None:
+                continue
+            if not value or not isinstance(value, str):
+                raise self.bad(key, "a non-empty string" + (" or nothing" if optional else ""))
+
     def check_ints(self, keys: Iterable[str], *, minimum: int, optional: bool = False) -> None:
         for key in keys:
             value = getattr(self, key)

@@ -49,11 +49,8 @@ class CacheConfig(FromDict):
         for key in ("teacher", "manifest", "out", "weights"):
             if isinstance(getattr(self, key), PurePath):
                 object.__setattr__(self, key, str(getattr(self, key)))
-        for key in ("teacher", "manifest", "out", "split"):
-            if not getattr(self, key) or not isinstance(getattr(self, key), str):
-                raise self.bad(key, "a non-empty string")
-        if self.weights is not None and (not self.weights or not isinstance(self.weights, str)):
-            raise self.bad("weights", "a non-empty string (a weights file)")
+        self.check_strings(("teacher", "manifest", "out", "split"))
+        self.check_strings(("weights",), optional=True)
         self.check_ints(("views", "micro_batch"), minimum=1)
         self.check_ints(("views_seed", "workers"), minimum=0)
         self.check_ints(("k", "rows_per_block", "local_workers", "threads"), minimum=1, optional=True)

@@ -37,8 +37,7 @@ class DataConfig(FromDict):
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or self.dataset not in READERS:
             raise self.bad("dataset", "one of " + ", ".join(READERS.names()))
-        if not self.root or not isinstance(self.root, str):
-            raise self.bad("root", "a non-empty string")
+        self.check_strings(("root",))
         self.check_ints(("seed",), minimum=0)
         names = (self.classes,) if isinstance(self.classes, str) else self.classes
         if names is not None and not (isinstance(names, (list, tuple)) and names

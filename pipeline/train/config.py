@@ -59,9 +59,7 @@ class TrainConfig(FromDict):
             raise self.bad("momentum", "a number in [0, 1)")
         if not _number(self.weight_decay) or not self.weight_decay >= 0:
             raise self.bad("weight_decay", "a number >= 0")
-        for key in ("manifest", "out"):
-            if not getattr(self, key) or not isinstance(getattr(self, key), str):
-                raise self.bad(key, "a non-empty string")
+        self.check_strings(("manifest", "out"))
 
     @property
     def history_path(self) -> str | None:

@@ -170,9 +170,7 @@ class EvaluateConfig(FromDict):
     strict: bool = False                   # another manifest than the checkpoint's: an error (else a warning)
 
     def __post_init__(self) -> None:
-        for key in ("split", "device"):
-            if not getattr(self, key) or not isinstance(getattr(self, key), str):
-                raise self.bad(key, "a non-empty string")
+        self.check_strings(("split", "device"))
         self.check_ints(("batch_size",), minimum=1)
         self.check_ints(("workers",), minimum=0)
         if not isinstance(self.strict, bool):

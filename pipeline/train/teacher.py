@@ -77,8 +77,7 @@ class TeacherConfig(TrainConfig):
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
             raise self.bad("weights", "a checkpoint or state_dict file, or nothing")
         self.check_ints(("threads",), minimum=1, optional=True)
-        if not self.train_split:
-            raise self.bad("train_split", "a non-empty string")
+        self.check_strings(("train_split",))
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
