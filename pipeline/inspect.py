@@ -56,10 +56,19 @@ from pipeline.store.verify import check_complete
 
 
 def _max_prob(group: zarr.Group, kind: str) -> da.Array:
-    """[V, N] max softmax probability, from dense logits or from the top-1 value and logsumexp."""
+    """[V, N] max softmax probability: from dense logits (int8: the row max is level 127), from the
+    top-1 value and logsumexp, or, for sampled stores, estimated as the largest draw count / k
+    (the draws' own distribution, at the store's temperature)."""
+    if kind == "dense" and "logits_q" in group:
+        q = da.from_zarr(group["logits_q"]).astype(np.float32)
+        scale = da.from_zarr(group["logits_scale"]).astype(np.float32)[..., None]
+        return 1.0 / da.exp(scale * (q - 127.0)).sum(axis=-1)
     if kind == "dense":
         logits = da.from_zarr(group["logits"]).astype(np.float32)
         return 1.0 / da.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
+    if kind == "sampled":
+        counts = da.from_zarr(group["sample_count"]).astype(np.float32)
+        return counts.max(axis=-1) / counts.sum(axis=-1)
     top1 = da.from_zarr(group["topk_values"])[..., 0].astype(np.float32)
     return da.exp(top1 - da.from_zarr(group["logsumexp"]))
 

@@ -32,13 +32,18 @@ from tests.support.stores import make_fake_store
 
 N, C, RPB = 300, 10, 128                    # 3 blocks, the last one 44 rows (its chunk padded to 128)
 
-# (case id, store arguments, array whose chunk is changed): every array kind of both storages
+# (case id, store arguments, array whose chunk is changed): every array of every storage kind
 CASES = [
     ("dense-float16", {"dtype": "float16"}, "logits"),
     ("dense-float32", {"dtype": "float32"}, "logits"),
     ("topk_values", {"kind": "topk", "k": 3}, "topk_values"),
     ("topk_index", {"kind": "topk", "k": 3}, "topk_index"),
     ("logsumexp", {"kind": "topk", "k": 3}, "logsumexp"),
+    ("int8-logits_q", {"dtype": "int8"}, "logits_q"),
+    ("logits_scale", {"dtype": "int8"}, "logits_scale"),
+    ("logits_offset", {"dtype": "int8"}, "logits_offset"),
+    ("sample_index", {"kind": "sampled", "k": 3}, "sample_index"),
+    ("sample_count", {"kind": "sampled", "k": 3}, "sample_count"),
     ("entropy", {}, "entropy"),
     ("p_gt", {}, "p_gt"),
     ("pred", {}, "pred"),
@@ -56,14 +61,15 @@ def intact(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("intact")
     out = {}
     for key, extra in (("float16", {"dtype": "float16"}), ("float32", {"dtype": "float32"}),
-                       ("topk", {"kind": "topk", "k": 3})):
+                       ("topk", {"kind": "topk", "k": 3}), ("int8", {"dtype": "int8"}),
+                       ("sampled", {"kind": "sampled", "k": 3})):
         make_fake_store(root / f"{key}.zarr", **_store_kwargs(extra))
         out[key] = root / f"{key}.zarr"
     return out
 
 
 def _variant(extra: dict) -> str:
-    return "topk" if extra.get("kind") == "topk" else extra.get("dtype", "float16")
+    return extra["kind"] if extra.get("kind") in ("topk", "sampled") else extra.get("dtype", "float16")
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -98,7 +104,7 @@ def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("key", ["float16", "float32", "topk"])
+@pytest.mark.parametrize("key", ["float16", "float32", "topk", "int8", "sampled"])
 def test_each_checksum_is_the_crc32_of_the_chunk_file_as_written(intact, key):
     store = intact[key]
     group = zarr.open_group(str(store), mode="r")
@@ -254,7 +260,9 @@ def real_caches(synthetic_teacher, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real")
     return {"float16": cache(teacher, manifest, root / "f16.zarr", views=1),
             "float32": cache(teacher, manifest, root / "f32.zarr", views=1, dtype="float32"),
-            "topk": cache(teacher, manifest, root / "top.zarr", views=1, storage="topk", k=2)}
+            "topk": cache(teacher, manifest, root / "top.zarr", views=1, storage="topk", k=2),
+            "int8": cache(teacher, manifest, root / "i8.zarr", views=1, dtype="int8"),
+            "sampled": cache(teacher, manifest, root / "smp.zarr", views=1, storage="sampled", k=2)}
 
 
 @pytest.mark.parametrize("case, extra, name", CASES, ids=IDS)
@@ -266,6 +274,6 @@ def test_distill_stops_with_one_line_on_a_changed_chunk(synthetic_teacher, real_
         result = CliRunner().invoke(cli, [
             "distill", "--method", "kd", "--mentors", str(store), "--manifest", str(manifest), "--student", "mlp",
             "--epochs", "1", "--batch-size", "32", "--cache-mode", mode, "--no-progress", "--device", "cpu",
-            "--out", str(tmp_path / f"{mode}.pt")])
+            "--option", "T=1", "--out", str(tmp_path / f"{mode}.pt")])
         one_error_line(result, str(store), f"field checksum: {name} view 0 block 1: expected crc32")
         assert not (tmp_path / f"{mode}.pt").exists()

@@ -34,8 +34,9 @@ def test_format_version_lives_in_schema_and_readme_example_matches():
     layout = schema.Layout.from_attrs(example)
     assert set(example["storage"]) == set(layout.storage_attrs())
     table = readme.split("## Arrays")[1].split("##")[0]
-    for kind, k in (("dense", None), ("topk", 3)):                 # the table lists every array of the layout
-        for name in schema.Layout(num_samples=10, num_classes=5, num_views=1, kind=kind, k=k).arrays():
+    for kind, k, dtype in (("dense", None, "float16"), ("dense", None, "int8"), ("topk", 3, "float16"),
+                           ("sampled", 3, "float16")):         # the table lists every array of every layout
+        for name in schema.Layout(num_samples=10, num_classes=5, num_views=1, kind=kind, k=k, dtype=dtype).arrays():
             assert f"`{name}`" in table, name
 
 
@@ -204,21 +205,25 @@ def test_topk_store_keeps_exact_targets_and_the_topk_logits(tmp_path):
     np.testing.assert_array_equal(top["topk_values"][:], np.take_along_axis(z, order, axis=2).astype(np.float16))
     zmax = z.max(axis=2)
     np.testing.assert_allclose(top["logsumexp"][:], zmax + np.log(np.exp(z - zmax[..., None]).sum(axis=2)), rtol=1e-6)
-    assert top["topk_index"].dtype == np.uint16
+    assert top["topk_index"].dtype == np.uint8 and top.attrs["storage"]["index_dtype"] == "uint8"   # C = 10
     shutil.copytree(tmp_path / "topk.zarr", tmp_path / "bad.zarr")
     zarr.open_group(str(tmp_path / "bad.zarr"), mode="r+")["logsumexp"][0, :10] -= 1.0
     problems = verify_store(tmp_path / "bad.zarr").problems
     assert any(p.startswith("logsumexp:") for p in problems) and any(p.startswith("p_gt:") for p in problems)
 
 
-@pytest.mark.parametrize("kind, k", [("dense", None), ("topk", 20)])
-def test_plan_agrees_with_bytes_on_disk(tmp_path, kind, k):
-    make_fake_store(tmp_path / "s.zarr", num_samples=20_000, num_classes=100, views=2, kind=kind, k=k,
-                    rows_per_block=None, micro_batch=256)
-    layout = schema.Layout(num_samples=20_000, num_classes=100, num_views=2, kind=kind, k=k)
+@pytest.mark.parametrize("kind, k, dtype, num_classes", [
+    ("dense", None, "float16", 100), ("dense", None, "int8", 100), ("topk", 20, "float16", 100),
+    ("sampled", 20, "float16", 100), ("dense", None, "int8", 1000), ("topk", 9, "float16", 1000),
+    ("sampled", 13, "float16", 1000),
+])
+def test_plan_agrees_with_bytes_on_disk(tmp_path, kind, k, dtype, num_classes):
+    make_fake_store(tmp_path / "s.zarr", num_samples=20_000, num_classes=num_classes, views=2, kind=kind, k=k,
+                    dtype=dtype, rows_per_block=None, micro_batch=256)
+    layout = schema.Layout(num_samples=20_000, num_classes=num_classes, num_views=2, kind=kind, k=k, dtype=dtype)
     planned = schema.plan_bytes(layout)["total"]
     on_disk = store_bytes(tmp_path / "s.zarr")
-    assert abs(planned - on_disk) / on_disk < 0.05, (planned, on_disk)
+    assert abs(planned - on_disk) / on_disk < 0.01, (planned, on_disk)
 
 
 def test_plan_counts_teachers_and_padding():

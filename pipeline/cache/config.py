@@ -29,9 +29,10 @@ class CacheConfig(FromDict):
     views: int = 1                          # V views per sample (view 0 = the evaluation transform)
     views_seed: int = 0                     # seed of the random views
     view_spec: dict[str, Any] | None = None  # a ViewSpec.to_dict(); default: the dataset's views with views_seed
-    dtype: str = "float16"                  # of the stored logits (entropy, p_gt: always exact float32)
-    storage: str = "dense"                  # dense | topk
-    k: int | None = None                    # classes kept with storage topk
+    dtype: str = "float16"                  # of the stored logits: float16 | float32 | int8 (dense only)
+    storage: str = "dense"                  # dense | topk | sampled (entropy, p_gt: always exact float32)
+    k: int | None = None                    # classes kept (topk) or drawn per row (sampled)
+    temperature: float | None = None        # sampled: draws from softmax(z / temperature) (default 1)
     rows_per_block: int | None = None       # default: 4096, fewer for huge C
     micro_batch: int = schema.DEFAULT_MICRO_BATCH
     shard: str | None = None                # "i/n": every n-th block from the i-th (SLURM array jobs)
@@ -58,3 +59,7 @@ class CacheConfig(FromDict):
             raise self.bad("dtype", " or ".join(schema.DTYPES))
         if self.storage not in schema.STORAGE_KINDS:
             raise self.bad("storage", " or ".join(schema.STORAGE_KINDS))
+        if self.temperature is not None and (self.storage != "sampled" or isinstance(self.temperature, bool)
+                                             or not isinstance(self.temperature, (int, float))
+                                             or not self.temperature > 0):
+            raise self.bad("temperature", "a number > 0, with storage sampled only")

@@ -90,11 +90,12 @@ class TeacherFactory:
 class TeacherComputer:
     """The frozen teacher (eval mode, no grad) over the views of one split."""
 
-    def __init__(self, factory: TeacherFactory) -> None:
+    def __init__(self, factory: TeacherFactory, *, datasets: dict[int, Any] | None = None) -> None:
+        """``datasets``: a view -> dataset cache to share with computers of the same split and views."""
         self.factory = factory
         self.manifest = load_manifest(factory.manifest)
         self.spec = ViewSpec.from_dict(json.loads(factory.views))
-        self._datasets: dict[int, Any] = {}
+        self._datasets: dict[int, Any] = {} if datasets is None else datasets
         shape = tuple(self.dataset(0).input_shape)
         model, self.meta = load_teacher(factory.spec, num_classes=self.manifest.num_classes, input_shape=shape)
         if factory.state_sha256 is not None and state_sha256(model) != factory.state_sha256:

@@ -42,6 +42,8 @@ def full(z: torch.Tensor) -> torch.Tensor:
 
 # Options that are temperatures: they must be > 0.
 _POSITIVE = frozenset({"T", "tau"})
+# The targets field a group with a sampled store adds: each store's temperature T_s [K] (0: not sampled).
+SAMPLE_TEMPERATURE = "sample_temperature"
 
 
 class Method:
@@ -57,6 +59,10 @@ class Method:
       choices       option name -> allowed values, for the options that are names
       loss_fn       the public pure function (``pipeline.losses``) whose value the method's "loss"
                     equals; wrap it in ``staticmethod``; ``public_losses`` says how it is called
+      sampled_option  the option that is the temperature of every KD term, for methods whose
+                    teacher logits enter only through ``kd_kl`` at that temperature (then a
+                    sampled store drawn at it gives an unbiased gradient); None: sampled stores
+                    are refused (docs/methods.md, "Storage")
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +73,7 @@ class Method:
     defaults: ClassVar[Mapping[str, Any]] = {}
     choices: ClassVar[Mapping[str, tuple]] = {}
     loss_fn: ClassVar[Callable[..., Any] | None] = None
+    sampled_option: ClassVar[str | None] = None
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))
@@ -74,6 +81,7 @@ class Method:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise UserError(f"method {self.name!r}: unknown option {unknown[0]!r}; known options: {known}")
         self.options = {key: self._check_option(key, options.get(key, default)) for key, default in self.defaults.items()}
+        self._sampled_checked = False
 
     def _check_option(self, key: str, value: Any) -> Any:
         default = self.defaults[key]
@@ -117,7 +125,28 @@ class Method:
             raise ValueError(f"method {self.name!r} takes {self.num_students} student(s), got {len(students)}")
         if self.needs:
             self.check_mentors(targets["logits"].shape[0])
+            if SAMPLE_TEMPERATURE in targets and not self._sampled_checked:
+                self.check_sampled(targets[SAMPLE_TEMPERATURE].tolist())
         return self.compute(list(students), targets, y.long())
+
+    def check_sampled(self, temperatures: Sequence[float]) -> None:
+        """UserError unless every sampled mentor store (temperature > 0) was drawn at this method's
+        KD temperature and the method supports sampled stores; checked once, at the first batch."""
+        for k, t in enumerate(temperatures):
+            if t <= 0:
+                continue
+            if self.sampled_option is None:
+                supported = ", ".join(n for n in METHODS.names() if METHODS.get(n).sampled_option)
+                raise UserError(f"method {self.name!r}: expected dense or top-k mentor stores, found a sampled store "
+                                f"as mentor {k} (its classes estimate a KD term at one temperature without bias, "
+                                f"and {self.name!r} uses the teacher's logits otherwise); methods that read "
+                                f"sampled stores: {supported}")
+            option, want = self.sampled_option, float(self.options[self.sampled_option])
+            if not math.isclose(t, want, rel_tol=1e-6):
+                raise UserError(f"method {self.name!r}: option {option!r} expected {t:g}, the temperature mentor {k}'s "
+                                f"sampled store was drawn at (the estimate is unbiased only there), found {want:g}; "
+                                f"pass --option {option}={t:g}, or recache that store with --temperature {want:g}")
+        self._sampled_checked = True
 
     def compute(self, students: list[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor) -> dict:
         raise NotImplementedError

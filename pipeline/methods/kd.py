@@ -1,8 +1,8 @@
 """Single-teacher distillation: the KD building blocks and the methods nokd, kd, uncertainty.
 
-Formulas: docs/methods.md ("Building blocks"; nokd, kd, uncertainty).
+Formulas: docs/methods.md ("Building blocks"; nokd, kd, uncertainty; "Storage").
 ``kd_kl`` is T² · KL(p^T(z_t) ‖ p^T(z_s)) per sample, batch-averaged by default; the teacher side
-never carries gradient. Losses compute in at least float32 (bf16/fp16 autocast logits are promoted,
+never carries gradient. ``sampled_kd_loss`` is its unbiased estimate from classes drawn from p^T(z_t). Losses compute in at least float32 (bf16/fp16 autocast logits are promoted,
 float64 stays float64, so gradcheck works).
 """
 
@@ -41,6 +41,28 @@ def kd_kl(z_s: Tensor, z_t: Tensor, T: float | Tensor, reduction: str = "batchme
     if reduction == "batchmean":
         return rows.mean()
     raise ValueError(f"kd_kl: reduction must be 'batchmean' or 'none', got {reduction!r}")
+
+
+def sampled_kd_loss(z_s: Tensor, index: Tensor, weight: Tensor, T: float = 1.0, *,
+                    teacher_entropy: Tensor | None = None, reduction: str = "batchmean") -> Tensor:
+    """T² · Σ_j weight_j · (−log p^T(z_s)_{index_j}) per row [, − T² · teacher_entropy].
+
+    ``index`` [B, k]: classes drawn with replacement from the teacher's p^T (a sampled store at
+    temperature T: the distinct classes), ``weight`` [B, k]: their counts / k (0 for padding).
+    The expectation over the draws is T² · CE(p^T(z_t), p^T(z_s)), so the value and its gradient
+    w.r.t. ``z_s`` are unbiased estimates of those of ``kd_kl`` (which differs by the constant
+    T² · H(p^T(z_t))); with ``teacher_entropy`` [B] = H(p^T(z_t)) the value estimates ``kd_kl`` itself.
+    """
+    log_p_s = F.log_softmax(full(z_s) / T, dim=-1)
+    w = full(weight.detach()).to(log_p_s.dtype)
+    rows = -(w * log_p_s.gather(-1, index.long())).sum(-1) * T**2
+    if teacher_entropy is not None:
+        rows = rows - full(teacher_entropy.detach()) * T**2
+    if reduction == "none":
+        return rows
+    if reduction == "batchmean":
+        return rows.mean()
+    raise ValueError(f"sampled_kd_loss: reduction must be 'batchmean' or 'none', got {reduction!r}")
 
 
 def confidence_from_entropy(entropy: Tensor, num_classes: int) -> Tensor:
@@ -131,6 +153,7 @@ class KD(Method):
 
     max_mentors = 1
     defaults = {"T": 4.0, "w_ce": 0.5, "w_kd": 0.5}
+    sampled_option = "T"
     loss_fn = staticmethod(kd_loss)
 
     def compute(self, students, targets, y):
@@ -146,6 +169,7 @@ class Uncertainty(Method):
     needs = frozenset({"logits", "entropy"})
     defaults = {"T": 4.0, "alpha": 0.5, "beta": 0.5}
     loss_fn = staticmethod(uncertainty_kd_loss)
+    sampled_option = "T"
 
     def compute(self, students, targets, y):
         entropy = targets["entropy"][0] if "entropy" in targets else None

@@ -95,6 +95,7 @@ def adaptive_alpha_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, *, 
 class Aver(Method):
     defaults = {"T": 4.0}
     loss_fn = staticmethod(aver_loss)
+    sampled_option = "T"
 
     def compute(self, students, targets, y):
         ce = F.cross_entropy(full(students[0]), y)
@@ -108,6 +109,7 @@ class CAWKD(Method):
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0, "reference_code": False}
     loss_fn = staticmethod(ca_wkd_loss)
+    sampled_option = "T"
 
     def compute(self, students, targets, y):
         parts = ca_wkd_parts(students[0], targets["logits"], y, **self.options, p_gt=targets.get("p_gt"))
@@ -132,6 +134,7 @@ class AdaptiveAlpha(Method):
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0}
     loss_fn = staticmethod(adaptive_alpha_loss)
+    sampled_option = "T"
 
     def compute(self, students, targets, y):
         parts = adaptive_alpha_parts(students[0], targets["logits"], y, **self.options, p_gt=targets.get("p_gt"))

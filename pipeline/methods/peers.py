@@ -74,6 +74,7 @@ class Dual(Method):
     needs = frozenset({"logits", "entropy"})
     defaults = {"T": 4.0, "alpha": DUAL_ALPHA, "beta": DUAL_BETA, "gamma": DUAL_GAMMA}
     loss_fn = staticmethod(dual_student_losses)
+    sampled_option = "T"
 
     def compute(self, students, targets, y):
         entropy = targets["entropy"][0] if "entropy" in targets else None

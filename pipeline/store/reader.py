@@ -22,10 +22,17 @@ Two modes, chosen by ``mode="auto"`` from ``memory_budget_bytes`` (default: a qu
   sampler up to a window ahead of ``targets``; the width is sized for that (``max_lag_batches``).
   Asking for a row outside them is an error, never a slow read.
 
-Top-k stores: ``targets`` rebuilds dense logits: the stored top-k logits, and for every other
-class ``logsumexp + log(tail / (C - k))`` with ``tail`` the mass outside the top k. Softmax at
-T = 1 then gives every top-k class its exact probability and spreads the exact tail mass
-uniformly; entropy and p_gt are always the exact stored values.
+Every kind of store is served as dense float32 logits [K, B, C] (``pipeline.store.codecs``);
+entropy and p_gt are always the exact stored values:
+- int8 stores: ``offset + scale * q``, each logit within ``scale / 2`` of the teacher's.
+- top-k stores: the stored top-k logits, and for every other class ``logsumexp + log(tail / (C - k))``
+  with ``tail`` the mass outside the top k. Softmax at T = 1 then gives every top-k class its
+  exact probability and spreads the exact tail mass uniformly.
+- sampled stores: ``T_s * log(count / k)`` for the drawn classes, a floor whose probability is 0
+  for the others, so that softmax at the store's temperature ``T_s`` is exactly the sampled
+  distribution, and ``kd_kl`` at ``T_s`` is the unbiased estimator of ``pipeline.losses.sampled_kd_loss``.
+  With any sampled store among them, ``targets`` also gives ``sample_temperature`` [K] (``T_s``
+  per store, 0 for the others), which the methods check against their own temperature.
 """
 
 from __future__ import annotations
@@ -44,9 +51,11 @@ import zarr
 
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.codecs import dense_from_samples, dense_from_topk, dequantize_int8
 from pipeline.store.verify import check_complete
 
 FIELDS = ("logits", "entropy", "p_gt")
+SAMPLE_TEMPERATURE = "sample_temperature"     # the extra field of groups with a sampled store
 
 
 def default_memory_budget() -> int:
@@ -57,15 +66,16 @@ def default_memory_budget() -> int:
         return 4 * 2**30
 
 
-def dense_from_topk(values: np.ndarray, index: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dense float32 logits [B, C] from top-k: exact top-k softmax at T = 1, uniform tail (module doc)."""
-    values = values.astype(np.float32)
-    k = values.shape[1]
-    tail = np.clip(1.0 - np.exp(values - lse[:, None]).sum(axis=1), 1e-12, 1.0)
-    fill = lse + np.log(tail / max(num_classes - k, 1)) if num_classes > k else values[:, -1] - 30.0
-    out = np.repeat(fill.astype(np.float32)[:, None], num_classes, axis=1)
-    np.put_along_axis(out, index.astype(np.int64), values, axis=1)
-    return out
+def dense_logits(layout: schema.Layout, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Dense float32 logits [B, C] from the payload arrays of B rows of a store (module docstring)."""
+    c = layout.num_classes
+    if layout.kind == "dense" and layout.dtype == "int8":
+        return dequantize_int8(parts["logits_q"], parts["logits_scale"], parts["logits_offset"])
+    if layout.kind == "dense":
+        return parts["logits"].astype(np.float32)
+    if layout.kind == "topk":
+        return dense_from_topk(parts["topk_values"], parts["topk_index"], parts["logsumexp"], c)
+    return dense_from_samples(parts["sample_index"], parts["sample_count"], c, layout.temperature)
 
 
 class _Buffer:
@@ -76,7 +86,7 @@ class _Buffer:
         k_count, c = len(layouts), layouts[0].num_classes
         self.entropy = np.empty((k_count, rows), np.float32)
         self.p_gt = np.empty((k_count, rows), np.float32)
-        self.all_dense = all(lay.kind == "dense" for lay in layouts)
+        self.all_dense = all(lay.kind == "dense" and lay.dtype != "int8" for lay in layouts)
         # torch views of the same memory: index_select + float() is 3x faster than NumPy's fp16 astype
         self._entropy_t, self._p_gt_t = torch.from_numpy(self.entropy), torch.from_numpy(self.p_gt)
         if self.all_dense:
@@ -84,20 +94,18 @@ class _Buffer:
             self.logits = np.empty((k_count, rows, c), dtype)
             self._logits_t = torch.from_numpy(self.logits)
         else:
-            self.parts = [np.empty((rows, c), lay.dtype) if lay.kind == "dense" else
-                          (np.empty((rows, lay.k), lay.dtype), np.empty((rows, lay.k), schema.index_dtype(c)),
-                           np.empty(rows, np.float32)) for lay in layouts]
+            self.parts = [{name: np.empty((rows,) + chunks[2:], dtype) for name, (_, chunks, dtype)
+                           in lay.arrays().items() if name in lay.payload_arrays()} for lay in layouts]
+        self.temperatures = None if all(lay.kind != "sampled" for lay in layouts) else \
+            torch.tensor([lay.temperature or 0.0 for lay in layouts], dtype=torch.float32)
 
     def views(self, k: int, at: slice) -> dict[str, np.ndarray]:
         """Where store k's arrays go for rows ``at``: writable views into this buffer."""
         out = {"entropy": self.entropy[k, at], "p_gt": self.p_gt[k, at]}
         if self.all_dense:
             out["logits"] = self.logits[k, at]
-        elif self.layouts[k].kind == "dense":
-            out["logits"] = self.parts[k][at]
         else:
-            values, index, lse = self.parts[k]
-            out.update(topk_values=values[at], topk_index=index[at], logsumexp=lse[at])
+            out.update({name: values[at] for name, values in self.parts[k].items()})
         return out
 
     def gather(self, pos: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -107,10 +115,11 @@ class _Buffer:
             if self.all_dense:
                 out["logits"] = self._logits_t.index_select(1, index).float()
             else:
-                c = self.layouts[0].num_classes
                 out["logits"] = torch.from_numpy(np.stack([
-                    part[pos].astype(np.float32) if isinstance(part, np.ndarray) else
-                    dense_from_topk(part[0][pos], part[1][pos], part[2][pos], c) for part in self.parts]))
+                    dense_logits(lay, {name: values[pos] for name, values in part.items()})
+                    for lay, part in zip(self.layouts, self.parts)]))
+            if self.temperatures is not None:
+                out[SAMPLE_TEMPERATURE] = self.temperatures.clone()
         if "entropy" in fields:
             out["entropy"] = self._entropy_t.index_select(1, index)
         if "p_gt" in fields:
@@ -234,9 +243,7 @@ class StoreGroup:
 
     @staticmethod
     def _row_bytes(lay: schema.Layout) -> int:
-        width = lay.num_classes * np.dtype(lay.dtype).itemsize if lay.kind == "dense" else \
-            lay.k * (np.dtype(lay.dtype).itemsize + np.dtype(schema.index_dtype(lay.num_classes)).itemsize) + 4
-        return width + 8                                      # + entropy, p_gt
+        return lay.payload_bytes_per_row() + 8                        # + entropy, p_gt
 
     def _load_memory(self) -> None:
         for view in range(self.num_views):

@@ -20,6 +20,13 @@ with the fill value), kept in the ``checksum`` array [V, num_blocks, A] (A = the
 ``Layout.block_arrays()`` order), one (1, 1, A) chunk per block, written after the block's data
 and before its ``done`` marker. ``sample_id`` and ``label`` (written once, at creation) have a
 CRC-32 of their values in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them.
+
+Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``; how each is encoded: ``codecs``):
+``dense`` logits in float16/float32, or int8 with a per-row float32 scale and offset
+(``--dtype int8``); ``topk`` values, class ids and logsumexp; ``sampled`` class ids and counts of k
+draws from the teacher's softmax at the store's ``temperature``. Class ids take the smallest
+unsigned type that holds C (``index_dtype``); a store records its own in ``storage.index_dtype``
+(a version-2 store from before that key has uint16, int32 above 65535 classes, and reads as it is).
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ FORMAT_VERSION = 2               # 2: chunk checksums (the `checksum` array, att
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
 CHECKSUM_ALGORITHM = "crc32"
 
-DTYPES = ("float16", "float32")
-STORAGE_KINDS = ("dense", "topk")
+DTYPES = ("float16", "float32", "int8")     # int8: dense only (quantized, codecs.quantize_int8)
+STORAGE_KINDS = ("dense", "topk", "sampled")
+INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32")   # int32: version-2 stores of more than 65535 classes
+DEFAULT_TEMPERATURE = 1.0          # of sampled storage: the teacher's own softmax
 DEFAULT_MICRO_BATCH = 256
 DEFAULT_ROWS_PER_BLOCK = 4096
 MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
@@ -60,7 +69,7 @@ PROVENANCE_FIELDS = (
     ("teacher", "checkpoint_sha256"),
     ("views", "count"), ("views", "spec"),
     ("storage", "kind"), ("storage", "k"), ("storage", "dtype"), ("storage", "rows_per_block"),
-    ("storage", "micro_batch"),
+    ("storage", "micro_batch"), ("storage", "temperature"),
 )
 # Fields every store of a group read together must share: (section, key).
 AGREEMENT_FIELDS = (
@@ -77,7 +86,18 @@ def default_rows_per_block(num_classes: int, dtype: str = "float16", micro_batch
 
 
 def index_dtype(num_classes: int) -> str:
+    """The smallest unsigned type that holds every class id 0 .. C - 1."""
+    return "uint8" if num_classes <= 2**8 else "uint16" if num_classes <= 2**16 else "uint32"
+
+
+def legacy_index_dtype(num_classes: int) -> str:
+    """The class-id type of a version-2 store written before ``storage.index_dtype`` was recorded."""
     return "uint16" if num_classes <= 65535 else "int32"
+
+
+def count_dtype(k: int) -> str:
+    """The smallest unsigned type that holds a count of up to k draws."""
+    return index_dtype(k + 1)
 
 
 @dataclass(frozen=True)
@@ -92,24 +112,51 @@ class Layout:
     dtype: str = "float16"
     rows_per_block: int | None = None
     micro_batch: int = DEFAULT_MICRO_BATCH
+    temperature: float | None = None     # sampled: the T of the proposal softmax(z / T) (default 1)
+    index_dtype: str | None = None       # top-k, sampled: default index_dtype(num_classes)
 
     def __post_init__(self) -> None:
         if self.kind not in STORAGE_KINDS:
             raise UserError(f"storage: expected one of {', '.join(STORAGE_KINDS)}, found {self.kind!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, found {self.dtype!r}")
+        if self.dtype == "int8" and self.kind != "dense":
+            raise UserError(f"dtype: expected float16 or float32 with {self.kind} storage (int8 quantizes dense "
+                            "logits only), found 'int8'")
         for name in ("num_samples", "num_classes", "num_views", "micro_batch"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name}: expected a positive integer, found {getattr(self, name)}")
         if self.kind == "topk":
             if self.k is None or not 1 <= int(self.k) <= self.num_classes:
                 raise UserError(f"k: expected 1 <= k <= num_classes ({self.num_classes}) for top-k storage, found {self.k}")
+        elif self.kind == "sampled":
+            if self.k is None or int(self.k) < 1:
+                raise UserError(f"k: expected a positive number of draws per row for sampled storage, found {self.k}")
         elif self.k is not None:
-            raise UserError(f"k: expected only with top-k storage, found k={self.k} with {self.kind!r}")
+            raise UserError(f"k: expected only with top-k or sampled storage, found k={self.k} with {self.kind!r}")
+        self._check_temperature()
+        if self.kind == "dense":
+            object.__setattr__(self, "index_dtype", None)
+        elif self.index_dtype is None:
+            object.__setattr__(self, "index_dtype", index_dtype(self.num_classes))
+        elif self.index_dtype not in INDEX_DTYPES or np.iinfo(self.index_dtype).max < self.num_classes - 1:
+            raise UserError(f"storage.index_dtype: expected one of {', '.join(INDEX_DTYPES)} holding class "
+                            f"{self.num_classes - 1}, found {self.index_dtype!r}")
         if self.rows_per_block is None:
             object.__setattr__(self, "rows_per_block", default_rows_per_block(self.num_classes, self.dtype, self.micro_batch))
         if int(self.rows_per_block) < 1:
             raise UserError(f"rows_per_block: expected a positive integer, found {self.rows_per_block}")
+
+    def _check_temperature(self) -> None:
+        if self.kind != "sampled":
+            if self.temperature is not None:
+                raise UserError(f"temperature: expected only with sampled storage, found {self.temperature} "
+                                f"with {self.kind!r}")
+            return
+        t = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise UserError(f"temperature: expected a number > 0 for sampled storage, found {t!r}")
+        object.__setattr__(self, "temperature", float(t))
 
     @property
     def num_blocks(self) -> int:
@@ -131,12 +178,19 @@ class Layout:
             "sample_id": ((n,), (r,), "int64"),
             "label": ((n,), (r,), "int32"),
         }
-        if self.kind == "dense":
+        if self.kind == "dense" and self.dtype == "int8":
+            out["logits_q"] = ((v, n, c), (1, r, c), "int8")
+            out["logits_scale"] = ((v, n), (1, r), "float32")
+            out["logits_offset"] = ((v, n), (1, r), "float32")
+        elif self.kind == "dense":
             out["logits"] = ((v, n, c), (1, r, c), self.dtype)
-        else:
+        elif self.kind == "topk":
             out["topk_values"] = ((v, n, self.k), (1, r, self.k), self.dtype)
-            out["topk_index"] = ((v, n, self.k), (1, r, self.k), index_dtype(c))
+            out["topk_index"] = ((v, n, self.k), (1, r, self.k), self.index_dtype)
             out["logsumexp"] = ((v, n), (1, r), "float32")
+        else:
+            out["sample_index"] = ((v, n, self.k), (1, r, self.k), self.index_dtype)
+            out["sample_count"] = ((v, n, self.k), (1, r, self.k), count_dtype(self.k))
         out["entropy"] = ((v, n), (1, r), "float32")
         out["p_gt"] = ((v, n), (1, r), "float32")
         out["pred"] = ((v, n), (1, r), "int32")
@@ -146,19 +200,34 @@ class Layout:
 
     def block_arrays(self) -> list[str]:
         """The data arrays a block write fills, in the order of the last axis of ``checksum``."""
-        head = ["logits"] if self.kind == "dense" else ["topk_values", "topk_index", "logsumexp"]
-        return head + ["entropy", "p_gt", "pred"]
+        return self.payload_arrays() + ["entropy", "p_gt", "pred"]
+
+    def payload_arrays(self) -> list[str]:
+        """The arrays that hold the logits (all but the exact entropy, p_gt, pred), in checksum order."""
+        if self.kind == "dense":
+            return ["logits_q", "logits_scale", "logits_offset"] if self.dtype == "int8" else ["logits"]
+        return ["topk_values", "topk_index", "logsumexp"] if self.kind == "topk" else ["sample_index", "sample_count"]
+
+    def payload_bytes_per_row(self) -> int:
+        """Bytes of one (sample, view) in the payload arrays (no padding, no metadata)."""
+        arrays = self.arrays()
+        return sum(int(np.prod(arrays[name][1][2:], dtype=np.int64)) * np.dtype(arrays[name][2]).itemsize
+                   for name in self.payload_arrays())
 
     def storage_attrs(self) -> dict[str, Any]:
         return {"kind": self.kind, "k": self.k, "dtype": self.dtype, "rows_per_block": int(self.rows_per_block),
-                "num_blocks": self.num_blocks, "micro_batch": int(self.micro_batch)}
+                "num_blocks": self.num_blocks, "micro_batch": int(self.micro_batch),
+                "index_dtype": self.index_dtype, "temperature": self.temperature}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
         s, m = attrs["storage"], attrs["manifest"]
-        return cls(num_samples=int(m["num_samples"]), num_classes=int(m["num_classes"]),
+        num_classes = int(m["num_classes"])
+        index = s.get("index_dtype") or (legacy_index_dtype(num_classes) if s["kind"] != "dense" else None)
+        return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
-                   rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)))
+                   rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
+                   temperature=s.get("temperature"), index_dtype=index)
 
 
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
@@ -220,13 +289,12 @@ def checksum_error(store: str | Path, name: str, view: int, block: int, *, expec
 
 
 def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dict[str, Any], layout: Layout,
-                created: str, kdcache_version: str, checksums: dict[str, Any]) -> dict[str, Any]:
+                kdcache_version: str, checksums: dict[str, Any]) -> dict[str, Any]:
     """The group attrs written once when a store is created (status.complete starts false);
-    ``checksums`` is ``ids_checksums(sample_id, label)``."""
+    ``checksums`` is ``ids_checksums(sample_id, label)``. No dates: the same inputs make the same bytes."""
     return {
         "schema": SCHEMA,
         "version": FORMAT_VERSION,
-        "created": created,
         "kdcache_version": kdcache_version,
         "manifest": dict(manifest),
         "teacher": dict(teacher),

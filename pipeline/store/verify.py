@@ -11,7 +11,10 @@ label; NaN/Inf anywhere in the stored values (every block is read once, from its
 index ranges; and a recomputation of entropy, p_gt and pred from a sample of stored logits.
 Stored values were computed from the teacher's float32 logits, and the stored logits are rounded
 to the store dtype, so recomputations are compared within the bound that rounding allows (half
-an ulp per logit, propagated); a top-k store checks the bounds its top-k values and logsumexp imply.
+an ulp per logit, half a quantization step for int8, propagated); a top-k store checks the bounds
+its top-k values and logsumexp imply; a sampled store (whose classes cannot give the exact
+targets back) checks its class ids and counts (ascending distinct classes, counts summing to k)
+and the ranges of entropy, p_gt and pred.
 
 ``check_complete``, the check every reader makes when it opens a store, stays cheap: markers and
 file sizes only (the readers check each chunk's CRC as they read it).
@@ -28,7 +31,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import UserError
-from pipeline.store import schema
+from pipeline.store import codecs, schema
 from pipeline.store.provenance import changed_teachers
 
 _UNIT_ROUNDOFF = {"float16": 2.0**-11, "float32": 2.0**-24}
@@ -98,7 +101,8 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, checksums: bool 
         add(f"attrs: expected a complete storage/manifest/views section, found {err}")
         return report
     report.summary = (f"{lay.num_samples} samples, {lay.num_classes} classes, {lay.num_views} view(s), "
-                      f"{lay.kind}{f' k={lay.k}' if lay.kind == 'topk' else ''} {lay.dtype}, "
+                      f"{lay.kind}{f' k={lay.k}' if lay.k else ''}"
+                      f"{f' T={lay.temperature:g}' if lay.kind == 'sampled' else f' {lay.dtype}'}, "
                       f"{lay.num_blocks} block(s) of {lay.rows_per_block} rows")
     group = zarr.open_group(str(store), mode="r")
     arrays = {}
@@ -183,7 +187,7 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, checksums: bool 
         report.blocks_scanned += 1
         if finite and sample_rows > 0:
             pick = np.sort(rng.choice(stop - start, size=min(per_unit, stop - start), replace=False))
-            check = _check_dense if lay.kind == "dense" else _check_topk
+            check = {"dense": _check_dense, "topk": _check_topk, "sampled": _check_sampled}[lay.kind]
             for problem in check(lay, {k: a[pick] for k, a in block.items()}, label[start:stop][pick]):
                 add(f"{problem} at {where}")
             report.rows_recomputed += len(pick)
@@ -201,9 +205,13 @@ def _bound(z: np.ndarray, dtype: str) -> np.ndarray:
 def _check_dense(lay: schema.Layout, block: dict, labels: np.ndarray) -> list[str]:
     # First-order bounds of how far rounding each logit z_j by delta_j moves the targets:
     # |d log p_y| <= delta_y + sum_j p_j delta_j;  |dH| <= sum_j p_j |log p_j + H| delta_j.
-    z = block["logits"].astype(np.float32)
+    if lay.dtype == "int8":
+        z = codecs.dequantize_int8(block["logits_q"], block["logits_scale"], block["logits_offset"])
+        delta = 0.5 * block["logits_scale"][:, None] + 2 * _bound(z, "float32")
+    else:
+        z = block["logits"].astype(np.float32)
+        delta = _bound(z, lay.dtype)
     got = schema.target_stats(z, labels)
-    delta = _bound(z, lay.dtype)
     rows = np.arange(len(z))
     logp = z - got["logsumexp"][:, None]
     p = np.exp(logp)
@@ -273,4 +281,29 @@ def _check_topk(lay: schema.Layout, block: dict, labels: np.ndarray) -> list[str
     bad = (block["entropy"] < h_lo) | (block["entropy"] > h_hi)
     if bad.any():
         out.append(f"entropy: expected it within the bounds top-k and logsumexp imply, found {int(bad.sum())} rows outside")
+    return out
+
+
+def _check_sampled(lay: schema.Layout, block: dict, labels: np.ndarray) -> list[str]:
+    index = block["sample_index"].astype(np.int64)
+    count = block["sample_count"].astype(np.int64)
+    out = []
+    if index.min() < 0 or index.max() >= lay.num_classes:
+        return [f"sample_index: expected classes in [0, {lay.num_classes}), found [{index.min()}, {index.max()}]"]
+    if (count.sum(axis=1) != lay.k).any():
+        out.append(f"sample_count: expected counts summing to k = {lay.k} per row, found "
+                   f"{int((count.sum(axis=1) != lay.k).sum())} rows that do not")
+    drawn = count > 0
+    if (drawn[:, 1:] & ~drawn[:, :-1]).any() or not drawn[:, 0].all():
+        out.append("sample_count: expected the drawn classes first and count-0 padding after them, found another order")
+    step = np.diff(index, axis=1)
+    if (step < 0).any() or ((step == 0) & drawn[:, 1:]).any():
+        out.append("sample_index: expected distinct classes in ascending order, found repeats or disorder")
+    if not ((block["p_gt"] >= 0) & (block["p_gt"] <= 1 + 1e-6)).all():
+        out.append("p_gt: expected probabilities in [0, 1], found values outside")
+    if not ((block["entropy"] >= -1e-6) & (block["entropy"] <= np.log(lay.num_classes) + 1e-5)).all():
+        out.append(f"entropy: expected values in [0, log {lay.num_classes}], found values outside")
+    pred = block["pred"].astype(np.int64)
+    if pred.min() < 0 or pred.max() >= lay.num_classes:
+        out.append(f"pred: expected classes in [0, {lay.num_classes}), found [{pred.min()}, {pred.max()}]")
     return out

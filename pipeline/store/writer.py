@@ -18,11 +18,13 @@ business (``pipeline.cache``); this module only writes the format. The rules:
   only the blocks without a marker; a block's batches are fixed by the layout, so the bytes do
   not depend on who computed it or when.
 - ``finalize`` sets ``status.complete`` only after every marker and every chunk is checked.
+- Sampled storage draws a block's classes from a generator seeded by the store's seed (the
+  attrs ``views.seed``), the view and the block (``codecs.sample_rng``): its bytes, too, depend
+  only on the block's logits.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 import uuid
@@ -35,7 +37,7 @@ import zarr
 
 from pipeline import __version__, faults
 from pipeline.errors import UserError
-from pipeline.store import schema
+from pipeline.store import codecs, schema
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,6 @@ class CacheResult:
     stats: dict[str, Any] | None = field(default=None)
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_id: np.ndarray,
             label: np.ndarray) -> None:
     group = zarr.create_group(str(path), attributes=attrs, overwrite=True)
@@ -78,7 +76,7 @@ def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.La
     """Create the store (atomically) or check that the existing one has this provenance; return its attrs."""
     out = Path(out)
     wanted = schema.build_attrs(manifest=provenance.manifest, teacher=provenance.teacher, views=provenance.views,
-                                layout=layout, created=_now(), kdcache_version=__version__,
+                                layout=layout, kdcache_version=__version__,
                                 checksums=schema.ids_checksums(sample_id, label))
     if len(sample_id) != layout.num_samples or len(label) != layout.num_samples:
         raise UserError(f"{out}: field manifest.num_samples: expected {layout.num_samples} sample ids and labels, "
@@ -128,12 +126,7 @@ class BlockWriter:
             raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
                             f"({int((~np.isfinite(logits)).sum())} values); no marker written")
         stats = schema.target_stats(logits, self.labels[start:stop])
-        if lay.kind == "dense":
-            stored = {"logits": self._cast(logits, where)}
-        else:
-            values, index = schema.topk(logits, lay.k)
-            stored = {"topk_values": self._cast(values, where), "topk_index": index.astype(schema.index_dtype(lay.num_classes)),
-                      "logsumexp": stats["logsumexp"]}
+        stored = self._payload(view, block, logits, stats, where)
         stored.update(entropy=stats["entropy"], p_gt=stats["p_gt"], pred=stats["pred"])
         crcs = np.empty(len(lay.block_arrays()), np.uint32)
         for i, name in enumerate(lay.block_arrays()):
@@ -144,6 +137,24 @@ class BlockWriter:
         self.arrays[schema.CHECKSUM][view, block] = crcs
         faults.point("marker")
         self.arrays["done"][view, block] = True       # only after every array of the block is written
+
+    def _payload(self, view: int, block: int, logits: np.ndarray, stats: dict[str, np.ndarray],
+                 where: str) -> dict[str, np.ndarray]:
+        """The logit arrays of the store's kind (``pipeline.store.codecs``) for one block."""
+        lay = self.layout
+        if lay.kind == "dense" and lay.dtype == "int8":
+            q, scale, offset = codecs.quantize_int8(logits)
+            return {"logits_q": q, "logits_scale": scale, "logits_offset": offset}
+        if lay.kind == "dense":
+            return {"logits": self._cast(logits, where)}
+        if lay.kind == "topk":
+            values, index = schema.topk(logits, lay.k)
+            return {"topk_values": self._cast(values, where), "topk_index": index.astype(lay.index_dtype),
+                    "logsumexp": stats["logsumexp"]}
+        rng = codecs.sample_rng(self.attrs["views"].get("seed", 0), view, block)
+        index, count = codecs.draw_samples(logits, k=lay.k, temperature=lay.temperature, rng=rng,
+                                           index_dtype=lay.index_dtype, count_dtype=schema.count_dtype(lay.k))
+        return {"sample_index": index, "sample_count": count}
 
     def _cast(self, values: np.ndarray, where: str) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -205,5 +216,5 @@ def finalize(store: str | Path) -> CacheResult:
     stats["per_view"] = per_view
     remove_partial_files(store)
     faults.point("finalize")
-    writer.group.attrs["status"] = {"complete": True, "finalized": _now(), "stats": stats}
+    writer.group.attrs["status"] = {"complete": True, "stats": stats}
     return CacheResult(store, 0, 0, True, stats)
