@@ -14,14 +14,16 @@ fields of ``TeacherConfig``, ``DistillConfig`` and ``CacheConfig``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
+from typing import Iterator
 
 import click
 
 from pipeline import __version__
-from pipeline.cache import CacheConfig, cache_teacher
+from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, classroom_configs
 from pipeline.cli_options import (
     Greedy,
     GreedyCommand,
@@ -56,6 +58,7 @@ from pipeline.train import (
     student_paths,
     train_teacher,
 )
+from pipeline.train.loop import TrainingWarning
 from pipeline.train.student import CACHE_MODES
 
 
@@ -132,7 +135,10 @@ def manifest_group() -> None:
 @click.option("--dim", type=int, default=None, help="synthetic: input dimension d (default 30).")
 @click.option("--num-classes", type=int, default=None, help="synthetic: number of classes K (default 3).")
 @click.option("--sigma2", type=float, default=None, help="synthetic: noise variance (default 6).")
-def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed: int, **options) -> None:
+@click.option("--subset", "subset", multiple=True, metavar="SPLIT=N", default=(),
+              help="Keep a random N rows of SPLIT (chosen by --seed), e.g. train=10000. Repeatable.")
+def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed: int, subset: tuple[str, ...],
+                   **options) -> None:
     """Scan a dataset root and write its manifest (atomically).
 
     \b
@@ -147,10 +153,12 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
     Examples:
       kdcache manifest build --dataset synthetic --root data/synthetic --out data_manifests/synthetic.parquet
       kdcache manifest build --dataset fashion-mnist --root /usr/share/datasets/fashion-mnist --out data_manifests/fashion.parquet
+      kdcache manifest build --dataset fashion-mnist --root /usr/share/datasets/fashion-mnist --subset train=10000 --out data_manifests/fashion10k.parquet
       kdcache manifest build --dataset imagefolder --root data/imagenet --classes data_manifests/imagenet100.txt --out data_manifests/imagenet100.parquet
     """
     given = {k: v for k, v in options.items() if v is not None}
-    m = build_manifest(dataset, root, out, classes=classes, seed=seed, progress=True, **given)
+    rows = parse_options(subset, flag="--subset")
+    m = build_manifest(dataset, root, out, classes=classes, seed=seed, subset=rows, progress=True, **given)
     sizes = ", ".join(f"{k} {v}" for k, v in m.split_sizes().items())
     click.echo(f"wrote {out}: {m.dataset}, {m.num_classes} classes, {sizes}; sha256 {m.sha256}")
 
@@ -206,12 +214,13 @@ def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
       kdcache train-teacher ... --weights models/r56.pt --lr 0.01 --epochs 20 --out models/r56_ft.pt   # fine-tune
       kdcache train-teacher ... --out models/r56.pt --resume models/r56.pt      # after an interruption
     """
-    metrics = train_teacher(TeacherConfig(arch_options=parse_options(arch_options, flag="--arch-option"), **options))
+    with training_warning_last():
+        metrics = train_teacher(TeacherConfig(arch_options=parse_options(arch_options, flag="--arch-option"), **options))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     shown = {k: v for k, v in metrics.items() if k.startswith(("train_", "val_"))}
-    click.echo(f"wrote {options['out']} ({metrics.get('epoch', 0)} epochs): "
-               + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+    _wrote(f"wrote {options['out']} ({metrics.get('epoch', 0)} epochs): "
+           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), metrics)
 
 
 @cli.command("evaluate")
@@ -255,22 +264,32 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
 
 
 # --- cache / verify / plan -------------------------------------------------
-@cli.command("cache")
-@click.option("--teacher", required=True,
+@cli.command("cache", cls=GreedyCommand)
+@click.option("--teacher", cls=Greedy, required=True,
               help="A kdcache checkpoint; an arch name with --weights (kdcache's, any torchvision classification "
-                   "model, timm:NAME); or module:function of your code returning an nn.Module.")
+                   "model, timm:NAME); or module:function of your code returning an nn.Module. Several (the flag "
+                   "repeated, or several after it): all cached in one pass over the views.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=config_default(CacheConfig, "weights"),
-              help="Weights of an arch or module:function teacher: a state_dict file (read as data only).")
+              help="Weights of an arch or module:function teacher: a state_dict file (read as data only); "
+                   "one teacher only (several with weights: pipeline.cache.cache_teachers).")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True,
               help="Number of views V (view 0 = eval transform).")
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Store to write (a .zarr directory).")
+@click.option("--out", cls=Greedy, type=click.Path(path_type=str),
+              help="Store to write (a .zarr directory): one per --teacher, in order.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Instead of --out: write each teacher's store as DIR/<teacher file stem>.zarr.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True,
-              help="Dtype of the stored logits (entropy, p_gt are always exact float32).")
+              help="Dtype of the stored logits; int8: dense logits quantized per row (entropy, p_gt are always "
+                   "exact float32).")
 @click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True,
-              help="dense logits [V,N,C], or top-k values/indices + logsumexp.")
-@click.option("--k", type=int, default=config_default(CacheConfig, "k"), help="Classes kept per sample with --storage topk.")
+              help="dense logits [V,N,C]; top-k values/indices + logsumexp; sampled: class ids and counts of k draws "
+                   "from the teacher's softmax (an unbiased KD estimate at --temperature).")
+@click.option("--k", type=int, default=config_default(CacheConfig, "k"),
+              help="Classes kept per sample (--storage topk) or drawn per sample (--storage sampled).")
+@click.option("--temperature", type=float, default=config_default(CacheConfig, "temperature"),
+              help="--storage sampled: draw from softmax(logits / T); distill with the same T (default 1).")
 @click.option("--rows-per-block", type=int, default=config_default(CacheConfig, "rows_per_block"),
               help="Rows per block (= chunk, the unit of work and resume); default 4096, less for huge C.")
 @click.option("--micro-batch", type=int, default=config_default(CacheConfig, "micro_batch"), show_default=True,
@@ -294,34 +313,40 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="Seed of the random views.")
 @click.option("--view-seed", "views_seed", type=int, default=config_default(CacheConfig, "views_seed"), hidden=True)
 @click.option("--name", default=config_default(CacheConfig, "name"),
-              help="Teacher name recorded in the store (default: checkpoint file stem).")
+              help="Teacher name recorded in the store (default: checkpoint file stem); one teacher only.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
-def cache_command(teacher: str, manifest: str, split: str, views: int, out: str, storage: str, k: int | None,
-                  **options) -> None:
-    """Run a frozen teacher over every sample and view of a split; write its targets to a Zarr store.
+def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: str | None,
+                  name: str | None, **options) -> None:
+    """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
-    Resumable: rerun the same command after an interruption and only missing blocks are
+    Several teachers are cached in one pass: each view of each image is decoded and augmented
+    once. Resumable: rerun the same command after an interruption and only missing blocks are
     computed. Reopening a store with another teacher, manifest, views or storage is refused.
 
     \b
     Examples:
       kdcache cache --teacher models/ce.pt --manifest data_manifests/synthetic.parquet --split train --views 2 --out caches/train/ce.zarr
+      kdcache cache --teacher models/ce.pt models/mse.pt --out-dir caches/train ...   # caches/train/ce.zarr, mse.zarr
+      kdcache cache --teacher a.pt --teacher b.pt --out caches/a.zarr --out caches/b.zarr ...
       kdcache cache --teacher resnet18 --weights weights/r18.pt ...      # an arch name + a state_dict
       kdcache cache --teacher my_models:build_teacher ...                # your code (--weights optional)
       kdcache cache ... --storage topk --k 20
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    result = cache_teacher(CacheConfig(teacher=teacher, manifest=manifest, split=split, views=views, out=out,
-                                       storage=storage, k=k, **options))
-    if result.complete:
-        stats = result.stats or {}
-        click.echo(f"{out}: complete ({result.computed} blocks computed by this run); accuracy {stats.get('accuracy')}, "
-                   f"mean entropy {stats.get('mean_entropy')}, mean p_gt {stats.get('mean_p_gt')}")
-    else:
-        click.echo(f"{out}: {result.computed} blocks computed by this run, {result.missing} still missing "
-                   "(other shards); the last job to finish marks the store complete")
+    configs = classroom_configs(teacher, out=out, out_dir=out_dir, weights=(weights,) if weights else (),
+                                names=(name,) if name else (), **options)
+    results = [cache_teacher(configs[0])] if len(configs) == 1 else cache_teachers(configs)
+    for cfg, result in zip(configs, results):
+        if result.complete:
+            stats = result.stats or {}
+            click.echo(f"{cfg.out}: complete ({result.computed} blocks computed by this run); accuracy "
+                       f"{stats.get('accuracy')}, mean entropy {stats.get('mean_entropy')}, mean p_gt "
+                       f"{stats.get('mean_p_gt')}")
+        else:
+            click.echo(f"{cfg.out}: {result.computed} blocks computed by this run, {result.missing} still missing "
+                       "(other shards); the last job to finish marks the store complete")
 
 
 @cli.command("verify")
@@ -360,7 +385,7 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -
 @click.option("--teachers", type=int, default=1, show_default=True, help="Number of stores (teachers).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True)
 @click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True)
-@click.option("--k", type=int, default=None, help="Classes kept with --storage topk.")
+@click.option("--k", type=int, default=None, help="Classes kept (--storage topk) or drawn (--storage sampled).")
 @click.option("--rows-per-block", type=int, default=None, help="As for `kdcache cache` (default 4096).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
                  teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None) -> None:
@@ -370,6 +395,8 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
     Examples:
       kdcache plan --num-samples 1281167 --num-classes 1000 --views 4 --teachers 3
       kdcache plan --manifest data_manifests/imagenet100.parquet --split train --storage topk --k 20
+      kdcache plan --num-samples 1281167 --num-classes 1000 --dtype int8
+      kdcache plan --num-samples 1281167 --num-classes 1000 --storage sampled --k 12
     """
     if manifest:
         m = load_manifest(manifest)
@@ -380,10 +407,14 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
     layout = Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=storage, k=k,
                     dtype=dtype, rows_per_block=rows_per_block)
     sizes = plan_bytes(layout, teachers=teachers)
+    on_disk = sum(sizes[name] for name in layout.payload_arrays()) / (teachers * num_samples * views)
     click.echo(f"{teachers} store(s): N={num_samples} C={num_classes} V={views} {storage}"
-               f"{f' k={k}' if storage == 'topk' else ''} {dtype}, {layout.num_blocks} blocks of {layout.rows_per_block} rows")
+               f"{f' k={k}' if k else ''}{'' if storage == 'sampled' else ' ' + dtype}, "
+               f"{layout.num_blocks} blocks of {layout.rows_per_block} rows")
     for name, nbytes in sizes.items():
-        click.echo(f"  {name:<12} {human_bytes(nbytes):>12}  ({nbytes} bytes)")
+        click.echo(f"  {name:<14} {human_bytes(nbytes):>12}  ({nbytes} bytes)")
+    click.echo(f"  logit payload: {layout.payload_bytes_per_row():.1f} bytes per sample-view "
+               f"({', '.join(layout.payload_arrays())}; {on_disk:.1f} on disk with the padded last block)")
 
 
 # --- distill ---------------------------------------------------------------
@@ -456,13 +487,29 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
                            student_options=parse_options(student_options, flag="--student-option"),
                            student_b_options=parse_options(student_b_options, flag="--student-b-option"),
                            **options)
-    metrics = distill(config)
+    with training_warning_last():
+        metrics = distill(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     shown = {k: v for k, v in metrics.items() if k == "train_loss" or k.startswith(("train_top1", "val_top1"))}
     paths = " and ".join(str(p) for p in student_paths(config.out, 2 if config.student_b else 1))
-    click.echo(f"wrote {paths} ({metrics.get('epoch', 0)} epochs): "
-               + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+    _wrote(f"wrote {paths} ({metrics.get('epoch', 0)} epochs): "
+           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), metrics)
+
+
+@contextlib.contextmanager
+def training_warning_last() -> Iterator[None]:
+    """Hold back ``TrainingWarning`` (a run that did not learn): the command prints it as its last line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        yield
+
+
+def _wrote(line: str, metrics: dict) -> None:
+    """The run's last line: what it wrote, or, when it did not learn, that warning after it."""
+    click.echo(line)
+    if metrics.get("warning"):
+        click.echo(f"warning: {metrics['warning']}", err=True)
 
 
 # --- inspect ---------------------------------------------------------------

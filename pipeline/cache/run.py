@@ -1,18 +1,26 @@
 """Who computes which blocks: this process (with a progress bar), a shard of an array job, or a
-dask.distributed cluster; then the store is finalized by whoever finds every marker set.
+dask.distributed cluster; then each store is finalized by whoever finds its every marker set.
 
     kdcache cache ... --shard 3/8                 # SLURM array job: every 8th block, from the 4th
     kdcache cache ... --local-workers 4           # a LocalCluster of 4 processes on this machine
     kdcache cache ... --scheduler tcp://host:8786 # an existing cluster (start workers with --nthreads 1)
 
-Two jobs given the same blocks (the same --shard twice, two reruns at once) split them: a job
-claims each block before computing it and skips blocks another live job holds, coming back to
-them once at the end (``pipeline.cache.claims``). A dead job's claims are taken over.
+    write_cache(out, factory=..., provenance=..., layout=..., sample_id=ids, label=labels)   # one store
+    write_caches([StoreTarget(out_a, ...), StoreTarget(out_b, ...)], factory=classroom)     # one pass, several
 
-With --scheduler the workers must see the store, the checkpoint and the manifest under the same
-absolute paths (a shared filesystem). One dask task per (view, block). A worker builds the teacher once (the first task it runs) and
-keeps it, with the store handles, for the next tasks; it writes its own blocks, so no logits
-travel back to the client. Metadata is created by the client before any task is submitted.
+Several stores of one layout (teachers of a classroom) are written in one pass: a (view, block)
+unit is the same rows in every store, so it is computed once for all the stores that miss it
+(the images decoded once, ``pipeline.cache.classroom``) and written into each of them.
+
+Two jobs given the same blocks (the same --shard twice, two reruns at once) split them: a job
+claims each block of each store before computing it and skips blocks another live job holds,
+coming back to them once at the end (``pipeline.cache.claims``). A dead job's claims are taken over.
+
+With --scheduler the workers must see the stores, the checkpoints and the manifest under the same
+absolute paths (a shared filesystem). One dask task per (view, block). A worker builds the teachers
+once (the first task it runs) and keeps them, with the store handles, for the next tasks; it writes
+its own blocks, so no logits travel back to the client. Metadata is created by the client before
+any task is submitted.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -43,128 +52,195 @@ _WORKER_STATE: dict[Any, tuple[Any, Any, Any]] = {}
 _WORKER_LOCK = threading.Lock()
 
 
-def _progress(writer_layout: schema.Layout, units: list[tuple[int, int]], progress: bool, desc: str) -> tqdm:
-    rows = sum(b - a for a, b in (writer_layout.block_rows(block) for _, block in units))
+class PassComputer(Protocol):
+    def __call__(self, view: int, start: int, stop: int, members: Sequence[int]) -> list[np.ndarray]:
+        """float32 logits [stop - start, num_classes] of rows [start, stop) in view ``view``, one
+        array per store in ``members`` (indices into the pass's stores)."""
+
+
+class PassFactory(Protocol):
+    def build(self) -> PassComputer:
+        """Build the computer (load the teachers); called once per process or dask worker."""
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """One store of a pass: where it goes and what it is created with (``open_or_create``)."""
+
+    out: Path
+    provenance: Provenance
+    layout: schema.Layout
+    sample_id: np.ndarray
+    label: np.ndarray
+
+
+@dataclass(frozen=True)
+class OneStore:
+    """A single store's block-computer factory as the factory of a one-store pass."""
+
+    factory: ComputerFactory
+
+    def build(self) -> "_OneStoreComputer":
+        return _OneStoreComputer(self.factory.build())
+
+
+class _OneStoreComputer:
+    def __init__(self, computer: BlockComputer) -> None:
+        self.computer = computer
+
+    def __call__(self, view: int, start: int, stop: int, members: Sequence[int]) -> list[np.ndarray]:
+        return [self.computer(view, start, stop)]
+
+
+def _progress(rows: int, progress: bool, desc: str) -> tqdm:
     # Batch-job logs (no terminal) get a line every 30 s instead of a bar redrawn ten times a second.
     return tqdm(total=rows, unit="rows", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True,
                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+def _todo_rows(writers: Sequence[BlockWriter], units: list[tuple[int, int]]) -> int:
+    """Rows of ``units`` still without a marker, summed over the stores."""
+    rows = 0
+    for writer in writers:
+        done = writer.arrays["done"][:]
+        rows += sum(b - a for a, b in (writer.layout.block_rows(block) for view, block in units
+                                       if not done[view, block]))
+    return rows
+
+
+def _desc(stores: Sequence[Path]) -> str:
+    return f"cache {stores[0].name}" if len(stores) == 1 else f"cache {len(stores)} stores"
 
 
 def _marked(writer: BlockWriter, view: int, block: int) -> bool:
     return bool(writer.arrays["done"][view, block])      # read afresh: another job may have set it
 
 
-def claim_and_compute(writer: BlockWriter, claims: Claims, *, view: int, block: int,
-                      computer: Callable[[], BlockComputer]) -> tuple[str, int]:
-    """Claim (view, block), compute and write it, release the claim; returns (outcome, rows written).
+def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claims], *, view: int, block: int,
+                          computer: Callable[[], PassComputer]) -> list[tuple[str, int]]:
+    """Claim (view, block) in every store, compute it once for the stores whose claim we got, write
+    it into each and release those claims; returns (outcome, rows written) per store.
 
     Outcomes: ``COMPUTED``; ``DONE`` (its marker is set: nothing to do); ``CLAIMED`` (another live
     job holds it, or took it over from us before we wrote: come back later). ``computer()``
-    gives the block computer (built on first use). The marker is read again after the claim
+    gives the pass computer (built on first use). A store's marker is read again after its claim
     is taken: the job that held the claim before may have finished the block meanwhile.
     """
-    if _marked(writer, view, block):
-        return DONE, 0
-    if not claims.acquire(view, block):
-        return CLAIMED, 0
+    outcomes = [(DONE, 0)] * len(writers)
+    held: list[int] = []
     try:
-        if _marked(writer, view, block):
-            claims.release(view, block)
-            return DONE, 0
-        start, stop = writer.layout.block_rows(block)
-        logits = np.asarray(computer()(view, start, stop), dtype=np.float32)
-        if not claims.holds(view, block):      # judged stale and taken over while we computed
-            claims.abandon(view, block)
-            return CLAIMED, 0
-        writer.write(view, block, logits)
+        for s, (writer, claim) in enumerate(zip(writers, claims)):
+            if _marked(writer, view, block):
+                continue
+            if not claim.acquire(view, block):
+                outcomes[s] = (CLAIMED, 0)
+            elif _marked(writer, view, block):
+                claim.release(view, block)
+            else:
+                held.append(s)
+        if not held:
+            return outcomes
+        start, stop = writers[held[0]].layout.block_rows(block)
+        logits = computer()(view, start, stop, tuple(held))
+        for s, values in zip(tuple(held), logits):
+            if not claims[s].holds(view, block):      # judged stale and taken over while we computed
+                held.remove(s)
+                claims[s].abandon(view, block)
+                outcomes[s] = (CLAIMED, 0)
+                continue
+            writers[s].write(view, block, np.asarray(values, dtype=np.float32))
+            held.remove(s)
+            faults.point("block")
+            claims[s].release(view, block)            # only after the marker
+            outcomes[s] = (COMPUTED, stop - start)
     except BaseException:
-        claims.abandon(view, block)            # unmarked: any job may take the block over now
+        for s in held:
+            claims[s].abandon(view, block)            # unmarked: any job may take the block over now
         raise
-    faults.point("block")
-    claims.release(view, block)                # only after the marker
-    return COMPUTED, stop - start
+    return outcomes
 
 
-def run_local(writer: BlockWriter, factory: ComputerFactory, units: list[tuple[int, int]], *,
-              claims: Claims | None = None, progress: bool = True) -> int:
-    """Compute ``units`` in this process, skipping blocks other live jobs hold and coming back to
-    them once at the end (done by then, or taken over when their job died); returns how many
-    were computed here. Blocks still held by a live job are left to it."""
+def claim_and_compute(writer: BlockWriter, claims: Claims, *, view: int, block: int,
+                      computer: Callable[[], BlockComputer]) -> tuple[str, int]:
+    """``claim_and_compute_all`` for one store and its block computer."""
+    return claim_and_compute_all([writer], [claims], view=view, block=block,
+                                 computer=lambda: _OneStoreComputer(computer()))[0]
+
+
+def run_local(writers: Sequence[BlockWriter], factory: PassFactory, units: list[tuple[int, int]], *,
+              claims: Sequence[Claims], progress: bool = True) -> list[int]:
+    """Compute ``units`` of every store in this process, skipping blocks other live jobs hold and
+    coming back to them once at the end (done by then, or taken over when their job died);
+    returns how many blocks of each store were computed here. Blocks still held by a live job
+    are left to it."""
+    computed = [0] * len(writers)
     if not units:
-        return 0
-    own = claims is None
-    claims = claims or Claims(writer.store)
-    built: list[BlockComputer] = []
+        return computed
+    built: list[PassComputer] = []
 
-    def computer() -> BlockComputer:
+    def computer() -> PassComputer:
         if not built:
             built.append(factory.build())
         return built[0]
 
-    computed = 0
-    try:
-        with _progress(writer.layout, units, progress, f"cache {writer.store.name}") as bar:
-            later = []
-            for view, block in units:
-                outcome, rows = claim_and_compute(writer, claims, view=view, block=block, computer=computer)
-                computed += outcome == COMPUTED
-                bar.update(rows)
-                if outcome == CLAIMED:
-                    later.append((view, block))
-            left = 0
-            for view, block in later:
-                outcome, rows = claim_and_compute(writer, claims, view=view, block=block, computer=computer)
-                computed += outcome == COMPUTED
-                left += outcome == CLAIMED
-                bar.update(rows)
-    finally:
-        if own:
-            claims.close()
+    def one(view: int, block: int) -> int:
+        outcomes = claim_and_compute_all(writers, claims, view=view, block=block, computer=computer)
+        for s, (outcome, rows) in enumerate(outcomes):
+            computed[s] += outcome == COMPUTED
+            bar.update(rows)
+        return sum(outcome == CLAIMED for outcome, _ in outcomes)
+
+    with _progress(_todo_rows(writers, units), progress, _desc([w.store for w in writers])) as bar:
+        later = [(view, block) for view, block in units if one(view, block)]
+        left = sum(one(view, block) for view, block in later)
     if left:
-        log.info("%s: %d blocks left to the live jobs that hold them", writer.store, left)
+        log.info("%s: %d blocks left to the live jobs that hold them", ", ".join(str(w.store) for w in writers), left)
     return computed
 
 
-def _dask_unit(store: str, created: str, *, factory: ComputerFactory, job: str, stale_after: float, view: int,
-               block: int) -> tuple[str, int]:
-    """Runs on a worker: claim, compute and write one block with this worker's teacher."""
-    key = (store, created, factory, job, stale_after)
-    with _WORKER_LOCK:  # one block at a time per worker process: one teacher, one set of threads
+def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale_after: float, view: int,
+               block: int) -> list[tuple[str, int]]:
+    """Runs on a worker: claim, compute and write one block of every store with this worker's teachers."""
+    key = (stores, factory, job, stale_after)  # job: one token per run
+    with _WORKER_LOCK:  # one block at a time per worker process: one set of teachers, one set of threads
         if key not in _WORKER_STATE:
             for _, _, old in _WORKER_STATE.values():
-                old.close()
+                for claims in old:
+                    claims.close()
             _WORKER_STATE.clear()
             # The job id names this worker's claims: its pid tells a stale one from a live one.
-            _WORKER_STATE[key] = (BlockWriter(store), [], Claims(store, job=f"{job}-{os.getpid()}",
-                                                               stale_after=stale_after))
-        writer, built, claims = _WORKER_STATE[key]
+            worker_job = f"{job}-{os.getpid()}"
+            _WORKER_STATE[key] = ([BlockWriter(store) for store in stores], [],
+                                  [Claims(store, job=worker_job, stale_after=stale_after) for store in stores])
+        writers, built, claims = _WORKER_STATE[key]
 
-        def computer() -> BlockComputer:
+        def computer() -> PassComputer:
             if not built:
                 built.append(factory.build())
             return built[0]
 
-        return claim_and_compute(writer, claims, view=view, block=block, computer=computer)
+        return claim_and_compute_all(writers, claims, view=view, block=block, computer=computer)
 
 
-def run_dask(store: Path, factory: ComputerFactory, units: list[tuple[int, int]], *, scheduler: str | None = None,
-             local_workers: int | None = None, progress: bool = True,
-             stale_after: float = DEFAULT_STALE_AFTER) -> int:
-    """One task per unit on a dask.distributed cluster, then one more round for the blocks other
-    live jobs held; returns how many were computed by this run.
+def run_dask(stores: Sequence[Path], factory: PassFactory, units: list[tuple[int, int]], *,
+             scheduler: str | None = None, local_workers: int | None = None, progress: bool = True,
+             stale_after: float = DEFAULT_STALE_AFTER) -> list[int]:
+    """One task per unit (all stores) on a dask.distributed cluster, then one more round for the
+    blocks other live jobs held; returns how many blocks of each store this run computed.
 
-    A worker that dies mid-block leaves the block unmarked and its claim stale (its pid is
-    gone), so the task retried elsewhere, or a rerun, takes the claim over and computes it.
+    A worker that dies mid-block leaves the block unmarked and its claims stale (its pid is
+    gone), so the task retried elsewhere, or a rerun, takes the claims over and computes it.
     """
+    computed = [0] * len(stores)
     if not units:
-        return 0
+        return computed
     try:
         from distributed import Client, KilledWorker, LocalCluster, as_completed
     except ImportError:
         raise UserError("--scheduler/--local-workers: expected the 'distributed' package, found it missing "
                         "(pip install distributed)") from None
-    writer = BlockWriter(store)
-    created = str(writer.attrs.get("created"))
+    writers = [BlockWriter(store) for store in stores]
+    names = tuple(str(store) for store in stores)
     cluster = None
     if scheduler:
         try:
@@ -179,12 +255,11 @@ def run_dask(store: Path, factory: ComputerFactory, units: list[tuple[int, int]]
         client = Client(cluster)
     token = uuid.uuid4().hex[:8]
     futures: list = []
-    computed = 0
     try:
-        with _progress(writer.layout, units, progress, f"cache {store.name} (dask)") as bar:
+        with _progress(_todo_rows(writers, units), progress, _desc(stores) + " (dask)") as bar:
             todo = units
             for round_ in range(2):
-                futures = [client.submit(_dask_unit, str(store), created, factory=factory, job=token,
+                futures = [client.submit(_dask_unit, names, factory=factory, job=token,
                                          stale_after=stale_after, view=view, block=block, pure=False,
                                          key=f"kdcache-block-{token}-{round_}-{view}-{block}", retries=0)
                            for view, block in todo]
@@ -192,15 +267,16 @@ def run_dask(store: Path, factory: ComputerFactory, units: list[tuple[int, int]]
                 later = []
                 for fut in as_completed(futures):
                     try:
-                        outcome, rows = fut.result()
+                        outcomes = fut.result()
                     except KilledWorker as err:
                         view, block = unit_of[fut.key]
-                        raise UserError(f"{store}: dask workers died computing view {view} block {block} ({err}); "
-                                        "blocks with markers are kept: rerun the same command to compute the "
-                                        "missing ones") from None
-                    computed += outcome == COMPUTED
-                    bar.update(rows)
-                    if outcome == CLAIMED:
+                        raise UserError(f"{', '.join(names)}: dask workers died computing view {view} block {block} "
+                                        f"({err}); blocks with markers are kept: rerun the same command to compute "
+                                        "the missing ones") from None
+                    for s, (outcome, rows) in enumerate(outcomes):
+                        computed[s] += outcome == COMPUTED
+                        bar.update(rows)
+                    if any(outcome == CLAIMED for outcome, _ in outcomes):
                         later.append(unit_of[fut.key])
                 todo = later
                 if not todo:
@@ -232,18 +308,20 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
     return i, n
 
 
-def write_cache(out: str | Path, *, factory: ComputerFactory, provenance: Provenance, layout: schema.Layout,
-                sample_id: np.ndarray, label: np.ndarray, shard: str | tuple[int, int] | None = None,
-                scheduler: str | None = None, local_workers: int | None = None, overwrite: bool = False,
-                progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER) -> CacheResult:
-    """Create/reopen ``out``, compute this run's missing blocks, finalize when every marker is set.
+def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard: str | tuple[int, int] | None = None,
+                 scheduler: str | None = None, local_workers: int | None = None, overwrite: bool = False,
+                 progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER) -> list[CacheResult]:
+    """Create/reopen every target store, compute this run's missing blocks of all of them in one
+    pass (member ``s`` of ``factory``'s computer computes ``targets[s]``), finalize each store
+    whose markers are all set; one result per target.
 
-    ``shard=(i, n)`` takes every n-th (view, block) unit; ``scheduler``/``local_workers`` run one
-    dask task per block (each worker builds the computer once with ``factory``). Every block is
-    claimed before it is computed (``pipeline.cache.claims``), so jobs given the same blocks
-    (the same shard twice, two reruns at once) split them; a claim whose job died is taken over
-    at once on the same host, and after ``stale_after`` seconds without a heartbeat from
-    another host. Whoever finds the store complete removes the claims folder.
+    The targets share one layout. ``shard=(i, n)`` takes every n-th (view, block) unit;
+    ``scheduler``/``local_workers`` run one dask task per unit (each worker builds the computer
+    once with ``factory``). Every block of every store is claimed before it is computed
+    (``pipeline.cache.claims``), so jobs given the same blocks (the same shard twice, two reruns
+    at once) split them; a claim whose job died is taken over at once on the same host, and
+    after ``stale_after`` seconds without a heartbeat from another host. Whoever finds a store
+    complete removes its claims folder.
     """
     i, n = parse_shard(shard)
     if overwrite and n > 1:
@@ -251,25 +329,45 @@ def write_cache(out: str | Path, *, factory: ComputerFactory, provenance: Proven
                         f"found --shard {i}/{n}; remove the store once before starting the array job")
     if scheduler and local_workers:
         raise UserError("--scheduler/--local-workers: expected one of them, found both")
-    out = Path(out)
-    attrs = open_or_create(out, provenance=provenance, layout=layout, sample_id=sample_id, label=label,
-                           overwrite=overwrite)
-    writer = BlockWriter(out)
-    missing = set(writer.missing())
-    todo = [unit for j, unit in enumerate(layout.units()) if j % n == i and unit in missing]
-    if not todo and attrs["status"].get("complete"):
-        return CacheResult(out, 0, 0, True, attrs["status"].get("stats"))
+    if len({target.layout for target in targets}) != 1:
+        raise ValueError("write_caches: expected one layout for every target store")
+    outs = [Path(target.out) for target in targets]
+    attrs = [open_or_create(out, provenance=t.provenance, layout=t.layout, sample_id=t.sample_id, label=t.label,
+                            overwrite=overwrite) for out, t in zip(outs, targets)]
+    writers = [BlockWriter(out) for out in outs]
+    missing = [set(writer.missing()) for writer in writers]
+    todo = [unit for j, unit in enumerate(targets[0].layout.units()) if j % n == i and any(unit in m for m in missing)]
     if scheduler or local_workers:
-        computed = run_dask(out, factory, todo, scheduler=scheduler, local_workers=local_workers, progress=progress,
+        computed = run_dask(outs, factory, todo, scheduler=scheduler, local_workers=local_workers, progress=progress,
                             stale_after=stale_after)
     else:
-        claims = Claims(out, stale_after=stale_after)
+        job = uuid.uuid4().hex[:12]
+        claims = [Claims(out, job=job, stale_after=stale_after) for out in outs]
         try:
-            computed = run_local(writer, factory, todo, claims=claims, progress=progress)
+            computed = run_local(writers, factory, todo, claims=claims, progress=progress)
         finally:
-            claims.close()
-    result = finalize(out)
-    if result.complete:
-        clear_claims(out)          # every marker is set: what is left are claims of finished or dead jobs
-    result.computed = computed
-    return result
+            for held in claims:
+                held.close()
+    results = []
+    for out, attr, store_missing, count in zip(outs, attrs, missing, computed):
+        if attr["status"].get("complete") and not store_missing.intersection(todo):
+            results.append(CacheResult(out, 0, 0, True, attr["status"].get("stats")))
+            continue
+        result = finalize(out)
+        if result.complete:
+            clear_claims(out)      # every marker is set: what is left are claims of finished or dead jobs
+        result.computed = count
+        results.append(result)
+    return results
+
+
+def write_cache(out: str | Path, *, factory: ComputerFactory, provenance: Provenance, layout: schema.Layout,
+                sample_id: np.ndarray, label: np.ndarray, shard: str | tuple[int, int] | None = None,
+                scheduler: str | None = None, local_workers: int | None = None, overwrite: bool = False,
+                progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER) -> CacheResult:
+    """Create/reopen ``out``, compute this run's missing blocks, finalize when every marker is set
+    (``write_caches`` with one store, whose blocks ``factory``'s computer computes)."""
+    target = StoreTarget(Path(out), provenance, layout, sample_id, label)
+    return write_caches([target], factory=OneStore(factory), shard=shard, scheduler=scheduler,
+                        local_workers=local_workers, overwrite=overwrite, progress=progress,
+                        stale_after=stale_after)[0]
