@@ -1,0 +1,49 @@
+"""The benchmarks in bench/ run in their smallest mode and end with their one summary line.
+
+    .venv/bin/pytest tests/test_bench.py -q
+
+Each benchmark runs as a user runs it (a subprocess, tiny data, one repetition) and must exit 0
+with a last line of ``name=value`` ratios, the names its docs promise. The figures themselves
+are the benchmarks' business (bench/README.md), never asserted here.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO = r"\d+\.\d{3}"
+SMALLEST = {
+    "offline_vs_online.py": (["--dataset", "synthetic", "--train-rows", "256", "--epochs", "1", "--reps", "1"],
+                             ["offline_k6_over_student_only", "online_k6_over_student_only"]),
+    "cache_write.py": (["--dataset", "synthetic", "--train-rows", "256", "--views", "1", "--rows", "4096",
+                        "--classes", "100", "--reps", "1"], ["caching_over_inference", "writer_over_raw_write"]),
+    "stream.py": (["--rows", "16384", "--views", "1", "--classes", "100", "--budget-mb", "1", "--batch-size", "64",
+                   "--workers", "1", "--reps", "1"], ["stream_over_raw_read", "peak_rss_over_budget"]),
+}
+
+
+def run(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], check=False, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("script", sorted(SMALLEST))
+def test_smallest_mode_ends_with_its_summary_line(script: str, tmp_path: Path) -> None:
+    args, names = SMALLEST[script]
+    done = run(script, [*args, "--dir", str(tmp_path / "work")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(" ".join(f"{name}={RATIO}" for name in names), last), done.stdout[-3000:]
+
+
+def test_help_names_the_quick_mode(tmp_path: Path) -> None:
+    for script in sorted(SMALLEST):
+        done = run(script, ["--help"], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "--quick" in done.stdout, script
