@@ -84,8 +84,12 @@ def classroom_loss(
     info = classroom_ranks(z_s, z_m, y, tau=tau, round_ranks=round_ranks, p_gt=p_gt, **options)
     ce_rows = F.cross_entropy(full(z_s), y, reduction="none")
     shape = (-1, 1) if granularity == "batch" else (z_m.shape[0], -1)  # per-mentor values against [K, B] rows
-    kd_rows = kl_rows(z_s, z_m, info["temperature"].reshape(shape))
-    weighted = torch.where(info["active"].reshape(shape), info["rank"].reshape(shape) * kd_rows, 0.0).sum(0)
+    active = info["active"].reshape(shape)
+    # An inactive mentor's term is dropped; its temperature (huge when its rank is ~0, a confidently
+    # wrong mentor) would still make the dropped branch's gradient NaN, so it is computed at T = 1.
+    temperature = torch.where(active, info["temperature"].reshape(shape), 1.0)
+    kd_rows = kl_rows(z_s, z_m, temperature)
+    weighted = torch.where(active, info["rank"].reshape(shape) * kd_rows, 0.0).sum(0)
     loss = (info["alpha"] * ce_rows + beta * weighted).mean()
     if delta:
         loss = loss + delta * (ce_rows.mean() + kd_kl(z_s, z_m[0], 1.0))

@@ -84,6 +84,23 @@ def test_classroom_student_better_than_every_mentor_activates_none():
     assert info["rank"].shape == info["active"].shape == info["temperature"].shape == (3,)
 
 
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_classroom_gradient_stays_finite_with_a_confidently_wrong_mentor(granularity):
+    # a mentor sure of the wrong class has rank ~1e-33 and a temperature ~1e33: inactive, it must
+    # contribute neither to the loss nor (as NaN) to the student's gradient
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (16,))
+    z_s = torch.randn(16, 10, requires_grad=True)
+    good = torch.nn.functional.one_hot(y, 10).float() * 8.0
+    wrong = torch.nn.functional.one_hot((y + 1) % 10, 10).float() * 80.0
+    loss, info = losses.classroom_loss(z_s, torch.stack([good, wrong]), y, granularity=granularity)
+    assert not info["active"][1].any() and info["temperature"][1].min() > 1e20
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z_s.grad).all()
+    alone, _ = losses.classroom_loss(z_s, good[None], y, granularity=granularity)
+    assert torch.isfinite(alone)
+
+
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).min_mentors >= 2])
 def test_public_function_of_a_multi_mentor_method_rejects_too_few_mentors(name):
     # the method checks its mentor count before calling compute; its public function checks it too
