@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run fashion-mnist test bench clean
 
 $(BIN)/kdcache: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ install: $(BIN)/kdcache
 
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@echo; echo "Test-set scores (metrics/evaluate.md; all metrics: .venv/bin/dvc metrics show):"; cat metrics/evaluate.md
+	@echo; cat reports/summary.md; echo "(reports/summary.md; every metric: .venv/bin/dvc metrics show)"
+
+# The Fashion-MNIST experiment: the same dvc.yaml with experiments/fashion-mnist/params.yaml.
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+fashion-mnist: install
+	@test -d $(FASHION_MNIST) || { echo "error: $(FASHION_MNIST) not found (Debian: apt-get install dataset-fashion-mnist)"; exit 2; }
+	cd experiments/fashion-mnist && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/dvc repro
+	@echo; cat experiments/fashion-mnist/reports/summary.md
 
 test: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -29,4 +36,4 @@ bench: install
 	$(BIN)/python bench/reader.py
 
 clean:
-	rm -rf data models caches metrics reports
+	rm -rf data models caches metrics results reports logs

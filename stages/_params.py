@@ -6,20 +6,26 @@
 
 Stages are thin: each reads its section, calls one library function and writes the outputs
 whose paths dvc.yaml passes on its command line. The settings' defaults live in the config
-classes, never here.
+classes, never here. Outputs are reproducible bytes; wall times go to ``--log`` files only
+(not tracked by DVC), so a rerun with the same inputs changes nothing DVC or git sees.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
 
+from pipeline.cli_options import warnings_as_lines
 from pipeline.config import ConfigError, FromDict
 from pipeline.errors import UserError
+from pipeline.files import write_json
 
 PARAMS = "params.yaml"
 
@@ -35,9 +41,10 @@ class Section:
     prefix: str
 
     @classmethod
-    def read(cls, name: str, *keys: str, path: str | Path = PARAMS) -> Section:
+    def read(cls, name: str, *keys: str, path: str | Path = PARAMS, optional: bool = False) -> Section:
         """``params.yaml[name][keys[0]]...``; a missing file or key, or a value that is not a
-        mapping, is a UserError naming it. An empty section (``evaluate:``) means the defaults."""
+        mapping, is a UserError naming it. An empty section (``evaluate:``) means the defaults, and
+        so does a missing one when ``optional``."""
         path = Path(path)
         try:
             params = yaml.safe_load(path.read_text()) or {}
@@ -48,6 +55,9 @@ class Section:
         value: Any = params
         trail: list[str] = []
         for key in (name, *keys):
+            if optional and isinstance(value, dict) and key not in value:
+                value, trail = None, [name, *keys]
+                break
             if not isinstance(value, dict) or key not in value:
                 raise UserError(f"{path}: missing key {'.'.join((*trail, key))!r}")
             value = value[key]
@@ -76,10 +86,40 @@ class Section:
         return cls.from_dict({**self.values, **given}, source=self.source, prefix=self.prefix)
 
 
+# The scores every model's metrics file holds (one small set of keys, so that `dvc metrics show`
+# is a narrow table): ours <- pipeline.train.evaluate's. Students: means over seeds.
+SCORES = {"accuracy": "top1", "nll": "ce", "mse_to_bayes": "bayes_mse"}
+
+
+def scores(evaluated: dict[str, Any]) -> dict[str, float]:
+    """The ``SCORES`` of one ``EvaluateConfig.score`` result (``mse_to_bayes`` only where the data
+    has a known posterior)."""
+    return {ours: round(float(evaluated[theirs]), 6) for ours, theirs in SCORES.items() if theirs in evaluated}
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun): the process that scores models and writes the files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def wall_log(path: str | Path | None, **fields: Any) -> Iterator[dict[str, Any]]:
+    """Write ``{**fields, seconds, finished}`` as JSON to ``path`` when the block ends; the block may add
+    entries to the yielded dict (per-seed times, say)."""
+    began = time.perf_counter()
+    extra: dict[str, Any] = {}
+    yield extra
+    if path and is_main_process():
+        write_json(path, {**fields, **extra, "seconds": round(time.perf_counter() - began, 3),
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
 def run(main: Callable[[], None]) -> None:
-    """Call ``main``; a UserError ends as one line on stderr and exit status 2."""
+    """Call ``main``; a UserError ends as one line on stderr and exit status 2, and each warning
+    (a run that did not learn, say) is one ``warning: ...`` line."""
     try:
-        main()
+        with warnings_as_lines():
+            main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,17 +1,27 @@
-"""DVC stage: distill one student from cached teachers (params.yaml ``students.<name>``).
+"""DVC stage: distill one student from cached teachers, once per seed (params.yaml ``students.<name>``
+over ``student_defaults``), and score every run (section ``evaluate``).
 
-    python stages/distill.py --name kd_ce --manifest data_manifests/synthetic.parquet \
-        --caches caches/train --out models/student_kd_ce.pt --metrics metrics/student_kd_ce.json
+    python stages/distill.py --name kd --manifest data_manifests/synthetic.parquet --caches caches \
+        --out models/students/kd --metrics metrics/students/kd.json --history metrics/students/kd.csv \
+        --results results/students/kd.json --log logs/students/kd.json
 
-Mentors are named by their teacher: ``mentors: [ce]`` reads ``<caches>/ce.zarr``.
+Mentors are named by their teacher: ``mentors: [ce]`` reads ``<caches>/ce.zarr``. ``seeds: [0, 1, 2]``
+trains ``<out>/seed0.pt`` ... (a second student, dual/dml: ``seed0_b.pt``). ``--metrics``: the
+means and spread over seeds of the test scores; ``--history``: the per-epoch means over seeds;
+``--results``: every seed's scores (student B's too); ``--log``: wall times (not tracked by DVC).
 """
 
 import argparse
+import csv
+import statistics
+import time
 from pathlib import Path
 
-from _params import Section, run
+from _params import Section, is_main_process, run, scores, wall_log
 
-from pipeline.train import DistillConfig, distill
+from pipeline.files import write_history, write_json
+from pipeline.train import DistillConfig, EvaluateConfig, distill
+from pipeline.train.student import student_paths
 
 
 def main() -> None:
@@ -19,18 +29,72 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="key under `students` in params.yaml")
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--caches", required=True, help="folder of the teachers' stores, <teacher>.zarr")
-    parser.add_argument("--out", required=True, help="student checkpoint to write")
-    parser.add_argument("--metrics", required=True, help="metrics JSON (a CSV history goes beside it)")
+    parser.add_argument("--out", required=True, help="folder of the student checkpoints, one per seed")
+    parser.add_argument("--metrics", required=True, help="test scores over seeds to write (JSON)")
+    parser.add_argument("--history", required=True, help="per-epoch means over seeds to write (CSV)")
+    parser.add_argument("--results", required=True, help="every seed's scores to write (JSON)")
+    parser.add_argument("--log", help="wall times to write (JSON)")
     args = parser.parse_args()
+    defaults = Section.read("student_defaults", optional=True)
     params = Section.read("students", args.name)
+    params = params.with_values(**{**defaults.values, **params.values})
+    seeds = params.values.pop("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise params.error("seeds", f"expected a non-empty list of seeds >= 0, found {seeds!r}")
     if "mentors" in params.values:         # teacher names -> their stores
         names = params.values["mentors"]
         if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
             raise params.error("mentors", f"expected a list of teacher names, found {names!r}")
         params = params.with_values(mentors=[str(Path(args.caches) / f"{name}.zarr") for name in names])
-    cfg = params.config(DistillConfig, manifest=args.manifest, out=args.out, metrics=args.metrics)
-    metrics = distill(cfg)
-    print(f"student {args.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    evaluate = Section.read("evaluate", optional=True).config(EvaluateConfig)
+    runs, histories = [], []
+    with wall_log(args.log, student=args.name) as log:
+        for seed in seeds:
+            out = Path(args.out) / f"seed{seed}.pt"
+            cfg = params.with_values(seed=seed).config(DistillConfig, manifest=args.manifest, out=str(out),
+                                                       history=str(out.with_suffix(".csv")))
+            began = time.perf_counter()
+            distill(cfg)
+            log.setdefault("seed_seconds", []).append(round(time.perf_counter() - began, 3))
+            if not is_main_process():      # under torchrun: rank 0 scores and writes
+                continue
+            paths = student_paths(cfg.out, 2 if cfg.student_b else 1)
+            run_scores = {"seed": seed, **scores(evaluate.score(paths[0], cfg.manifest))}
+            if len(paths) > 1:
+                run_scores.update({f"{k}_b": v for k, v in scores(evaluate.score(paths[1], cfg.manifest)).items()})
+            runs.append(run_scores)
+            histories.append(_read_history(out.with_suffix(".csv")))
+            print(f"student {args.name} seed {seed} ({evaluate.split}): "
+                  + ", ".join(f"{k} {v}" for k, v in run_scores.items() if k != "seed"))
+    if not is_main_process():
+        return
+    write_json(args.results, {"method": cfg.method, "mentors": list(params.values.get("mentors", [])),
+                              "seeds": runs})
+    write_json(args.metrics, spread(runs, ("accuracy", "nll", "mse_to_bayes")))
+    write_history(args.history, mean_history(histories))
+
+
+def spread(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    """``key`` (the mean over runs) and ``accuracy_std`` (the sample standard deviation; 0 for one run)."""
+    out = {key: round(statistics.fmean(r[key] for r in runs), 6) for key in keys if all(key in r for r in runs)}
+    values = [r["accuracy"] for r in runs]
+    out["accuracy_std"] = round(statistics.stdev(values), 6) if len(values) > 1 else 0.0
+    return out
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per epoch, the mean over seeds of every column all seeds have."""
+    rows = []
+    for epoch_rows in zip(*histories):
+        keys = set.intersection(*(set(r) for r in epoch_rows)) - {"epoch"}
+        rows.append({"epoch": int(epoch_rows[0]["epoch"]),
+                     **{k: round(statistics.fmean(r[k] for r in epoch_rows), 6) for k in sorted(keys)}})
+    return rows
 
 
 if __name__ == "__main__":

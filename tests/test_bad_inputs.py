@@ -356,7 +356,8 @@ def _(w):
 
 # --- params.yaml (the DVC stages) --------------------------------------------------------------------------
 
-_TEACHER_ARGS = ["--name", "ce", "--manifest", "m.parquet", "--out", "t_out.pt", "--metrics", "t.json"]
+_TEACHER_ARGS = ["--name", "ce", "--manifest", "m.parquet", "--out", "t_out.pt", "--metrics", "t.json",
+                 "--history", "t.csv"]
 
 
 @case("params.yaml: a bad value")

@@ -343,7 +343,8 @@ def test_a_teacher_checkpoint_changed_after_caching_is_named_by_distill_inspect_
     for args in (["inspect", str(store)], ["verify", str(store)], distill_args(world, mentors=(str(store),))):
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output      # the store itself is fine
-        warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")
+                  and "it did not learn" not in line]       # a one-epoch student on tiny data may not learn
         assert warned == [f"warning: {lines[0]}"], result.stderr
     teacher.unlink()                                            # gone (the store was moved): nothing to say
     assert changed_teachers(read_attrs(store), store=store) == []

@@ -45,13 +45,15 @@ PARAMS = _load("_params", "stage_params")   # the stages' helper for params.yaml
 
 # The stage's arguments; the paths need not exist, a config mistake stops the stage first.
 ARGS = {
-    "manifest": ["--out", "m.parquet"],
-    "train_teacher": ["--name", "ce", "--manifest", "m.parquet", "--out", "t.pt", "--metrics", "t.json"],
+    "manifest": ["--out", "m.parquet", "--data", "data"],
+    "train_teacher": ["--name", "ce", "--manifest", "m.parquet", "--out", "t.pt", "--metrics", "t.json",
+                      "--history", "t.csv"],
     "cache": ["--teacher", "t.pt", "--manifest", "m.parquet", "--out", "ce.zarr"],
-    "distill": ["--name", "kd_ce", "--manifest", "m.parquet", "--caches", "caches", "--out", "s.pt",
-                "--metrics", "s.json"],
-    "evaluate": ["--manifest", "m.parquet", "--out", "e.json", "--table", "e.md", "t.pt"],
+    "distill": ["--name", "kd_ce", "--manifest", "m.parquet", "--caches", "caches", "--out", "s",
+                "--metrics", "s.json", "--history", "s.csv", "--results", "r.json"],
+    "report": ["--metrics", "metrics", "--results", "results", "--models", "models", "--out", "reports"],
 }
+ARGS["evaluate"] = ARGS["train_teacher"]    # the evaluate section is read by the training stages
 
 # A valid section per stage; each case below spoils one key of it.
 GOOD: dict[str, dict[str, Any]] = {
@@ -67,6 +69,8 @@ GOOD: dict[str, dict[str, Any]] = {
 
 def _params(stage: str, **changes: Any) -> dict[str, Any]:
     """``GOOD[stage]`` with its one section's keys changed (a value ``...`` deletes the key)."""
+    if stage == "evaluate":
+        return {**GOOD["train_teacher"], "evaluate": _changed(GOOD["evaluate"]["evaluate"], changes)}
     (name, section), = GOOD[stage].items()
     if stage in ("train_teacher", "distill"):
         (entry, values), = section.items()
@@ -89,7 +93,8 @@ def stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     def call(name: str, params: dict[str, Any] | str) -> tuple[int, list[str], list[str]]:
         text = params if isinstance(params, str) else yaml.safe_dump(params)
         (tmp_path / "params.yaml").write_text(text)
-        module = _load(name, f"stage_{name}")    # imports `_params` from the stages' folder, as a script does
+        script = "train_teacher" if name == "evaluate" else name
+        module = _load(script, f"stage_{script}")  # imports `_params` from the stages' folder, as a script does
         monkeypatch.setattr(sys, "argv", [f"stages/{name}.py", *ARGS[name]])
         capsys.readouterr()
         try:
@@ -116,7 +121,7 @@ BAD_VALUES = [
     ("train_teacher", {"epochs": 0}, "params.yaml: teachers.ce.epochs: expected an integer >= 1, found 0"),
     ("train_teacher", {"loss": "hinge"}, "params.yaml: teachers.ce.loss: expected one of ce, mse, found 'hinge'"),
     ("cache", {"views": 0}, "params.yaml: cache.views: expected an integer >= 1, found 0"),
-    ("cache", {"dtype": "int8"}, "params.yaml: cache.dtype: expected "),
+    ("cache", {"dtype": "float12"}, "params.yaml: cache.dtype: expected "),
     ("cache", {"k": "all"}, "params.yaml: cache.k: expected an integer or nothing, found 'all'"),
     ("manifest", {"dataset": "nope"}, "params.yaml: data.dataset: expected one of cifar10, cifar100, "
                                       "fashion-mnist, imagefolder, synthetic, found 'nope'"),
@@ -141,7 +146,7 @@ UNKNOWN_KEYS = [
     ("train_teacher", "archh", "params.yaml: teachers.ce: unknown key 'archh' (did you mean 'arch'?); "),
     ("cache", "veiws", "params.yaml: cache: unknown key 'veiws' (did you mean 'views'?); "),
     ("manifest", "sead", "params.yaml: data: unknown key 'sead' (did you mean 'seed'?); "
-                         "expected one of: classes, dataset, options, root, seed"),
+                         "expected one of: classes, dataset, options, root, seed, subset"),
     ("evaluate", "strickt", "params.yaml: evaluate: unknown key 'strickt' (did you mean 'strict'?); "
                             "expected one of: batch_size, device, split, strict, workers"),
 ]

@@ -33,6 +33,7 @@ class DataConfig(FromDict):
     seed: int = 0                                 # of the carved val split (synthetic: of all the data)
     classes: str | tuple[str, ...] | None = None  # a class-list file or names: only those classes, in that order
     options: dict[str, Any] = field(default_factory=dict)  # the reader's own options
+    subset: dict[str, int] = field(default_factory=dict)   # {split: rows}: a random subset of those splits
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or self.dataset not in READERS:
@@ -47,6 +48,10 @@ class DataConfig(FromDict):
             object.__setattr__(self, "classes", tuple(self.classes))
         if not isinstance(self.options, dict):
             raise self.bad("options", "a mapping of option: value")
+        if not (isinstance(self.subset, dict) and all(isinstance(k, str) and isinstance(v, int)
+                                                      and not isinstance(v, bool) and v > 0
+                                                      for k, v in self.subset.items())):
+            raise self.bad("subset", "a mapping of split: number of rows > 0")
         object.__setattr__(self, "options", dict(self.options))
         reader = READERS.create(self.dataset)
         try:

@@ -63,11 +63,15 @@ StepFn = Callable[[Sequence[nn.Module], Batch], Mapping[str, object]]
 
 @dataclass
 class LoopState:
-    """Progress of a run: epochs completed, optimizer steps taken, one metrics row per epoch."""
+    """Progress of a run: epochs completed, optimizer steps taken, one metrics row per epoch.
+
+    ``seconds`` are the wall times of the epochs this process ran: logs only, never in a
+    checkpoint or the history, so a rerun with the same inputs writes the same bytes."""
 
     epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
 
 # --- building blocks -------------------------------------------------------------
@@ -207,9 +211,8 @@ class _Meter:
                         self._add(f"top5{suffix}", topk_correct(z, y, 5).float())
             elif isinstance(value, torch.Tensor) and value.ndim == 0:
                 self._add(name, value.detach().float() * n)
-            elif isinstance(value, torch.Tensor) and value.ndim == 1:
-                for k, v in enumerate(value.detach().float()):
-                    self._add(f"{name}_{k}", v * n)
+            elif isinstance(value, torch.Tensor) and value.ndim == 1:   # per-mentor stats: one vector sum
+                self._add(name, value.detach().float() * n)
             elif isinstance(value, (int, float)):
                 self._add(name, torch.tensor(float(value) * n, device=y.device))
 
@@ -217,10 +220,16 @@ class _Meter:
         if not self.sums:
             return {}
         names = sorted(self.sums)
-        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.sums[names[0]].device)
-        flat = runtime.all_reduce_sum(torch.stack([self.sums[n].reshape(()) for n in names] + [count])).tolist()
-        total = flat[-1]
-        return {f"{prefix}{name}": value / max(total, 1.0) for name, value in zip(names, flat[:-1])}
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sums[names[0]].device)
+        flat = runtime.all_reduce_sum(torch.cat([self.sums[n].reshape(-1) for n in names] + [count])).tolist()
+        total = max(flat[-1], 1.0)
+        out, at = {}, 0
+        for name in names:           # a vector ``name`` becomes ``name_0``, ``name_1``, ...
+            size = self.sums[name].numel()
+            keys = [name] if self.sums[name].ndim == 0 else [f"{name}_{k}" for k in range(size)]
+            out.update({f"{prefix}{key}": value / total for key, value in zip(keys, flat[at:at + size])})
+            at += size
+        return out
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -232,11 +241,35 @@ def _finite(models: Sequence[nn.Module]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def epoch_line(desc: str, row: Mapping[str, float], *, epochs: int) -> str:
+class TrainingWarning(UserWarning):
+    """A run that finished but did not learn (``learning_problem``)."""
+
+
+def learning_problem(history: Sequence[Mapping[str, float]], *, num_classes: int, what: str, hint: str) -> str | None:
+    """Why a finished run looks like it learned nothing, or None: its last accuracy (``val_top1``,
+    else ``train_top1``) is at chance (at most 1.2 / C), or its ``train_loss`` moved by less than
+    1 % from the first epoch to the last (3 epochs or more). ``hint`` names the likely cause."""
+    if not history:
+        return None
+    last = history[-1]
+    key = "val_top1" if "val_top1" in last else "val_top1_0" if "val_top1_0" in last else "train_top1"
+    chance = 1.0 / num_classes
+    if key in last and last[key] <= 1.2 * chance:
+        return (f"{what} ended at chance accuracy ({key} {last[key]:.4f}; chance is {chance:.4f} for "
+                f"{num_classes} classes): it did not learn; {hint}")
+    first_loss, last_loss = history[0].get("train_loss"), last.get("train_loss")
+    if len(history) >= 3 and first_loss is not None and last_loss is not None \
+            and abs(first_loss - last_loss) <= 0.01 * abs(first_loss):
+        return (f"{what}: train_loss did not move over {len(history)} epochs ({first_loss:.4f} -> {last_loss:.4f}): "
+                f"it did not learn; {hint}")
+    return None
+
+
+def epoch_line(desc: str, row: Mapping[str, float], *, epochs: int, seconds: float) -> str:
     """``train 3/20: train_loss 0.4121 train_top1 0.8400 val_top1 0.8012 (1.9 s)``: losses and accuracies."""
     keys = [k for k in row if k.startswith(("train_loss", "train_top1", "val_top1", "val_bayes_mse"))]
     figures = " ".join(f"{k} {row[k]:.4f}" for k in keys)
-    return f"{desc} {row['epoch']}/{epochs}: {figures} ({row.get('time_s', 0.0):.1f} s)"
+    return f"{desc} {row['epoch']}/{epochs}: {figures} ({seconds:.1f} s)"
 
 
 def fit(
@@ -310,11 +343,11 @@ def fit(
             raise UserError(f"training diverged: train_loss is {row['train_loss']} in epoch {epoch + 1}; lower the lr")
         if on_epoch_end is not None:
             row.update(on_epoch_end(epoch, row) or {})
-        row["time_s"] = round(time.perf_counter() - began, 3)
+        state.seconds.append(round(time.perf_counter() - began, 3))
         state.epoch = epoch + 1
         state.history.append(row)
         if progress and runtime.is_main:  # one line per epoch, also in batch-job logs where no bar shows
-            tqdm.write(epoch_line(desc, row, epochs=epochs), file=sys.stderr)
+            tqdm.write(epoch_line(desc, row, epochs=epochs, seconds=state.seconds[-1]), file=sys.stderr)
         if on_checkpoint is not None and runtime.is_main:
             on_checkpoint(state, capture_train_state(state, optimizers, schedulers))
         runtime.barrier()

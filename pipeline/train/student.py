@@ -34,6 +34,7 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -52,7 +53,8 @@ from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
-from pipeline.train.loop import Batch, LoopState, cosine_schedule, fit, restore_train_state, sgd
+from pipeline.train.loop import (Batch, LoopState, TrainingWarning, cosine_schedule, fit, learning_problem,
+                                 restore_train_state, sgd)
 from pipeline.train.targets import CachedTargets, LiveTargets, Targets
 
 CACHE_MODES = ("auto", "memory", "stream")
@@ -278,6 +280,12 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
     if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
         on_checkpoint(state, blob["train_state"])  # a finished run: still leave out and the logs in place
     metrics = ckpt.plain(state.history[-1]) if state.history else {}
+    problem = learning_problem(state.history, num_classes=manifest.num_classes, what=f"distill {cfg.method}",
+                               hint=f"the lr ({cfg.lr}) may not suit the scale of {cfg.method}'s loss (see 'Recommended "
+                                    "settings' in docs/methods.md), or the mentors are at chance (kdcache inspect)")
+    if problem and runtime.is_main:
+        warnings.warn(problem, TrainingWarning, stacklevel=2)
+        metrics["warning"] = problem
     if runtime.is_main and cfg.metrics:
         write_json(cfg.metrics, metrics)
     return metrics

@@ -27,6 +27,7 @@ Choices (documented here once):
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +45,8 @@ from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything, torch_threads
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
-from pipeline.train.loop import LoopState, cosine_schedule, fit, restore_train_state, sgd
+from pipeline.train.loop import (LoopState, TrainingWarning, cosine_schedule, fit, learning_problem,
+                                 restore_train_state, sgd)
 from pipeline.train.sampling import rank_slices, shuffled_batches
 
 
@@ -156,6 +158,11 @@ def _train(cfg: TeacherConfig) -> dict:
     metrics = ckpt.plain(state.history[-1]) if state.history else {}
     if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
         _finished_already(cfg, state.history)
+    problem = learning_problem(state.history, num_classes=manifest.num_classes, what=f"teacher {cfg.arch}/{cfg.loss}",
+                               hint=f"try a smaller lr (this run: {cfg.lr}), or more epochs")
+    if problem and runtime.is_main:
+        warnings.warn(problem, TrainingWarning, stacklevel=2)
+        metrics["warning"] = problem
     if runtime.is_main and cfg.metrics:
         write_json(cfg.metrics, metrics)
     return metrics
