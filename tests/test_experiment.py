@@ -243,3 +243,17 @@ def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Pat
     forced = _dvc(repo, "repro", "--force", "--single-item", "teacher@ce", "cache@ce", "student@kd")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert (repo / "dvc.lock").read_text() == lock              # the same inputs wrote the same bytes
+
+
+@pytest.mark.parametrize("params_file", sorted(str(p.relative_to(REPO)) for p in
+                                               [REPO / "params.yaml", *REPO.glob("experiments/*/params.yaml")]))
+def test_every_student_of_a_params_set_sees_the_views_its_teachers_saw(params_file: str) -> None:
+    # a student without a cache (nokd, dml) gets no views from one: it must ask for the cache's count,
+    # or its baseline trains on unaugmented images while the distilled students train on the views
+    params = yaml.safe_load((REPO / params_file).read_text())
+    views = params["cache"]["views"]
+    defaults = params.get("student_defaults", {})
+    for name, entry in params["students"].items():
+        entry = {**defaults, **entry}
+        if not entry.get("mentors"):
+            assert entry.get("views", 1) == views, (params_file, name)
