@@ -36,6 +36,7 @@ from pipeline.models import create_model
 from pipeline.report import Claim
 from pipeline.train import DistillConfig, EvaluateConfig, TeacherConfig
 from tests.support.data import write_cifar100
+from tests.support.dvc import run_dvc
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {"cifar100": "cifar100", "imagenet100": "imagefolder"}     # folder: dataset
@@ -159,13 +160,6 @@ def _tiny(params: dict[str, Any], *, root: Path, teachers: tuple[str, ...], stud
     return params
 
 
-def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([str(Path(bin_dir) / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
-
-
 def _experiment_repo(tmp_path: Path, name: str, params: dict[str, Any]) -> Path:
     """A git + dvc repository laid out like this one, holding experiments/<name>; its folder."""
     repo = tmp_path / "repo"
@@ -181,13 +175,13 @@ def _experiment_repo(tmp_path: Path, name: str, params: dict[str, Any]) -> Path:
     os.symlink(os.readlink(REPO / "experiments" / name / "dvc.yaml"), folder / "dvc.yaml")
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    assert _dvc(repo, "init", "-q").returncode == 0
+    assert run_dvc(repo, "init", "-q").returncode == 0
     return folder
 
 
 def _repro_report(folder: Path, teachers: tuple[str, ...], students: tuple[str, ...]) -> dict:
     """``dvc repro report`` (manifest, teachers, caches, students, report); the summary it wrote."""
-    run = _dvc(folder, "repro", "report")
+    run = run_dvc(folder, "repro", "report")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for stage in ("manifest", *(f"teacher@{t}" for t in teachers), *(f"cache@{t}" for t in teachers),
                   *(f"student@{s}" for s in students), "report"):
@@ -198,7 +192,7 @@ def _repro_report(folder: Path, teachers: tuple[str, ...], students: tuple[str, 
     for student in summary["students"].values():
         assert student["seeds"] == [0] and {"accuracy_mean", "accuracy_std", "nll_mean"} <= set(student)
     assert "mse_to_bayes" not in summary["teachers"][teachers[0]]          # real data: no known posterior
-    assert _dvc(folder, "status", "--with-deps", "report").stdout.strip() == "Data and pipelines are up to date."
+    assert run_dvc(folder, "status", "--with-deps", "report").stdout.strip() == "Data and pipelines are up to date."
     return summary
 
 

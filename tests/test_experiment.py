@@ -7,7 +7,6 @@ bytes, the report's verdicts, manifest subsets, and the DVC pipeline end to end 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pipeline.manifest import load_manifest
 from pipeline.report import FAILS, HOLDS, WITHIN_NOISE, Claim, check_claim, markdown, summarize, write_report
 from pipeline.train import DistillConfig, TeacherConfig, distill, train_teacher
 from pipeline.train.loop import learning_problem
+
+from tests.support.dvc import run_dvc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,13 +189,6 @@ def _reduced_params() -> dict:
     return params
 
 
-def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([str(Path(bin_dir) / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=900)
-
-
 @pytest.mark.slow
 def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Path) -> None:
     if shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
@@ -207,8 +201,8 @@ def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Pat
     shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
     (repo / "params.yaml").write_text(yaml.safe_dump(_reduced_params(), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    assert _dvc(repo, "init", "-q").returncode == 0
-    first = _dvc(repo, "repro")
+    assert run_dvc(repo, "init", "-q").returncode == 0
+    first = run_dvc(repo, "repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "# Results (test split)" in first.stdout and "The papers' claims, here" in first.stdout
 
@@ -228,7 +222,7 @@ def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Pat
     assert (repo / "models" / "students" / "dual" / "seed1_b.pt").is_file()
     assert json.loads((repo / "logs" / "students" / "kd.json").read_text())["seconds"] > 0
 
-    shown = _dvc(repo, "metrics", "show")
+    shown = run_dvc(repo, "metrics", "show")
     assert shown.returncode == 0, shown.stderr
     header, *rows = [line.split() for line in shown.stdout.strip().splitlines()]
     assert header == ["Path", "accuracy", "accuracy_std", "mse_to_bayes", "nll"]     # one narrow table
@@ -237,10 +231,10 @@ def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Pat
         {f"metrics/students/{n}.json" for n in summary["students"]}
 
     lock = (repo / "dvc.lock").read_text()
-    again = _dvc(repo, "repro")
+    again = run_dvc(repo, "repro")
     assert again.returncode == 0 and "Data and pipelines are up to date." in again.stdout, again.stdout
     assert (repo / "dvc.lock").read_text() == lock
-    forced = _dvc(repo, "repro", "--force", "--single-item", "teacher@ce", "cache@ce", "student@kd")
+    forced = run_dvc(repo, "repro", "--force", "--single-item", "teacher@ce", "cache@ce", "student@kd")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert (repo / "dvc.lock").read_text() == lock              # the same inputs wrote the same bytes
 
