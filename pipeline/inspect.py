@@ -51,7 +51,7 @@ import zarr
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.manifest import load_manifest
-from pipeline.store.provenance import changed_teachers
+from pipeline.store.provenance import changed_teachers, recorded_path
 from pipeline.store.verify import check_complete
 
 
@@ -382,8 +382,8 @@ def _disagreement(pred: np.ndarray, p_gt: np.ndarray) -> dict[str, np.ndarray]:
 def _sources(recorded: dict[str, Any], *, store: str, num_samples: int) -> np.ndarray | None:
     """The manifest's source of each store row, or None (with one warning) when the manifest the
     store recorded is missing or is not the one it was cached from."""
-    path = recorded.get("path")
-    if not path or not Path(path).is_file():
+    path = recorded_path(recorded.get("path"), store)
+    if path is None or not path.is_file():
         warnings.warn(f"{store}: manifest {path} (field manifest.path) not found: column source left null",
                       stacklevel=3)
         return None

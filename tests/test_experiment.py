@@ -251,3 +251,26 @@ def test_every_student_of_a_params_set_sees_the_views_its_teachers_saw(params_fi
         entry = {**defaults, **entry}
         if not entry.get("mentors"):
             assert entry.get("views", 1) == views, (params_file, name)
+
+
+def test_a_checkout_in_another_folder_writes_the_same_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # stores record their manifest and teacher relative to themselves: a fresh clone elsewhere
+    # reproduces the store byte for byte (and dvc.lock stays as committed)
+    first = tmp_path / "a" / "repo"
+    first.mkdir(parents=True)
+    monkeypatch.chdir(first)
+    build_manifest("synthetic", "data/synthetic", "data_manifests/m.parquet", seed=0, num_samples=600)
+    train_teacher(TeacherConfig(manifest="data_manifests/m.parquet", arch="mlp", epochs=1, out="models/t.pt",
+                                progress=False))
+    second = tmp_path / "elsewhere" / "clone"
+    shutil.copytree(first, second)
+    stores = []
+    for repo in (first, second):
+        monkeypatch.chdir(repo)
+        cache_teacher(CacheConfig(teacher="models/t.pt", manifest="data_manifests/m.parquet", out="caches/t.zarr",
+                                  progress=False))
+        stores.append({str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / "caches").rglob("*"))
+                       if p.is_file()})
+    assert stores[0] == stores[1] and any(name.endswith("zarr.json") for name in stores[0])
+    result = CliRunner().invoke(cli, ["inspect", "caches/t.zarr", "--samples", "s.parquet"])   # finds the manifest
+    assert result.exit_code == 0 and "not found" not in result.output, result.output

@@ -82,6 +82,7 @@ from pipeline.files import file_sha256, os_error_text
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.models import TeacherSpec, load_teacher, state_sha256, teacher_spec
 from pipeline.store import schema
+from pipeline.store.provenance import path_for_store
 from pipeline.store.writer import CacheResult, Provenance
 
 __all__ = ["CacheConfig", "cache_teacher", "cache_teachers", "classroom_configs", "parse_shard", "store_paths",
@@ -148,10 +149,11 @@ def _prepare(cfg: CacheConfig, spec: TeacherSpec, meta: dict, manifest_path: Pat
                            kind=cfg.storage, k=cfg.k, dtype=cfg.dtype, rows_per_block=cfg.rows_per_block,
                            micro_batch=cfg.micro_batch, temperature=cfg.temperature)
     provenance = Provenance(
-        manifest={"path": str(manifest_path), "sha256": man.sha256, "split": cfg.split,
+        manifest={"path": path_for_store(manifest_path, cfg.out), "sha256": man.sha256, "split": cfg.split,
                   "num_samples": layout.num_samples, "num_classes": man.num_classes, "dataset": man.dataset},
         teacher={"name": cfg.name or teacher_name(spec), "source": spec.source, "arch": arch,
-                 "checkpoint_sha256": digest, "train_loss": meta.get("loss"), "path": weights_path,
+                 "checkpoint_sha256": digest, "train_loss": meta.get("loss"),
+                 "path": path_for_store(weights_path, cfg.out) if weights_path else None,
                  "manifest_sha256": meta.get("manifest_sha256"),
                  "preprocessing": {"mean": views.params.get("mean"), "std": views.params.get("std"),
                                    "input_shape": list(shape)}},

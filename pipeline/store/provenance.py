@@ -14,10 +14,27 @@ was copied to another machine) says nothing. The checkpoint is hashed in full, o
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.files import file_sha256
+
+
+def path_for_store(path: str | Path, store: str | Path) -> str:
+    """``path`` as a store records it: relative to the store's folder, so that a checkout moved or
+    cloned elsewhere writes the same attrs (the same bytes) and still finds its files."""
+    return os.path.relpath(Path(path).resolve(), Path(store).resolve().parent)
+
+
+def recorded_path(path: str | None, store: str | Path | None) -> Path | None:
+    """A path from a store's attrs as a usable path (relative ones are relative to the store's
+    folder; stores written before recorded absolute paths); None when there is none to use."""
+    if not path:
+        return None
+    if Path(path).is_absolute():
+        return Path(path)
+    return Path(store).resolve().parent / path if store is not None else None
 
 
 def changed_teachers(attrs: dict[str, Any], *, store: str | Path | None = None) -> list[str]:
@@ -25,8 +42,8 @@ def changed_teachers(attrs: dict[str, Any], *, store: str | Path | None = None) 
     checkpoint that exists but whose sha256 is no longer the one recorded; empty when it matches
     or is not there."""
     teacher = attrs.get("teacher") or {}
-    path, recorded = teacher.get("path"), teacher.get("checkpoint_sha256")
-    if not path or not recorded or not Path(path).is_file():
+    path, recorded = recorded_path(teacher.get("path"), store), teacher.get("checkpoint_sha256")
+    if path is None or not recorded or not path.is_file():
         return []
     found = file_sha256(path)
     if found == recorded:
