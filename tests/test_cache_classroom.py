@@ -8,6 +8,7 @@ The synthetic val split (150 rows) in blocks of 32 rows: 5 blocks x 2 views per 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
+from pipeline.store.provenance import recorded_path
 from pipeline.store.verify import verify_store
 from tests.support.cli import one_error_line
 from tests.support.data import write_imagefolder
@@ -41,8 +43,14 @@ ARGS = ["--split", SPLIT, "--views", str(VIEWS), "--rows-per-block", str(RPB), "
 
 
 def all_files(store: Path) -> dict[str, bytes]:
-    """Every file of a store, zarr.json included (it holds no time: equal stores are equal files)."""
-    return {**store_files(store), "zarr.json": (store / "zarr.json").read_bytes()}
+    """Every file of a store, zarr.json included (it holds no time: equal stores are equal files), with the
+    manifest and teacher paths it records (relative to the store's folder) made absolute, so that stores
+    in other folders compare."""
+    meta = json.loads((store / "zarr.json").read_text())
+    for section in ("manifest", "teacher"):
+        recorded = meta["attributes"][section]
+        recorded["path"] = str(recorded_path(recorded["path"], store))
+    return {**store_files(store), "zarr.json": json.dumps(meta, sort_keys=True).encode()}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,9 @@ def test_one_pass_writes_each_store_as_caching_its_teacher_alone(room, tmp_path)
 
 def test_a_pass_computes_only_the_blocks_each_store_misses(room, tmp_path):
     manifest, teachers, alone = room
-    shutil.copytree(alone["teacher"], tmp_path / "teacher.zarr")
+    # cached here, not copied: a store records its teacher and manifest relative to its own folder
+    cache_teacher(CacheConfig(teacher=str(teachers[0]), manifest=str(manifest), out=str(tmp_path / "teacher.zarr"),
+                              **SETTINGS))
     group = zarr.open_group(str(tmp_path / "teacher.zarr"), mode="r+")
     group["done"][1, 3] = False
     group.attrs["status"] = {"complete": False}

@@ -34,7 +34,7 @@ def recorded_path(path: str | None, store: str | Path | None) -> Path | None:
         return None
     if Path(path).is_absolute():
         return Path(path)
-    return Path(store).resolve().parent / path if store is not None else None
+    return (Path(store).resolve().parent / path).resolve() if store is not None else None
 
 
 def changed_teachers(attrs: dict[str, Any], *, store: str | Path | None = None) -> list[str]:
