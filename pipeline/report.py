@@ -222,11 +222,12 @@ def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rows in histories.items():
+    colours = plt.get_cmap("tab10" if len(histories) <= 10 else "tab20").colors    # a colour of its own each
+    for k, (name, rows) in enumerate(histories.items()):
         key = "val_top1" if rows and "val_top1" in rows[0] else "val_top1_0"
         points = [(r["epoch"], 100 * r[key]) for r in rows if key in r]
         if points:
-            ax.plot(*zip(*points), label=name, lw=1)
+            ax.plot(*zip(*points), label=name, lw=1, color=colours[k % len(colours)], ls="-" if k % 2 == 0 else "--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Students per epoch (mean over seeds)")

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +33,7 @@ from pipeline.models import create_model
 from pipeline.report import Claim
 from pipeline.train import DistillConfig, EvaluateConfig, TeacherConfig
 from tests.support.data import write_cifar100
-from tests.support.dvc import run_dvc
+from tests.support.dvc import dvc_repo, run_dvc
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {"cifar100": "cifar100", "imagenet100": "imagefolder"}     # folder: dataset
@@ -160,25 +157,6 @@ def _tiny(params: dict[str, Any], *, root: Path, teachers: tuple[str, ...], stud
     return params
 
 
-def _experiment_repo(tmp_path: Path, name: str, params: dict[str, Any]) -> Path:
-    """A git + dvc repository laid out like this one, holding experiments/<name>; its folder."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for file in ("dvc.yaml", "params.yaml", ".dvcignore"):   # dvc reads every dvc.yaml: the root's needs its params
-        shutil.copy(REPO / file, repo / file)
-    for folder in ("stages", "pipeline"):       # pipeline/: the dependency dvc.yaml names (the code is installed)
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "data_manifests").mkdir()
-    shutil.copy(REPO / "data_manifests" / "imagenet100.txt", repo / "data_manifests" / "imagenet100.txt")
-    folder = repo / "experiments" / name
-    folder.mkdir(parents=True)
-    os.symlink(os.readlink(REPO / "experiments" / name / "dvc.yaml"), folder / "dvc.yaml")
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    assert run_dvc(repo, "init", "-q").returncode == 0
-    return folder
-
-
 def _repro_report(folder: Path, teachers: tuple[str, ...], students: tuple[str, ...]) -> dict:
     """``dvc repro report`` (manifest, teachers, caches, students, report); the summary it wrote."""
     run = run_dvc(folder, "repro", "report")
@@ -201,8 +179,8 @@ def test_cifar100_params_reproduce_on_a_fake_cifar100(tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "experiments" / "cifar100" / "params.yaml").read_text())
     root = write_cifar100(tmp_path / "cifar", n_train=100, n_test=16)
     teachers, students = ("ce", "peer_s"), ("dual", "classroom")
-    folder = _experiment_repo(tmp_path, "cifar100", _tiny(params, root=root, teachers=teachers, students=students,
-                                                          data={}))
+    folder = dvc_repo(tmp_path / "repo", _tiny(params, root=root, teachers=teachers, students=students, data={}),
+                      experiment="cifar100")
     summary = _repro_report(folder, teachers, students)
     assert summary["students"]["classroom"]["mentors"] == ["ce", "peer_s"]
     assert "accuracy_b_mean" in summary["students"]["dual"]
@@ -219,8 +197,8 @@ def test_imagenet100_params_reproduce_on_a_fake_imagenet_folder(tmp_path: Path) 
     teachers, students = ("ce", "peer_s"), ("dual", "classroom")
     # 16 px crops (the file: 224), 32 train and 20 test rows.
     data = {"options": {**params["data"]["options"], "image_size": 16}, "subset": {"train": 32, "test": 20}}
-    folder = _experiment_repo(tmp_path, "imagenet100", _tiny(params, root=root, teachers=teachers, students=students,
-                                                             data=data))
+    folder = dvc_repo(tmp_path / "repo", _tiny(params, root=root, teachers=teachers, students=students, data=data),
+                      experiment="imagenet100")
     summary = _repro_report(folder, teachers, students)
     assert "accuracy_b_mean" in summary["students"]["dual"]
     manifest = load_manifest(folder / "data_manifests" / "imagefolder.parquet")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline.report import FAILS, HOLDS, WITHIN_NOISE, Claim, check_claim, mark
 from pipeline.train import DistillConfig, TeacherConfig, distill, train_teacher
 from pipeline.train.loop import learning_problem
 
-from tests.support.dvc import run_dvc
+from tests.support.dvc import dvc_repo, run_dvc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,15 +192,7 @@ def _reduced_params() -> dict:
 def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Path) -> None:
     if shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("dvc is not installed in this environment (pip install -e .[dev])")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    for folder in ("stages", "pipeline"):       # pipeline/: the dependency dvc.yaml names (the code is installed)
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
-    (repo / "params.yaml").write_text(yaml.safe_dump(_reduced_params(), sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    assert run_dvc(repo, "init", "-q").returncode == 0
+    repo = dvc_repo(tmp_path / "repo", _reduced_params())
     first = run_dvc(repo, "repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "# Results (test split)" in first.stdout and "The papers' claims, here" in first.stdout
