@@ -28,6 +28,7 @@ from pipeline.cli_options import (
     Greedy,
     GreedyCommand,
     ListsNames,
+    Numbers,
     RegistryChoice,
     config_default,
     training_options,
@@ -269,9 +270,9 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="A kdcache checkpoint; an arch name with --weights (kdcache's, any torchvision classification "
                    "model, timm:NAME); or module:function of your code returning an nn.Module. Several (the flag "
                    "repeated, or several after it): all cached in one pass over the views.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=config_default(CacheConfig, "weights"),
-              help="Weights of an arch or module:function teacher: a state_dict file (read as data only); "
-                   "one teacher only (several with weights: pipeline.cache.cache_teachers).")
+@click.option("--weights", cls=Greedy, type=click.Path(dir_okay=False, path_type=str),
+              help="Weights of an arch or module:function teacher: a state_dict or .safetensors file (read as data "
+                   "only). Several teachers: one --weights per --teacher, in the same order.")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True,
@@ -312,12 +313,13 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
 @click.option("--views-seed", type=int, default=config_default(CacheConfig, "views_seed"), show_default=True,
               help="Seed of the random views.")
 @click.option("--view-seed", "views_seed", type=int, default=config_default(CacheConfig, "views_seed"), hidden=True)
-@click.option("--name", default=config_default(CacheConfig, "name"),
-              help="Teacher name recorded in the store (default: checkpoint file stem); one teacher only.")
+@click.option("--name", cls=Greedy,
+              help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
+                   "teachers: one --name per --teacher, in the same order.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
-def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: str | None,
-                  name: str | None, **options) -> None:
+def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: tuple[str, ...],
+                  name: tuple[str, ...], **options) -> None:
     """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
     Several teachers are cached in one pass: each view of each image is decoded and augmented
@@ -331,12 +333,16 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache --teacher a.pt --teacher b.pt --out caches/a.zarr --out caches/b.zarr ...
       kdcache cache --teacher resnet18 --weights weights/r18.pt ...      # an arch name + a state_dict
       kdcache cache --teacher my_models:build_teacher ...                # your code (--weights optional)
+      kdcache cache --teacher resnet18 timm:resnet10t --weights r18.pt r10t.safetensors --name r18 r10t --out-dir caches/train ...
       kdcache cache ... --storage topk --k 20
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    configs = classroom_configs(teacher, out=out, out_dir=out_dir, weights=(weights,) if weights else (),
-                                names=(name,) if name else (), **options)
+    for flag, values in (("--weights", weights), ("--name", name)):
+        if values and len(values) != len(teacher):
+            raise UserError(f"{flag}: expected none or one per teacher ({len(teacher)} teachers), found {len(values)}; "
+                            f"give one {flag} per --teacher, in the same order")
+    configs = classroom_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     results = [cache_teacher(configs[0])] if len(configs) == 1 else cache_teachers(configs)
     for cfg, result in zip(configs, results):
         if result.complete:
@@ -436,9 +442,20 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               help="A method option (repeatable), e.g. T=4, tau=12, round_ranks=2, reference_code=true.")
 @click.option("--online", is_flag=True, default=config_default(DistillConfig, "online"),
               help="Run the --teachers live instead of reading a cache.")
-@click.option("--teachers", cls=Greedy, default=config_default(DistillConfig, "teachers"),
+@click.option("--teachers", cls=Greedy, default=config_default(DistillConfig, "teachers"), metavar="TEACHER",
+              help="With --online: teachers, teacher first (several after one flag, or the flag repeated), each as "
+                   "kdcache cache --teacher takes it: a checkpoint, an arch name or timm:NAME with --teacher-weights, "
+                   "or module:function.")
+@click.option("--teacher-weights", cls=Greedy, default=config_default(DistillConfig, "teacher_weights"),
               type=click.Path(dir_okay=False, path_type=str),
-              help="With --online: teacher checkpoints, teacher first (several after one flag, or the flag repeated).")
+              help="With --online: one weights file per --teachers, in the same order (as kdcache cache --weights).")
+@click.option("--input-size", type=int, default=config_default(DistillConfig, "input_size"),
+              help="Side of the students' input images: the teachers' crops and flips, resized to it (default: the "
+                   "cache's own size; a 224 px teacher's cache, a 160 px student).")
+@click.option("--input-mean", type=Numbers(), default=config_default(DistillConfig, "input_mean"),
+              help="The students' normalization mean per channel, e.g. 0.5,0.5,0.5 (default: the cache's views').")
+@click.option("--input-std", type=Numbers(), default=config_default(DistillConfig, "input_std"),
+              help="The students' normalization std per channel (default: the cache's views').")
 @training_options(DistillConfig)
 @click.option("--views", type=int, default=config_default(DistillConfig, "views"),
               help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
@@ -479,6 +496,9 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
       kdcache distill --method dual --mentors caches/train/r50.zarr --manifest data_manifests/imagenet100.parquet --student resnet18 --student-b mobilenet_v2 --workers 8 --out models/dual.pt
       # online: live teachers, no cache (the same training, for checks or without a cache)
       kdcache distill --method kd --online --teachers models/ce.pt --manifest data_manifests/synthetic.parquet --student mlp --out models/kd_online.pt
+      kdcache distill --method kd --online --teachers resnet18 --teacher-weights r18.pt --manifest data_manifests/imagenet100.parquet --student mobilenet_v2 --out models/kd_r18.pt
+      # a 160 px student from the cache of a 224 px teacher: the same crops, resized
+      kdcache distill --method kd --mentors caches/train/r50.zarr --manifest data_manifests/imagenet100.parquet --student resnet18 --input-size 160 --out models/kd160.pt
       # several GPUs; resume after an interruption
       torchrun --nproc_per_node 4 -m pipeline.cli distill --method kd --mentors caches/train/r56.zarr ... --out models/kd.pt
       kdcache distill ... --out models/kd.pt --resume models/kd.pt

@@ -11,6 +11,7 @@
   completes or prints help (a name registered after import is a choice too).
 - ``ListsNames``: an option whose help lists a registry's names (model archs).
 - ``Greedy`` + ``GreedyCommand``: a ``multiple`` option that also takes several values after one flag.
+- ``Numbers``: a comma-separated list of numbers (``--input-mean 0.485,0.456,0.406``).
 - ``training_options(Config)``: the options of ``TrainConfig``'s shared settings, declared once for
   train-teacher and distill, with ``Config``'s defaults.
 - ``warnings_as_lines``: library warnings as ``warning: <message>`` lines on stderr.
@@ -114,6 +115,19 @@ def expand_greedy(args: Sequence[str], flags: set[str]) -> list[str]:
     return out
 
 
+class Numbers(click.ParamType):
+    """Comma-separated numbers (``0.5,0.5,0.5``) as a tuple of floats."""
+
+    name = "N,N,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected comma-separated numbers, found {value!r}", param, ctx)
+        return numbers
 
 
 @contextlib.contextmanager

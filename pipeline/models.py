@@ -40,7 +40,9 @@ An arch name is kdcache's own (``MODELS``), any torchvision classification model
 the one the weights fit), or ``timm:NAME``; it is built untrained (never a download) with
 ``num_classes`` outputs, then the weights are loaded strictly. ``module:function`` is imported
 from ``sys.path`` or the current folder: the only form that runs code of the user's. Weights
-files are read as data only (``pipeline.checkpoint.load_state_dict``).
+files are read as data only (``pipeline.checkpoint.load_state_dict``: a state_dict, a kdcache
+checkpoint or a ``.safetensors`` file). The same specs are the live teachers of ``kdcache distill
+--online`` (``pipeline.train.targets.LiveTargets``), built by this one ``load_teacher``.
 """
 
 from __future__ import annotations
@@ -146,24 +148,25 @@ class TeacherSpec:
     weights: str | None = None
 
 
-def teacher_spec(teacher: str, weights: str | Path | None = None) -> TeacherSpec:
-    """Read ``--teacher`` (and ``--weights``): which of the three forms it is; a UserError when none."""
+def teacher_spec(teacher: str, weights: str | Path | None = None, *, weights_flag: str = "--weights") -> TeacherSpec:
+    """Read ``--teacher`` (and ``--weights``, named ``weights_flag`` in errors): which of the three
+    forms it is; a UserError when none."""
     text = str(teacher)
     if weights is not None:
         weights = Path(weights)
         if not weights.is_file():
-            raise UserError(f"--weights {weights}: weights file not found")
+            raise UserError(f"{weights_flag} {weights}: weights file not found")
         weights = str(weights.resolve())
     if Path(text).is_file():
         if weights is not None:
-            raise UserError(f"--weights {weights}: expected no --weights with the checkpoint --teacher {text} "
-                            "(it holds its own weights)")
+            raise UserError(f"{weights_flag} {weights}: expected no {weights_flag} with the checkpoint --teacher "
+                            f"{text} (it holds its own weights)")
         return TeacherSpec("checkpoint", str(Path(text).resolve()))
     if text.startswith("timm:"):
         _timm(text)
     if text.startswith(("timm:", "torchvision:")) or text in MODELS.names() or text in torchvision_names():
         if weights is None:
-            raise UserError(f"--teacher {text}: expected --weights FILE with an architecture name (it is built "
+            raise UserError(f"--teacher {text}: expected {weights_flag} FILE with an architecture name (it is built "
                             "untrained)")
         return TeacherSpec("arch", text, weights)
     if _CALLABLE.fullmatch(text):

@@ -9,6 +9,8 @@ Mentors are named by their teacher: ``mentors: [ce]`` reads ``<caches>/ce.zarr``
 trains ``<out>/seed0.pt`` ... (a second student, dual/dml: ``seed0_b.pt``). ``--metrics``: the
 means and spread over seeds of the test scores; ``--history``: the per-epoch means over seeds;
 ``--results``: every seed's scores (student B's too); ``--log``: wall times (not tracked by DVC).
+Every other key is a ``DistillConfig`` field, e.g. ``input_size: 160`` (optional): a student of its own
+resolution, seeing the teachers' crops resized.
 """
 
 import argparse

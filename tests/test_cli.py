@@ -157,7 +157,7 @@ def _field_defaults(config: type) -> dict[str, Any]:
 @pytest.mark.parametrize("path, config, not_fields", [
     (("train-teacher",), TeacherConfig, set()),
     (("distill",), DistillConfig, {"option_pairs"}),
-    (("cache",), CacheConfig, {"out", "out_dir"}),
+    (("cache",), CacheConfig, {"out", "out_dir", "weights", "name"}),
 ])
 def test_option_defaults_are_the_config_defaults(path, config, not_fields):
     command = _command(*path)

@@ -1,5 +1,8 @@
 """Teachers from anywhere: a torchvision arch name with a bare state_dict, and the user's
-``module:function``, cached on a tiny ImageFolder; the mistakes each give one line.
+``module:function``, cached on a tiny ImageFolder; the mistakes each give one line. The same specs
+run live (``distill --online``), several in one ``kdcache cache`` take their own ``--weights`` and
+``--name``, and (where timm / safetensors are installed) a ``timm:NAME`` teacher and a
+``.safetensors`` weights file.
 
     .venv/bin/pytest tests/test_teachers.py -q
 """
@@ -20,15 +23,19 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cache import CacheConfig, cache_teacher
+from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.data import build_manifest, open_split
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
 from pipeline.files import file_sha256
 from pipeline.manifest import load_manifest
-from pipeline.models import state_sha256
+from pipeline.models import state_sha256, teacher_spec
+from pipeline.runtime import Runtime
 from pipeline.store import schema
 from pipeline.store.verify import verify_store
+from pipeline.train.loop import Batch
+from pipeline.train.targets import CachedTargets, LiveTargets
 from tests.support.cli import one_error_line
 from tests.support.data import write_imagefolder
 
@@ -228,3 +235,138 @@ def test_dask_workers_rebuild_a_callable_teacher_from_its_spec(world, user_modul
     assert verify_store(out).ok
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["logits"][:],
                                   zarr.open_group(str(arch_store), mode="r")["logits"][:])
+
+
+# --- live teachers: the same specs, the same targets as their cache --------------------------------
+
+
+def _live_equals_cached(world, spec, store: Path) -> LiveTargets:
+    """The live targets of ``spec`` equal the cached ones of ``store`` on every batch of two epochs (views
+    0 and 1), within the fp16 rounding of the cache; returns the live targets."""
+    man = load_manifest(world.manifest)
+    cached = CachedTargets.open([str(store)], man)
+    try:
+        live = LiveTargets([spec], man, runtime=Runtime.create("cpu", images=True), split="train",
+                           view_spec=cached.view_spec, num_views=cached.num_views, input_shape=(3, 32, 32))
+        for epoch in range(VIEWS):
+            ds = open_split(man, "train", views=cached.view_spec, view=epoch % VIEWS)
+            batches = list(live.batches(epoch, batch_size=4, seed=0))
+            assert all(np.array_equal(a, b) for a, b in zip(batches, cached.batches(epoch, batch_size=4, seed=0)))
+            for rows in batches:
+                batch = Batch(x=torch.stack([ds[int(r)][0] for r in rows]),
+                              y=torch.as_tensor(ds.labels[rows], dtype=torch.int64), rows=rows, epoch=epoch, step=0)
+                want, got = cached.targets(batch), live.targets(batch)
+                for name in ("logits", "entropy", "p_gt"):
+                    torch.testing.assert_close(got[name], want[name], rtol=2e-3, atol=2e-3)
+    finally:
+        cached.close()
+    return live
+
+
+def test_live_teachers_take_the_cache_specs_and_give_its_targets(world, user_module, arch_store):
+    live = _live_equals_cached(world, teacher_spec("resnet18", world.weights), arch_store)
+    recorded = schema.read_attrs(arch_store)["teacher"]
+    mentor = live.provenance[0]
+    assert mentor["source"] == "arch" and mentor["arch"] == "resnet18" and mentor["name"] == "r18"
+    assert mentor["checkpoint_sha256"] == recorded["checkpoint_sha256"] == file_sha256(world.weights)
+    assert mentor["preprocessing"] == recorded["preprocessing"]
+    live = _live_equals_cached(world, teacher_spec(f"{user_module}:build"), arch_store)
+    assert live.provenance[0]["source"] == "callable"
+    assert live.provenance[0]["checkpoint_sha256"] == state_sha256(world.model)
+
+
+def test_distill_online_with_an_arch_teacher_and_its_weights(world, tmp_path):
+    out = tmp_path / "s.pt"
+    base = ["distill", "--method", "kd", "--online", "--manifest", str(world.manifest), "--student", "cnn",
+            "--student-option", "width=4", "--epochs", "1", "--batch-size", "6", "--views", str(VIEWS),
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    result = CliRunner().invoke(cli, base + ["--teachers", "resnet18", "--teacher-weights", str(world.weights)])
+    assert result.exit_code == 0, result.output
+    mentor = load_checkpoint(out)["meta"]["mentors"][0]
+    assert mentor["source"] == "arch" and mentor["checkpoint_sha256"] == file_sha256(world.weights)
+    out.unlink()
+    one_error_line(CliRunner().invoke(cli, base + ["--teachers", "resnet18"]),
+                   "--teacher resnet18", "expected --teacher-weights FILE")
+    one_error_line(CliRunner().invoke(cli, base + ["--teachers", "resnet18", "resnet18",
+                                                   "--teacher-weights", str(world.weights)]),
+                   "teacher_weights", "none or one per teacher", "2 teachers", "found 1")
+    assert not out.exists()
+
+
+# --- several teachers of one kdcache cache, each with its own --weights and --name ------------------
+
+
+def test_each_teacher_of_a_pass_takes_its_own_weights_and_name(world, user_module, tmp_path):
+    torch.manual_seed(2)
+    other = tmp_path / "r18_b.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), other)
+    base = ["cache", "--manifest", str(world.manifest), "--views", "1", "--rows-per-block", "8", "--micro-batch", "4",
+            "--threads", "1", "--no-progress", "--device", "cpu"]
+    stores = [tmp_path / f"{name}.zarr" for name in ("a", "b", "c")]
+    result = CliRunner().invoke(cli, base + ["--teacher", "resnet18", "--teacher", f"{user_module}:build",
+                                             "--teacher", "resnet18", "--weights", str(world.weights), str(world.weights),
+                                             str(other), "--name", "first", "mine", "third",
+                                             "--out", *map(str, stores)])
+    assert result.exit_code == 0, result.output
+    teachers = [schema.read_attrs(store)["teacher"] for store in stores]
+    assert [t["name"] for t in teachers] == ["first", "mine", "third"]
+    assert [t["source"] for t in teachers] == ["arch", "callable", "arch"]
+    assert [t["checkpoint_sha256"] for t in teachers] == [file_sha256(w) for w in (world.weights, world.weights, other)]
+    logits = [zarr.open_group(str(store), mode="r")["logits"][:] for store in stores]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert not np.array_equal(logits[0], logits[2])                 # the third teacher's own weights
+    bad = [str(tmp_path / "x.zarr"), str(tmp_path / "y.zarr")]
+    one_error_line(CliRunner().invoke(cli, base + ["--teacher", "resnet18", "resnet18", "--weights", str(world.weights),
+                                                   "--out", *bad]),
+                   "--weights: expected none or one per teacher (2 teachers), found 1", "in the same order")
+    one_error_line(CliRunner().invoke(cli, base + ["--teacher", "resnet18", "resnet18", "--weights", str(world.weights),
+                                                   str(other), "--name", "a", "b", "c", "--out", *bad]),
+                   "--name: expected none or one per teacher (2 teachers), found 3")
+    assert not any(Path(b).exists() for b in bad)
+
+
+# --- timm and safetensors, where installed (never a requirement of the tests) ---------------------
+
+
+@pytest.fixture(scope="module")
+def timm_teacher(world):
+    """An untrained ``timm:resnet10t`` for the 3 classes (built without a download) and its state_dict file."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3).eval()
+    weights = world.tmp / "r10t.pt"
+    torch.save(model.state_dict(), weights)
+    return SimpleNamespace(model=model, weights=weights)
+
+
+def test_a_timm_teacher_from_a_state_dict(world, timm_teacher):
+    out = world.tmp / "timm.zarr"
+    assert _cache(world, out, teacher="timm:resnet10t", weights=str(timm_teacher.weights)).complete
+    assert verify_store(out).ok
+    _assert_logits_are_the_models(world, out, timm_teacher.model)
+    teacher = schema.read_attrs(out)["teacher"]
+    assert teacher["source"] == "arch" and teacher["arch"] == "timm:resnet10t"
+    assert teacher["checkpoint_sha256"] == file_sha256(timm_teacher.weights)
+
+
+def test_a_timm_teacher_from_a_safetensors_file(world, timm_teacher):
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    weights = world.tmp / "r10t.safetensors"
+    save_file(timm_teacher.model.state_dict(), str(weights))
+    out = world.tmp / "timm_st.zarr"
+    assert _cache(world, out, teacher="timm:resnet10t", weights=str(weights)).complete
+    assert verify_store(out).ok
+    _assert_logits_are_the_models(world, out, timm_teacher.model)
+    assert schema.read_attrs(out)["teacher"]["checkpoint_sha256"] == file_sha256(weights)
+
+
+def test_a_safetensors_weights_file(world, arch_store):
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    weights = world.tmp / "r18.safetensors"
+    save_file(world.model.state_dict(), str(weights))
+    out = world.tmp / "st.zarr"
+    assert _cache(world, out, teacher="resnet18", weights=str(weights)).complete
+    assert verify_store(out).ok
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["logits"][:],
+                                  zarr.open_group(str(arch_store), mode="r")["logits"][:])
+    assert schema.read_attrs(out)["teacher"]["name"] == "r18"

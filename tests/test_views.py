@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.data import ViewSpec, build_manifest, default_views, open_split
-from pipeline.data.views import apply_view, batch_view, uniforms, uniforms_batch
+from pipeline.data.views import apply_view, batch_view, for_model, uniforms, uniforms_batch, view_geometry
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
 from tests.support.data import write_imagefolder
@@ -161,3 +163,81 @@ def test_view_kind_must_fit_the_data(cifar: Manifest, tmp_path: Path) -> None:
         open_split(syn, "train", views=ViewSpec("pad_crop_flip"))
     with pytest.raises(UserError, match="view"):
         open_split(syn, "train", view=-1)
+
+
+# --- per-model resolution: the same crops and flips, another size ---------------------------------
+
+UNNORMALISED = {"mean": None, "std": None}      # x * 255 gives the pixels back exactly
+
+
+def _pixels(x: torch.Tensor) -> np.ndarray:
+    """A view made without mean/std back to its uint8 HWC pixels."""
+    return (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _smooth_image(width: int, height: int) -> Image.Image:
+    """Colours that vary slowly (bicubic from 6 x 5 random pixels), so that resizing twice or once differ little."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("view", [0, 1, 2, 3, 4])
+def test_a_160_px_model_sees_the_crop_of_a_224_px_teacher(view: int) -> None:
+    img = _smooth_image(300, 260)
+    teacher = ViewSpec("rrc_flip_jitter", seed=1)                 # 224 px, eval: shorter side to 256
+    student = for_model(teacher, input_size=160)
+    geometry = view_geometry(teacher, img.size, sample_id=5, view=view)
+    assert view_geometry(student, img.size, sample_id=5, view=view) == geometry      # the same box and flip
+    x_t, x_s = (apply_view(s, img, sample_id=5, view=view) for s in (teacher, student))
+    assert x_t.shape == (3, 224, 224) and x_s.shape == (3, 160, 160)
+    # the teacher's 224 px view resized to 160 px is the student's input, within interpolation
+    resized = F.interpolate(x_t[None], size=(160, 160), mode="bilinear", antialias=True, align_corners=False)[0]
+    assert float((resized - x_s).abs().mean()) < 0.02
+    # exactly: without jitter, the student's pixels are the source's crop box resized to 160 px once
+    plain = ViewSpec("rrc_flip_jitter", seed=1, params={"brightness": 0, "contrast": 0, "saturation": 0,
+                                                         **UNNORMALISED})
+    box, flip = view_geometry(plain, img.size, sample_id=5, view=view)
+    assert (box, flip) == geometry
+    expected = img.resize((160, 160), Image.BILINEAR, box=box)
+    expected = expected.transpose(Image.FLIP_LEFT_RIGHT) if flip else expected
+    small = apply_view(for_model(plain, input_size=160), img, sample_id=5, view=view)
+    np.testing.assert_array_equal(_pixels(small), np.asarray(expected))
+    if view > 0:  # the teacher's own random views crop that box too (view 0 resizes the whole image first)
+        own = img.resize((224, 224), Image.BILINEAR, box=box)
+        own = own.transpose(Image.FLIP_LEFT_RIGHT) if flip else own
+        np.testing.assert_array_equal(_pixels(apply_view(plain, img, sample_id=5, view=view)), np.asarray(own))
+
+
+@pytest.mark.parametrize("view", [0, 1, 2])
+def test_pad_crop_flip_resizes_the_same_crop(cifar: Manifest, view: int) -> None:
+    teacher = ViewSpec("pad_crop_flip", seed=2, params=UNNORMALISED)
+    student = for_model(teacher, input_size=24)
+    big, small = (open_split(cifar, "train", views=s, view=view) for s in (teacher, student))
+    assert small.input_shape == (3, 24, 24)
+    for i in range(len(big)):
+        sid = int(big.sample_ids[i])
+        assert view_geometry(student, (32, 32), sample_id=sid, view=view) == \
+            view_geometry(teacher, (32, 32), sample_id=sid, view=view)
+        expected = Image.fromarray(_pixels(big[i][0])).resize((24, 24), Image.BILINEAR)
+        np.testing.assert_array_equal(_pixels(small[i][0]), np.asarray(expected))
+    x, _ = small.get_batch(np.arange(len(small)))
+    assert torch.equal(x, torch.stack([small[i][0] for i in range(len(small))]))
+
+
+def test_for_model_changes_only_what_it_is_given() -> None:
+    spec = ViewSpec("rrc_flip_jitter", seed=3)
+    assert for_model(spec) == spec and for_model(spec, input_size=224) == spec     # its own size: the same spec
+    assert "input_size" not in spec.to_dict()["params"]       # recorded only when given: older specs are unchanged
+    student = for_model(spec, input_size=160, mean=[0.5] * 3, std=[0.25] * 3)
+    assert ViewSpec.from_dict(student.to_dict()) == student
+    assert student.params["input_size"] == 160 and student.params["mean"] == [0.5] * 3
+    geometry = {k: v for k, v in spec.params.items() if k not in ("mean", "std")}
+    assert {k: v for k, v in student.params.items() if k not in ("mean", "std", "input_size")} == geometry
+    x = apply_view(student, _smooth_image(64, 48), sample_id=0, view=1)
+    assert x.shape == (3, 160, 160) and float(x.min()) >= -2.0 and float(x.max()) <= 2.0
+    with pytest.raises(UserError, match=r"params\.input_size': expected an integer >= 1, found 0"):
+        ViewSpec("rrc_flip_jitter", params={"input_size": 0})
+    with pytest.raises(UserError, match="not a parameter of 'identity'"):
+        ViewSpec("identity", params={"input_size": 8})
+    with pytest.raises(UserError, match="no resolution"):
+        for_model(ViewSpec("identity"), input_size=8)

@@ -8,6 +8,8 @@ batch of 256 keys costs microseconds), and every random choice reads a fixed pos
 
     spec = ViewSpec("pad_crop_flip", seed=0, params={"pad": 4, "mean": [...], "std": [...]})
     x = apply_view(spec, image_uint8_hwc, sample_id=17, view=3)   # float32 tensor [C, H, W]
+    small = for_model(spec, input_size=24)          # the same crops and flips, resized to 24 px
+    box, flip = view_geometry(spec, (32, 32), sample_id=17, view=3)   # where view 3 crops the image
 
 Kinds:
 - ``identity``: vectors (synthetic data) unchanged; every view equals view 0.
@@ -15,6 +17,13 @@ Kinds:
 - ``rrc_flip_jitter``: ImageNet style: random-resized-crop, flip, colour jitter (brightness,
   contrast, saturation, hue in a random order). Eval: resize shorter side, center crop.
 View 0 is always the evaluation transform (no randomness).
+
+A view's geometry (the crop box in the source image and the flip: ``view_geometry``) is fixed by
+the spec's ``seed`` and geometry parameters (``size``, ``pad``, ``resize``, ``scale``, ...); the
+resolution and normalization are each model's own. ``input_size`` (image kinds, recorded only when
+given) resizes the crop to another side, and ``mean``/``std`` normalise it: ``for_model(spec, ...)``
+is the spec a model of another resolution or normalization takes, seeing the same crops and flips
+(a 160 px student of a 224 px teacher's cache).
 """
 
 from __future__ import annotations
@@ -46,6 +55,11 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Parameters of a model's inputs rather than the geometry: not merged in, recorded only when given,
+# so the specs written before they existed stay the same.
+MODEL_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("input_size",),
+                                            "rrc_flip_jitter": ("input_size",)}
+
 _NUM_UNIFORMS = 32
 
 
@@ -67,15 +81,21 @@ class ViewSpec:
             raise DataError(f"views field 'kind': unknown {self.kind!r}; expected one of: {', '.join(DEFAULT_PARAMS)}")
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise DataError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
-        defaults = DEFAULT_PARAMS[self.kind]
-        unknown = sorted(set(self.params) - set(defaults))
+        defaults, optional = DEFAULT_PARAMS[self.kind], MODEL_PARAMS[self.kind]
+        unknown = sorted(set(self.params) - set(defaults) - set(optional))
         if unknown:
             raise DataError(
                 f"views field 'params.{unknown[0]}': not a parameter of {self.kind!r}; "
-                f"expected some of: {', '.join(defaults) or 'none'}"
+                f"expected some of: {', '.join((*defaults, *optional)) or 'none'}"
             )
+        given = {k: v for k, v in self.params.items() if not (k in optional and v is None)}
+        if "input_size" in given:
+            size = given["input_size"]
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+                raise DataError(f"views field 'params.input_size': expected an integer >= 1, found {size!r}")
+            given["input_size"] = int(size)
         object.__setattr__(self, "seed", int(self.seed))
-        object.__setattr__(self, "params", _jsonable({**defaults, **self.params}))
+        object.__setattr__(self, "params", _jsonable({**defaults, **given}))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "params": _jsonable(self.params)}
@@ -125,11 +145,51 @@ def output_shape(spec: ViewSpec, native_shape: tuple) -> tuple[int, ...]:
     """Shape of a view given the raw sample shape ((d,) or (H, W, C))."""
     if spec.kind == "identity":
         return tuple(native_shape)
-    channels = native_shape[-1]
+    channels, side = native_shape[-1], spec.params.get("input_size")
+    if side is not None:
+        return (channels, side, side)
     if spec.kind == "pad_crop_flip":
         size = spec.params["size"]
         return (channels, size or native_shape[0], size or native_shape[1])
     return (channels, spec.params["size"], spec.params["size"])
+
+
+def for_model(spec: ViewSpec, *, input_size: int | None = None, mean: list | None = None,
+              std: list | None = None) -> ViewSpec:
+    """The views of ``spec`` as another model takes them: the same crop boxes and flips (the same
+    ``view_geometry``), resized to ``input_size`` a side and normalised with ``mean``/``std`` (each
+    None: as in ``spec``). An ``input_size`` equal to the crop's own size changes nothing."""
+    if spec.kind == "identity":
+        if input_size is not None or mean is not None or std is not None:
+            raise DataError("views field 'params.input_size': vector data ('identity' views) has no resolution "
+                            "or normalization")
+        return spec
+    params = dict(spec.params)
+    if input_size is not None:
+        params["input_size"] = None if input_size == params["size"] else input_size
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None:
+            params[key] = list(value)
+    return ViewSpec(spec.kind, seed=spec.seed, params=params)
+
+
+def view_geometry(spec: ViewSpec, image_size: tuple[int, int], *, sample_id: int,
+                  view: int) -> tuple[tuple[float, float, float, float], bool]:
+    """Where view ``view`` of a ``(width, height)`` image crops it and whether it flips it:
+    ``((left, top, right, bottom), flip)`` in source pixels (pad_crop_flip: negative inside the
+    padding). It does not depend on ``input_size``, ``mean`` or ``std``."""
+    if spec.kind == "identity":
+        raise DataError("views field 'kind': 'identity' applies to vector data, which is not cropped")
+    width, height = image_size
+    u = uniforms(spec.seed, sample_id, view=view) if view > 0 else None
+    p = spec.params
+    if spec.kind == "pad_crop_flip":
+        pad, size_h, size_w, top, left, flip = _crop_window(p, (height, width), u=u)
+        return (left - pad, top - pad, left - pad + size_w, top - pad + size_h), flip
+    if u is None:
+        return _eval_box(p, image_size), False
+    left, top, w, h = _rrc_box(p, image_size, u=u)
+    return (left, top, left + w, top + h), bool(p["flip"]) and u[22] < 0.5
 
 
 def apply_view(spec: ViewSpec, raw: Any, *, sample_id: int, view: int) -> torch.Tensor:
@@ -227,7 +287,18 @@ def _pad_crop_flip(p: dict, img: np.ndarray, u: np.ndarray | None) -> torch.Tens
     out = _pad(p, img, pad)[top : top + size_h, left : left + size_w]
     if flip:
         out = out[:, ::-1]
+    side = p.get("input_size")
+    if side is not None and (size_h, size_w) != (side, side):
+        out = _resize_array(out, side)
     return _to_tensor(out, p["mean"], p["std"])
+
+
+def _resize_array(img: np.ndarray, side: int) -> np.ndarray:
+    """uint8 HWC -> side x side HWC, bilinear (PIL, as the rrc views resize)."""
+    single = img.shape[2] == 1
+    pil = Image.fromarray(np.ascontiguousarray(img[:, :, 0] if single else img))
+    out = np.asarray(pil.resize((side, side), Image.BILINEAR))
+    return out[:, :, None] if single else out
 
 
 def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view: int) -> torch.Tensor:
@@ -241,7 +312,7 @@ def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view:
         if raw.ndim != 2:
             raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
-    if spec.kind != "pad_crop_flip" or len(raw) == 0:
+    if spec.kind != "pad_crop_flip" or len(raw) == 0 or spec.params.get("input_size") is not None:
         return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
     imgs = raw[..., None] if raw.ndim == 3 else raw
     n, h, w, c = imgs.shape
@@ -281,19 +352,37 @@ def _rrc_box(p: dict, size: tuple[int, int], *, u: np.ndarray) -> tuple[int, int
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def _eval_window(p: dict, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): the evaluation view resizes a width x height image so that its
+    shorter side is ``resize``, then takes the central ``size`` x ``size`` window at (left, top)."""
+    width, height = size
+    side = int(p["size"])
+    scale = p["resize"] / min(width, height)
+    new_w, new_h = max(side, int(round(width * scale))), max(side, int(round(height * scale)))
+    return new_w, new_h, (new_w - side) // 2, (new_h - side) // 2
+
+
+def _eval_box(p: dict, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The evaluation window of ``_eval_window`` in source pixels (left, top, right, bottom)."""
+    new_w, new_h, left, top = _eval_window(p, size)
+    fx, fy, side = size[0] / new_w, size[1] / new_h, int(p["size"])
+    return left * fx, top * fy, (left + side) * fx, (top + side) * fy
+
+
 def _rrc_flip_jitter(p: dict, img: Image.Image, u: np.ndarray | None) -> torch.Tensor:
     size = int(p["size"])
+    out = int(p.get("input_size") or size)
     if u is None:
+        if out != size:  # another model's resolution: the same window, resized from the source once
+            img = img.resize((out, out), Image.BILINEAR, box=_eval_box(p, img.size))
+            return _to_tensor(np.asarray(img), p["mean"], p["std"])
         # Evaluation: shorter side to `resize`, then the central size x size window.
-        width, height = img.size
-        scale = p["resize"] / min(width, height)
-        new_w, new_h = max(size, int(round(width * scale))), max(size, int(round(height * scale)))
+        new_w, new_h, left, top = _eval_window(p, img.size)
         img = img.resize((new_w, new_h), Image.BILINEAR)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
         img = img.crop((left, top, left + size, top + size))
         return _to_tensor(np.asarray(img), p["mean"], p["std"])
     left, top, w, h = _rrc_box(p, img.size, u=u)
-    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    img = img.resize((out, out), Image.BILINEAR, box=(left, top, left + w, top + h))
     if p["flip"] and u[22] < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     jitters = []

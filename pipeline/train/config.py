@@ -53,11 +53,11 @@ class TrainConfig(FromDict):
     def __post_init__(self) -> None:
         self.check_ints(("epochs", "batch_size", "eval_batch_size"), minimum=1)
         self.check_ints(("seed", "views_seed", "workers"), minimum=0)
-        if not _number(self.lr) or not self.lr > 0:
+        if not is_number(self.lr) or not self.lr > 0:
             raise self.bad("lr", "a number > 0")
-        if not _number(self.momentum) or not 0 <= self.momentum < 1:
+        if not is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise self.bad("momentum", "a number in [0, 1)")
-        if not _number(self.weight_decay) or not self.weight_decay >= 0:
+        if not is_number(self.weight_decay) or not self.weight_decay >= 0:
             raise self.bad("weight_decay", "a number >= 0")
         self.check_strings(("manifest", "out"))
 
@@ -94,5 +94,6 @@ class TrainConfig(FromDict):
                                 f"this run {config.get(key)!r}")
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or a float (a bool is neither here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

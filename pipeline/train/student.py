@@ -3,6 +3,7 @@
     kdcache distill --method kd --mentors caches/train/ce.zarr --manifest data_manifests/synthetic.parquet \\
         --student mlp --epochs 20 --out models/kd.pt
     kdcache distill ... --student mlp --student-option hidden=64 --out models/kd64.pt   # a smaller student
+    kdcache distill ... --student resnet18 --input-size 160 --out models/kd160.pt     # 224 px teachers, 160 px student
 
     from pipeline.train import DistillConfig, distill
     metrics = distill(DistillConfig(method="kd", mentors=("caches/train/ce.zarr",), manifest="m.parquet",
@@ -12,13 +13,17 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
 ``num_students``, ``needs`` and ``check_mentors``:
 
 - Targets (``pipeline.train.targets``): the mentor stores (``CachedTargets``), or with ``online``
-  the teacher checkpoints run on each batch (``LiveTargets``); each step asks for
+  the teachers run on each batch (``LiveTargets``; each a ``kdcache cache --teacher`` spec, with
+  ``teacher_weights`` in the same order); each step asks for
   ``targets(batch, fields=method.needs)`` (from a cache: one vectorized gather) and calls the
   method on the students' float32 logits.
 - Views: the split is opened with the views spec stored in the cache and epoch ``e`` replays view
   ``e mod V`` (V = the stores' view count): the student sees the pixels its teachers saw. Online or
   without mentors the spec is the dataset's default with ``views_seed`` and V = ``views`` (what
-  ``kdcache cache --views V --views-seed S`` writes).
+  ``kdcache cache --views V --views-seed S`` writes). ``input_size`` / ``input_mean`` / ``input_std``
+  give the students a resolution and normalization of their own (``pipeline.data.views.for_model``):
+  the same crop boxes and flips as the teachers', resized to ``input_size``; the checkpoint's views
+  are the students', so ``kdcache evaluate`` scores them at their own size.
 - Batches: the targets' order (``pipeline.train.sampling``: block-aware when streaming, one slice
   per DDP rank); online, the in-memory order over the same rows, so both see the same batches.
 - Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
@@ -45,13 +50,14 @@ import yaml
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
+from pipeline.data.views import ViewSpec, for_model
 from pipeline.errors import UserError
 from pipeline.files import write_history, write_json
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
-from pipeline.models import MODELS, check_model_options, create_model
+from pipeline.models import MODELS, TeacherSpec, check_model_options, create_model, teacher_spec
 from pipeline.runtime import Runtime, seed_everything
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, is_number
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
 from pipeline.train.loop import (Batch, LoopState, TrainingWarning, cosine_schedule, fit, learning_problem,
                                  restore_train_state, sgd)
@@ -76,7 +82,8 @@ class DistillConfig(TrainConfig):
     student_b_options: dict = field(default_factory=dict)  # ... and student B's
     options: dict = field(default_factory=dict)   # the method's options (docs/methods.md)
     online: bool = False                   # live teachers instead of the cache
-    teachers: tuple[str, ...] = ()         # teacher checkpoints for ``online``, teacher first
+    teachers: tuple[str, ...] = ()         # teachers for ``online``, teacher first (as ``kdcache cache --teacher``)
+    teacher_weights: tuple[str | None, ...] = ()   # none, or a weights file (or None) per teacher, in order
     init: str | None = None                # weights to start student A from
     init_b: str | None = None              # ... and student B
     views: int | None = None               # V without a cache (default 1); with one: must match it
@@ -84,18 +91,28 @@ class DistillConfig(TrainConfig):
     cache_mode: str = "auto"               # auto | memory | stream (see pipeline.store.reader)
     memory_budget_mb: int | None = None    # per process; default: a quarter of RAM over the local processes
     mentor_stats: str | None = None        # default: ``out`` stem + "_mentors.csv", when there are any
+    input_size: int | None = None          # the students' input side (default: the teachers' views' size)
+    input_mean: tuple[float, ...] | None = None   # the students' normalization (default: the teachers')
+    input_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for key in ("mentors", "teachers"):
+        for key in ("mentors", "teachers", "teacher_weights"):
             value = getattr(self, key)
             value = (value,) if isinstance(value, (str, Path)) else tuple(value or ())
-            object.__setattr__(self, key, tuple(str(v) for v in value))
+            object.__setattr__(self, key, tuple(None if v is None else str(v) for v in value))
+        for key in ("input_mean", "input_std"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not all(is_number(v) for v in value) or not value:
+                raise self.bad(key, "a list of numbers, one per channel (or one for all)")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
         for key in ("options", "student_options", "student_b_options"):
             if not isinstance(getattr(self, key), dict):
                 raise self.bad(key, "a mapping of option: value")
             object.__setattr__(self, key, dict(getattr(self, key)))
         super().__post_init__()
-        self.check_ints(("views", "memory_budget_mb"), minimum=1, optional=True)
+        self.check_ints(("views", "memory_budget_mb", "input_size"), minimum=1, optional=True)
         if self.cache_mode not in CACHE_MODES:
             raise self.bad("cache_mode", " or ".join(CACHE_MODES))
         if self.method not in METHODS:
@@ -118,9 +135,29 @@ class DistillConfig(TrainConfig):
         if self.online and self.mentors:
             raise self.bad("mentors", "no stores with online (live teachers come from 'teachers')")
         if self.teachers and not self.online:
-            raise self.bad("teachers", "checkpoints only with online (offline, the targets come from 'mentors')")
+            raise self.bad("teachers", "teachers only with online (offline, the targets come from 'mentors')")
+        if self.teacher_weights and len(self.teacher_weights) != len(self.teachers):
+            raise self.bad("teacher_weights", f"none or one per teacher, in the order of 'teachers' "
+                                              f"({len(self.teachers)} teachers), found {len(self.teacher_weights)}")
         method.check_mentors(len(self.teachers if self.online else self.mentors))
 
+    def teacher_specs(self) -> list[TeacherSpec]:
+        """The live teachers of ``online`` (``pipeline.models.teacher_spec``: a checkpoint, an arch name
+        with weights, ``timm:NAME`` or ``module:function``)."""
+        weights = self.teacher_weights or (None,) * len(self.teachers)
+        return [teacher_spec(t, w, weights_flag="--teacher-weights") for t, w in zip(self.teachers, weights)]
+
+    def student_views(self, teacher_views: ViewSpec) -> ViewSpec:
+        """The students' views: the teachers' crops and flips at the students' size and normalization."""
+        given = {k: getattr(self, k) for k in ("input_size", "input_mean", "input_std") if getattr(self, k) is not None}
+        if given and teacher_views.kind == "identity":
+            raise self.bad(next(iter(given)), "nothing for vector data (its views are 'identity': no resolution "
+                                              "or normalization)")
+        views = for_model(teacher_views, input_size=self.input_size, mean=self.input_mean, std=self.input_std)
+        if self.online and views != teacher_views:
+            raise self.bad(next(iter(given)), "nothing with online (the live teachers run on the students' inputs); "
+                                              "cache the teachers to give the students inputs of their own")
+        return views
 
     def output_paths(self) -> dict[str, str]:
         paths = super().output_paths()
@@ -168,23 +205,24 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None
     try:
         split = cached.split if cached else cfg.train_split or "train"
         view_spec = cached.view_spec if cached else default_views(manifest, seed=cfg.views_seed)
+        views = cfg.student_views(view_spec)
         num_views = cached.num_views if cached else cfg.views or 1
-        train_ds = open_split(manifest, split, views=view_spec, view=0)
+        train_ds = open_split(manifest, split, views=views, view=0)
         input_shape = tuple(train_ds.input_shape)
         runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
-        targets: Targets = cached or LiveTargets(cfg.teachers, manifest, runtime=runtime, split=split, view_spec=view_spec,
-                                                 num_views=num_views, input_shape=input_shape)
-        return _train(cfg, manifest, method, targets, train_ds, runtime, on_step)
+        targets: Targets = cached or LiveTargets(cfg.teacher_specs(), manifest, runtime=runtime, split=split,
+                                                 view_spec=view_spec, num_views=num_views, input_shape=input_shape)
+        return _train(cfg, manifest, method, targets, train_ds, views, runtime, on_step)
     finally:
         if cached is not None:
             cached.close()
 
 
-def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets, train_ds: Any, runtime: Runtime,
-           on_step: Callable[[Batch, dict], None] | None) -> dict:
+def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets, train_ds: Any, views: ViewSpec,
+           runtime: Runtime, on_step: Callable[[Batch, dict], None] | None) -> dict:
     val_ds, val_posterior = None, None
     if has_val_split(manifest, cfg.val_split):
-        val_ds = open_split(manifest, cfg.val_split, views=targets.view_spec, view=0)
+        val_ds = open_split(manifest, cfg.val_split, views=views, view=0)
         val_posterior = posterior(manifest, cfg.val_split)
     input_shape = tuple(train_ds.input_shape)
 
@@ -206,7 +244,7 @@ def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets
         "input_shape": list(input_shape),
         "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
         "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
-        "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": targets.view_spec.to_dict(),
+        "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": views.to_dict(),
         "num_views": targets.num_views, "train_split": targets.split, "seed": cfg.seed,
         "students": archs, "config": ckpt.plain(asdict(cfg)),
     }

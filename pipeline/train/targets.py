@@ -1,7 +1,7 @@
 """Where a student's targets come from, behind one protocol: cache stores or live teachers.
 
     targets = CachedTargets.open(stores, manifest)                 # offline: the stores, checked
-    targets = LiveTargets(checkpoints, manifest, runtime=rt, ...)   # online: the teachers run per batch
+    targets = LiveTargets([teacher_spec("models/ce.pt")], manifest, runtime=rt, ...)   # online: teachers per batch
     for rows in targets.batches(epoch, batch_size=128, seed=0): ...    # this rank's rows of the epoch
     t = targets.targets(batch, ("logits", "p_gt"))    # logits [K,B,C], entropy [K,B], p_gt [K,B], float32
 
@@ -12,10 +12,16 @@ cache run. Epoch ``e`` uses view ``e mod num_views``.
 
 The checks here are the user-facing ones of ``kdcache distill``: each store built from this
 manifest (class count, then content hash), complete and agreeing with the others (the store
-reader), its split and views those asked for; live teachers with the manifest's class count and
-the dataset's input shape. Each is a one-line ``UserError``. A store whose teacher checkpoint
-changed on disk after caching is a warning (``pipeline.store.provenance``). After a non-finite
-loss, ``nonfinite(view, ...)`` names the mentor and rows whose targets are NaN/Inf, if any.
+reader), its split and views those asked for; live teachers (any ``kdcache cache --teacher``:
+a checkpoint, an arch name with weights, ``timm:NAME``, ``module:function``, built by
+``pipeline.models.load_teacher``) with the manifest's class count and the dataset's input shape.
+Each is a one-line ``UserError``. A store whose teacher checkpoint changed on disk after caching
+is a warning (``pipeline.store.provenance``). After a non-finite loss, ``nonfinite(view, ...)``
+names the mentor and rows whose targets are NaN/Inf, if any.
+
+Each mentor's ``provenance`` (the student checkpoint's meta ``mentors``) holds its name, source
+(checkpoint | arch | callable), arch, weights sha256, train loss and preprocessing (mean, std,
+input shape); a store written before stores recorded source and preprocessing gives None for them.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.cache import teacher_name
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
 from pipeline.files import file_sha256
 from pipeline.manifest import Manifest
 from pipeline.methods.kd import entropy, gt_prob
-from pipeline.models import load_model
+from pipeline.models import TeacherSpec, load_teacher, state_sha256
 from pipeline.runtime import Runtime
 from pipeline.store.provenance import changed_teachers
 from pipeline.store.reader import FIELDS, StoreGroup, default_memory_budget
@@ -70,6 +77,9 @@ class Targets(Protocol):
     def close(self) -> None: ...
 
 
+PROVENANCE = ("name", "source", "arch", "checkpoint_sha256", "train_loss", "preprocessing")   # per mentor
+
+
 def _rows_text(rows: Sequence[int]) -> str:
     shown = ", ".join(str(int(r)) for r in rows[:10])
     return f"[{shown}{', ...' if len(rows) > 10 else ''}]" + (f" ({len(rows)} rows)" if len(rows) > 10 else "")
@@ -95,8 +105,7 @@ class CachedTargets:
         self.split = self.group.split
         self.view_spec = ViewSpec.from_dict(self.group.views["spec"])
         self.num_views = self.group.num_views
-        self.provenance = [{"store": str(p), **{k: a["teacher"].get(k) for k in ("name", "arch", "checkpoint_sha256",
-                                                                                 "train_loss")}}
+        self.provenance = [{"store": str(p), **{k: a["teacher"].get(k) for k in PROVENANCE}}
                            for p, a in zip(self.group.paths, self.group.attrs)]
         self.names = [str(p["name"]) for p in self.provenance]
 
@@ -186,31 +195,39 @@ class CachedTargets:
 
 
 class LiveTargets:
-    """Teacher checkpoints run on each batch's inputs: the targets a cache would hold, computed live.
+    """Teachers run on each batch's inputs: the targets a cache would hold, computed live.
 
-    The teachers run under the step's autocast (the precision policy of ``pipeline.runtime``, as
-    the cache writer's do); logits are cast to float32, entropy and p_gt come from them at T = 1.
-    With no checkpoints it only gives the batches (a student without mentors)."""
+    ``teachers`` are ``pipeline.models.TeacherSpec`` (``teacher_spec(...)``: what ``kdcache cache
+    --teacher`` takes), built by ``load_teacher``. They run under the step's autocast (the
+    precision policy of ``pipeline.runtime``, as the cache writer's do); logits are cast to
+    float32, entropy and p_gt come from them at T = 1. With no teachers it only gives the
+    batches (a student without mentors)."""
 
-    def __init__(self, checkpoints: Sequence[str | Path], manifest: Manifest, *, runtime: Runtime, split: str,
+    def __init__(self, teachers: Sequence[TeacherSpec], manifest: Manifest, *, runtime: Runtime, split: str,
                  view_spec: ViewSpec, num_views: int, input_shape: tuple[int, ...]) -> None:
         self.split, self.view_spec, self.num_views = split, view_spec, num_views
         self.num_samples = len(manifest.split(split).sample_id)
         self.models: list[torch.nn.Module] = []
         self.provenance: list[dict] = []
-        for path in checkpoints:
-            model, meta = load_model(path)
+        shape = tuple(int(s) for s in input_shape)
+        for spec in teachers:
+            model, meta = load_teacher(spec, num_classes=manifest.num_classes, input_shape=shape)
             if int(meta["num_classes"]) != manifest.num_classes:
-                raise UserError(f"{path}: field num_classes: expected {manifest.num_classes} "
+                raise UserError(f"{spec.name}: field num_classes: expected {manifest.num_classes} "
                                 f"(manifest {manifest.path}), found {meta['num_classes']}")
-            if tuple(meta["input_shape"]) != tuple(input_shape):
-                raise UserError(f"{path}: field input_shape: expected {tuple(input_shape)} (split {split} "
+            if tuple(meta["input_shape"]) != shape:
+                raise UserError(f"{spec.name}: field input_shape: expected {shape} (split {split} "
                                 f"with views {view_spec.kind}), found {tuple(meta['input_shape'])}")
+            weights = spec.name if spec.source == "checkpoint" else spec.weights
+            self.provenance.append({
+                "checkpoint": weights, "name": teacher_name(spec), "source": spec.source, "arch": meta["arch"],
+                "checkpoint_sha256": file_sha256(weights) if weights is not None else state_sha256(model),
+                "train_loss": meta.get("loss"),
+                "preprocessing": {"mean": view_spec.params.get("mean"), "std": view_spec.params.get("std"),
+                                  "input_shape": list(shape)}})
             model = runtime.prepare(model).eval()
             model.requires_grad_(False)
             self.models.append(model)
-            self.provenance.append({"checkpoint": str(path), "name": Path(path).stem, "arch": meta["arch"],
-                                    "checkpoint_sha256": file_sha256(path), "train_loss": meta.get("loss")})
         self.names = [p["name"] for p in self.provenance]
 
     @property
@@ -234,7 +251,7 @@ class LiveTargets:
                 bad = ~torch.isfinite(z).all(dim=1)
                 if bool(bad.any()):
                     found = sorted(rows[bad.cpu().numpy()].tolist())
-                    return f"{meta['checkpoint']}: field logits: expected finite values, found " \
+                    return f"{meta['checkpoint'] or meta['arch']}: field logits: expected finite values, found " \
                            f"{_bad_kind(z[bad].cpu())} in rows {_rows_text(found)} of view {view}"
         return None
 
