@@ -37,6 +37,7 @@ entropy and p_gt are always the exact stored values:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -56,6 +57,7 @@ from pipeline.store.verify import check_complete
 
 FIELDS = ("logits", "entropy", "p_gt")
 SAMPLE_TEMPERATURE = "sample_temperature"     # the extra field of groups with a sampled store
+READERS = 4                                   # threads reading the chunk files of a streaming window
 
 
 def default_memory_budget() -> int:
@@ -76,6 +78,67 @@ def dense_logits(layout: schema.Layout, parts: dict[str, np.ndarray]) -> np.ndar
     if layout.kind == "topk":
         return dense_from_topk(parts["topk_values"], parts["topk_index"], parts["logsumexp"], c)
     return dense_from_samples(parts["sample_index"], parts["sample_count"], c, layout.temperature)
+
+
+def _raw_meta(path: Path, name: str) -> dict | None:
+    """The zarr.json of array ``name`` when its chunk files are kdcache's raw encoding (one ``bytes``
+    codec, little-endian or single-byte values, on a little-endian machine), else None."""
+    meta_file = path / name / "zarr.json"
+    if sys.byteorder != "little" or not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "bytes":
+        return None
+    endian = (codecs[0].get("configuration") or {}).get("endian")
+    return meta if endian == "little" or (endian is None and np.dtype(meta["data_type"]).itemsize == 1) else None
+
+
+def _read_small(path: Path, name: str, layout: schema.Layout) -> np.ndarray:
+    """A small raw-encoded array (ids, labels, checksums) read whole from its chunk files, one per
+    (view, block); a missing chunk reads as the fill value, as through zarr."""
+    shape, chunks, dtype = layout.arrays()[name]
+    out = np.full(shape, schema.fill_value(dtype), np.dtype(dtype))
+    per_chunk = int(np.prod(chunks, dtype=np.int64))
+    axis = 0 if len(shape) == 1 else 1                       # the block axis
+    for view in [None] if axis == 0 else range(shape[0]):
+        lead = () if view is None else (view,)
+        for block in range(layout.num_blocks):
+            chunk = path / schema.chunk_key(name, len(shape), view, block)
+            if not chunk.is_file():
+                continue
+            values = np.fromfile(chunk, dtype=np.dtype(dtype).newbyteorder("<"), count=per_chunk)
+            if values.size != per_chunk:
+                raise UserError(f"{path}: field {name}: expected a chunk of {per_chunk * values.itemsize} bytes for "
+                                f"block {block}, found {values.size * values.itemsize}")
+            start = block * chunks[axis]
+            stop = min(start + chunks[axis], shape[axis])
+            out[lead + (slice(start, stop),)] = values.reshape(chunks)[(0,) * axis + (slice(0, stop - start),)]
+    return out
+
+
+class _Store:
+    """The metadata and small arrays of one store: read straight from its files when every array
+    is raw-encoded (no zarr round trip), else through zarr."""
+
+    def __init__(self, path: Path, layout: schema.Layout) -> None:
+        self.path, self.layout = path, layout
+        names = layout.block_arrays() + [schema.CHECKSUM, "sample_id", "label"]
+        self.meta = {name: _raw_meta(path, name) for name in names}
+        self.raw = path.is_dir() and all(meta is not None for meta in self.meta.values())
+        self._group: zarr.Group | None = None
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = zarr.open_group(str(self.path), mode="r")
+        return self._group
+
+    def read(self, name: str) -> np.ndarray:
+        return _read_small(self.path, name, self.layout) if self.raw else self.group[name][:]
+
+    def attributes(self, name: str) -> dict:
+        return dict(self.meta[name].get("attributes", {})) if self.raw else dict(self.group[name].attrs)
 
 
 class _Buffer:
@@ -138,26 +201,26 @@ class _Blocks:
 
     check_checksums = True     # False only for the benchmark's baseline (bench/reader.py)
 
-    def __init__(self, path: Path, layout: schema.Layout, group: zarr.Group) -> None:
-        self.path, self.layout = path, layout
-        self.names = layout.block_arrays()                    # every array with a checksum, in its order
-        self.arrays = {name: group[name] for name in self.names}
-        self.raw = path.is_dir() and sys.byteorder == "little" and all(
-            not a.compressors and not a.filters and getattr(a.serializer, "endian", None) is not None
-            and a.serializer.endian.value == "little" for a in self.arrays.values())
-        found = list(group[schema.CHECKSUM].attrs.get("arrays", []))
+    def __init__(self, store: _Store) -> None:
+        self.path, self.layout = store.path, store.layout
+        self.names = self.layout.block_arrays()               # every array with a checksum, in its order
+        self.specs = self.layout.arrays()
+        self.raw = store.raw
+        self.arrays = {} if self.raw else {name: store.group[name] for name in self.names}
+        found = list(store.attributes(schema.CHECKSUM).get("arrays", []))
         if found != self.names:
-            raise UserError(f"{path}: field checksum.arrays: expected {self.names}, found {found}")
-        self.expected = group[schema.CHECKSUM][:]             # [V, num_blocks, A] uint32, a few KiB
+            raise UserError(f"{self.path}: field checksum.arrays: expected {self.names}, found {found}")
+        self.expected = store.read(schema.CHECKSUM)           # [V, num_blocks, A] uint32, a few KiB
 
     def read_into(self, view: int, block: int, out: dict[str, np.ndarray]) -> None:
         """Fill ``out`` (some of the block arrays) with (view, block); every array of the block is checked."""
         start, stop = self.layout.block_rows(block)
         for i, name in enumerate(self.names):
-            arr, dst = self.arrays[name], out.get(name)
+            dst = out.get(name)
             if self.raw:
-                found = self._read_raw(name, arr, view, block, dst, stop - start)
+                found = self._read_raw(name, view, block, dst, stop - start)
             else:
+                arr = self.arrays[name]
                 values = arr[view, start:stop]
                 if dst is not None:
                     dst[...] = values
@@ -167,15 +230,16 @@ class _Blocks:
             if found is not None and found != expected:
                 raise schema.checksum_error(self.path, name, view, block, expected=expected, found=found)
 
-    def _read_raw(self, name: str, arr: zarr.Array, view: int, block: int, dst: np.ndarray | None,
-                  rows: int) -> int | None:
+    def _read_raw(self, name: str, view: int, block: int, dst: np.ndarray | None, rows: int) -> int | None:
         """Read one chunk file (its rows into ``dst`` when given); its CRC-32, or None when checks are off."""
         check = self.check_checksums
-        want = rows * int(np.prod(arr.chunks[2:], dtype=np.int64)) * arr.dtype.itemsize
-        direct = dst is not None and dst.dtype == arr.dtype and dst.flags.c_contiguous
+        shape, chunks, dtype_name = self.specs[name]
+        dtype = np.dtype(dtype_name)
+        want = rows * int(np.prod(chunks[2:], dtype=np.int64)) * dtype.itemsize
+        direct = dst is not None and dst.dtype == dtype and dst.flags.c_contiguous
         if dst is None and not check:
             return None
-        with open(self.path / schema.chunk_key(name, arr.ndim, view, block), "rb") as fh:
+        with open(self.path / schema.chunk_key(name, len(shape), view, block), "rb") as fh:
             if direct:
                 head = dst.reshape(-1).view(np.uint8)
                 got = fh.readinto(head)
@@ -187,7 +251,7 @@ class _Blocks:
             raise UserError(f"{self.path}: field {name}: expected a chunk of at least {want} bytes "
                             f"for view {view} block {block}, found {got}")
         if dst is not None and not direct:
-            dst[...] = np.frombuffer(head, dtype=arr.dtype.newbyteorder("<"), count=dst.size).reshape(dst.shape)
+            dst[...] = np.frombuffer(head, dtype=dtype.newbyteorder("<"), count=dst.size).reshape(dst.shape)
         return zlib.crc32(tail, zlib.crc32(head)) if check else None
 
 
@@ -210,16 +274,16 @@ class StoreGroup:
                 if attrs[section].get(key) != first[section].get(key):
                     raise UserError(f"{path}: field {section}.{key}: expected {first[section].get(key)!r} "
                                     f"(as {self.paths[0]}), found {attrs[section].get(key)!r}")
-        groups = [zarr.open_group(str(p), mode="r") for p in self.paths]
-        self.sample_ids = groups[0]["sample_id"][:]
-        self.labels = groups[0]["label"][:]
+        stores = [_Store(p, lay) for p, lay in zip(self.paths, self.layouts)]
+        self.sample_ids = stores[0].read("sample_id")
+        self.labels = stores[0].read("label")
         schema.check_ids_checksums(self.paths[0], self.attrs[0], sample_id=self.sample_ids, label=self.labels)
-        for path, group in zip(self.paths[1:], groups[1:]):
-            if not np.array_equal(group["sample_id"][:], self.sample_ids):
+        for path, store in zip(self.paths[1:], stores[1:]):
+            if not np.array_equal(store.read("sample_id"), self.sample_ids):
                 raise UserError(f"{path}: field sample_id: expected the sample order of {self.paths[0]}, found another")
         for path, attrs in zip(self.paths[1:], self.attrs[1:]):       # equal ids: the same CRC, checked per store
             schema.check_ids_checksums(path, attrs, sample_id=self.sample_ids)
-        self._blocks = [_Blocks(p, lay, g) for p, lay, g in zip(self.paths, self.layouts, groups)]
+        self._blocks = [_Blocks(store) for store in stores]
         self.num_mentors = len(self.paths)
         self.num_samples = int(first["manifest"]["num_samples"])
         self.num_classes = int(first["manifest"]["num_classes"])
@@ -322,17 +386,23 @@ class Stream:
         self.pos = np.full(group.num_samples, -1, np.int64)
         self.current = -1
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
+        self.readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="kdcache-read")
         self.pending: dict[int, Future] = {}
         self._prefetch(0)
 
     def _load(self, j: int) -> None:
+        """Window j into its slot: every (block, store) read on its own reader thread (the reads and
+        the CRCs release the GIL, so the disk sees several requests at once); the first error is raised."""
         at = (j % 3) * self.slot_rows
         lay = self.group.layouts[0]
+        units = []
         for block in self.windows[j]:
             start, stop = lay.block_rows(block)
-            for k, blocks in enumerate(self.group._blocks):
-                blocks.read_into(self.view, block, self.buffer.views(k, slice(at, at + stop - start)))
+            units += [(blocks, int(block), self.buffer.views(k, slice(at, at + stop - start)))
+                      for k, blocks in enumerate(self.group._blocks)]
             at += stop - start
+        for done in [self.readers.submit(blocks.read_into, self.view, block, out) for blocks, block, out in units]:
+            done.result()
 
     def _prefetch(self, j: int) -> None:
         if j < len(self.windows) and j not in self.pending:
@@ -366,3 +436,4 @@ class Stream:
         for fut in self.pending.values():
             fut.cancel()
         self.pool.shutdown(wait=True)
+        self.readers.shutdown(wait=True)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from pipeline import faults
 from pipeline.errors import UserError
 from pipeline.runtime import Runtime, rng_state, set_rng_state
+from pipeline.train.sampling import RankBatches
 
 
 @dataclass
@@ -154,22 +155,61 @@ class _Rows(torch.utils.data.Dataset):
         return x, y, rows
 
 
+INBAND_BYTES = 2**20  # a worker's tensor up to this size travels pickled in its message, not as a shared-memory file
+
+
+def _inband(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """A small tensor as a NumPy array: pickled with the worker's message instead of one shared-memory
+    file (and a socket round trip to pass it) per tensor; the same bytes either way."""
+    if t.numel() * t.element_size() <= INBAND_BYTES and t.dtype != torch.bfloat16 and not t.requires_grad:
+        return t.numpy()
+    return t
+
+
+def _as_sent(item: object) -> object:
+    """The DataLoader's collate function for ``_Shares``: items stay as the worker made them."""
+    return item
+
+
+class _Shares(torch.utils.data.IterableDataset):
+    """What each DataLoader worker decodes of an epoch's ``RankBatches``: batch i goes to worker
+    i mod W, the order in which a DataLoader collects its workers' items, so ``(x, y)`` come back in
+    batch order and no row indices travel through its queues. ``inband``: small tensors come back
+    as NumPy arrays (``_inband``; not when the DataLoader pins memory)."""
+
+    def __init__(self, source: _Rows, batches: RankBatches, *, inband: bool) -> None:
+        self.source, self.order, self.slices, self.inband = source, batches.order, batches.slices, inband
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for lo, hi in self.slices[worker::workers]:
+            x, y, _ = self.source[self.order[lo:hi]]
+            yield (_inband(x), _inband(y)) if self.inband else (x, y)
+
+
 def iter_batches(
     dataset: torch.utils.data.Dataset, batches: Iterable[np.ndarray], *, runtime: Runtime, workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
     """``(x, y, rows)`` for each batch of rows, ``x`` and ``y`` (int64) on the runtime's device.
 
     ``batches`` is consumed lazily (a streaming sampler stays in step with training); with
-    ``workers > 0`` a DataLoader reads up to ``2 * workers`` batches ahead.
+    ``workers > 0`` a DataLoader reads up to ``2 * workers`` batches ahead. A ``RankBatches`` is
+    iterated in this process, one batch per item, while the workers decode their shares of it.
     """
     source = _Rows(dataset)
-    if workers > 0:
-        triples: Iterable = torch.utils.data.DataLoader(
+    pin = runtime.device.type == "cuda"
+    if workers > 0 and isinstance(batches, RankBatches):
+        decoded = iter(torch.utils.data.DataLoader(_Shares(source, batches, inband=not pin), batch_size=None,
+                                                   collate_fn=_as_sent, num_workers=workers, pin_memory=pin))
+        triples: Iterable = ((*map(torch.as_tensor, next(decoded)), rows) for rows in batches)
+    elif workers > 0:
+        triples = torch.utils.data.DataLoader(
             source,
             sampler=batches,  # type: ignore[arg-type]
             batch_size=None,
             num_workers=workers,
-            pin_memory=runtime.device.type == "cuda",
+            pin_memory=pin,
         )
     else:
         triples = (source[rows] for rows in batches)
@@ -187,36 +227,73 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _Meter:
-    """Batch-size-weighted sums on the device; one sync per epoch."""
+    """Batch-size-weighted float64 sums on the device; one sync per epoch.
+
+    Each step's figures go into one float32 vector (the stats times the batch size, then the
+    top-1/top-5 counts and plain numbers), made float64 once and added to one running vector:
+    value by value the same additions as one sum per name, in a few tensor ops per step. A step
+    whose names or shapes differ from the first one's moves the running vector into one sum per
+    name for the rest of the epoch."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.layout: tuple[tuple[str, int, int], ...] | None = None   # (name, ndim, size) of ``total``
+        self.total: torch.Tensor | None = None
         self.count = 0
 
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        value = value.double()  # float64 sums: a long epoch of float32 losses would lose digits
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
-
+    @torch.no_grad()
     def add(self, out: Mapping[str, object], y: torch.Tensor) -> None:
         n = y.shape[0]
         self.count += n
+        scaled: list[torch.Tensor] = []
+        plain: list[torch.Tensor] = []
+        scaled_keys: list[tuple[str, int, int]] = []
+        plain_keys: list[tuple[str, int, int]] = []
         for name, value in out.items():
             if name == "logits":
                 logits = [value] if isinstance(value, torch.Tensor) else list(value)  # type: ignore[arg-type]
                 for i, z in enumerate(logits):
                     suffix = "" if len(logits) == 1 else f"_{i}"
-                    z = z.detach()
-                    self._add(f"top1{suffix}", topk_correct(z, y, 1).float())
-                    if z.shape[-1] >= 5:
-                        self._add(f"top5{suffix}", topk_correct(z, y, 5).float())
-            elif isinstance(value, torch.Tensor) and value.ndim == 0:
-                self._add(name, value.detach().float() * n)
-            elif isinstance(value, torch.Tensor) and value.ndim == 1:   # per-mentor stats: one vector sum
-                self._add(name, value.detach().float() * n)
+                    for k in (1, 5) if z.shape[-1] >= 5 else (1,):
+                        plain.append(topk_correct(z, y, k).float())
+                        plain_keys.append((f"top{k}{suffix}", 0, 1))
+            elif isinstance(value, torch.Tensor) and value.ndim in (0, 1):  # 1-D: per-mentor stats
+                v = value if value.dtype == torch.float32 else value.float()
+                scaled.append(v.reshape(1) if value.ndim == 0 else v)
+                scaled_keys.append((name, value.ndim, v.numel()))
             elif isinstance(value, (int, float)):
-                self._add(name, torch.tensor(float(value) * n, device=y.device))
+                plain.append(torch.tensor(float(value) * n, device=y.device))
+                plain_keys.append((name, 0, 1))
+        parts = ([torch.cat(scaled) * n] if scaled else []) + ([torch.stack(plain)] if plain else [])
+        if not parts:
+            return
+        step = (torch.cat(parts) if len(parts) > 1 else parts[0]).double()
+        layout = tuple(scaled_keys + plain_keys)
+        if self.total is None and not self.sums:
+            self.layout, self.total = layout, step
+        elif self.total is not None and layout == self.layout:
+            self.total += step
+        else:
+            self._split()
+            for name, value in self._named(layout, step).items():
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    @staticmethod
+    def _named(layout: Sequence[tuple[str, int, int]], vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, at = {}, 0
+        for name, ndim, size in layout:
+            out[name] = vector[at] if ndim == 0 else vector[at:at + size]
+            at += size
+        return out
+
+    def _split(self) -> None:
+        """Move the running vector into ``sums`` (one tensor per name)."""
+        if self.total is not None and self.layout is not None:
+            self.sums.update(self._named(self.layout, self.total))
+        self.total, self.layout = None, None
 
     def result(self, runtime: Runtime, *, prefix: str) -> dict[str, float]:
+        self._split()
         if not self.sums:
             return {}
         names = sorted(self.sums)
