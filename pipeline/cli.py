@@ -15,7 +15,6 @@ fields of ``TeacherConfig``, ``DistillConfig`` and ``CacheConfig``.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import warnings
 from typing import Iterator
@@ -48,6 +47,7 @@ from pipeline.manifest import load_manifest
 from pipeline.methods import METHODS
 from pipeline.methods.teacher import TEACHER_LOSSES
 from pipeline.models import MODELS
+from pipeline.runtime import is_main_process
 from pipeline.store.schema import DTYPES, STORAGE_KINDS, Layout, human_bytes, plan_bytes
 from pipeline.store.verify import verify_store
 from pipeline.train import (
@@ -217,7 +217,7 @@ def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
     """
     with training_warning_last():
         metrics = train_teacher(TeacherConfig(arch_options=parse_options(arch_options, flag="--arch-option"), **options))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if not is_main_process():  # under torchrun only rank 0 reports
         return
     shown = {k: v for k, v in metrics.items() if k.startswith(("train_", "val_"))}
     _wrote(f"wrote {options['out']} ({metrics.get('epoch', 0)} epochs): "
@@ -509,7 +509,7 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
                            **options)
     with training_warning_last():
         metrics = distill(config)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if not is_main_process():  # under torchrun only rank 0 reports
         return
     shown = {k: v for k, v in metrics.items() if k == "train_loss" or k.startswith(("train_top1", "val_top1"))}
     paths = " and ".join(str(p) for p in student_paths(config.out, 2 if config.student_b else 1))

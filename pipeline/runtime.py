@@ -81,6 +81,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun): the process that scores models, writes reports and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; a CUDA device that is absent is a UserError."""
     if str(device) == "auto":

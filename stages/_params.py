@@ -12,7 +12,6 @@ classes, never here. Outputs are reproducible bytes; wall times go to ``--log`` 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from pipeline.cli_options import warnings_as_lines
 from pipeline.config import ConfigError, FromDict
 from pipeline.errors import UserError
 from pipeline.files import write_json
+from pipeline.runtime import is_main_process
 
 PARAMS = "params.yaml"
 
@@ -95,11 +95,6 @@ def scores(evaluated: dict[str, Any]) -> dict[str, float]:
     """The ``SCORES`` of one ``EvaluateConfig.score`` result (``mse_to_bayes`` only where the data
     has a known posterior)."""
     return {ours: round(float(evaluated[theirs]), 6) for ours, theirs in SCORES.items() if theirs in evaluated}
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (or no torchrun): the process that scores models and writes the files."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextmanager

@@ -14,14 +14,15 @@ resolution, seeing the teachers' crops resized.
 """
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
-from _params import Section, is_main_process, run, scores, wall_log
+from _params import Section, run, scores, wall_log
 
 from pipeline.files import write_history, write_json
+from pipeline.report import read_csv
+from pipeline.runtime import is_main_process
 from pipeline.train import DistillConfig, EvaluateConfig, distill
 from pipeline.train.student import student_paths
 
@@ -65,7 +66,7 @@ def main() -> None:
             if len(paths) > 1:
                 run_scores.update({f"{k}_b": v for k, v in scores(evaluate.score(paths[1], cfg.manifest)).items()})
             runs.append(run_scores)
-            histories.append(_read_history(out.with_suffix(".csv")))
+            histories.append(read_csv(out.with_suffix(".csv")))
             print(f"student {args.name} seed {seed} ({evaluate.split}): "
                   + ", ".join(f"{k} {v}" for k, v in run_scores.items() if k != "seed"))
     if not is_main_process():
@@ -82,11 +83,6 @@ def spread(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
     values = [r["accuracy"] for r in runs]
     out["accuracy_std"] = round(statistics.stdev(values), 6) if len(values) > 1 else 0.0
     return out
-
-
-def _read_history(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
