@@ -27,6 +27,7 @@ from pipeline.models import create_model
 from pipeline.store import schema
 from pipeline.train import DistillConfig, distill
 from pipeline.train.evaluate import evaluate_checkpoint
+from pipeline.train.loader import DistillLoader
 from pipeline.train.targets import CachedTargets
 from tests.support.cli import one_error_line
 from tests.support.data import write_imagefolder
@@ -179,3 +180,18 @@ def test_a_students_provenance_holds_each_teachers_source_and_preprocessing(room
     old_cfg = replace(cfg, mentors=(str(older),), out=str(tmp_path / "old.pt"))
     distill(old_cfg)
     assert load_checkpoint(old_cfg.out)["meta"]["mentors"][0]["preprocessing"] is None
+
+
+def test_the_loader_gives_your_own_loop_the_students_resolution(room):
+    man = load_manifest(room.manifest)
+    with DistillLoader([room.store], man, batch_size=4, input_size=96) as loader:
+        assert loader.input_shape == (3, 96, 96)
+        for epoch in (0, 1):
+            own = open_split(man, "train", views=loader.view_spec, view=epoch % VIEWS)
+            for x, _, _ in loader.epoch(epoch):
+                assert x.shape[1:] == (3, 96, 96)
+            rows = next(iter(loader.epoch(epoch).batches))
+            x = next(iter(loader.epoch(epoch)))[0]
+            assert torch.equal(x, torch.stack([own[int(i)][0] for i in rows]))
+    assert loader.view_spec == for_model(ViewSpec.from_dict(schema.read_attrs(room.store)["views"]["spec"]),
+                                         input_size=96)

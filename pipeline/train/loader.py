@@ -30,6 +30,10 @@ The stores are checked against the manifest first (``CachedTargets.open``: class
 content hash, sample order, completeness, agreement): a mismatch is one ``UserError``. A
 streamed cache serves one epoch at a time: finish (or drop) one epoch's iterator before
 starting the next. ``x``, ``y`` and the targets are on ``device`` (default the CPU).
+
+A student of another resolution or normalization than the teachers (a 160 px student of a 224 px
+teacher's cache): ``input_size=160`` (and ``input_mean``/``input_std``) gives ``x`` the same crop
+boxes and flips as the teachers saw, resized to 160 px (``pipeline.data.views.for_model``).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch.distributed as dist
 
 from pipeline.data import open_split
 from pipeline.data.dataset import ViewDataset
-from pipeline.data.views import ViewSpec
+from pipeline.data.views import ViewSpec, for_model
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runtime import Runtime
@@ -102,7 +106,8 @@ class DistillLoader:
     def __init__(self, stores: Sequence[str | Path], manifest: str | Path | Manifest, *, batch_size: int,
                  seed: int = 0, workers: int = 0, rank: int | None = None, world_size: int | None = None,
                  cache_mode: str = "auto", memory_budget_mb: int | None = None, drop_last: bool = False,
-                 device: str | torch.device = "cpu", fields: Sequence[str] = FIELDS) -> None:
+                 device: str | torch.device = "cpu", fields: Sequence[str] = FIELDS, input_size: int | None = None,
+                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> None:
         if isinstance(stores, (str, Path)) or not stores:
             raise UserError(f"stores: expected a non-empty list of cache stores, found {stores!r}")
         for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0)):
@@ -118,8 +123,8 @@ class DistillLoader:
         self.cached = CachedTargets.open(list(stores), self.manifest, cache_mode=cache_mode,
                                          memory_budget_mb=memory_budget_mb, workers=workers)
         try:
-            self.dataset: ViewDataset = open_split(self.manifest, self.cached.split, views=self.cached.view_spec,
-                                                   view=0)
+            self.spec = for_model(self.cached.view_spec, input_size=input_size, mean=input_mean, std=input_std)
+            self.dataset: ViewDataset = open_split(self.manifest, self.cached.split, views=self.spec, view=0)
             self.runtime = Runtime.for_model(device, tuple(self.dataset.input_shape))
         except BaseException:
             self.cached.close()
@@ -146,7 +151,8 @@ class DistillLoader:
 
     @property
     def view_spec(self) -> ViewSpec:
-        return self.cached.view_spec
+        """The views ``x`` is made with: the teachers' crops and flips at this loader's input size."""
+        return self.spec
 
     @property
     def split(self) -> str:
