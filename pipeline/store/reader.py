@@ -37,10 +37,8 @@ entropy and p_gt are always the exact stored values:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +50,7 @@ import zarr
 
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.chunks import raw_meta, read_small
 from pipeline.store.codecs import dense_from_samples, dense_from_topk, dequantize_int8
 from pipeline.store.verify import check_complete
 
@@ -80,43 +79,6 @@ def dense_logits(layout: schema.Layout, parts: dict[str, np.ndarray]) -> np.ndar
     return dense_from_samples(parts["sample_index"], parts["sample_count"], c, layout.temperature)
 
 
-def _raw_meta(path: Path, name: str) -> dict | None:
-    """The zarr.json of array ``name`` when its chunk files are kdcache's raw encoding (one ``bytes``
-    codec, little-endian or single-byte values, on a little-endian machine), else None."""
-    meta_file = path / name / "zarr.json"
-    if sys.byteorder != "little" or not meta_file.is_file():
-        return None
-    meta = json.loads(meta_file.read_text())
-    codecs = meta.get("codecs", [])
-    if len(codecs) != 1 or codecs[0].get("name") != "bytes":
-        return None
-    endian = (codecs[0].get("configuration") or {}).get("endian")
-    return meta if endian == "little" or (endian is None and np.dtype(meta["data_type"]).itemsize == 1) else None
-
-
-def _read_small(path: Path, name: str, layout: schema.Layout) -> np.ndarray:
-    """A small raw-encoded array (ids, labels, checksums) read whole from its chunk files, one per
-    (view, block); a missing chunk reads as the fill value, as through zarr."""
-    shape, chunks, dtype = layout.arrays()[name]
-    out = np.full(shape, schema.fill_value(dtype), np.dtype(dtype))
-    per_chunk = int(np.prod(chunks, dtype=np.int64))
-    axis = 0 if len(shape) == 1 else 1                       # the block axis
-    for view in [None] if axis == 0 else range(shape[0]):
-        lead = () if view is None else (view,)
-        for block in range(layout.num_blocks):
-            chunk = path / schema.chunk_key(name, len(shape), view, block)
-            if not chunk.is_file():
-                continue
-            values = np.fromfile(chunk, dtype=np.dtype(dtype).newbyteorder("<"), count=per_chunk)
-            if values.size != per_chunk:
-                raise UserError(f"{path}: field {name}: expected a chunk of {per_chunk * values.itemsize} bytes for "
-                                f"block {block}, found {values.size * values.itemsize}")
-            start = block * chunks[axis]
-            stop = min(start + chunks[axis], shape[axis])
-            out[lead + (slice(start, stop),)] = values.reshape(chunks)[(0,) * axis + (slice(0, stop - start),)]
-    return out
-
-
 class _Store:
     """The metadata and small arrays of one store: read straight from its files when every array
     is raw-encoded (no zarr round trip), else through zarr."""
@@ -124,7 +86,7 @@ class _Store:
     def __init__(self, path: Path, layout: schema.Layout) -> None:
         self.path, self.layout = path, layout
         names = layout.block_arrays() + [schema.CHECKSUM, "sample_id", "label"]
-        self.meta = {name: _raw_meta(path, name) for name in names}
+        self.meta = {name: raw_meta(path, name) for name in names}
         self.raw = path.is_dir() and all(meta is not None for meta in self.meta.values())
         self._group: zarr.Group | None = None
 
@@ -135,7 +97,7 @@ class _Store:
         return self._group
 
     def read(self, name: str) -> np.ndarray:
-        return _read_small(self.path, name, self.layout) if self.raw else self.group[name][:]
+        return read_small(self.path, name, self.layout) if self.raw else self.group[name][:]
 
     def attributes(self, name: str) -> dict:
         return dict(self.meta[name].get("attributes", {})) if self.raw else dict(self.group[name].attrs)
@@ -205,12 +167,18 @@ class _Blocks:
         self.path, self.layout = store.path, store.layout
         self.names = self.layout.block_arrays()               # every array with a checksum, in its order
         self.specs = self.layout.arrays()
-        self.raw = store.raw
-        self.arrays = {} if self.raw else {name: store.group[name] for name in self.names}
+        self.raw, self._store, self._arrays = store.raw, store, None
         found = list(store.attributes(schema.CHECKSUM).get("arrays", []))
         if found != self.names:
             raise UserError(f"{self.path}: field checksum.arrays: expected {self.names}, found {found}")
         self.expected = store.read(schema.CHECKSUM)           # [V, num_blocks, A] uint32, a few KiB
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """The block arrays through zarr (opened on first use: raw stores read their files instead)."""
+        if self._arrays is None:
+            self._arrays = {name: self._store.group[name] for name in self.names}
+        return self._arrays
 
     def read_into(self, view: int, block: int, out: dict[str, np.ndarray]) -> None:
         """Fill ``out`` (some of the block arrays) with (view, block); every array of the block is checked."""
