@@ -24,6 +24,7 @@ from pipeline.manifest import load_manifest
 from pipeline.report import FAILS, HOLDS, WITHIN_NOISE, Claim, check_claim, markdown, summarize, write_report
 from pipeline.train import DistillConfig, TeacherConfig, distill, train_teacher
 from pipeline.train.loop import learning_problem
+from pipeline.train.teacher import lr_hint
 
 from tests.support.dvc import dvc_repo, run_dvc
 
@@ -45,6 +46,14 @@ def test_learning_problem_names_chance_accuracy_and_a_flat_loss() -> None:
     assert learning_problem(_rows((1.0, 0.6), (0.8, 0.7), (0.7, 0.75)), num_classes=3, what="t", hint="h") is None
     assert learning_problem(_rows((1.0, 0.6), (0.999, 0.6)), num_classes=3, what="t", hint="h") is None  # 2 epochs
     assert learning_problem([], num_classes=3, what="t", hint="h") is None
+
+
+def test_the_teachers_hint_follows_what_its_loss_did() -> None:
+    assert "rose (2.3 -> 9.1): try a smaller lr (this run: 5.0)" in lr_hint(_rows((2.3, 0.1), (9.1, 0.1)), 5.0)
+    assert "try a smaller lr" in lr_hint(_rows((2.3, 0.1), (float("nan"), 0.1)), 5.0)
+    assert lr_hint(_rows((2.3, 0.1), (2.3, 0.1), (2.299, 0.1)), 1e-9).startswith(
+        "the train_loss barely moved: try a larger lr (this run: 1e-09)")
+    assert lr_hint(_rows((2.3, 0.1), (1.9, 0.1)), 0.1).startswith("try more epochs")
 
 
 def test_a_student_that_does_not_learn_ends_with_a_warning_not_a_success_line(synthetic: str, tmp_path: Path) -> None:

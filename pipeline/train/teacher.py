@@ -26,11 +26,12 @@ Choices (documented here once):
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -159,7 +160,7 @@ def _train(cfg: TeacherConfig) -> dict:
     if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
         _finished_already(cfg, state.history)
     problem = learning_problem(state.history, num_classes=manifest.num_classes, what=f"teacher {cfg.arch}/{cfg.loss}",
-                               hint=f"try a smaller lr (this run: {cfg.lr}), or more epochs")
+                               hint=lr_hint(state.history, cfg.lr))
     if problem and runtime.is_main:
         warnings.warn(problem, TrainingWarning, stacklevel=2)
         metrics["warning"] = problem
@@ -176,3 +177,17 @@ def _finished_already(cfg: TeacherConfig, history: list[dict]) -> None:
             shutil.copyfile(cfg.resume, tmp)
     if cfg.history_path:
         write_history(cfg.history_path, history)
+
+
+def lr_hint(history: Sequence[Mapping[str, float]], lr: float) -> str:
+    """What to try for a run that did not learn, from its train_loss: a loss that rose or became
+    non-finite suggests a smaller lr, one that barely moved a larger lr or more epochs."""
+    first, last = (history[0].get("train_loss"), history[-1].get("train_loss")) if history else (None, None)
+    if first is None or last is None:
+        return f"try another lr (this run: {lr}), or more epochs"
+    if not math.isfinite(last) or last > first:
+        return f"the train_loss rose ({first:.4g} -> {last:.4g}): try a smaller lr (this run: {lr})"
+    if abs(first - last) <= 0.01 * abs(first):
+        return f"the train_loss barely moved: try a larger lr (this run: {lr}), or more epochs"
+    return f"try more epochs, or another lr (this run: {lr})"
+
