@@ -44,8 +44,8 @@ def main() -> None:
     seeds = params.values.pop("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise params.error("seeds", f"expected a non-empty list of seeds >= 0, found {seeds!r}")
+    names = params.values.get("mentors", [])
     if "mentors" in params.values:         # teacher names -> their stores
-        names = params.values["mentors"]
         if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
             raise params.error("mentors", f"expected a list of teacher names, found {names!r}")
         params = params.with_values(mentors=[str(Path(args.caches) / f"{name}.zarr") for name in names])
@@ -71,7 +71,7 @@ def main() -> None:
                   + ", ".join(f"{k} {v}" for k, v in run_scores.items() if k != "seed"))
     if not is_main_process():
         return
-    write_json(args.results, {"method": cfg.method, "mentors": list(params.values.get("mentors", [])),
+    write_json(args.results, {"method": cfg.method, "mentors": list(names),
                               "seeds": runs})
     write_json(args.metrics, spread(runs, ("accuracy", "nll", "mse_to_bayes")))
     write_history(args.history, mean_history(histories))

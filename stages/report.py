@@ -46,7 +46,7 @@ def main() -> None:
     students, curves, mentor_stats = {}, {}, {}
     for name in student_params:
         result = _read_json(results / "students" / f"{name}.json")
-        students[name] = {"method": result["method"], "mentors": [Path(m).stem for m in result["mentors"]],
+        students[name] = {"method": result["method"], "mentors": list(result["mentors"]),
                           "runs": result["seeds"]}
         curves[name] = metrics / "students" / f"{name}.csv"
         first = models / "students" / name / f"seed{result['seeds'][0]['seed']}_mentors.csv"

@@ -215,6 +215,7 @@ def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Pat
         assert student["seeds"] == [0, 1]
         assert {"method", "mentors", "accuracy_mean", "accuracy_std", "mse_to_bayes_mean"} <= set(student)
     assert summary["students"]["classroom"]["mentors"] == ["ce", "peer_s"]
+    assert json.loads((repo / "results" / "students" / "classroom.json").read_text())["mentors"] == ["ce", "peer_s"]
     assert "accuracy_b_mean" in summary["students"]["dual"]
     assert [c["verdict"] for c in summary["claims"]] and all(c["verdict"] for c in summary["claims"])
     assert sorted(p.name for p in (repo / "reports" / "figures").iterdir()) == \
