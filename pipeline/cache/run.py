@@ -112,10 +112,6 @@ def _desc(stores: Sequence[Path]) -> str:
     return f"cache {stores[0].name}" if len(stores) == 1 else f"cache {len(stores)} stores"
 
 
-def _marked(writer: BlockWriter, view: int, block: int) -> bool:
-    return bool(writer.arrays["done"][view, block])      # read afresh: another job may have set it
-
-
 def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claims], *, view: int, block: int,
                           computer: Callable[[], PassComputer]) -> list[tuple[str, int]]:
     """Claim (view, block) in every store, compute it once for the stores whose claim we got, write
@@ -130,11 +126,11 @@ def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claim
     held: list[int] = []
     try:
         for s, (writer, claim) in enumerate(zip(writers, claims)):
-            if _marked(writer, view, block):
+            if writer.marked(view, block):
                 continue
             if not claim.acquire(view, block):
                 outcomes[s] = (CLAIMED, 0)
-            elif _marked(writer, view, block):
+            elif writer.marked(view, block):
                 claim.release(view, block)
             else:
                 held.append(s)
@@ -349,11 +345,11 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
             for held in claims:
                 held.close()
     results = []
-    for out, attr, store_missing, count in zip(outs, attrs, missing, computed):
+    for out, attr, store_missing, count, writer in zip(outs, attrs, missing, computed, writers):
         if attr["status"].get("complete") and not store_missing.intersection(todo):
             results.append(CacheResult(out, 0, 0, True, attr["status"].get("stats")))
             continue
-        result = finalize(out)
+        result = finalize(out, writer=writer)
         if result.complete:
             clear_claims(out)      # every marker is set: what is left are claims of finished or dead jobs
         result.computed = count

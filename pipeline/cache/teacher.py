@@ -15,6 +15,7 @@ float32 otherwise); its logits are cast to float32 before anything is derived fr
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -114,8 +115,14 @@ class TeacherComputer:
         self.model = self.runtime.prepare(model).eval()
 
     def dataset(self, view: int) -> Any:
+        """The split in view ``view``: opened (its samples loaded) once, every other view shares them."""
         if view not in self._datasets:
-            self._datasets[view] = open_split(self.manifest, self.factory.split, views=self.spec, view=view)
+            if self._datasets:
+                ds = copy.copy(next(iter(self._datasets.values())))
+                ds.set_view(view)
+            else:
+                ds = open_split(self.manifest, self.factory.split, views=self.spec, view=view)
+            self._datasets[view] = ds
         return self._datasets[view]
 
     def _batches(self, view: int, start: int, stop: int) -> Iterator[torch.Tensor]:

@@ -13,6 +13,7 @@ sample_id = index in train, or 60 000 + index in t10k; source = ``FILE#INDEX``.
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,7 +38,20 @@ MEAN, STD = [0.2860], [0.3530]
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (type 0x08) as a uint8 array of its declared shape."""
+    """An IDX file of unsigned bytes (type 0x08) as a (read-only) uint8 array of its declared shape.
+
+    Decoded once per process while the file is unchanged (the same resolved path, inode, size,
+    mtime and ctime): a caching or training run opens the same split several times.
+    """
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read IDX file ({err})") from None
+    return _decode_idx(path.resolve(), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=len(FILES))
+def _decode_idx(path: Path, version: tuple[int, ...]) -> np.ndarray:
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:

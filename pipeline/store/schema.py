@@ -55,6 +55,7 @@ DEFAULT_TEMPERATURE = 1.0          # of sampled storage: the teacher's own softm
 DEFAULT_MICRO_BATCH = 256
 DEFAULT_ROWS_PER_BLOCK = 4096
 MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
+STATS_TILE_VALUES = 2**16          # logits per tile of target_stats (256 KiB of float32: cache-resident)
 METADATA_BYTES_PER_ARRAY = 600     # zarr.json of one array (measured: 450-600 bytes)
 METADATA_BYTES_GROUP = 2500        # the group's zarr.json with the attrs below
 DIRECTORY_BYTES = 4096             # one directory per array and the group (as `du -b` counts them)
@@ -261,6 +262,18 @@ def chunk_crc32(values: np.ndarray, *, rows: int, dtype: str) -> int:
     return crc
 
 
+def chunk_bytes(values: np.ndarray, *, rows: int, dtype: str) -> np.ndarray:
+    """A chunk's file as kdcache writes it (uint8, the bytes ``chunk_crc32`` checks), from the values
+    of its ``len(values)`` rows: little-endian ``dtype``, uncompressed, padded with the fill value to
+    ``rows`` rows. No copy when ``values`` already are whole, contiguous and little-endian."""
+    data = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
+    if len(data) < rows:
+        padded = np.full((rows,) + data.shape[1:], fill_value(dtype), dtype=data.dtype)
+        padded[:len(data)] = data
+        data = padded
+    return data.reshape(-1).view(np.uint8)
+
+
 def ids_checksums(sample_id: np.ndarray, label: np.ndarray) -> dict[str, Any]:
     """The attrs section ``checksums``: CRC-32 of the sample_id (int64) and label (int32) values, little-endian."""
     return {"algorithm": CHECKSUM_ALGORITHM,
@@ -370,20 +383,34 @@ def target_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray
     """Exact per-sample targets from full float32 logits [B, C]: entropy, p_gt, pred, logsumexp.
 
     Entropy is in nats at T = 1; ``pred`` is the first arg-max (the same class the top-k order puts
-    first). NumPy, not torch, so the values never depend on the thread count.
+    first). NumPy, not torch, so the values never depend on the thread count. Computed in tiles of
+    about ``STATS_TILE_VALUES`` values (whole rows), so that the temporaries stay in the CPU cache;
+    every operation is per row, so a row's results do not depend on the tiling.
     """
     z = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows, classes = z.shape
+    out = {"entropy": np.empty(rows, np.float32), "p_gt": np.empty(rows, np.float32),
+           "pred": np.empty(rows, np.int32), "logsumexp": np.empty(rows, np.float32)}
+    step = max(1, STATS_TILE_VALUES // classes)
+    logp, p = np.empty((2, min(step, rows), classes), np.float32)
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        _stats_tile(z[a:b], labels[a:b], logp[:b - a], p[:b - a], {name: v[a:b] for name, v in out.items()})
+    return out
+
+
+def _stats_tile(z: np.ndarray, labels: np.ndarray, logp: np.ndarray, p: np.ndarray,
+                out: dict[str, np.ndarray]) -> None:
+    """``target_stats`` of a few rows into ``out``; ``logp`` and ``p`` are scratch of the rows' shape."""
     zmax = z.max(axis=1, keepdims=True)
-    lse = zmax + np.log(np.exp(z - zmax).sum(axis=1, keepdims=True, dtype=np.float32))
-    logp = z - lse
-    p = np.exp(logp)
-    rows = np.arange(z.shape[0])
-    return {
-        "entropy": -(p * logp).sum(axis=1, dtype=np.float32),
-        "p_gt": p[rows, np.asarray(labels, dtype=np.int64)].astype(np.float32),
-        "pred": z.argmax(axis=1).astype(np.int32),
-        "logsumexp": lse[:, 0].astype(np.float32),
-    }
+    np.exp(np.subtract(z, zmax, out=logp), out=p)
+    lse = zmax + np.log(p.sum(axis=1, keepdims=True, dtype=np.float32))
+    np.exp(np.subtract(z, lse, out=logp), out=p)
+    out["p_gt"][:] = p[np.arange(len(z)), labels]
+    out["entropy"][:] = -np.multiply(p, logp, out=p).sum(axis=1, dtype=np.float32)
+    out["pred"][:] = z.argmax(axis=1)
+    out["logsumexp"][:] = lse[:, 0]
 
 
 def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

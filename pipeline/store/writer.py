@@ -28,16 +28,22 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import Buffer
+from zarr.core.sync import sync
 
 from pipeline import __version__, faults
 from pipeline.errors import UserError
 from pipeline.store import codecs, schema
+
+MARKER = b"\x01"                   # the file of a set done marker (a bool chunk of one value)
 
 
 @dataclass(frozen=True)
@@ -101,22 +107,39 @@ def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.La
 
 
 class BlockWriter:
-    """Writes (view, block) units into an existing store; one instance per process."""
+    """Writes (view, block) units into an existing store; one instance per process.
+
+    A block's chunk files are written through the zarr store (its atomic write: a temporary
+    ``.partial`` file renamed over the chunk's key), not through the arrays: every chunk is
+    exactly one block, so the file is the block's values as they are (``schema.chunk_bytes``).
+    """
 
     def __init__(self, store: str | Path) -> None:
         self.store = Path(store)
         self.attrs = schema.read_attrs(self.store)
         self.layout = schema.Layout.from_attrs(self.attrs)
         self.group = zarr.open_group(str(self.store), mode="r+")
-        self.arrays = {name: self.group[name] for name in self.layout.arrays()}
+        self.specs = self.layout.arrays()
+        self.arrays = {name: self.group[name] for name in self.specs}
         self.labels = self.arrays["label"][:]
 
     def missing(self) -> list[tuple[int, int]]:
         done = self.arrays["done"][:]
         return [(v, b) for v, b in self.layout.units() if not done[v, b]]
 
+    def marked(self, view: int, block: int) -> bool:
+        """Whether (view, block) has its done marker, read afresh (another job may have set it)."""
+        try:
+            return (self.store / schema.chunk_key("done", 2, view, block)).read_bytes() == MARKER
+        except FileNotFoundError:
+            return False
+
     def write(self, view: int, block: int, logits: np.ndarray) -> None:
-        """Write a block's arrays from its full float32 logits, then their checksums, then its done marker."""
+        """Write a block's arrays from its full float32 logits, then their checksums, then its done marker.
+
+        The logit arrays go to disk from a second thread while the stats are computed; the
+        checksums are written once every chunk of the block is in place, the marker after them.
+        """
         lay = self.layout
         start, stop = lay.block_rows(block)
         where = f"{self.store}: view {view}, rows {start}:{stop}"
@@ -125,22 +148,28 @@ class BlockWriter:
         if not np.isfinite(logits).all():
             raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
                             f"({int((~np.isfinite(logits)).sum())} values); no marker written")
-        stats = schema.target_stats(logits, self.labels[start:stop])
-        stored = self._payload(view, block, logits, stats, where)
-        stored.update(entropy=stats["entropy"], p_gt=stats["p_gt"], pred=stats["pred"])
-        crcs = np.empty(len(lay.block_arrays()), np.uint32)
-        for i, name in enumerate(lay.block_arrays()):
-            # exactly the bytes zarr writes (the array's little-endian dtype), so the CRC is the file's
-            value = np.ascontiguousarray(stored[name], dtype=self.arrays[name].dtype.newbyteorder("<"))
-            crcs[i] = schema.chunk_crc32(value, rows=lay.rows_per_block, dtype=str(self.arrays[name].dtype))
-            self.arrays[name][view, start:stop] = value
-        self.arrays[schema.CHECKSUM][view, block] = crcs
+        payload = self._payload(view, block, logits, where)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            written = {name: pool.submit(self._put_chunk, name, view, block, values)
+                       for name, values in payload.items()}
+            stats = schema.target_stats(logits, self.labels[start:stop])
+            written.update({name: pool.submit(self._put_chunk, name, view, block, stats[name])
+                            for name in lay.block_arrays() if name not in written})
+            crcs = np.array([written[name].result() for name in lay.block_arrays()], np.uint32)
+        self._put_chunk(schema.CHECKSUM, view, block, crcs[None])
         faults.point("marker")
-        self.arrays["done"][view, block] = True       # only after every array of the block is written
+        self._put_chunk("done", view, block, np.ones(1, bool))      # only after every array of the block is written
 
-    def _payload(self, view: int, block: int, logits: np.ndarray, stats: dict[str, np.ndarray],
-                 where: str) -> dict[str, np.ndarray]:
-        """The logit arrays of the store's kind (``pipeline.store.codecs``) for one block."""
+    def _put_chunk(self, name: str, view: int, block: int, values: np.ndarray) -> int:
+        """Write the chunk of (view, block) of array ``name`` from its rows' values; the CRC-32 of its file."""
+        shape, chunks, dtype = self.specs[name]
+        data = schema.chunk_bytes(values, rows=chunks[1], dtype=dtype)
+        sync(self.group.store.set(schema.chunk_key(name, len(shape), view, block), Buffer.from_array_like(data)))
+        return zlib.crc32(data)
+
+    def _payload(self, view: int, block: int, logits: np.ndarray, where: str) -> dict[str, np.ndarray]:
+        """The logit arrays of the store's kind (``pipeline.store.codecs``) for one block, but the
+        top-k ``logsumexp`` (one of the stats)."""
         lay = self.layout
         if lay.kind == "dense" and lay.dtype == "int8":
             q, scale, offset = codecs.quantize_int8(logits)
@@ -149,20 +178,21 @@ class BlockWriter:
             return {"logits": self._cast(logits, where)}
         if lay.kind == "topk":
             values, index = schema.topk(logits, lay.k)
-            return {"topk_values": self._cast(values, where), "topk_index": index.astype(lay.index_dtype),
-                    "logsumexp": stats["logsumexp"]}
+            return {"topk_values": self._cast(values, where), "topk_index": index.astype(lay.index_dtype)}
         rng = codecs.sample_rng(self.attrs["views"].get("seed", 0), view, block)
         index, count = codecs.draw_samples(logits, k=lay.k, temperature=lay.temperature, rng=rng,
                                            index_dtype=lay.index_dtype, count_dtype=schema.count_dtype(lay.k))
         return {"sample_index": index, "sample_count": count}
 
     def _cast(self, values: np.ndarray, where: str) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            out = values.astype(self.layout.dtype)
-        if not np.isfinite(out).all():
+        """Finite float32 logits in the store's dtype; a ``UserError`` where float16 overflows."""
+        if self.layout.dtype == "float32":
+            return values
+        # the rounding is monotonic: every value is within range when the extremes are
+        if not np.isfinite(codecs.to_float16(np.array([values.max(), values.min()], np.float32))).all():
             raise UserError(f"{where}: field logits: expected values within {self.layout.dtype} range, found "
                             f"|logit| up to {float(np.abs(values).max()):.4g}; use --dtype float32")
-        return out
+        return codecs.to_float16(values)
 
 
 def remove_partial_files(store: str | Path) -> None:
@@ -188,10 +218,11 @@ def remove_partial_files(store: str | Path) -> None:
                 Path(root, name).unlink(missing_ok=True)
 
 
-def finalize(store: str | Path) -> CacheResult:
-    """Check every marker and chunk; when all are there, record stats and ``status.complete``."""
+def finalize(store: str | Path, *, writer: BlockWriter | None = None) -> CacheResult:
+    """Check every marker and chunk; when all are there, record stats and ``status.complete``
+    (``writer``: this process's open writer of the store, if any)."""
     store = Path(store)
-    writer = BlockWriter(store)
+    writer = writer or BlockWriter(store)
     lay, arrays = writer.layout, writer.arrays
     missing = writer.missing()
     if missing:
