@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -71,15 +72,40 @@ def check_writable(path: str | Path, *, what: str) -> None:
         raise UserError(f"{os_error_text(err, path)}; {what} {path} cannot be written there") from None
 
 
+_SETTLED_S = 2        # a file last changed longer ago than this is told apart from a changed one by its times
+_HASHED: dict[tuple, str] = {}
+_HASHED_MAX = 64
+
+
+def settled_version(path: str | Path, st: os.stat_result | None = None) -> tuple | None:
+    """``(real path, inode, size, mtime, ctime)`` of a file that changed over ``_SETTLED_S`` seconds
+    ago, else None: what a process may key a file's hash or decoded contents on. Any later change
+    alters those times; a change within the file system's timestamp tick of the last one might not,
+    so a recently changed file has no version (it is read afresh each time)."""
+    st = st or os.stat(path)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLED_S * 10**9:
+        return None
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes; an unreadable file is a UserError naming it."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file's bytes; an unreadable file is a UserError naming it. A process hashes
+    a settled file (``settled_version``) once: a caching run checks its data files and teacher
+    more than once."""
     try:
         with open(path, "rb") as fh:
+            key = settled_version(path, os.fstat(fh.fileno()))
+            if key in _HASHED:
+                return _HASHED[key]
+            digest = hashlib.sha256()
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    if key is not None:
+        if len(_HASHED) >= _HASHED_MAX:
+            _HASHED.pop(next(iter(_HASHED)))
+        _HASHED[key] = digest.hexdigest()
     return digest.hexdigest()
 
 

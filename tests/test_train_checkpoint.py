@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 import torch
@@ -82,3 +83,22 @@ def test_file_sha256(tmp_path) -> None:
     assert file_sha256(path) == hashlib.sha256(b"kdcache" * 1000).hexdigest()
     with pytest.raises(UserError, match="missing.bin"):
         file_sha256(tmp_path / "missing.bin")
+
+
+def test_file_sha256_hashes_a_settled_file_once_until_it_changes(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 4096)
+    longer = hashlib.sha256(b"a" * 4097).hexdigest()
+    hashed = []
+    real_sha256, real_now = hashlib.sha256, time.time_ns
+    monkeypatch.setattr("pipeline.files.hashlib.sha256", lambda: hashed.append(1) or real_sha256())  # counts hashings
+    monkeypatch.setattr("pipeline.files.time.time_ns", lambda: real_now() + 10**10)   # 10 s later: settled
+    first = file_sha256(path)
+    assert file_sha256(path) == first and len(hashed) == 1            # the same file: hashed once
+    with open(path, "ab") as fh:
+        fh.write(b"a")
+    assert file_sha256(path) == longer and len(hashed) == 2           # changed: hashed again
+    monkeypatch.setattr("pipeline.files.time.time_ns", real_now)
+    fresh = tmp_path / "g.bin"
+    fresh.write_bytes(b"a" * 4096)                                    # just written: never remembered
+    assert file_sha256(fresh) == file_sha256(fresh) == first and len(hashed) == 4

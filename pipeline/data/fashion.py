@@ -24,6 +24,7 @@ from pipeline.data.base import (DEFAULT_VAL_FRACTION, READERS, Reader, Samples, 
                                 record_files, split_train_val_test)
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
+from pipeline.files import settled_version
 from pipeline.manifest import Manifest, SplitRows
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -40,18 +41,22 @@ MEAN, STD = [0.2860], [0.3530]
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file of unsigned bytes (type 0x08) as a (read-only) uint8 array of its declared shape.
 
-    Decoded once per process while the file is unchanged (the same resolved path, inode, size,
-    mtime and ctime): a caching or training run opens the same split several times.
+    Decoded once per process while the file is unchanged (``pipeline.files.settled_version``): a
+    caching or training run opens the same split several times.
     """
     try:
-        st = path.stat()
+        version = settled_version(path)
     except OSError as err:
         raise UserError(f"{path}: cannot read IDX file ({err})") from None
-    return _decode_idx(path.resolve(), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return _decode_idx(path) if version is None else _decoded_idx(path, version)
 
 
 @functools.lru_cache(maxsize=len(FILES))
-def _decode_idx(path: Path, version: tuple[int, ...]) -> np.ndarray:
+def _decoded_idx(path: Path, version: tuple) -> np.ndarray:
+    return _decode_idx(path)
+
+
+def _decode_idx(path: Path) -> np.ndarray:
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
