@@ -338,10 +338,6 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    for flag, values in (("--weights", weights), ("--name", name)):
-        if values and len(values) != len(teacher):
-            raise UserError(f"{flag}: expected none or one per teacher ({len(teacher)} teachers), found {len(values)}; "
-                            f"give one {flag} per --teacher, in the same order")
     configs = classroom_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     results = [cache_teacher(configs[0])] if len(configs) == 1 else cache_teachers(configs)
     for cfg, result in zip(configs, results):

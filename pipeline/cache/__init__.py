@@ -255,8 +255,8 @@ def _each(flag: str, values: Sequence[Any], teachers: int) -> list[Any]:
     if not values:
         return [None] * teachers
     if len(values) != teachers:
-        raise UserError(f"{flag}: expected none or one per teacher ({teachers} teachers), found {len(values)} "
-                        f"(on the command line {flag} goes with a single --teacher)")
+        raise UserError(f"{flag}: expected none or one per teacher ({teachers} teachers), found {len(values)}; "
+                        f"give one {flag} per --teacher, in the same order")
     return list(values)
 
 
