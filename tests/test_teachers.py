@@ -349,10 +349,14 @@ def test_a_timm_teacher_from_a_state_dict(world, timm_teacher):
     assert teacher["checkpoint_sha256"] == file_sha256(timm_teacher.weights)
 
 
+def _safetensors(model: torch.nn.Module, path: Path) -> Path:
+    """``model``'s state_dict saved as a .safetensors file (skips the test without safetensors)."""
+    pytest.importorskip("safetensors.torch").save_file(model.state_dict(), str(path))
+    return path
+
+
 def test_a_timm_teacher_from_a_safetensors_file(world, timm_teacher):
-    save_file = pytest.importorskip("safetensors.torch").save_file
-    weights = world.tmp / "r10t.safetensors"
-    save_file(timm_teacher.model.state_dict(), str(weights))
+    weights = _safetensors(timm_teacher.model, world.tmp / "r10t.safetensors")
     out = world.tmp / "timm_st.zarr"
     assert _cache(world, out, teacher="timm:resnet10t", weights=str(weights)).complete
     assert verify_store(out).ok
@@ -361,9 +365,7 @@ def test_a_timm_teacher_from_a_safetensors_file(world, timm_teacher):
 
 
 def test_a_safetensors_weights_file(world, arch_store):
-    save_file = pytest.importorskip("safetensors.torch").save_file
-    weights = world.tmp / "r18.safetensors"
-    save_file(world.model.state_dict(), str(weights))
+    weights = _safetensors(world.model, world.tmp / "r18.safetensors")
     out = world.tmp / "st.zarr"
     assert _cache(world, out, teacher="resnet18", weights=str(weights)).complete
     assert verify_store(out).ok
