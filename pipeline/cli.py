@@ -48,7 +48,7 @@ from pipeline.methods import METHODS
 from pipeline.methods.teacher import TEACHER_LOSSES
 from pipeline.models import MODELS
 from pipeline.runtime import is_main_process
-from pipeline.store.schema import DTYPES, STORAGE_KINDS, Layout, human_bytes, plan_bytes
+from pipeline.store.schema import DEFAULT_ROWS_PER_BLOCK, DTYPES, STORAGE_KINDS, Layout, human_bytes, plan_bytes
 from pipeline.store.verify import verify_store
 from pipeline.train import (
     DistillConfig,
@@ -61,6 +61,11 @@ from pipeline.train import (
 )
 from pipeline.train.loop import TrainingWarning
 from pipeline.train.student import CACHE_MODES
+
+
+def _reader_option(dataset: str, key: str) -> object:
+    """A dataset reader's default for one of its options (the help repeats it, the reader owns it)."""
+    return READERS.get(dataset).options[key]
 
 
 class _Group(click.Group):
@@ -129,13 +134,14 @@ def manifest_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the carved val split (synthetic: of all the data).")
 @click.option("--val-fraction", type=float, default=None,
-              help="Fraction of train moved to val for datasets without one (default 0.1).")
+              help=f"Fraction of train moved to val for datasets without one (default {_reader_option('fashion-mnist', 'val_fraction')}).")
 @click.option("--image-size", type=int, default=None,
-              help="imagefolder: side of the square crops the views make (default 224; e.g. 32 for small images).")
-@click.option("--num-samples", type=int, default=None, help="synthetic: number of samples (default 100000).")
-@click.option("--dim", type=int, default=None, help="synthetic: input dimension d (default 30).")
-@click.option("--num-classes", type=int, default=None, help="synthetic: number of classes K (default 3).")
-@click.option("--sigma2", type=float, default=None, help="synthetic: noise variance (default 6).")
+              help=f"imagefolder: side of the square crops the views make (default {_reader_option('imagefolder', 'image_size')}; "
+                   "e.g. 32 for small images).")
+@click.option("--num-samples", type=int, default=None, help=f"synthetic: number of samples (default {_reader_option('synthetic', 'num_samples')}).")
+@click.option("--dim", type=int, default=None, help=f"synthetic: input dimension d (default {_reader_option('synthetic', 'dim')}).")
+@click.option("--num-classes", type=int, default=None, help=f"synthetic: number of classes K (default {_reader_option('synthetic', 'num_classes')}).")
+@click.option("--sigma2", type=float, default=None, help=f"synthetic: noise variance (default {_reader_option('synthetic', 'sigma2')}).")
 @click.option("--subset", "subset", multiple=True, metavar="SPLIT=N", default=(),
               help="Keep a random N rows of SPLIT (chosen by --seed), e.g. train=10000. Repeatable.")
 def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed: int, subset: tuple[str, ...],
@@ -199,8 +205,6 @@ def manifest_check(file: str, with_files: bool) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Checkpoint to write (rewritten atomically after every epoch).")
 @training_options(TeacherConfig)
-@click.option("--threads", type=int, default=config_default(TeacherConfig, "threads"),
-              help="Torch CPU threads (fix it for bit-identical CPU runs).")
 def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
     """Train a teacher with cross-entropy or MSE on the train split of a manifest.
 
@@ -290,9 +294,9 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
 @click.option("--k", type=int, default=config_default(CacheConfig, "k"),
               help="Classes kept per sample (--storage topk) or drawn per sample (--storage sampled).")
 @click.option("--temperature", type=float, default=config_default(CacheConfig, "temperature"),
-              help="--storage sampled: draw from softmax(logits / T); distill with the same T (default 1).")
+              help="--storage sampled: draw from softmax(logits / T) (default T = 1); distill with the same T.")
 @click.option("--rows-per-block", type=int, default=config_default(CacheConfig, "rows_per_block"),
-              help="Rows per block (= chunk, the unit of work and resume); default 4096, less for huge C.")
+              help=f"Rows per block (= chunk, the unit of work and resume); default {DEFAULT_ROWS_PER_BLOCK}, less for huge C.")
 @click.option("--micro-batch", type=int, default=config_default(CacheConfig, "micro_batch"), show_default=True,
               help="Teacher batch size inside a block.")
 @click.option("--shard", default=config_default(CacheConfig, "shard"),
@@ -308,11 +312,8 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="Torch CPU threads per process; keep it the same across jobs for bit-identical stores.")
 @click.option("--workers", type=int, default=config_default(CacheConfig, "workers"), show_default=True,
               help="DataLoader workers decoding images.")
-# The spellings before --workers/--views-seed, kept working (and out of --help) for one release.
-@click.option("--loader-workers", "workers", type=int, default=config_default(CacheConfig, "workers"), hidden=True)
 @click.option("--views-seed", type=int, default=config_default(CacheConfig, "views_seed"), show_default=True,
               help="Seed of the random views.")
-@click.option("--view-seed", "views_seed", type=int, default=config_default(CacheConfig, "views_seed"), hidden=True)
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
                    "teachers: one --name per --teacher, in the same order.")
@@ -384,18 +385,18 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=str), default=None, help="Manifest giving N and C.")
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split of --manifest.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True, help="Views V per sample.")
-@click.option("--teachers", type=int, default=1, show_default=True, help="Number of stores (teachers).")
+@click.option("--num-teachers", type=int, default=1, show_default=True, help="Number of stores (one per teacher).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True)
 @click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True)
 @click.option("--k", type=int, default=None, help="Classes kept (--storage topk) or drawn (--storage sampled).")
-@click.option("--rows-per-block", type=int, default=None, help="As for `kdcache cache` (default 4096).")
+@click.option("--rows-per-block", type=int, default=None, help=f"As for `kdcache cache` (default {DEFAULT_ROWS_PER_BLOCK}, less for huge C).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
-                 teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None) -> None:
+                 num_teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None) -> None:
     """Bytes a cache will take on disk, per array and in total, before anything runs.
 
     \b
     Examples:
-      kdcache plan --num-samples 1281167 --num-classes 1000 --views 4 --teachers 3
+      kdcache plan --num-samples 1281167 --num-classes 1000 --views 4 --num-teachers 3
       kdcache plan --manifest data_manifests/imagenet100.parquet --split train --storage topk --k 20
       kdcache plan --num-samples 1281167 --num-classes 1000 --dtype int8
       kdcache plan --num-samples 1281167 --num-classes 1000 --storage sampled --k 12
@@ -408,9 +409,9 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
         raise UserError("plan: expected --num-samples and --num-classes, or --manifest, found neither")
     layout = Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=storage, k=k,
                     dtype=dtype, rows_per_block=rows_per_block)
-    sizes = plan_bytes(layout, teachers=teachers)
-    on_disk = sum(sizes[name] for name in layout.payload_arrays()) / (teachers * num_samples * views)
-    click.echo(f"{teachers} store(s): N={num_samples} C={num_classes} V={views} {storage}"
+    sizes = plan_bytes(layout, teachers=num_teachers)
+    on_disk = sum(sizes[name] for name in layout.payload_arrays()) / (num_teachers * num_samples * views)
+    click.echo(f"{num_teachers} store(s): N={num_samples} C={num_classes} V={views} {storage}"
                f"{f' k={k}' if k else ''}{'' if storage == 'sampled' else ' ' + dtype}, "
                f"{layout.num_blocks} blocks of {layout.rows_per_block} rows")
     for name, nbytes in sizes.items():

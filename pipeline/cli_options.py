@@ -171,6 +171,9 @@ def training_options(config: type) -> Callable[[F], F]:
                      help="auto (cuda if present), cpu, cuda, cuda:N."),
         click.option("--progress/--no-progress", default=config_default(config, "progress"), show_default=True,
                      help="Progress bar on a terminal."),
+        click.option("--threads", type=int, default=config_default(config, "threads"),
+                     help="Torch CPU threads (default: torch's own). Fix it for bit-identical CPU runs; 1 keeps "
+                          "small models fast on a busy machine."),
     ]
 
     def decorate(command: F) -> F:

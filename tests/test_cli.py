@@ -184,31 +184,31 @@ def test_help_shows_the_config_defaults():
     assert f"[default: {_field_defaults(TeacherConfig)['lr']}]" in text
     text = " ".join(_help("cache").split())
     assert f"[default: {_field_defaults(CacheConfig)['micro_batch']}]" in text
+    text = " ".join(_help("manifest", "build").split())
+    for value in READERS.get("synthetic").options.values():    # said in the help, owned by the reader
+        assert f"(default {value})" in text
 
 
-# --- one spelling per flag; the old ones still work, unlisted ------------------------------------
+# --- one spelling per flag, the same on every command ------------------------------------------
 
 
 def _cache_args(tmp_path, *extra: str) -> list[str]:
     return ["cache", "--teacher", "t.pt", "--manifest", "m.parquet", "--out", str(tmp_path / "c.zarr"), *extra]
 
 
-def test_old_cache_spellings_work_and_are_not_in_help(captured, tmp_path):
-    text = _help("cache")
-    assert "--loader-workers" not in text and "--view-seed " not in text and "--view-seed," not in text
-    assert "--workers" in text and "--views-seed" in text
-    runner = CliRunner()
-    for args in (["--loader-workers", "3", "--view-seed", "7"], ["--workers", "3", "--views-seed", "7"]):
-        run = runner.invoke(cli, _cache_args(tmp_path, *args))
-        assert run.exit_code == 0, (run.output, run.exception)
-    old, new = captured
-    assert old == new and old.workers == 3 and old.views_seed == 7
-    run = runner.invoke(cli, _cache_args(tmp_path))
-    assert run.exit_code == 0, run.output
-    assert captured[-1].workers == CacheConfig.workers and captured[-1].views_seed == CacheConfig.views_seed
+@pytest.mark.parametrize("flag", ["--threads", "--device", "--workers", "--progress"])
+def test_the_run_options_are_spelled_the_same_on_every_command(flag):
+    for path in (["train-teacher"], ["cache"], ["distill"]):
+        assert flag in {opt for param in _command(*path).params for opt in param.opts}, (path, flag)
 
 
-# --- several values after one flag, or the flag repeated ----------------------------------------
+def test_cache_takes_workers_and_views_seed(captured, tmp_path):
+    run = CliRunner().invoke(cli, _cache_args(tmp_path, "--workers", "3", "--views-seed", "7"))
+    assert run.exit_code == 0, (run.output, run.exception)
+    assert captured[-1].workers == 3 and captured[-1].views_seed == 7
+    for old in (["--loader-workers", "3"], ["--view-seed", "7"]):
+        run = CliRunner().invoke(cli, _cache_args(tmp_path, *old))
+        assert run.exit_code == 2 and "No such option" in run.output
 
 
 def _distill_args(tmp_path, *extra: str) -> list[str]:

@@ -243,7 +243,7 @@ def test_block_writer_reads_layout_from_attrs(tmp_path):
 def test_cli_plan_and_verify(fake_store, tmp_path):
     runner = CliRunner()
     out = runner.invoke(cli, ["plan", "--num-samples", "20000", "--num-classes", "100", "--views", "2",
-                              "--storage", "topk", "--k", "20", "--teachers", "3"])
+                              "--storage", "topk", "--k", "20", "--num-teachers", "3"])
     assert out.exit_code == 0 and "topk_index" in out.output and "total" in out.output
     assert runner.invoke(cli, ["verify", str(fake_store)]).exit_code == 0
     (fake_store / "entropy" / "c.0.1").unlink()

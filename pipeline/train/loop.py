@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -42,8 +43,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import checkpoint as ckpt
 from pipeline import faults
 from pipeline.errors import UserError
+from pipeline.files import write_json
 from pipeline.runtime import Runtime, rng_state, set_rng_state
 from pipeline.train.sampling import RankBatches
 
@@ -340,6 +343,21 @@ def learning_problem(history: Sequence[Mapping[str, float]], *, num_classes: int
         return (f"{what}: train_loss did not move over {len(history)} epochs ({first_loss:.4f} -> {last_loss:.4f}): "
                 f"it did not learn; {hint}")
     return None
+
+
+def finish_run(history: Sequence[Mapping[str, float]], *, runtime: Runtime, num_classes: int, what: str, hint: str,
+               metrics_path: str | None) -> dict:
+    """The end of every training run: the last epoch's metrics; on rank 0 a ``TrainingWarning`` (also
+    kept as ``metrics["warning"]``) when ``learning_problem`` finds the run learned nothing, then the
+    metrics JSON at ``metrics_path``."""
+    metrics = ckpt.plain(history[-1]) if history else {}
+    problem = learning_problem(history, num_classes=num_classes, what=what, hint=hint)
+    if problem and runtime.is_main:
+        warnings.warn(problem, TrainingWarning, stacklevel=3)
+        metrics["warning"] = problem
+    if runtime.is_main and metrics_path:
+        write_json(metrics_path, metrics)
+    return metrics
 
 
 def epoch_line(desc: str, row: Mapping[str, float], *, epochs: int, seconds: float) -> str:

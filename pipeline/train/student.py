@@ -39,7 +39,6 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -52,15 +51,14 @@ from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
 from pipeline.data.views import ViewSpec, for_model
 from pipeline.errors import UserError
-from pipeline.files import write_history, write_json
+from pipeline.files import write_history
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
 from pipeline.models import MODELS, TeacherSpec, check_model_options, create_model, teacher_spec
-from pipeline.runtime import Runtime, seed_everything
+from pipeline.runtime import Runtime, seed_everything, torch_threads
 from pipeline.train.config import TrainConfig, is_number
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
-from pipeline.train.loop import (Batch, LoopState, TrainingWarning, cosine_schedule, fit, learning_problem,
-                                 restore_train_state, sgd)
+from pipeline.train.loop import Batch, LoopState, cosine_schedule, finish_run, fit, restore_train_state, sgd
 from pipeline.train.targets import CachedTargets, LiveTargets, Targets
 
 CACHE_MODES = ("auto", "memory", "stream")
@@ -94,6 +92,7 @@ class DistillConfig(TrainConfig):
     input_size: int | None = None          # the students' input side (default: the teachers' views' size)
     input_mean: tuple[float, ...] | None = None   # the students' normalization (default: the teachers')
     input_std: tuple[float, ...] | None = None
+    threads: int | None = None             # torch CPU threads (None: torch's own); fixed for bit-identical CPU runs
 
     def __post_init__(self) -> None:
         for key in ("mentors", "teachers", "teacher_weights"):
@@ -112,7 +111,7 @@ class DistillConfig(TrainConfig):
                 raise self.bad(key, "a mapping of option: value")
             object.__setattr__(self, key, dict(getattr(self, key)))
         super().__post_init__()
-        self.check_ints(("views", "memory_budget_mb", "input_size"), minimum=1, optional=True)
+        self.check_ints(("views", "memory_budget_mb", "input_size", "threads"), minimum=1, optional=True)
         if self.cache_mode not in CACHE_MODES:
             raise self.bad("cache_mode", " or ".join(CACHE_MODES))
         if self.method not in METHODS:
@@ -196,6 +195,11 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None
 
     ``on_step(batch, out)`` (optional) sees every step's batch and loss dict before the backward pass.
     """
+    with torch_threads(cfg.threads):
+        return _distill(cfg, on_step)
+
+
+def _distill(cfg: DistillConfig, on_step: Callable[[Batch, dict], None] | None) -> dict:
     manifest = load_manifest(cfg.manifest)
     method = create_method(cfg.method, **cfg.options)
     cfg.check_outputs()  # an unwritable --out is said now, not after the first epoch
@@ -220,113 +224,126 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[Batch, dict], None] | None
 
 def _train(cfg: DistillConfig, manifest: Manifest, method: Any, targets: Targets, train_ds: Any, views: ViewSpec,
            runtime: Runtime, on_step: Callable[[Batch, dict], None] | None) -> dict:
+    """Build the students, resume if asked, run the loop with the hooks of ``_StudentRun``, finish."""
     val_ds, val_posterior = None, None
     if has_val_split(manifest, cfg.val_split):
         val_ds = open_split(manifest, cfg.val_split, views=views, view=0)
         val_posterior = posterior(manifest, cfg.val_split)
-    input_shape = tuple(train_ds.input_shape)
-
-    def batches(epoch: int) -> Any:
-        return targets.batches(epoch, batch_size=cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
-                               world_size=runtime.world_size)
-
     seed_everything(cfg.seed)
+    input_shape = tuple(train_ds.input_shape)
     archs = [cfg.student, cfg.student_b][: method.num_students]
     arch_options = [cfg.student_options, cfg.student_b_options][: method.num_students]
     students = [runtime.prepare(_student(arch, init, manifest=manifest, input_shape=input_shape, key=key,
                                          options=options))
                 for arch, init, key, options in zip(archs, [cfg.init, cfg.init_b], ["init", "init_b"], arch_options)]
+    run = _StudentRun(cfg, manifest=manifest, method=method, targets=targets, train_ds=train_ds, val_ds=val_ds,
+                      val_posterior=val_posterior, views=views, runtime=runtime, students=students, archs=archs,
+                      arch_options=arch_options, on_step=on_step)
     optimizers = [sgd(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                   for m in students]
-    schedulers = [cosine_schedule(opt, total_steps=cfg.epochs * len(batches(0))) for opt in optimizers]
-    meta = {
-        "arch": archs[0], "arch_options": ckpt.plain(arch_options[0]), "num_classes": manifest.num_classes,
-        "input_shape": list(input_shape),
-        "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
-        "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
-        "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": views.to_dict(),
-        "num_views": targets.num_views, "train_split": targets.split, "seed": cfg.seed,
-        "students": archs, "config": ckpt.plain(asdict(cfg)),
-    }
-    start, per_mentor = None, set()
+    schedulers = [cosine_schedule(opt, total_steps=cfg.epochs * len(run.batches(0))) for opt in optimizers]
+    start, blob = None, None
     if cfg.resume:
         blob = ckpt.load_checkpoint(cfg.resume)
-        _check_resume(cfg, blob, meta)
-        students[0].load_state_dict(blob["model"])
-        for model, state in zip(students[1:], blob["train_state"].get("students", [])):
+        _check_resume(cfg, blob, run.meta)
+        start = run.restore(blob, optimizers, schedulers)
+
+    state = fit(
+        students, optimizers, step=run.step, dataset=train_ds, epochs=cfg.epochs, runtime=runtime,
+        schedulers=schedulers, workers=cfg.workers, start=start, batch_sampler=run.batches,
+        on_epoch_start=run.on_epoch_start, on_epoch_end=run.on_epoch_end, on_checkpoint=run.on_checkpoint,
+        on_diverged=run.on_diverged, progress=cfg.progress, desc=f"distill {cfg.method} {'+'.join(archs)}",
+    )
+    if runtime.is_main and blob is not None and start.epoch >= cfg.epochs:
+        run.on_checkpoint(state, blob["train_state"])  # a finished run: still leave out and the logs in place
+    return finish_run(state.history, runtime=runtime, num_classes=manifest.num_classes, what=f"distill {cfg.method}",
+                      hint=f"the lr ({cfg.lr}) may not suit the scale of {cfg.method}'s loss (see 'Recommended "
+                           "settings' in docs/methods.md), or the mentors are at chance (kdcache inspect)",
+                      metrics_path=cfg.metrics)
+
+
+class _StudentRun:
+    """One distillation run's pieces and the loop's hooks over them: the step (students' logits, the
+    batch's targets, the method), the epoch's view, validation, NaN diagnosis and the checkpoint."""
+
+    def __init__(self, cfg: DistillConfig, *, manifest: Manifest, method: Any, targets: Targets, train_ds: Any,
+                 val_ds: Any, val_posterior: Any, views: ViewSpec, runtime: Runtime, students: list[torch.nn.Module],
+                 archs: list[str], arch_options: list[dict], on_step: Callable[[Batch, dict], None] | None) -> None:
+        self.cfg, self.method, self.targets, self.train_ds, self.runtime = cfg, method, targets, train_ds, runtime
+        self.val_ds, self.val_posterior = val_ds, val_posterior
+        self.students, self.archs, self.arch_options, self.on_step = students, archs, arch_options, on_step
+        self.fields = tuple(sorted(method.needs))
+        self.per_mentor: set[str] = set()     # names of the per-mentor 1-D stats the method returns
+        self.paths = student_paths(cfg.out, len(students))
+        self.stats_path = cfg.mentor_stats or str(Path(cfg.out).with_name(f"{Path(cfg.out).stem}_mentors.csv"))
+        self.meta = {
+            "arch": archs[0], "arch_options": ckpt.plain(arch_options[0]), "num_classes": manifest.num_classes,
+            "input_shape": list(train_ds.input_shape),
+            "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
+            "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
+            "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": views.to_dict(),
+            "num_views": targets.num_views, "train_split": targets.split, "seed": cfg.seed,
+            "students": archs, "config": ckpt.plain(asdict(cfg)),
+        }
+
+    def batches(self, epoch: int) -> Any:
+        return self.targets.batches(epoch, batch_size=self.cfg.batch_size, seed=self.cfg.seed, rank=self.runtime.rank,
+                                    world_size=self.runtime.world_size)
+
+    def restore(self, blob: dict, optimizers: list, schedulers: list) -> LoopState:
+        """Load the students, optimizers and schedulers of a checked checkpoint; the state to go on from."""
+        self.students[0].load_state_dict(blob["model"])
+        for model, state in zip(self.students[1:], blob["train_state"].get("students", [])):
             model.load_state_dict(state)
-        start = restore_train_state(blob["train_state"], optimizers, schedulers)
-        per_mentor.update(blob["meta"].get("mentor_stats", []))
+        self.per_mentor.update(blob["meta"].get("mentor_stats", []))
+        return restore_train_state(blob["train_state"], optimizers, schedulers)
 
-    fields_ = tuple(sorted(method.needs))
-
-    def step(models: list[torch.nn.Module], batch: Batch) -> dict:
+    def step(self, models: list[torch.nn.Module], batch: Batch) -> dict:
         logits = [m(batch.x).float() for m in models]
-        got = targets.targets(batch, fields_) if fields_ else {}
-        out = dict(method(logits, {k: v.to(runtime.device, non_blocking=True) for k, v in got.items()}, batch.y))
-        per_mentor.update(k for k, v in out.items()
-                          if isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) == targets.num_mentors)
+        got = self.targets.targets(batch, self.fields) if self.fields else {}
+        device = self.runtime.device
+        out = dict(self.method(logits, {k: v.to(device, non_blocking=True) for k, v in got.items()}, batch.y))
+        self.per_mentor.update(k for k, v in out.items()
+                               if isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) == self.targets.num_mentors)
         out["logits"] = logits[0] if len(logits) == 1 else logits
-        if on_step is not None:
-            on_step(batch, out)
+        if self.on_step is not None:
+            self.on_step(batch, out)
         return out
 
-    def on_epoch_start(epoch: int) -> None:
-        train_ds.set_view(epoch % targets.num_views)
+    def on_epoch_start(self, epoch: int) -> None:
+        self.train_ds.set_view(epoch % self.targets.num_views)
 
-    def on_epoch_end(epoch: int, row: dict) -> dict:
+    def on_epoch_end(self, epoch: int, row: dict) -> dict:
         scores: dict = {}
-        for i, model in enumerate(students if val_ds is not None else []):
-            got = evaluate_model(model, val_ds, runtime=runtime, batch_size=cfg.eval_batch_size,
-                                 workers=cfg.workers, posterior=val_posterior)
-            suffix = "" if len(students) == 1 else f"_{i}"
+        for i, model in enumerate(self.students if self.val_ds is not None else []):
+            got = evaluate_model(model, self.val_ds, runtime=self.runtime, batch_size=self.cfg.eval_batch_size,
+                                 workers=self.cfg.workers, posterior=self.val_posterior)
+            suffix = "" if len(self.students) == 1 else f"_{i}"
             scores.update({f"val_{k}{suffix}": v for k, v in got.items() if k != "n"})
         return scores
 
-    def on_diverged(epoch: int) -> None:
+    def on_diverged(self, epoch: int) -> None:
         # NaN targets make a NaN loss whatever the lr: name the store (or teacher) and the rows.
-        problem = targets.nonfinite(epoch % targets.num_views, dataset=train_ds, batches=lambda: batches(epoch),
-                                    runtime=runtime)
+        problem = self.targets.nonfinite(epoch % self.targets.num_views, dataset=self.train_ds,
+                                         batches=lambda: self.batches(epoch), runtime=self.runtime)
         if problem:
             raise UserError(problem)
 
-    paths = student_paths(cfg.out, len(students))
-    stats_path = cfg.mentor_stats or str(Path(cfg.out).with_name(f"{Path(cfg.out).stem}_mentors.csv"))
-
-    def on_checkpoint(state: LoopState, train_state: dict) -> None:
+    def on_checkpoint(self, state: LoopState, train_state: dict) -> None:
         common = {"epoch": state.epoch, "metrics": ckpt.plain(state.history[-1]),
-                  "history": ckpt.plain(state.history), "mentor_stats": sorted(per_mentor)}
+                  "history": ckpt.plain(state.history), "mentor_stats": sorted(self.per_mentor)}
         train_state = {**train_state, "students": [{k: v.detach().cpu() for k, v in m.state_dict().items()}
-                                                   for m in students[1:]]}
-        for i in range(1, len(students)):
-            ckpt.save_checkpoint(paths[i], model=students[i], meta={**meta, **common, "arch": archs[i],
-                                                                  "arch_options": ckpt.plain(arch_options[i]),
-                                                                  "student": i})
-        ckpt.save_checkpoint(paths[0], model=students[0], meta={**meta, **common, "student": 0},
+                                                   for m in self.students[1:]]}
+        for i in range(1, len(self.students)):
+            ckpt.save_checkpoint(self.paths[i], model=self.students[i],
+                                 meta={**self.meta, **common, "arch": self.archs[i],
+                                       "arch_options": ckpt.plain(self.arch_options[i]), "student": i})
+        ckpt.save_checkpoint(self.paths[0], model=self.students[0], meta={**self.meta, **common, "student": 0},
                              train_state=train_state)
-        if cfg.history_path:
-            write_history(cfg.history_path, state.history)
-        if per_mentor:
-            write_mentor_stats(stats_path, state.history, names=targets.names, stats=sorted(per_mentor))
-
-    state = fit(
-        students, optimizers, step=step, dataset=train_ds, epochs=cfg.epochs, runtime=runtime,
-        schedulers=schedulers, workers=cfg.workers, start=start, batch_sampler=batches,
-        on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
-        on_diverged=on_diverged, progress=cfg.progress, desc=f"distill {cfg.method} {'+'.join(archs)}",
-    )
-    if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
-        on_checkpoint(state, blob["train_state"])  # a finished run: still leave out and the logs in place
-    metrics = ckpt.plain(state.history[-1]) if state.history else {}
-    problem = learning_problem(state.history, num_classes=manifest.num_classes, what=f"distill {cfg.method}",
-                               hint=f"the lr ({cfg.lr}) may not suit the scale of {cfg.method}'s loss (see 'Recommended "
-                                    "settings' in docs/methods.md), or the mentors are at chance (kdcache inspect)")
-    if problem and runtime.is_main:
-        warnings.warn(problem, TrainingWarning, stacklevel=2)
-        metrics["warning"] = problem
-    if runtime.is_main and cfg.metrics:
-        write_json(cfg.metrics, metrics)
-    return metrics
+        if self.cfg.history_path:
+            write_history(self.cfg.history_path, state.history)
+        if self.per_mentor:
+            write_mentor_stats(self.stats_path, state.history, names=self.targets.names, stats=sorted(self.per_mentor))
 
 
 def _student(arch: str, init: str | None, *, manifest: Manifest, input_shape: tuple[int, ...], key: str,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -39,15 +38,14 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
 from pipeline.errors import UserError
-from pipeline.files import atomic_path, write_history, write_json
+from pipeline.files import atomic_path, write_history
 from pipeline.manifest import load_manifest
 from pipeline.methods.teacher import TEACHER_LOSSES
 from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything, torch_threads
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
-from pipeline.train.loop import (LoopState, TrainingWarning, cosine_schedule, fit, learning_problem,
-                                 restore_train_state, sgd)
+from pipeline.train.loop import LoopState, cosine_schedule, finish_run, fit, restore_train_state, sgd
 from pipeline.train.sampling import rank_slices, shuffled_batches
 
 
@@ -156,17 +154,10 @@ def _train(cfg: TeacherConfig) -> dict:
         on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
         progress=cfg.progress, desc=f"teacher {cfg.arch}/{cfg.loss}",
     )
-    metrics = ckpt.plain(state.history[-1]) if state.history else {}
     if runtime.is_main and start is not None and start.epoch >= cfg.epochs:
         _finished_already(cfg, state.history)
-    problem = learning_problem(state.history, num_classes=manifest.num_classes, what=f"teacher {cfg.arch}/{cfg.loss}",
-                               hint=lr_hint(state.history, cfg.lr))
-    if problem and runtime.is_main:
-        warnings.warn(problem, TrainingWarning, stacklevel=2)
-        metrics["warning"] = problem
-    if runtime.is_main and cfg.metrics:
-        write_json(cfg.metrics, metrics)
-    return metrics
+    return finish_run(state.history, runtime=runtime, num_classes=manifest.num_classes,
+                      what=f"teacher {cfg.arch}/{cfg.loss}", hint=lr_hint(state.history, cfg.lr), metrics_path=cfg.metrics)
 
 
 def _finished_already(cfg: TeacherConfig, history: list[dict]) -> None:
