@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = r"\d+\.\d{3}"
 SMALLEST = {
+    "busy.py": (["--train-rows", "256", "--epochs", "1", "--reps", "1"],
+                ["threads_default_loaded_over_idle", "threads_1_loaded_over_idle", "threads_1_over_default_loaded"]),
     "offline_vs_online.py": (["--dataset", "synthetic", "--train-rows", "256", "--epochs", "1", "--reps", "1"],
                              ["offline_k6_over_student_only", "online_k6_over_student_only"]),
     "cache_write.py": (["--dataset", "synthetic", "--train-rows", "256", "--views", "1", "--rows", "4096",
