@@ -14,6 +14,7 @@ disk are tests/test_bad_inputs_stores.py; the machinery and the checks tests/sup
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,49 @@ def _(w):
 
 
 # --- command-line arguments ------------------------------------------------------------------------------
+
+@case("args: distill --out is the --manifest")
+def _(w):
+    manifest = w.tmp / "m.parquet"
+    manifest.write_bytes(w.base.manifest.read_bytes())
+    args = distill_args(w, "--manifest", str(manifest), out="m.parquet")
+    return Case(args, ("--out would overwrite --manifest", "m.parquet"), unchanged=(manifest,))
+
+
+@case("args: train-teacher --metrics is the --out")
+def _(w):
+    return Case(train_args(w, "--metrics", str(w.tmp / "t_out.pt")), ("--out and --metrics", "t_out.pt"),
+                checkpoint=w.tmp / "t_out.pt")
+
+
+@case("args: distill's history CSV (next to --metrics) is the --out")
+def _(w):
+    return Case(distill_args(w, "--metrics", str(w.tmp / "s_out.json"), out="s_out.csv"),
+                ("--out and --history", "s_out.csv"), checkpoint=w.tmp / "s_out.csv")
+
+
+@case("args: classroom's --mentor-stats is the --out")
+def _(w):
+    return Case(distill_args(w, "--method", "classroom", "--mentor-stats", str(w.tmp / "s_out.pt")),
+                ("--out and --mentor-stats", "s_out.pt"), checkpoint=w.tmp / "s_out.pt")
+
+
+@case("args: distill --out inside a mentor store")
+def _(w):
+    store = w.tmp / "copy.zarr"
+    shutil.copytree(w.base.store, store)
+    marker = store / "zarr.json"
+    return Case(distill_args(w, mentors=(str(store),), out="copy.zarr/s.pt"), ("--out lies inside --mentors",  "copy.zarr"),
+                checkpoint=store / "s.pt", unchanged=(marker,))
+
+
+@case("args: train-teacher --out is its --weights")
+def _(w):
+    weights = w.tmp / "w.pt"
+    weights.write_bytes(w.base.teacher.read_bytes())
+    return Case(train_args(w, "--weights", str(weights), out="w.pt"), ("--out would overwrite --weights", "w.pt"),
+                unchanged=(weights,))
+
 
 @case("args: --option without =")
 def _(w):

@@ -72,9 +72,16 @@ class TrainConfig(FromDict):
         paths = {"--out": self.out, "--metrics": self.metrics, "--history": self.history_path}
         return {what: path for what, path in paths.items() if path}
 
+    def input_paths(self) -> dict[str, str]:
+        """The files and stores a run reads, by option name (a task adds its own). ``--resume`` is not
+        among them: resuming into the checkpoint it reads (``--out X --resume X``) is the usual way."""
+        return {"--manifest": self.manifest}
+
     def check_outputs(self) -> None:
-        """Every output can be written (``pipeline.files.check_writable``), before any epoch runs:
-        a file where a folder should be or a read-only folder is one line now, not after an epoch."""
+        """Before any epoch runs: no output is an input or another output (the same file, or one inside
+        the other), and every output can be written (``pipeline.files.check_writable``: a file where a
+        folder should be or a read-only folder is one line now, not after an epoch)."""
+        check_distinct(self.output_paths(), self.input_paths())
         for what, path in self.output_paths().items():
             check_writable(path, what=what)
 
@@ -92,6 +99,27 @@ class TrainConfig(FromDict):
             if before.get(key) != config.get(key):
                 raise UserError(f"{self.resume}: setting {key!r} differs: checkpoint has {before.get(key)!r}, "
                                 f"this run {config.get(key)!r}")
+
+
+def check_distinct(outputs: Mapping[str, str], inputs: Mapping[str, str]) -> None:
+    """Refuse, in one line naming both options, an output that is the same path as another output or
+    an input, or lies inside one, or holds one (``--out data_manifests/x.parquet --manifest
+    data_manifests/x.parquet``; ``--out X.csv --metrics X.json``, whose history is ``X.csv``)."""
+    named = [(what, Path(path).resolve(), True) for what, path in outputs.items() if path] + \
+            [(what, Path(path).resolve(), False) for what, path in inputs.items() if path]
+    for i, (what, path, written) in enumerate(named):
+        for other, other_path, other_written in named[:i]:
+            if not (written or other_written):
+                continue
+            if path == other_path:
+                if written and other_written:
+                    raise UserError(f"{other} and {what} name the same file ({path}); give each its own path")
+                out, into = (what, other) if written else (other, what)
+                raise UserError(f"{out} would overwrite {into} ({path}); give the output another path")
+            if other_path in path.parents or path in other_path.parents:
+                (inner, inner_path), (outer, outer_path) = sorted(
+                    [(what, path), (other, other_path)], key=lambda item: -len(item[1].parts))
+                raise UserError(f"{inner} lies inside {outer} ({inner_path} in {outer_path}); give each its own path")
 
 
 def is_number(value: Any) -> bool:

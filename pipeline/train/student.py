@@ -163,6 +163,16 @@ class DistillConfig(TrainConfig):
         method = create_method(self.method, **self.options)
         for i, path in enumerate(student_paths(self.out, method.num_students)[1:], start=1):
             paths[f"--out (student {chr(ord('a') + i)})"] = str(path)
+        paths["--mentor-stats"] = self.mentor_stats or str(Path(self.out).with_name(f"{Path(self.out).stem}_mentors.csv"))
+        return paths
+
+    def input_paths(self) -> dict[str, str]:
+        """The manifest, the mentor stores, the start weights, and the live teachers that are files."""
+        paths = super().input_paths()
+        paths.update({f"--mentors ({path})": path for path in self.mentors})
+        paths.update({f"--teachers ({path})": path for path in self.teachers if Path(path).exists()})
+        paths.update({f"--teacher-weights ({path})": path for path in self.teacher_weights if path})
+        paths.update({f"--{key.replace('_', '-')}": getattr(self, key) for key in ("init", "init_b") if getattr(self, key)})
         return paths
 
 
@@ -275,7 +285,7 @@ class _StudentRun:
         self.fields = tuple(sorted(method.needs))
         self.per_mentor: set[str] = set()     # names of the per-mentor 1-D stats the method returns
         self.paths = student_paths(cfg.out, len(students))
-        self.stats_path = cfg.mentor_stats or str(Path(cfg.out).with_name(f"{Path(cfg.out).stem}_mentors.csv"))
+        self.stats_path = cfg.output_paths()["--mentor-stats"]
         self.meta = {
             "arch": archs[0], "arch_options": ckpt.plain(arch_options[0]), "num_classes": manifest.num_classes,
             "input_shape": list(train_ds.input_shape),

@@ -62,6 +62,9 @@ class TeacherConfig(TrainConfig):
     weights: str | None = None  # fine-tune: start from this checkpoint's (or state_dict's) weights
     threads: int | None = None  # torch CPU threads while training; keep it fixed for bit-identical CPU runs
 
+    def input_paths(self) -> dict[str, str]:
+        return {**super().input_paths(), **({"--weights": self.weights} if self.weights else {})}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss not in TEACHER_LOSSES:

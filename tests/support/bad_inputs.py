@@ -61,6 +61,7 @@ class Case:
     store: Path | None = None          # a store that must not be marked complete (if it exists)
     checkpoint: Path | None = None     # a checkpoint that must not exist
     run: Callable[[], tuple[int, str]] | None = None   # instead of the CLI (params.yaml: a stage script)
+    unchanged: tuple[Path, ...] = ()   # inputs whose bytes the run must leave as they were
 
 
 @dataclass
@@ -185,6 +186,7 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
     """Run one case and assert what every mistake must give: a non-zero exit, exactly one ``error:``
     line holding the case's needles, no traceback, nothing marked complete, no checkpoint at --out."""
     got = build(world)
+    before = {path: path.read_bytes() for path in got.unchanged}
     if got.run is not None:
         status, stderr = got.run()
     else:
@@ -200,3 +202,5 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
         assert store_complete(got.store) in (None, False), got.store
     if got.checkpoint is not None:
         assert not got.checkpoint.exists(), got.checkpoint
+    for path, data in before.items():
+        assert path.read_bytes() == data, f"{path} was changed"
