@@ -121,13 +121,16 @@ class FromDict:
             if not value or not isinstance(value, str):
                 raise self.bad(key, "a non-empty string" + (" or nothing" if optional else ""))
 
-    def check_ints(self, keys: Iterable[str], *, minimum: int, optional: bool = False) -> None:
+    def check_ints(self, keys: Iterable[str], *, minimum: int, maximum: int | None = None,
+                   optional: bool = False) -> None:
         for key in keys:
             value = getattr(self, key)
             if optional and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise self.bad(key, f"an integer >= {minimum}" + (" or nothing" if optional else ""))
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+                    or (maximum is not None and value > maximum):
+                bound = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+                raise self.bad(key, bound + (" or nothing" if optional else ""))
 
 
 @functools.cache

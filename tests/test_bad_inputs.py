@@ -324,6 +324,31 @@ def _(w):
                 unchanged=(weights,))
 
 
+@case("args: train-teacher --lr 1e300")
+def _(w):
+    return Case(train_args(w, "--lr", "1e300"), ("'lr'", "(0, 1000]"), checkpoint=w.tmp / "t_out.pt")
+
+
+@case("args: distill --lr 1e300")
+def _(w):
+    return Case(distill_args(w, "--lr", "1e300"), ("'lr'", "(0, 1000]"), checkpoint=w.tmp / "s_out.pt")
+
+
+@case("args: --seed 2**70")
+def _(w):
+    return Case(distill_args(w, "--seed", str(2**70)), ("'seed'", str(2**63 - 1)), checkpoint=w.tmp / "s_out.pt")
+
+
+@case("args: --input-std 0,0,0")
+def _(w):
+    return Case(distill_args(w, "--input-std", "0"), ("'input_std'", "numbers > 0"), checkpoint=w.tmp / "s_out.pt")
+
+
+@case("args: nokd given mentors")
+def _(w):
+    return Case(distill_args(w, "--method", "nokd"), ("'nokd'", "reads no mentor stores"), checkpoint=w.tmp / "s_out.pt")
+
+
 @case("args: --option without =")
 def _(w):
     return Case(distill_args(w, "--option", "T"), ("--option", "KEY=VALUE"), checkpoint=w.tmp / "s_out.pt")
@@ -360,7 +385,7 @@ def _(w):
 
 @case("args: --lr negative")
 def _(w):
-    return Case(train_args(w, "--lr", "-1"), ("'lr'", "> 0"), checkpoint=w.tmp / "t_out.pt")
+    return Case(train_args(w, "--lr", "-1"), ("'lr'", "(0, 1000]"), checkpoint=w.tmp / "t_out.pt")
 
 
 @case("args: --epochs 0")

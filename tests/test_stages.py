@@ -110,7 +110,7 @@ def stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
 
 BAD_VALUES = [
     ("distill", {"lr": "x"}, "params.yaml: students.kd_ce.lr: expected a number, found 'x'"),
-    ("distill", {"lr": -1}, "params.yaml: students.kd_ce.lr: expected a number > 0, found -1"),
+    ("distill", {"lr": -1}, "params.yaml: students.kd_ce.lr: expected a number in (0, 1000], found -1"),
     ("distill", {"epochs": "3"}, "params.yaml: students.kd_ce.epochs: expected an integer, found '3'"),
     ("distill", {"options": 5}, "params.yaml: students.kd_ce.options: expected a mapping of key: value, found 5"),
     ("distill", {"mentors": "ce"}, "params.yaml: students.kd_ce.mentors: expected a list of teacher names, found 'ce'"),
@@ -213,7 +213,7 @@ def test_without_a_source_errors_name_the_config_and_the_key() -> None:
     base = {"manifest": "m.parquet", "out": "s.pt", "method": "nokd", "student": "mlp"}
     with pytest.raises(ConfigError) as err:
         DistillConfig(**base, lr=-1)
-    assert str(err.value) == "distill config key 'lr': expected a number > 0, found -1"
+    assert str(err.value) == "distill config key 'lr': expected a number in (0, 1000], found -1"
     with pytest.raises(ConfigError) as err:
         TeacherConfig.from_dict({"manifest": "m.parquet", "out": "t.pt", "arch": "mlp", "epochs": "3"})
     assert str(err.value) == "teacher config key 'epochs': expected an integer, found '3'"

@@ -108,6 +108,9 @@ class Method:
             raise UserError(
                 f"method {self.name!r} needs at least {self.min_mentors} mentor store(s) (teacher first), got {num_mentors}"
             )
+        if self.max_mentors == 0 and num_mentors:
+            raise UserError(f"method {self.name!r} trains on the labels alone and reads no mentor stores, got "
+                            f"{num_mentors}; drop them, or pick a distillation method")
         if self.max_mentors is not None and num_mentors > self.max_mentors:
             raise UserError(
                 f"method {self.name!r} distils from {self.max_mentors} teacher store only, got {num_mentors} mentor "

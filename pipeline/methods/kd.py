@@ -136,9 +136,10 @@ def uncertainty_kd_loss(
 
 @register("nokd")
 class NoKD(Method):
-    """CE only. Reads no targets; mentor stores, if any are given, are not used."""
+    """CE only. Reads no targets and takes no mentor stores (given any, it says so rather than ignore them)."""
 
     min_mentors = 0
+    max_mentors = 0
     needs = frozenset()
     loss_fn = staticmethod(F.cross_entropy)  # plain CE: torch's function, so pipeline.losses has none
 

@@ -23,6 +23,10 @@ from pipeline.errors import UserError
 from pipeline.files import check_writable
 
 
+MAX_SEED = 2**63 - 1      # torch's generators take a signed 64-bit seed
+MAX_LR = 1e3              # far above any working learning rate, far below a float32 overflow of the weights
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(FromDict):
     """Settings of the one training loop (teachers and students alike)."""
@@ -52,9 +56,10 @@ class TrainConfig(FromDict):
 
     def __post_init__(self) -> None:
         self.check_ints(("epochs", "batch_size", "eval_batch_size"), minimum=1)
-        self.check_ints(("seed", "views_seed", "workers"), minimum=0)
-        if not is_number(self.lr) or not self.lr > 0:
-            raise self.bad("lr", "a number > 0")
+        self.check_ints(("seed", "views_seed"), minimum=0, maximum=MAX_SEED)
+        self.check_ints(("workers",), minimum=0)
+        if not is_number(self.lr) or not 0 < self.lr <= MAX_LR:
+            raise self.bad("lr", f"a number in (0, {MAX_LR:g}]")
         if not is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise self.bad("momentum", "a number in [0, 1)")
         if not is_number(self.weight_decay) or not self.weight_decay >= 0:

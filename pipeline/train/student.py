@@ -105,6 +105,8 @@ class DistillConfig(TrainConfig):
                 continue
             if isinstance(value, (str, bytes)) or not all(is_number(v) for v in value) or not value:
                 raise self.bad(key, "a list of numbers, one per channel (or one for all)")
+            if key == "input_std" and not all(v > 0 for v in value):
+                raise self.bad(key, "numbers > 0 (the inputs are divided by them)")
             object.__setattr__(self, key, tuple(float(v) for v in value))
         for key in ("options", "student_options", "student_b_options"):
             if not isinstance(getattr(self, key), dict):

@@ -73,7 +73,8 @@ def test_declares_a_valid_interface(name):
     assert method.num_students in (1, 2)
     assert method.needs <= FIELDS
     assert method.min_mentors >= (1 if method.needs else 0)
-    assert method.max_mentors is None or method.max_mentors >= max(method.min_mentors, 1)
+    assert method.max_mentors is None or method.max_mentors >= method.min_mentors
+    assert method.max_mentors != 0 or not method.needs    # a method that takes no mentors reads no targets
     assert set(method.options) == set(method.defaults)
 
 
@@ -166,7 +167,10 @@ def test_mentor_count_outside_the_declared_range_is_a_user_error(name):
     if method.min_mentors > 0:
         with pytest.raises(UserError, match="at least"):
             method.check_mentors(method.min_mentors - 1)
-    if method.max_mentors is not None:
+    if method.max_mentors == 0:
+        with pytest.raises(UserError, match="reads no mentor stores"):
+            method.check_mentors(1)
+    elif method.max_mentors is not None:
         with pytest.raises(UserError, match="teacher store only") as err:
             method.check_mentors(method.max_mentors + 1)
         # the way out it suggests: every method that takes any number of mentors, and only those
