@@ -27,6 +27,7 @@ from pipeline.cli_options import (
     Greedy,
     GreedyCommand,
     ListsNames,
+    LocalPath,
     Numbers,
     RegistryChoice,
     config_default,
@@ -126,10 +127,10 @@ def manifest_group() -> None:
 
 @manifest_group.command("build")
 @click.option("--dataset", required=True, type=RegistryChoice(READERS.names), help="Dataset reader.")
-@click.option("--root", required=True, type=click.Path(path_type=str),
+@click.option("--root", required=True, type=LocalPath(path_type=str),
               help="Dataset root (synthetic: where the generated data is written).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest to write (.parquet).")
-@click.option("--classes", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest to write (.parquet).")
+@click.option("--classes", type=LocalPath(dir_okay=False, path_type=str), default=None,
               help="File with one class name per line: keep only these classes, in this order.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the carved val split (synthetic: of all the data).")
@@ -171,7 +172,7 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
 
 
 @manifest_group.command("check")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("file", type=LocalPath(dir_okay=False, path_type=str))
 @click.option("--files/--no-files", "with_files", default=True, show_default=True,
               help="Also check that the data files the manifest names exist (and are unchanged).")
 def manifest_check(file: str, with_files: bool) -> None:
@@ -194,15 +195,15 @@ def manifest_check(file: str, with_files: bool) -> None:
 
 # --- train-teacher / evaluate ----------------------------------------------
 @cli.command("train-teacher")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
+@click.option("--manifest", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--arch", required=True, metavar="ARCH", cls=ListsNames, names=MODELS.names, help="Model name.")
 @click.option("--arch-option", "arch_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
               help="A size option of the arch (repeatable): mlp hidden=64, depth=3; cnn width=16.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=config_default(TeacherConfig, "weights"),
+@click.option("--weights", type=LocalPath(dir_okay=False, path_type=str), default=config_default(TeacherConfig, "weights"),
               help="Fine-tune: start from these weights (a kdcache checkpoint or state_dict; every key and shape must match).")
 @click.option("--loss", type=RegistryChoice(TEACHER_LOSSES.names), default=config_default(TeacherConfig, "loss"), show_default=True,
               help="ce: cross-entropy; mse: mean squared error of softmax vs one-hot.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=str),
               help="Checkpoint to write (rewritten atomically after every epoch).")
 @training_options(TeacherConfig)
 def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
@@ -229,11 +230,11 @@ def train_teacher_command(arch_options: tuple[str, ...], **options) -> None:
 
 
 @cli.command("evaluate")
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
+@click.argument("checkpoint", type=LocalPath(dir_okay=False, path_type=str))
+@click.option("--manifest", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--split", default=config_default(EvaluateConfig, "split"), show_default=True,
               help="Split to score (view 0, the evaluation transform).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, help="Also write the metrics as JSON.")
+@click.option("--out", type=LocalPath(dir_okay=False, path_type=str), default=None, help="Also write the metrics as JSON.")
 @click.option("--batch-size", type=int, default=config_default(EvaluateConfig, "batch_size"), show_default=True)
 @click.option("--workers", type=int, default=config_default(EvaluateConfig, "workers"), show_default=True,
               help="DataLoader workers decoding images.")
@@ -274,16 +275,16 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="A kdcache checkpoint; an arch name with --weights (kdcache's, any torchvision classification "
                    "model, timm:NAME); or module:function of your code returning an nn.Module. Several (the flag "
                    "repeated, or several after it): all cached in one pass over the views.")
-@click.option("--weights", cls=Greedy, type=click.Path(dir_okay=False, path_type=str),
+@click.option("--weights", cls=Greedy, type=LocalPath(dir_okay=False, path_type=str),
               help="Weights of an arch or module:function teacher: a state_dict or .safetensors file (read as data "
                    "only). Several teachers: one --weights per --teacher, in the same order.")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
+@click.option("--manifest", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True,
               help="Number of views V (view 0 = eval transform).")
-@click.option("--out", cls=Greedy, type=click.Path(path_type=str),
+@click.option("--out", cls=Greedy, type=LocalPath(path_type=str),
               help="Store to write (a .zarr directory): one per --teacher, in order.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+@click.option("--out-dir", type=LocalPath(file_okay=False, path_type=str), default=None,
               help="Instead of --out: write each teacher's store as DIR/<teacher file stem>.zarr.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True,
               help="Dtype of the stored logits; int8: dense logits quantized per row (entropy, p_gt are always "
@@ -353,7 +354,7 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
 
 
 @cli.command("verify")
-@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("stores", nargs=-1, required=True, type=LocalPath(path_type=str))
 @click.option("--sample-rows", type=int, default=4096, show_default=True,
               help="Rows whose entropy, p_gt, pred are recomputed from the stored logits (0: none).")
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
@@ -382,7 +383,7 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -
 @cli.command("plan")
 @click.option("--num-samples", type=int, default=None, help="N (or take it from --manifest/--split).")
 @click.option("--num-classes", type=int, default=None, help="C (or take it from --manifest).")
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=str), default=None, help="Manifest giving N and C.")
+@click.option("--manifest", type=LocalPath(dir_okay=False, path_type=str), default=None, help="Manifest giving N and C.")
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split of --manifest.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True, help="Views V per sample.")
 @click.option("--num-teachers", type=int, default=1, show_default=True, help="Number of stores (one per teacher).")
@@ -423,9 +424,9 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 # --- distill ---------------------------------------------------------------
 @cli.command("distill", cls=GreedyCommand)
 @click.option("--method", required=True, type=RegistryChoice(METHODS.names), help="Distillation method (docs/methods.md).")
-@click.option("--mentors", cls=Greedy, default=config_default(DistillConfig, "mentors"), type=click.Path(path_type=str),
+@click.option("--mentors", cls=Greedy, default=config_default(DistillConfig, "mentors"), type=LocalPath(path_type=str),
               help="Cache stores, teacher first (several after one flag, or the flag repeated).")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=str), help="Manifest (.parquet).")
+@click.option("--manifest", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--student", required=True, metavar="ARCH", cls=ListsNames, names=MODELS.names, help="Student arch.")
 @click.option("--student-b", metavar="ARCH", default=config_default(DistillConfig, "student_b"),
               help="Second student's arch, one of the --student names (dual, dml); saved as OUT with suffix _b.")
@@ -433,7 +434,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               help="A size option of the student's arch (repeatable): mlp hidden=64, depth=3; cnn width=16.")
 @click.option("--student-b-option", "student_b_options", multiple=True, metavar="KEY=VALUE", default=(), show_default=True,
               help="Same for the second student.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=str),
               help="Student checkpoint (rewritten atomically after every epoch).")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="A method option (repeatable), e.g. T=4, tau=12, round_ranks=2, reference_code=true.")
@@ -444,7 +445,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
                    "kdcache cache --teacher takes it: a checkpoint, an arch name or timm:NAME with --teacher-weights, "
                    "or module:function.")
 @click.option("--teacher-weights", cls=Greedy, default=config_default(DistillConfig, "teacher_weights"),
-              type=click.Path(dir_okay=False, path_type=str),
+              type=LocalPath(dir_okay=False, path_type=str),
               help="With --online: one weights file per --teachers, in the same order (as kdcache cache --weights).")
 @click.option("--input-size", type=int, default=config_default(DistillConfig, "input_size"),
               help="Side of the students' input images: the teachers' crops and flips, resized to it (default: the "
@@ -458,16 +459,16 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
 @click.option("--train-split", default=config_default(DistillConfig, "train_split"),
               help="Split to train on (default: the stores' split, else train).")
-@click.option("--init", type=click.Path(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init"),
+@click.option("--init", type=LocalPath(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init"),
               help="Start student A from these weights (a checkpoint or state_dict).")
-@click.option("--init-b", type=click.Path(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init_b"),
+@click.option("--init-b", type=LocalPath(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init_b"),
               help="Same for student B.")
 @click.option("--cache-mode", type=click.Choice(CACHE_MODES), default=config_default(DistillConfig, "cache_mode"),
               show_default=True,
               help="Read the cache into memory or stream it by blocks (auto: memory when it fits the budget).")
 @click.option("--memory-budget-mb", type=int, default=config_default(DistillConfig, "memory_budget_mb"),
               help="Memory for the cache per process (default: a quarter of RAM shared by the local ranks).")
-@click.option("--mentor-stats", type=click.Path(dir_okay=False, path_type=str),
+@click.option("--mentor-stats", type=LocalPath(dir_okay=False, path_type=str),
               default=config_default(DistillConfig, "mentor_stats"),
               help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
                    "default OUT stem + _mentors.csv.")
@@ -531,12 +532,12 @@ def _wrote(line: str, metrics: dict) -> None:
 
 # --- inspect ---------------------------------------------------------------
 @cli.command("inspect")
-@click.argument("stores", nargs=-1, required=True, type=click.Path())
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.argument("stores", nargs=-1, required=True, type=LocalPath())
+@click.option("--out", type=LocalPath(file_okay=False), default=None,
               help="Folder for summary.json, per_class.csv, entropy_hist.csv and plots (with matplotlib).")
 @click.option("--bins", type=int, default=20, show_default=True, help="Bins of the entropy and confidence histograms.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
-@click.option("--samples", type=click.Path(dir_okay=False), default=None,
+@click.option("--samples", type=LocalPath(dir_okay=False), default=None,
               help="Parquet file: one row per sample and view with each teacher's pred, p_gt and entropy, "
                    "the source and label, and how much the teachers disagree.")
 def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json: bool,

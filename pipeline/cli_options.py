@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import click
 
+from pipeline.files import check_local
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -113,6 +115,15 @@ def expand_greedy(args: Sequence[str], flags: set[str]) -> list[str]:
             greedy = None
             out.append(arg)
     return out
+
+
+class LocalPath(click.Path):
+    """A ``click.Path`` that refuses a URL (``s3://...``) in one ``error:`` line (``UserError``, raised while
+    click parses, so the command group reports it) instead of taking it for a folder."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        check_local(value, what=param.opts[0] if param is not None and param.opts else "path")
+        return super().convert(value, param, ctx)
 
 
 class Numbers(click.ParamType):

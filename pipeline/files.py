@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -51,6 +52,18 @@ def os_error_text(err: OSError, path: str | Path | None = None) -> str:
     name = errno.errorcode.get(err.errno or 0, "")
     text = f"{reason} ({name})" if name else reason
     return f"{where}: {text}" if where is not None else text
+
+
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local(path: str | Path, *, what: str) -> None:
+    """A ``UserError`` for a URL given where a local path is expected (``s3://bucket/t.zarr`` would
+    otherwise be written as a folder named ``s3:`` in the current directory)."""
+    if isinstance(path, str) and URL_SCHEME.match(path):
+        scheme = path.split("://", 1)[0]
+        raise UserError(f"{what} {path}: expected a local path, found a {scheme}:// URL (stores and files are read "
+                        "and written on a local or shared filesystem; copy the object there first)")
 
 
 def check_writable(path: str | Path, *, what: str) -> None:

@@ -349,6 +349,26 @@ def _(w):
     return Case(distill_args(w, "--method", "nokd"), ("'nokd'", "reads no mentor stores"), checkpoint=w.tmp / "s_out.pt")
 
 
+@case("args: cache --out s3://")
+def _(w):
+    w.monkeypatch.chdir(w.tmp)
+    return Case(cache_args(w, out="s3://bucket/t.zarr"), ("--out", "s3://bucket/t.zarr", "local path"),
+                checkpoint=w.tmp / "s3:")
+
+
+@case("args: verify gs://")
+def _(w):
+    w.monkeypatch.chdir(w.tmp)
+    return Case(["verify", "gs://bucket/t.zarr"], ("gs://bucket/t.zarr", "local path"), checkpoint=w.tmp / "gs:")
+
+
+@case("args: distill --mentors s3://")
+def _(w):
+    w.monkeypatch.chdir(w.tmp)
+    return Case(distill_args(w, mentors=("s3://bucket/t.zarr",)), ("--mentors", "s3://", "local path"),
+                checkpoint=w.tmp / "s_out.pt")
+
+
 @case("args: --option without =")
 def _(w):
     return Case(distill_args(w, "--option", "T"), ("--option", "KEY=VALUE"), checkpoint=w.tmp / "s_out.pt")

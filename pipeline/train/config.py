@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 
 from pipeline.config import FromDict
 from pipeline.errors import UserError
-from pipeline.files import check_writable
+from pipeline.files import check_local, check_writable
 
 
 MAX_SEED = 2**63 - 1      # torch's generators take a signed 64-bit seed
@@ -65,6 +65,8 @@ class TrainConfig(FromDict):
         if not is_number(self.weight_decay) or not self.weight_decay >= 0:
             raise self.bad("weight_decay", "a number >= 0")
         self.check_strings(("manifest", "out"))
+        for key in ("manifest", "out", "metrics", "history", "resume"):
+            check_local(getattr(self, key), what=f"{self.section} config key {key!r}:")
 
     @property
     def history_path(self) -> str | None:

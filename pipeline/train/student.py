@@ -51,7 +51,7 @@ from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
 from pipeline.data.views import ViewSpec, for_model
 from pipeline.errors import UserError
-from pipeline.files import write_history
+from pipeline.files import check_local, write_history
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
 from pipeline.models import MODELS, TeacherSpec, check_model_options, create_model, teacher_spec
@@ -113,6 +113,8 @@ class DistillConfig(TrainConfig):
                 raise self.bad(key, "a mapping of option: value")
             object.__setattr__(self, key, dict(getattr(self, key)))
         super().__post_init__()
+        for path in self.mentors:
+            check_local(path, what=f"{self.section} config key 'mentors':")
         self.check_ints(("views", "memory_budget_mb", "input_size", "threads"), minimum=1, optional=True)
         if self.cache_mode not in CACHE_MODES:
             raise self.bad("cache_mode", " or ".join(CACHE_MODES))
