@@ -92,6 +92,39 @@ def _(w):
                  "--out", str(w.tmp / "m.parquet")], ("num_samples",))
 
 
+def _rewritten_synthetic(w: World, *, source: dict[int, str] | None = None, class_names: list[str] | None = None) -> Path:
+    """A copy of the base synthetic manifest (same data file, a valid hash) with some ``source``
+    values or its class names changed."""
+    from pipeline.manifest import load_manifest, make_table, write_manifest
+    m = load_manifest(w.base.manifest)
+    columns = {name: m.table.column(name).to_numpy(zero_copy_only=False).copy()
+               for name in ("sample_id", "label", "split", "source")}
+    for row, value in (source or {}).items():
+        columns["source"][row] = value
+    out = w.tmp / "rewritten.parquet"
+    write_manifest(out, make_table(**columns), dataset=m.dataset, class_names=class_names or list(m.class_names),
+                   root=m.root, meta=m.meta, splits=m.splits)
+    return out
+
+
+@case("manifest: a source index past the end of the synthetic data")
+def _(w):
+    bad = _rewritten_synthetic(w, source={0: "99999999"})
+    return Case(["manifest", "check", str(bad)], ("rewritten.parquet", "'99999999'", "row index"))
+
+
+@case("manifest: cache with a source index past the end of the synthetic data")
+def _(w):
+    bad = _rewritten_synthetic(w, source={0: "99999999"})
+    return Case(cache_args(w, "--manifest", str(bad)), ("'99999999'", "row index"), store=w.tmp / "c.zarr")
+
+
+@case("manifest: 1000 class names for the 3 classes of the synthetic data")
+def _(w):
+    bad = _rewritten_synthetic(w, class_names=[f"c{i}" for i in range(1000)])
+    return Case(["manifest", "check", str(bad)], ("'class_names'", "expected 3", "found 1000"))
+
+
 # --- datasets ----------------------------------------------------------------------------------------------
 
 @case("dataset: cifar10 root without its batches")

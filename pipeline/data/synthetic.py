@@ -148,31 +148,51 @@ class SyntheticReader(Reader):
 
     def load(self, manifest: Manifest, rows: SplitRows) -> Samples:
         data = load_arrays(manifest)
-        index = _row_index(manifest, rows)
+        index = _row_index(manifest, rows, count=len(data["x"]))
         return Samples(kind="vector", native_shape=(data["x"].shape[1],), array=data["x"][index])
+
+    def check_files(self, manifest: Manifest) -> None:
+        """The data file is the one the manifest was built with, has the manifest's classes, and holds
+        every row the manifest's ``source`` names."""
+        data = load_arrays(manifest)
+        for split in manifest.splits:
+            _row_index(manifest, manifest.split(split), count=len(data["x"]))
 
     def default_views(self, manifest: Manifest, *, seed: int = 0) -> ViewSpec:
         return ViewSpec("identity", seed=seed)
 
 
 def load_arrays(manifest: Manifest) -> dict[str, np.ndarray]:
-    """The stored arrays, after checking the file is the one the manifest was built with."""
+    """The stored arrays, after checking the file is the one the manifest was built with and has the
+    manifest's number of classes."""
     if manifest.dataset != "synthetic":
         raise UserError(f"{manifest.path}: field 'dataset' is {manifest.dataset!r}, expected 'synthetic'")
     name = manifest.meta.get("file", FILE_NAME)
     check_recorded_files(manifest, [name])
     with np.load(Path(manifest.root) / name) as f:
-        return {key: f[key] for key in f.files}
+        data = {key: f[key] for key in f.files}
+    classes = data["posterior"].shape[1]
+    if classes != manifest.num_classes:
+        raise UserError(f"{manifest.path}: field 'class_names': expected {classes} names (the classes of "
+                        f"{Path(manifest.root) / name}), found {manifest.num_classes}")
+    return data
 
 
-def _row_index(manifest: Manifest, rows: SplitRows) -> np.ndarray:
+def _row_index(manifest: Manifest, rows: SplitRows, *, count: int) -> np.ndarray:
+    """The data-file rows of ``rows`` (their ``source``), each checked to lie in [0, count)."""
     try:
-        return np.asarray([int(s) for s in rows.source], dtype=np.int64)
-    except ValueError:
+        index = np.asarray([int(s) for s in rows.source], dtype=np.int64)
+    except (ValueError, OverflowError):
         raise UserError(f"{manifest.path}: column 'source' of a synthetic manifest must hold row indices") from None
+    bad = np.flatnonzero((index < 0) | (index >= count))
+    if len(bad):
+        raise UserError(f"{manifest.path}: column 'source' value {rows.source[bad[0]]!r} (split {rows.name!r}): "
+                        f"expected a row index in [0, {count}) of the synthetic data file")
+    return index
 
 
 def bayes_posterior(manifest: Manifest, split: str) -> np.ndarray:
     """Exact p*(y | x) for the rows of ``split`` in manifest order: float32 [N, K]."""
     rows = manifest.split(split)
-    return load_arrays(manifest)["posterior"][_row_index(manifest, rows)]
+    posterior = load_arrays(manifest)["posterior"]
+    return posterior[_row_index(manifest, rows, count=len(posterior))]
