@@ -80,7 +80,7 @@ def ca_wkd_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, *, referenc
 def alpha_guided_parts(z_s, z_m, y, T=4.0, gamma=2.0, theta=0.3, *, confidence="gt", reference_code=False, p_gt=None) -> dict:
     variant = _check_alpha_guided(confidence, reference_code)
     parts = ca_wkd_parts(z_s, z_m, y, T, reference_code=reference_code, p_gt=p_gt, name="alpha-guided")
-    if variant == "kd-thesis":  # gate = mean_i sigmoid(γ(mean_k p_gt(z_k, y)_i − θ)), CE weighted (1 − gate) · 0.5
+    if variant == "kd-thesis":  # gate = mean_i sigmoid(γ(mean_k p_gt(z_k, y)_i − θ)), CE weight (1 − gate) · 0.5
         with torch.no_grad():
             conf_rows = mentor_log_pgt(z_m, y, p_gt).exp().mean(0)
             gate = torch.sigmoid(gamma * (conf_rows - theta)).mean()
@@ -102,8 +102,8 @@ def _check_alpha_guided(confidence, reference_code) -> str | None:
         raise UserError(f"alpha-guided: confidence must be 'gt' or 'max', got {confidence!r}")
     variant = reference_variant(reference_code, "alpha-guided")
     if variant == "kd-thesis" and confidence != "gt":
-        raise UserError("alpha-guided: option reference_code='kd-thesis' gates on the mentors' p_gt, as that code does; "
-                        f"expected confidence='gt', got {confidence!r}")
+        raise UserError("alpha-guided: option reference_code='kd-thesis' gates on the mentors' p_gt, as that "
+                        f"code does; expected confidence='gt', got {confidence!r}")
     return variant
 
 

@@ -57,7 +57,7 @@ CASE_IDS = ["C10", "C100", "C10-extreme", "C100-extreme"]
 
 def classroom_code(zs, zm, y, tau=12.0, round_share=True):
     """ClassroomKD's public code; ``round_share=False``: ranks round(K · w / Σw, 2) instead."""
-    K, B = len(zm), len(y)
+    K = len(zm)
     models = [zs] + [zm[k] for k in range(K)]  # index 0: the student
     w = [math.exp(-ce(z, y)) for z in models]
     total = sum(w)
