@@ -46,7 +46,7 @@ from pipeline.inspect import (
 )
 from pipeline.manifest import load_manifest
 from pipeline.methods import METHODS
-from pipeline.methods.teacher import TEACHER_LOSSES
+from pipeline.methods.teacher_losses import TEACHER_LOSSES
 from pipeline.models import MODELS
 from pipeline.runtime import is_main_process
 from pipeline.store.schema import DEFAULT_ROWS_PER_BLOCK, DTYPES, STORAGE_KINDS, Layout, human_bytes, plan_bytes

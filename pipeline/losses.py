@@ -15,7 +15,7 @@ from pipeline.methods.classroom import classroom_loss
 from pipeline.methods.kd import kd_kl, kd_loss, sampled_kd_loss, teacher_confidence, uncertainty_kd_loss
 from pipeline.methods.multi_teacher import adaptive_alpha_loss, alpha_guided_loss, aver_loss, ca_wkd_loss
 from pipeline.methods.peers import dml_losses, dual_student_losses
-from pipeline.methods.teacher import mse_teacher_loss
+from pipeline.methods.teacher_losses import mse_teacher_loss
 
 __all__ = [
     "kd_kl",

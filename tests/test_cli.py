@@ -22,7 +22,7 @@ from pipeline.cli import cli
 from pipeline.data import READERS
 from pipeline.methods import METHODS
 from pipeline.methods.base import Method, register, result
-from pipeline.methods.teacher import TEACHER_LOSSES
+from pipeline.methods.teacher_losses import TEACHER_LOSSES
 from pipeline.models import MODELS
 from pipeline.store.schema import DTYPES, STORAGE_KINDS
 from pipeline.store.writer import CacheResult

@@ -20,7 +20,7 @@ from pipeline.cli import cli
 from pipeline.data import build_manifest, default_views, open_split
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
-from pipeline.methods.teacher import ce_teacher_loss, mse_teacher_loss
+from pipeline.methods.teacher_losses import ce_teacher_loss, mse_teacher_loss
 from pipeline.models import load_model
 from pipeline.runtime import Runtime
 from pipeline.store.reader import StoreGroup

@@ -4,7 +4,8 @@
     METHODS.names()        # ['adaptive-alpha', 'alpha-guided', 'aver', 'ca-wkd', 'classroom', ...]
 
 Each family module registers its methods when imported here (explicit imports, no discovery).
-The public loss functions are re-exported by ``pipeline.losses``.
+The public loss functions are re-exported by ``pipeline.losses``. ``teacher_losses.py`` holds the
+teacher-training losses (ce, mse), which are no distillation methods.
 """
 
 # Registration: one line per family module; a new family module adds its line here.

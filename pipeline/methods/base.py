@@ -5,8 +5,9 @@ dict; the training loop never looks at its name, only at the attributes below.
 
     from pipeline.methods import create_method, METHODS
     method = create_method("classroom", tau=4.0, delta=1.0)   # unknown name/option: UserError
-    method.check_mentors(classroom.num_mentors)                # before training starts
-    out = method([z_s], classroom.targets(v, rows, fields=tuple(method.needs)), y)
+    group = StoreGroup(mentor_stores)                          # pipeline.store.reader
+    method.check_mentors(group.num_mentors)                    # before training starts
+    out = method([z_s], group.targets(v, rows, fields=tuple(method.needs)), y)
     out["loss"].backward()
 
 Methods register themselves through the explicit imports in ``pipeline/methods/__init__.py``
@@ -120,7 +121,7 @@ class Method:
     def __call__(
         self, students: Sequence[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """``students``: ``num_students`` logits [B, C]; ``targets``: Classroom.targets fields
+        """``students``: ``num_students`` logits [B, C]; ``targets``: StoreGroup.targets fields
         (logits [K, B, C], entropy [K, B], p_gt [K, B]); ``y``: labels [B].
 
         Returns {"loss": scalar to backward, "<part>": detached scalars or per-mentor [K] tensors}."""

@@ -3,7 +3,8 @@ above the student, distil from each at a temperature that grows with the rank ga
 
 Formulas and options: docs/methods.md, section "classroom". Mentor 0 is the teacher.
 Everything but the final loss terms runs under no_grad. The options that reproduce the public
-code (rank_mean="geometric", active_if="ge", alpha_source="weight", round_ranks=2) are off by default.
+code, saifkhichi96/classroom-kd ``lib/models/losses/ask_kd_loss_new.py`` (rank_mean="geometric",
+active_if="ge", alpha_source="weight", round_ranks=2), are off by default.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ def classroom_ranks(z_s, z_m, y, *, tau, rank_mean, active_if, alpha_source, rou
     else:  # the public code: exp(−CE_batch), the geometric mean of p_gt
         w = log_q.mean(1, keepdim=True).exp()
     if ranking == "weight":  # eq. 5, λ = |M| = K
-        r = z_m.shape[0] * w / w.sum(0, keepdim=True).clamp_min(TINY)
+        total = w.sum(0, keepdim=True).clamp_min(TINY)
+        if round_ranks is None:
+            r = z_m.shape[0] * w / total
+        else:  # the public code rounds the share w / Σw, then scales it by K
+            r = z_m.shape[0] * torch.round(w / total, decimals=round_ranks)
     else:  # Method B: 0.1 · position (1, 2, ...) in Algorithm 1's stable ascending sort, student first
         r = 0.1 * (torch.argsort(torch.argsort(w, dim=0, stable=True), dim=0) + 1).to(w.dtype)
-    if round_ranks is not None:
-        r = torch.round(r, decimals=round_ranks)
+        if round_ranks is not None:
+            r = torch.round(r, decimals=round_ranks)
     r_s, r_m = r[0], r[1:]
     active = r_m > r_s if active_if == "gt" else r_m >= r_s
     temperature = 1.0 + (r_m - r_s).abs() / r_m.clamp_min(TINY) * tau  # eq. 8–9
@@ -97,7 +102,7 @@ def classroom_loss(
 
 
 @register("classroom")
-class Classroom(Method):
+class ClassroomKD(Method):
     """ClassroomKD over the teacher (mentor 0) and its peers. Logs per-mentor [K] "rank",
     "active", "temperature" (with granularity="sample": their batch means, active as a fraction)."""
 

@@ -23,8 +23,9 @@ def kl_rows(z_s: Tensor, z_t: Tensor, T: float | Tensor) -> Tensor:
     """T² · Σ_c p^T(z_t)_c (log p^T(z_t)_c − log p^T(z_s)_c) for every row.
 
     ``z_s`` [B, C] broadcasts against ``z_t`` [..., B, C]; ``T`` is a number or a tensor that
-    broadcasts against the rows (e.g. [K, 1] or [K, B] per-mentor temperatures)."""
-    T = torch.as_tensor(T, dtype=torch.float32, device=z_s.device).detach()
+    broadcasts against the rows (e.g. [K, 1] or [K, B] per-mentor temperatures), in the student's
+    computing dtype (float32, or float64 for float64 logits)."""
+    T = torch.as_tensor(T, dtype=full(z_s).dtype, device=z_s.device).detach()
     t = T.unsqueeze(-1)
     log_p_s = F.log_softmax(full(z_s) / t, dim=-1)
     log_p_t = F.log_softmax(full(z_t.detach()) / t, dim=-1)

@@ -3,6 +3,12 @@
 Formulas: docs/methods.md (aver, ca-wkd, alpha-guided, adaptive-alpha). ``z_m`` is
 [K, B, C]. Per-mentor p_gt comes from the cached exact values when given (``p_gt=`` [K, B]),
 otherwise from the logits; every weight and α is computed without gradient.
+
+``reference_code`` (ca-wkd, alpha-guided) picks a public code to reproduce instead of the
+report's formulas: "ca-mkd" (``True``: the same) divides the weighted KD sum by K as Rorozhl/CA-MKD
+``helper/loops.py`` does; "kd-thesis" is the report's own code, Jeen-Freecs/kd_thesis
+``src/models/kd_module.py`` (batch-mean weights times batch-mean KD terms; method 2's per-sample gate
+and its CE weight 0.5).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pipeline.methods.base import Method, full, register, result
 from pipeline.methods.kd import gt_log_prob, kl_rows, mentor_log_pgt
 
 Tensor = torch.Tensor
+REFERENCE_CODES = ("ca-mkd", "kd-thesis")
+KD_THESIS_CE_WEIGHT = 0.5  # kd_thesis method 2: (1 − gate) · alpha · CE, alpha 0.5 in its code and configs
 
 
 def aver_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0) -> Tensor:
@@ -27,6 +35,18 @@ def _check_two(z_m: Tensor, name: str) -> None:
         raise UserError(f"{name} weighs mentors against each other and needs at least 2 mentors, got {z_m.shape[0]}")
 
 
+def reference_variant(value, name: str) -> str | None:
+    """The public code ``reference_code`` reproduces: None (the report's formulas), "ca-mkd" or "kd-thesis"."""
+    if value is False:
+        return None
+    if value is True:
+        return "ca-mkd"
+    if isinstance(value, str) and value in REFERENCE_CODES:
+        return value
+    raise UserError(f"{name}: option 'reference_code' must be true or false, or one of "
+                    f"{', '.join(repr(v) for v in REFERENCE_CODES)}, got {value!r}")
+
+
 @torch.no_grad()
 def ca_weights(z_m: Tensor, y: Tensor, *, p_gt: Tensor | None = None) -> Tensor:
     """w_k,i = (1 − softmax_k(CE_·,i)_k) / (K − 1), [K, B]; CE_k,i = −log p_gt(z_k,i, y_i)."""
@@ -35,24 +55,37 @@ def ca_weights(z_m: Tensor, y: Tensor, *, p_gt: Tensor | None = None) -> Tensor:
 
 
 def ca_wkd_parts(z_s, z_m, y, T=4.0, *, reference_code=False, p_gt=None, name="ca-wkd") -> dict:
+    variant = reference_variant(reference_code, name)
     _check_two(z_m, name)
     w = ca_weights(z_m, y, p_gt=p_gt)
-    kd = (w * kl_rows(z_s, z_m, T)).sum(0).mean()
-    if reference_code:  # the public code divides the weighted KD sum by K
+    if variant == "kd-thesis":  # Σ_k mean_i(w_k,i) · mean_i(kd_kl_k,i): a product of batch means
+        kd = (w.mean(-1) * kl_rows(z_s, z_m, T).mean(-1)).sum()
+    else:
+        kd = (w * kl_rows(z_s, z_m, T)).sum(0).mean()
+    if variant == "ca-mkd":  # CA-MKD divides the weighted KD sum by K
         kd = kd / z_m.shape[0]
     ce = F.cross_entropy(full(z_s), y.long())
     return {"loss": ce + kd, "ce": ce, "kd": kd, "weight": w.mean(-1)}
 
 
-def ca_wkd_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, *, reference_code: bool = False, p_gt: Tensor | None = None) -> Tensor:
-    """Confidence-aware method 1: CE + mean_i Σ_k w_k,i · kd_kl_i(z_s, z_k, T); needs K ≥ 2."""
+def ca_wkd_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, *, reference_code: bool | str = False,
+                p_gt: Tensor | None = None) -> Tensor:
+    """Confidence-aware method 1: CE + mean_i Σ_k w_k,i · kd_kl_i(z_s, z_k, T); needs K ≥ 2.
+
+    ``reference_code="ca-mkd"`` (or True): the KD sum divided by K; ``"kd-thesis"``:
+    CE + Σ_k mean_i(w_k,i) · mean_i(kd_kl_k,i)."""
     return ca_wkd_parts(z_s, z_m, y, T, reference_code=reference_code, p_gt=p_gt)["loss"]
 
 
 def alpha_guided_parts(z_s, z_m, y, T=4.0, gamma=2.0, theta=0.3, *, confidence="gt", reference_code=False, p_gt=None) -> dict:
-    if confidence not in ("gt", "max"):
-        raise UserError(f"alpha-guided: confidence must be 'gt' or 'max', got {confidence!r}")
+    variant = _check_alpha_guided(confidence, reference_code)
     parts = ca_wkd_parts(z_s, z_m, y, T, reference_code=reference_code, p_gt=p_gt, name="alpha-guided")
+    if variant == "kd-thesis":  # gate = mean_i sigmoid(γ(mean_k p_gt(z_k, y)_i − θ)), CE weight (1 − gate) · 0.5
+        with torch.no_grad():
+            conf_rows = mentor_log_pgt(z_m, y, p_gt).exp().mean(0)
+            gate = torch.sigmoid(gamma * (conf_rows - theta)).mean()
+        loss = gate * parts["kd"] + (1 - gate) * KD_THESIS_CE_WEIGHT * parts["ce"]
+        return {**parts, "loss": loss, "alpha": gate, "confidence": conf_rows.mean()}
     with torch.no_grad():
         mean_logits = full(z_m.detach()).mean(0)
         if confidence == "gt":
@@ -64,12 +97,25 @@ def alpha_guided_parts(z_s, z_m, y, T=4.0, gamma=2.0, theta=0.3, *, confidence="
     return {**parts, "loss": loss, "alpha": alpha, "confidence": conf}
 
 
+def _check_alpha_guided(confidence, reference_code) -> str | None:
+    if confidence not in ("gt", "max"):
+        raise UserError(f"alpha-guided: confidence must be 'gt' or 'max', got {confidence!r}")
+    variant = reference_variant(reference_code, "alpha-guided")
+    if variant == "kd-thesis" and confidence != "gt":
+        raise UserError("alpha-guided: option reference_code='kd-thesis' gates on the mentors' p_gt, as that "
+                        f"code does; expected confidence='gt', got {confidence!r}")
+    return variant
+
+
 def alpha_guided_loss(
     z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, gamma: float = 2.0, theta: float = 0.3, *,
-    confidence: str = "gt", reference_code: bool = False, p_gt: Tensor | None = None,
+    confidence: str = "gt", reference_code: bool | str = False, p_gt: Tensor | None = None,
 ) -> Tensor:
     """Method 2: α·L_KL + (1 − α)·CE, L_KL as in ca-wkd, α = sigmoid(γ·(conf − θ)), conf the
-    batch mean of p_gt(mean_k z_k, y) (``confidence="max"``: of the max probability)."""
+    batch mean of p_gt(mean_k z_k, y) (``confidence="max"``: of the max probability).
+
+    ``reference_code="kd-thesis"``: gate·L_KL + (1 − gate)·0.5·CE with L_KL as ca-wkd's kd-thesis
+    variant and gate = mean_i sigmoid(γ·(mean_k p_gt(z_k, y)_i − θ))."""
     return alpha_guided_parts(z_s, z_m, y, T, gamma, theta, confidence=confidence, reference_code=reference_code, p_gt=p_gt)["loss"]
 
 
@@ -103,8 +149,18 @@ class Aver(Method):
         return result(ce + kd.sum(), {"ce": ce, "kd": kd.sum(), "kd_mentor": kd})
 
 
+class _ReferenceCodeOption(Method):
+    """A method whose option ``reference_code`` takes true, false, "ca-mkd" or "kd-thesis"."""
+
+    def _check_option(self, key, value):
+        if key == "reference_code":
+            reference_variant(value, f"method {self.name!r}")
+            return value
+        return super()._check_option(key, value)
+
+
 @register("ca-wkd")
-class CAWKD(Method):
+class CAWKD(_ReferenceCodeOption):
     min_mentors = 2
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0, "reference_code": False}
@@ -117,12 +173,16 @@ class CAWKD(Method):
 
 
 @register("alpha-guided")
-class AlphaGuided(Method):
+class AlphaGuided(_ReferenceCodeOption):
     min_mentors = 2
     needs = frozenset({"logits", "p_gt"})
     defaults = {"T": 4.0, "gamma": 2.0, "theta": 0.3, "confidence": "gt", "reference_code": False}
     choices = {"confidence": ("gt", "max")}
     loss_fn = staticmethod(alpha_guided_loss)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        _check_alpha_guided(self.options["confidence"], self.options["reference_code"])
 
     def compute(self, students, targets, y):
         parts = alpha_guided_parts(students[0], targets["logits"], y, **self.options, p_gt=targets.get("p_gt"))

@@ -40,7 +40,7 @@ from pipeline.data import default_views, open_split
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, write_history
 from pipeline.manifest import load_manifest
-from pipeline.methods.teacher import TEACHER_LOSSES
+from pipeline.methods.teacher_losses import TEACHER_LOSSES
 from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything, torch_threads
 from pipeline.train.config import TrainConfig

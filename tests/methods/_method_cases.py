@@ -1,6 +1,6 @@
 """Tiny seeded batches for the method tests, shaped like the cache reader's output.
 
-``make_targets`` builds what ``Classroom.targets`` returns: logits [K, B, C] float32 (rounded
+``make_targets`` builds what ``StoreGroup.targets`` returns: logits [K, B, C] float32 (rounded
 through float16 like the dense store), entropy [K, B] and p_gt [K, B] computed exactly from them.
 """
 

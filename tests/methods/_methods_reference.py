@@ -118,12 +118,14 @@ def _ranks(weights, num_mentors, ranking, round_ranks):
     """weights: {model: w}; returns {model: r}."""
     if ranking == "weight":
         total = sum(weights.values())
-        ranks = {m: num_mentors * w / total for m, w in weights.items()}
-    else:  # 0.1 · position in Algorithm 1's sorted(weights.items()) (stable: ties keep classroom order)
-        ordered = [m for m, _ in sorted(weights.items(), key=lambda item: item[1])]
-        ranks = {m: 0.1 * (1 + ordered.index(m)) for m in weights}
+        if round_ranks is None:
+            return {m: num_mentors * w / total for m, w in weights.items()}
+        return {m: num_mentors * round(w / total, round_ranks) for m, w in weights.items()}  # the share is rounded
+    # 0.1 · position in Algorithm 1's sorted(weights.items()) (stable: ties keep classroom order)
+    ordered = [m for m, _ in sorted(weights.items(), key=lambda item: item[1])]
+    ranks = {m: 0.1 * (1 + ordered.index(m)) for m in weights}
     if round_ranks is not None:
-        ranks = {m: float(np.round(r, round_ranks)) for m, r in ranks.items()}
+        ranks = {m: round(r, round_ranks) for m, r in ranks.items()}
     return ranks
 
 

@@ -1,6 +1,8 @@
 """Teacher training losses (docs/methods.md, "Teacher training"): logits in, scalar out.
+They train the teachers (``kdcache train-teacher --loss``); they are not distillation methods and
+are not in the METHODS registry.
 
-    from pipeline.methods.teacher import TEACHER_LOSSES
+    from pipeline.methods.teacher_losses import TEACHER_LOSSES
     loss = TEACHER_LOSSES.get("mse")(logits, labels)      # TEACHER_LOSSES.names() == ["ce", "mse"]
 
 - ``ce``: cross-entropy, mean over the batch.
