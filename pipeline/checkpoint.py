@@ -19,6 +19,7 @@ crash never leaves half a checkpoint under the final name.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -68,9 +69,11 @@ def save_checkpoint(
         "meta": {**meta, "input_shape": list(meta["input_shape"]), "kdcache_version": __version__},
         "train_state": train_state,
     }
+    data = io.BytesIO()
+    torch.save(blob, data)  # in memory first: a full disk is then an OSError of the write, not a torch RuntimeError
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            torch.save(blob, fh)
+            fh.write(data.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
             faults.point("checkpoint")  # the temporary file is whole, the target not yet replaced

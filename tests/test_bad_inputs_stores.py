@@ -14,6 +14,7 @@ and a teacher checkpoint that changed after caching in more detail.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import zarr
 import zarr.storage._local as zarr_local
 from click.testing import CliRunner
 
+import pipeline.checkpoint
 import pipeline.files
 from pipeline.cli import cli
 from pipeline.data import build_manifest
@@ -268,12 +270,26 @@ def _(w):
     return Case(train_args(w, out="ro/t.pt"), ("ro", "Permission denied", "--out"), checkpoint=w.tmp / "ro" / "t.pt")
 
 
-@case("disk: full while a checkpoint is written")
+def _full_checkpoint_writes(w: World) -> None:
+    """A checkpoint's file takes its first bytes, then the disk is full (``write`` raises ENOSPC)."""
+    class Full(io.FileIO):
+        def write(self, data: Any) -> int:
+            super().write(bytes(memoryview(data)[:10]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+
+    w.monkeypatch.setattr(pipeline.checkpoint, "open", lambda path, mode="r": Full(path, mode), raising=False)
+
+
+@case("disk: full while a teacher checkpoint is written")
 def _(w):
-    def full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(f, "name", str(f)))
-    w.monkeypatch.setattr(torch, "save", full)
+    _full_checkpoint_writes(w)
     return Case(train_args(w), ("t_out.pt", "No space left on device", "checkpoint"), checkpoint=w.tmp / "t_out.pt")
+
+
+@case("disk: full while a student checkpoint is written")
+def _(w):
+    _full_checkpoint_writes(w)
+    return Case(distill_args(w), ("s_out.pt", "No space left on device", "checkpoint"), checkpoint=w.tmp / "s_out.pt")
 
 
 def test_the_catalogue_is_large() -> None:
