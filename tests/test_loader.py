@@ -143,3 +143,22 @@ def test_bad_arguments_are_user_errors(caches) -> None:
         DistillLoader(stores, manifest, batch_size=0)
     with pytest.raises(UserError, match="stores: expected a non-empty list"):
         DistillLoader(str(stores[0]), manifest, batch_size=BATCH)
+    with pytest.raises(UserError, match="memory_budget_mb: expected an integer >= 1, found 0"):
+        DistillLoader(stores, manifest, batch_size=BATCH, memory_budget_mb=0)
+
+
+@pytest.mark.parametrize("cache_mode", ["memory", "stream"])
+def test_a_second_epoch_asked_for_mid_epoch(caches, cache_mode: str) -> None:
+    """In memory two epochs interleave freely; a streamed cache serves the latest epoch only, and an
+    older epoch's next batch says so in one line instead of reading another epoch's window."""
+    manifest, stores = caches
+    with DistillLoader(stores, manifest, batch_size=BATCH, cache_mode=cache_mode) as loader:
+        first = iter(loader.epoch(0))
+        next(first)
+        second = list(loader.epoch(1))
+        assert len(second) == 5
+        if cache_mode == "memory":
+            assert len(list(first)) == 4
+        else:
+            with pytest.raises(UserError, match="epoch 0: the streamed cache now serves a later loader.epoch"):
+                next(first)

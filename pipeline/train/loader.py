@@ -88,6 +88,8 @@ class LoaderEpoch:
         self.dataset = copy.copy(loader.dataset)
         self.dataset.set_view(self.view)
         self._loader = loader
+        loader._latest += 1
+        self._token = loader._latest   # a streamed cache serves the latest epoch only
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -96,6 +98,10 @@ class LoaderEpoch:
         loader = self._loader
         group, runtime = loader.cached.group, loader.runtime
         for x, y, rows in iter_batches(self.dataset, self.batches, runtime=runtime, workers=loader.workers):
+            if group.mode == "stream" and self._token != loader._latest:
+                raise UserError(f"epoch {self.epoch}: the streamed cache now serves a later loader.epoch() call; a "
+                                "streamed cache serves one epoch at a time: finish an epoch's batches before asking "
+                                "for the next epoch (or use cache_mode='memory')")
             targets = group.targets(self.view, rows, fields=loader.fields)
             yield x, y, {name: runtime.to_device(value) for name, value in targets.items()}
 
@@ -110,7 +116,8 @@ class DistillLoader:
                  input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> None:
         if isinstance(stores, (str, Path)) or not stores:
             raise UserError(f"stores: expected a non-empty list of cache stores, found {stores!r}")
-        for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+        for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
+                                   ("memory_budget_mb", 1 if memory_budget_mb is None else memory_budget_mb, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UserError(f"{name}: expected an integer >= {least}, found {value!r}")
         unknown = sorted(set(fields) - set(FIELDS))
@@ -120,6 +127,7 @@ class DistillLoader:
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         self.batch_size, self.seed, self.workers, self.drop_last = batch_size, int(seed), workers, drop_last
         self.fields = tuple(fields)
+        self._latest = 0   # the number of epochs asked for: only the latest may read a streamed cache
         self.cached = CachedTargets.open(list(stores), self.manifest, cache_mode=cache_mode,
                                          memory_budget_mb=memory_budget_mb, workers=workers)
         try:
