@@ -22,6 +22,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +90,46 @@ def _torch_load(path: Path, what: str) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # A pickled object (a whole nn.Module, a custom class) would run code to load: refused, never executed.
-        if "Unsupported global" in str(err):
-            raise UserError(f"{path}: refused: it needs arbitrary unpickling (weights_only=False) to load; save a "
-                            "state_dict (torch.save(model.state_dict(), ...))") from None
+        # A pickled object (a whole nn.Module, a custom class, a __reduce__ call) would run code to load:
+        # refused, never executed. torch's own message invites weights_only=False; this one does not.
+        if _holds_a_pickle(path):
+            raise UserError(f"{path}: refused: loading it needs arbitrary unpickling ({_unpickling_reason(err)}), "
+                            "which can run any code, and kdcache will not run it; "
+                            "where you trust the file, re-save its weights as a plain state_dict "
+                            "(torch.save(model.state_dict(), ...)) or a .safetensors file") from None
         raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
     except Exception as err:
         raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def _holds_a_pickle(path: Path) -> bool:
+    """Whether ``path`` is a well-formed pickle (or a torch zip file holding one): its opcodes are only
+    parsed (``pickletools.genops``), never run. A file torch's weights-only loader refuses and that
+    parses is a pickled object needing arbitrary code; one that does not parse is just unreadable."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                data = zf.read(name)
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:
+        return False
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights-only refusal that says what the file holds (``Unsupported global:
+    GLOBAL mypkg.Net``, ``unsupported GLOBAL posix.system``, ``Unsupported operand 149``)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    found = [line for line in lines if "nsupported" in line and "weights_only" not in line]
+    return (found[0] if found else "a pickled object")[:160]
 
 
 def load_checkpoint(path: str | Path) -> dict:

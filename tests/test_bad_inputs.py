@@ -218,6 +218,34 @@ def _(w):
     return Case(cache_args(w, teacher=bad), ("nometa.pt", "'meta'"), store=w.tmp / "c.zarr")
 
 
+class _RunsCode:
+    """A pickled object whose loading would run a shell command (touching ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@case("checkpoint: weights whose unpickling would run code (a torch file)")
+def _(w):
+    weights, marker = w.tmp / "evil.pt", w.tmp / "ran"
+    torch.save({"state_dict": _RunsCode(marker)}, weights)
+    return Case(cache_args(w, "--weights", str(weights), teacher="mlp"),
+                ("evil.pt", "refused", "posix.system", "will not run it", "state_dict"), checkpoint=marker)
+
+
+@case("checkpoint: weights whose unpickling would run code (a plain pickle)")
+def _(w):
+    import pickle
+    weights, marker = w.tmp / "evil.pkl", w.tmp / "ran"
+    weights.write_bytes(pickle.dumps({"state_dict": _RunsCode(marker)}))
+    return Case(cache_args(w, "--weights", str(weights), teacher="mlp"),
+                ("evil.pkl", "refused", "will not run it", "state_dict"), checkpoint=marker)
+
+
 @case("checkpoint: teacher of another class count")
 def _(w):
     bad = w.teacher_with("k5.pt", lambda b: b["meta"].update(num_classes=5))

@@ -198,7 +198,7 @@ def test_a_pickled_whole_model_is_refused_not_run(world, tmp_path):
     whole = tmp_path / "whole.pt"
     torch.save(world.model, whole)
     _cli_error(world, tmp_path, "--teacher", "resnet18", "--weights", str(whole),
-               needles=(f"{whole}: refused: it needs arbitrary unpickling (weights_only=False)", "state_dict"))
+               needles=(f"{whole}: refused: loading it needs arbitrary unpickling", "will not run it", "state_dict"))
     # a pickle that would run code when loaded: refused the same way, and the code never ran
     marker = tmp_path / "ran"
 

@@ -112,7 +112,7 @@ def distill_args(w: World, *extra: str, mentors: tuple[str, ...] | None = None, 
             "--epochs", "1", "--no-progress", "--device", "cpu", "--out", str(w.tmp / out), *extra]
 
 
-def cache_args(w: World, *extra: str, teacher: Path | None = None, out: Path | str | None = None) -> list[str]:
+def cache_args(w: World, *extra: str, teacher: Path | str | None = None, out: Path | str | None = None) -> list[str]:
     return ["cache", "--teacher", str(teacher or w.base.teacher), "--manifest", str(w.base.manifest),
             "--split", "train", "--out", str(out or w.tmp / "c.zarr"), "--rows-per-block", "64",
             "--micro-batch", "32", "--threads", "1", "--device", "cpu", "--no-progress", *extra]
