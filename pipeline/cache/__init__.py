@@ -30,20 +30,15 @@ Three forms of teacher (``--teacher``, ``CacheConfig.teacher``; read by ``pipeli
     kdcache cache --teacher timm:resnet50 --weights weights/r50.pt ...     # timm (pip install 'kdcache[timm]')
     kdcache cache --teacher my_models:build_teacher [--weights w.pt] ...   # your code, like a torch.hub entry point
 
-An arch name is kdcache's own (``pipeline.models.MODELS``), any torchvision classification model
-(``torchvision:NAME`` to insist on torchvision's), or ``timm:NAME``; it is built untrained (no
-download) with the manifest's class count, and ``--weights`` must fit it key for key and shape
-for shape (a head trained for another class count is refused naming ``num_classes``).
-``module:function`` is imported from ``sys.path`` or the current folder and called with no
-arguments; it must return an ``nn.Module``, and the same weights every call (dask workers and
-shard jobs rebuild it). Weights files are read as data only: ``torch.load(weights_only=True)``
-(or a ``.safetensors`` file with the safetensors package), a bare state_dict or a dict holding
-one under ``state_dict`` or ``model``; a file that would need arbitrary unpickling (a pickled
-whole model) is refused, never run. Only ``module:function`` runs code of yours. The store's
-``teacher`` section records ``source`` (checkpoint | arch | callable), ``arch`` (the name or
-``module:function``), ``checkpoint_sha256`` (of the weights file; for a callable without weights,
-of its state_dict's tensors in key order) and ``preprocessing``; reopening a store with another
-teacher is refused.
+Which texts each form takes, how it is built and what it must satisfy (the weights fit key for
+key and shape for shape, a callable gives the same weights every call): ``pipeline.teachers``.
+Weights files are read as data only: ``torch.load(weights_only=True)`` (or a ``.safetensors``
+file with the safetensors package), a bare state_dict or a dict holding one under ``state_dict``
+or ``model``; a file that would need arbitrary unpickling (a pickled whole model) is refused,
+never run. Only ``module:function`` runs code of yours. The store's ``teacher`` section records
+``source`` (the form: checkpoint | arch | callable), ``arch`` (the name or ``module:function``),
+``checkpoint_sha256`` (of the weights file; for a model without one, of its state_dict's tensors
+in key order) and ``preprocessing``; reopening a store with another teacher is refused.
 
 The views replay geometry, not preprocessing: what a store fixes per sample and view is the crop
 box and the flip (a pure function of the view spec, the sample id and the view index), and a
