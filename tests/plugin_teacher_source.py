@@ -6,8 +6,8 @@ weights and bias are drawn from ``torch.Generator().manual_seed(SEED)``.
 
 It shows that a form of teacher is one frozen dataclass with ``@register_source(...)``: which
 texts it claims and how it builds its model. Checking it against the manifest, its provenance,
-its name, caching it (alone, in one pass, in dask workers) and running it live are the same code
-as for every other form. Rank 15: tried before ``module:function``, which ``fixed:x`` would match.
+its name, caching it and running it live are the same code as for every other form
+(tests/test_teacher_sources.py). Rank 15: tried before ``module:function``, which ``fixed:x`` would match.
 """
 
 from __future__ import annotations
