@@ -23,8 +23,7 @@ from pipeline.store.verify import verify_store
 from pipeline.teachers import (SOURCES, ArchSource, CallableSource, CheckpointSource, teacher_name,
                                teacher_source)
 from pipeline.train import DistillConfig, distill
-from tests import plugin_teacher_source  # noqa: F401  (registers the "fixed" source)
-from tests.plugin_teacher_source import FixedSource
+from tests.plugin_teacher_source import FixedSource   # importing it registers the "fixed" source
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
