@@ -48,6 +48,7 @@ from pipeline.data import default_views, open_split
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
 from pipeline.store import schema
+from pipeline.teachers import teacher_source
 
 ARCHS = {"synthetic": "mlp", "fashion-mnist": "cnn"}
 
@@ -69,7 +70,7 @@ def caching_variants(root: Path, manifest: Path, teacher: Path, *, views: int,
     cfg = CacheConfig(teacher=str(teacher), manifest=str(manifest), out=str(root / "cache.zarr"), views=views,
                       device="cpu", threads=threads, overwrite=True, progress=False)
     layout = schema.Layout(num_samples=len(man.split("train").sample_id), num_classes=man.num_classes, num_views=views)
-    factory = TeacherFactory(teacher=str(teacher), manifest=str(manifest.resolve()), split="train",
+    factory = TeacherFactory(teacher=teacher_source(teacher), manifest=str(manifest.resolve()), split="train",
                              views=json.dumps(default_views(man, seed=0).to_dict(), sort_keys=True),
                              micro_batch=layout.micro_batch, device="cpu", threads=threads)
 

@@ -43,7 +43,7 @@ import torch
 
 from _common import (DATASETS, alternate, build_data, low, machine_line, markdown_table, median, pick_dataset,
                      summary_line)
-from pipeline.cache import cache_teachers, classroom_configs
+from pipeline.cache import cache_teachers, one_pass_configs
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import open_split
 from pipeline.manifest import load_manifest
@@ -141,7 +141,7 @@ def main() -> None:
         began = time.perf_counter()
         manifest = build_data(root, args.dataset, args.train_rows)
         teachers = build_teachers(root, manifest, args.student, args.student_options)
-        configs = classroom_configs([str(t) for t in teachers], out_dir=str(root / "caches"), manifest=str(manifest),
+        configs = one_pass_configs([str(t) for t in teachers], out_dir=str(root / "caches"), manifest=str(manifest),
                                     views=1, device="cpu", threads=args.threads, progress=False, overwrite=True)
         cache_teachers(configs)
         stores = [c.out for c in configs]

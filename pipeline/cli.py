@@ -22,7 +22,7 @@ from typing import Iterator
 import click
 
 from pipeline import __version__
-from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, classroom_configs
+from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, one_pass_configs
 from pipeline.cli_options import (
     Greedy,
     GreedyCommand,
@@ -340,7 +340,7 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
     """
-    configs = classroom_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
+    configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     results = [cache_teacher(configs[0])] if len(configs) == 1 else cache_teachers(configs)
     for cfg, result in zip(configs, results):
         if result.complete:

@@ -27,34 +27,15 @@ them as meta ``arch_options`` so ``load_model`` rebuilds the same network. The o
 
 ``weights`` is a local file only: a kdcache checkpoint or a bare ``state_dict``.
 
-Teachers (what ``kdcache cache --teacher`` takes; ``teacher_spec`` reads it, ``load_teacher`` builds it):
-
-    spec = teacher_spec("models/ce.pt")                                   # a kdcache checkpoint
-    spec = teacher_spec("resnet18", "weights/r18.pt")                     # an arch name + a weights file
-    spec = teacher_spec("timm:convnext_tiny", "weights/cnx.safetensors")  # timm (pip install 'kdcache[timm]')
-    spec = teacher_spec("my_models:build_teacher")                        # your code: called with no arguments
-    model, meta = load_teacher(spec, num_classes=10, input_shape=(3, 32, 32))
-
-An arch name is kdcache's own (``MODELS``), any torchvision classification model
-(``torchvision:NAME`` to mean torchvision's where both have it; a plain name shared by both is
-the one the weights fit), or ``timm:NAME``; it is built untrained (never a download) with
-``num_classes`` outputs, then the weights are loaded strictly. ``module:function`` is imported
-from ``sys.path`` or the current folder: the only form that runs code of the user's. Weights
-files are read as data only (``pipeline.checkpoint.load_state_dict``: a state_dict, a kdcache
-checkpoint or a ``.safetensors`` file). The same specs are the live teachers of ``kdcache distill
---online`` (``pipeline.train.targets.LiveTargets``), built by this one ``load_teacher``.
+Teachers (a checkpoint, an arch name with weights, ``timm:NAME``, the user's ``module:function``) are
+read and built by ``pipeline.teachers``.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import inspect
-import os
-import re
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -132,77 +113,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), meta
 
 
-# --- teachers from anywhere: a checkpoint, an arch name + weights, or the user's callable ------
-
-TEACHER_SOURCES = ("checkpoint", "arch", "callable")
-_CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Which teacher: ``source`` (checkpoint | arch | callable), ``name`` (the checkpoint path,
-    the arch name or ``module:function``) and ``weights`` (a weights file, or None)."""
-
-    source: str
-    name: str
-    weights: str | None = None
-
-
-def teacher_spec(teacher: str, weights: str | Path | None = None, *, weights_flag: str = "--weights") -> TeacherSpec:
-    """Read ``--teacher`` (and ``--weights``, named ``weights_flag`` in errors): which of the three
-    forms it is; a UserError when none."""
-    text = str(teacher)
-    if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise UserError(f"{weights_flag} {weights}: weights file not found")
-        weights = str(weights.resolve())
-    if Path(text).is_file():
-        if weights is not None:
-            raise UserError(f"{weights_flag} {weights}: expected no {weights_flag} with the checkpoint --teacher "
-                            f"{text} (it holds its own weights)")
-        return TeacherSpec("checkpoint", str(Path(text).resolve()))
-    if text.startswith("timm:"):
-        _timm(text)
-    if text.startswith(("timm:", "torchvision:")) or text in MODELS.names() or text in torchvision_names():
-        if weights is None:
-            raise UserError(f"--teacher {text}: expected {weights_flag} FILE with an architecture name (it is built "
-                            "untrained)")
-        return TeacherSpec("arch", text, weights)
-    if _CALLABLE.fullmatch(text):
-        return TeacherSpec("callable", text, weights)
-    if os.sep in text or "/" in text or Path(text).suffix:
-        return TeacherSpec("checkpoint", str(Path(text).resolve()))  # load_checkpoint says it is not found
-    raise UserError(f"--teacher {text}: unknown; expected a kdcache checkpoint file, an architecture name "
-                    f"(kdcache's {', '.join(MODELS.names())}; any torchvision classification model; timm:NAME) "
-                    "or module:function")
-
-
-def load_teacher(spec: TeacherSpec, *, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, dict]:
-    """Build the teacher ``spec`` names: ``(model in eval mode, meta)``.
-
-    A checkpoint is ``load_model`` (its meta says its class count and input shape; the caller
-    compares them). An arch or a callable is checked here: the weights must fit, and one
-    forward pass on zeros of ``input_shape`` must give ``num_classes`` logits.
-    """
-    if spec.source == "checkpoint":
-        return load_model(spec.name)
-    shape = tuple(int(s) for s in input_shape)
-    if spec.source == "arch":
-        state = load_state_dict(spec.weights)
-        model = _build_arch(spec.name, weights=spec.weights, state=state, num_classes=num_classes, input_shape=shape)
-        fit_state_dict(model, state, spec.weights)
-    elif spec.source == "callable":
-        model = _call_teacher(spec.name)
-        if spec.weights is not None:
-            fit_state_dict(model, load_state_dict(spec.weights), spec.weights)
-    else:
-        raise ValueError(f"teacher source {spec.source!r}: expected one of {TEACHER_SOURCES}")
-    model.eval()
-    _check_outputs(model, name=spec.name, num_classes=num_classes, input_shape=shape)
-    return model, {"arch": spec.name, "num_classes": num_classes, "input_shape": shape}
-
-
 def state_sha256(model: nn.Module) -> str:
     """sha256 of a model's state_dict: each key, dtype, shape and the tensor's bytes, in key order."""
     digest = hashlib.sha256()
@@ -219,117 +129,6 @@ def torchvision_names() -> tuple[str, ...]:
     import torchvision.models as tvm  # deferred: torchvision is slow to import
 
     return tuple(tvm.list_models(module=tvm))
-
-
-def _timm(name: str) -> Any:
-    try:
-        import timm  # optional: only timm:NAME teachers need it
-    except ImportError:
-        raise UserError(f"--teacher {name}: expected the timm package, found it missing "
-                        "(pip install 'kdcache[timm]')") from None
-    if not timm.is_model(name.removeprefix("timm:")):
-        raise UserError(f"--teacher {name}: unknown timm model (timm.list_models() lists them)")
-    return timm
-
-
-def _mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], num_classes: int) -> str | None:
-    """Why ``state`` does not fit ``model`` (None when every key and shape matches)."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        return f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
-    wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
-    if not wrong:
-        return None
-    # Only the head differs, in its first dimension: the weights were trained for another class count.
-    if all(own[k].ndim and own[k].shape[0] == num_classes and own[k].shape[1:] == state[k].shape[1:] for k in wrong):
-        return (f"field num_classes: expected {num_classes} (the manifest's classes), found {state[wrong[0]].shape[0]} "
-                f"in the weights' head {wrong[0]!r}")
-    key = wrong[0]
-    return f"field {key!r}: expected shape {tuple(own[key].shape)}, found {tuple(state[key].shape)}"
-
-
-def _build_arch(name: str, *, weights: str | None, state: Mapping[str, torch.Tensor], num_classes: int,
-                input_shape: tuple[int, ...]) -> nn.Module:
-    """The untrained ``name`` for ``num_classes``; of kdcache's and torchvision's, the one ``state`` fits."""
-    builders: list[Callable[[], nn.Module]] = []
-    if name.startswith("timm:"):
-        timm = _timm(name)
-        builders.append(lambda: timm.create_model(name.removeprefix("timm:"), pretrained=False,
-                                                  num_classes=num_classes, in_chans=input_shape[0]))
-    else:
-        plain = name.removeprefix("torchvision:")
-        if plain == name and name in MODELS.names():
-            builders.append(lambda: create_model(name, num_classes=num_classes, input_shape=input_shape))
-        if plain in torchvision_names():
-            import torchvision.models as tvm  # deferred: torchvision is slow to import
-
-            builders.append(lambda: tvm.get_model(plain, weights=None, num_classes=num_classes))
-        if not builders:
-            raise UserError(f"--teacher {name}: unknown torchvision classification model "
-                            "(torchvision.models.list_models() lists them)")
-    problems = []
-    for build in builders:
-        try:
-            model = build()
-        except UserError:
-            raise
-        except Exception as err:
-            raise UserError(f"--teacher {name}: could not be built with num_classes={num_classes} "
-                            f"({type(err).__name__}: {str(err)[:200]})") from None
-        problem = _mismatch(model, state, num_classes)
-        if problem is None:
-            return model
-        problems.append(problem)
-    # Of kdcache's and torchvision's, the one that fits but for the head says the most: name num_classes.
-    problems.sort(key=lambda text: not text.startswith("field num_classes"))
-    raise UserError(f"{weights}: weights do not fit --teacher {name}: {problems[0]}")
-
-
-def _call_teacher(name: str) -> nn.Module:
-    """Import ``module:function`` (from sys.path, then the current folder) and call it with no arguments."""
-    module_name, _, attr = name.partition(":")
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:  # a console script's sys.path lacks the folder it was started in
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:
-        raise UserError(f"--teacher {name}: cannot import module {module_name!r} "
-                        f"({type(err).__name__}: {str(err)[:200]})") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    fn: Any = module
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-    if not callable(fn):
-        raise UserError(f"--teacher {name}: expected a callable {attr!r} in module {module_name!r}, found "
-                        f"{type(fn).__name__ if fn is not None else 'none'}")
-    try:
-        model = fn()
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"--teacher {name}: calling it raised {type(err).__name__}: {str(err)[:200]}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"--teacher {name}: expected it to return a torch nn.Module, found {type(model).__name__}")
-    return model
-
-
-def _check_outputs(model: nn.Module, *, name: str, num_classes: int, input_shape: tuple[int, ...]) -> None:
-    """One forward pass on zeros: the teacher takes the split's inputs and gives ``num_classes`` logits."""
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
-    except Exception as err:
-        raise UserError(f"--teacher {name}: expected a model taking inputs of shape {input_shape} (the split's "
-                        f"view 0), its forward pass failed ({type(err).__name__}: {str(err)[:200]})") from None
-    found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if found != (2, num_classes):
-        raise UserError(f"--teacher {name}: field num_classes: expected logits [batch, {num_classes}] (the "
-                        f"manifest's classes), found {found}")
 
 
 def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

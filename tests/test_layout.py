@@ -117,3 +117,5 @@ def test_dependencies_point_down() -> None:
         assert not ups, (module, sorted(ups))
     cache = [m for m in MODULES if m.startswith("pipeline.cache")]
     assert not any(dep.startswith("pipeline.train") for m in cache for dep in GRAPH[m])
+    train = [m for m in MODULES if m.startswith("pipeline.train")]   # live teachers come from pipeline.teachers
+    assert not any(dep.startswith("pipeline.cache") for m in train for dep in GRAPH[m])

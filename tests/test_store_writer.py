@@ -24,6 +24,7 @@ from pipeline.data.fashion import read_idx
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
 from pipeline.store import codecs, schema
+from pipeline.teachers import teacher_source
 from tests.support.data import write_idx, write_idx_dataset
 from tests.support.stores import make_fake_store
 
@@ -114,7 +115,7 @@ def test_a_teacher_computer_opens_its_split_once_for_every_view(tmp_path: Path,
     net = create_model("cnn", num_classes=10, input_shape=(1, 28, 28), width=4)
     save_checkpoint(tmp_path / "t.pt", model=net, meta={"arch": "cnn", "num_classes": 10, "input_shape": (1, 28, 28),
                                                         "arch_options": {"width": 4}, "loss": "ce"})
-    factory = TeacherFactory(teacher=str(tmp_path / "t.pt"), manifest=str(manifest), split="train",
+    factory = TeacherFactory(teacher=teacher_source(tmp_path / "t.pt"), manifest=str(manifest), split="train",
                              views=json.dumps(default_views(man).to_dict(), sort_keys=True), micro_batch=8,
                              device="cpu", threads=1)
     opened = []

@@ -30,7 +30,8 @@ from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
 from pipeline.files import file_sha256
 from pipeline.manifest import load_manifest
-from pipeline.models import state_sha256, teacher_spec
+from pipeline.models import state_sha256
+from pipeline.teachers import teacher_source
 from pipeline.runtime import Runtime
 from pipeline.store import schema
 from pipeline.store.verify import verify_store
@@ -264,13 +265,13 @@ def _live_equals_cached(world, spec, store: Path) -> LiveTargets:
 
 
 def test_live_teachers_take_the_cache_specs_and_give_its_targets(world, user_module, arch_store):
-    live = _live_equals_cached(world, teacher_spec("resnet18", world.weights), arch_store)
+    live = _live_equals_cached(world, teacher_source("resnet18", world.weights), arch_store)
     recorded = schema.read_attrs(arch_store)["teacher"]
     mentor = live.provenance[0]
     assert mentor["source"] == "arch" and mentor["arch"] == "resnet18" and mentor["name"] == "r18"
     assert mentor["checkpoint_sha256"] == recorded["checkpoint_sha256"] == file_sha256(world.weights)
     assert mentor["preprocessing"] == recorded["preprocessing"]
-    live = _live_equals_cached(world, teacher_spec(f"{user_module}:build"), arch_store)
+    live = _live_equals_cached(world, teacher_source(f"{user_module}:build"), arch_store)
     assert live.provenance[0]["source"] == "callable"
     assert live.provenance[0]["checkpoint_sha256"] == state_sha256(world.model)
 

@@ -6,11 +6,11 @@ dask.distributed cluster; then each store is finalized by whoever finds its ever
     kdcache cache ... --scheduler tcp://host:8786 # an existing cluster (start workers with --nthreads 1)
 
     write_cache(out, factory=..., provenance=..., layout=..., sample_id=ids, label=labels)   # one store
-    write_caches([StoreTarget(out_a, ...), StoreTarget(out_b, ...)], factory=classroom)     # one pass, several
+    write_caches([StoreTarget(out_a, ...), StoreTarget(out_b, ...)], factory=one_pass)      # one pass, several
 
-Several stores of one layout (teachers of a classroom) are written in one pass: a (view, block)
+Several stores of one layout (the teachers of one pass) are written in one pass: a (view, block)
 unit is the same rows in every store, so it is computed once for all the stores that miss it
-(the images decoded once, ``pipeline.cache.classroom``) and written into each of them.
+(the images decoded once, ``pipeline.cache.one_pass``) and written into each of them.
 
 Two jobs given the same blocks (the same --shard twice, two reruns at once) split them: a job
 claims each block of each store before computing it and skips blocks another live job holds,

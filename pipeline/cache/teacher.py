@@ -1,13 +1,13 @@
 """Block computers: given a view and a row range, the teacher's full float32 logits.
 
-    factory = TeacherFactory(teacher="models/ce.pt", manifest="data_manifests/synthetic.parquet",
+    factory = TeacherFactory(teacher=teacher_source("models/ce.pt"), manifest="data_manifests/synthetic.parquet",
                              split="train", views=json.dumps(spec.to_dict()))
-    # or source="arch", teacher="resnet18", weights="r18.pt"; source="callable", teacher="my_models:build"
+    # any source of pipeline.teachers: teacher_source("resnet18", "r18.pt"), teacher_source("my_models:build")
     computer = factory.build()               # loads the teacher once
     logits = computer(view=0, start=0, stop=4096)   # np.float32 [4096, C]
 
 A factory is small, frozen and picklable: a dask worker or a shard job rebuilds the computer from
-it (the teacher spec travels, not the model). The batches of a block are fixed (``micro_batch``
+it (the teacher's source travels, not the model). The batches of a block are fixed (``micro_batch``
 rows from the block start, the last one shorter), so a block's logits never depend on which process computed it, nor when. The teacher
 runs under the precision policy of ``pipeline.runtime`` (bf16 autocast for image models on CUDA,
 float32 otherwise); its logits are cast to float32 before anything is derived from them.
@@ -26,10 +26,9 @@ import torch
 
 from pipeline.data import open_split
 from pipeline.data.views import ViewSpec
-from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
-from pipeline.models import TeacherSpec, load_teacher, state_sha256
 from pipeline.runtime import Runtime, torch_threads
+from pipeline.teachers import TeacherSource, check_rebuilt, check_teacher
 
 
 class BlockComputer(Protocol):
@@ -68,7 +67,7 @@ def _worker_device(device: str) -> str:
 class TeacherFactory:
     """Everything needed to rebuild the teacher and the split's views in another process."""
 
-    teacher: str                    # a checkpoint path, an arch name or module:function (``source``)
+    teacher: TeacherSource          # pipeline.teachers.teacher_source(...)
     manifest: str
     split: str
     views: str                      # json.dumps(ViewSpec.to_dict()): hashable, and exact
@@ -76,13 +75,7 @@ class TeacherFactory:
     device: str = "auto"            # "auto": cuda when there is a GPU, else cpu
     threads: int | None = None      # torch CPU threads while computing; fix it for bit-identical stores
     workers: int = 0                # DataLoader workers decoding images (datasets without get_batch)
-    source: str = "checkpoint"      # checkpoint | arch | callable (pipeline.models.TeacherSpec)
-    weights: str | None = None      # the weights file of an arch or a callable
-    state_sha256: str | None = None  # a callable without weights: its state_dict's sha256, checked on rebuild
-
-    @property
-    def spec(self) -> TeacherSpec:
-        return TeacherSpec(self.source, self.teacher, self.weights)
+    state_sha256: str | None = None  # a teacher without a weights file: its state_dict's sha256, checked on rebuild
 
     def build(self) -> "TeacherComputer":
         return TeacherComputer(self)
@@ -98,19 +91,11 @@ class TeacherComputer:
         self.spec = ViewSpec.from_dict(json.loads(factory.views))
         self._datasets: dict[int, Any] = {} if datasets is None else datasets
         shape = tuple(self.dataset(0).input_shape)
-        model, self.meta = load_teacher(factory.spec, num_classes=self.manifest.num_classes, input_shape=shape)
-        if factory.state_sha256 is not None and state_sha256(model) != factory.state_sha256:
-            # an unseeded random init, or code that changed: this process's teacher is not the recorded one
-            raise UserError(f"--teacher {factory.teacher}: field teacher.checkpoint_sha256: expected "
-                            f"{factory.state_sha256}, found {state_sha256(model)} in this process (the callable "
-                            "must return the same weights every call: load them, or pass --weights)")
-        self.num_classes = int(self.meta["num_classes"])
-        if self.num_classes != self.manifest.num_classes:
-            raise UserError(f"{factory.teacher}: field num_classes: expected {self.manifest.num_classes} "
-                            f"(manifest {factory.manifest}), found {self.num_classes}")
-        if tuple(self.meta["input_shape"]) != shape:
-            raise UserError(f"{factory.teacher}: field input_shape: expected {shape} "
-                            f"(split {factory.split} with views {self.spec.kind}), found {tuple(self.meta['input_shape'])}")
+        teacher = check_teacher(factory.teacher, manifest=self.manifest, input_shape=shape, split=factory.split,
+                                views=self.spec, build=True)
+        check_rebuilt(teacher, factory.state_sha256)
+        self.meta, self.num_classes = teacher.meta, int(teacher.meta["num_classes"])
+        model = teacher.model
         self.runtime = Runtime.for_model(_worker_device(factory.device), shape)
         self.model = self.runtime.prepare(model).eval()
 

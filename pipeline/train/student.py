@@ -54,8 +54,9 @@ from pipeline.errors import UserError
 from pipeline.files import check_local, write_history
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
-from pipeline.models import MODELS, TeacherSpec, check_model_options, create_model, teacher_spec
+from pipeline.models import MODELS, check_model_options, create_model
 from pipeline.runtime import Runtime, seed_everything, torch_threads
+from pipeline.teachers import TeacherSource, teacher_source
 from pipeline.train.config import TrainConfig, is_number
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
 from pipeline.train.loop import Batch, LoopState, cosine_schedule, finish_run, fit, restore_train_state, sgd
@@ -144,11 +145,11 @@ class DistillConfig(TrainConfig):
                                               f"({len(self.teachers)} teachers), found {len(self.teacher_weights)}")
         method.check_mentors(len(self.teachers if self.online else self.mentors))
 
-    def teacher_specs(self) -> list[TeacherSpec]:
-        """The live teachers of ``online`` (``pipeline.models.teacher_spec``: a checkpoint, an arch name
-        with weights, ``timm:NAME`` or ``module:function``)."""
+    def teacher_sources(self) -> list[TeacherSource]:
+        """The live teachers of ``online`` (``pipeline.teachers.teacher_source``: a checkpoint, an arch
+        name with weights, ``timm:NAME`` or ``module:function``)."""
         weights = self.teacher_weights or (None,) * len(self.teachers)
-        return [teacher_spec(t, w, weights_flag="--teacher-weights") for t, w in zip(self.teachers, weights)]
+        return [teacher_source(t, w, weights_flag="--teacher-weights") for t, w in zip(self.teachers, weights)]
 
     def student_views(self, teacher_views: ViewSpec) -> ViewSpec:
         """The students' views: the teachers' crops and flips at the students' size and normalization."""
@@ -228,7 +229,7 @@ def _distill(cfg: DistillConfig, on_step: Callable[[Batch, dict], None] | None) 
         train_ds = open_split(manifest, split, views=views, view=0)
         input_shape = tuple(train_ds.input_shape)
         runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
-        targets: Targets = cached or LiveTargets(cfg.teacher_specs(), manifest, runtime=runtime, split=split,
+        targets: Targets = cached or LiveTargets(cfg.teacher_sources(), manifest, runtime=runtime, split=split,
                                                  view_spec=view_spec, num_views=num_views, input_shape=input_shape)
         return _train(cfg, manifest, method, targets, train_ds, views, runtime, on_step)
     finally:

@@ -1,7 +1,7 @@
 """Where a student's targets come from, behind one protocol: cache stores or live teachers.
 
     targets = CachedTargets.open(stores, manifest)                 # offline: the stores, checked
-    targets = LiveTargets([teacher_spec("models/ce.pt")], manifest, runtime=rt, ...)   # online: teachers per batch
+    targets = LiveTargets([teacher_source("models/ce.pt")], manifest, runtime=rt, ...)   # online: teachers per batch
     for rows in targets.batches(epoch, batch_size=128, seed=0): ...    # this rank's rows of the epoch
     t = targets.targets(batch, ("logits", "p_gt"))    # logits [K,B,C], entropy [K,B], p_gt [K,B], float32
 
@@ -13,8 +13,8 @@ cache run. Epoch ``e`` uses view ``e mod num_views``.
 The checks here are the user-facing ones of ``kdcache distill``: each store built from this
 manifest (class count, then content hash), complete and agreeing with the others (the store
 reader), its split and views those asked for; live teachers (any ``kdcache cache --teacher``:
-a checkpoint, an arch name with weights, ``timm:NAME``, ``module:function``, built by
-``pipeline.models.load_teacher``) with the manifest's class count and the dataset's input shape.
+a checkpoint, an arch name with weights, ``timm:NAME``, ``module:function``, built and checked by
+``pipeline.teachers.check_teacher``) with the manifest's class count and the dataset's input shape.
 Each is a one-line ``UserError``. A store whose teacher checkpoint changed on disk after caching
 is a warning (``pipeline.store.provenance``). After a non-finite loss, ``nonfinite(view, ...)``
 names the mentor and rows whose targets are NaN/Inf, if any.
@@ -35,17 +35,15 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache import teacher_name
 from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
-from pipeline.files import file_sha256
 from pipeline.manifest import Manifest
 from pipeline.methods.kd import entropy, gt_prob
-from pipeline.models import TeacherSpec, load_teacher, state_sha256
 from pipeline.runtime import Runtime
 from pipeline.store.provenance import changed_teachers
 from pipeline.store.reader import FIELDS, StoreGroup, default_memory_budget
 from pipeline.store.schema import read_attrs
+from pipeline.teachers import TeacherSource, check_teacher
 from pipeline.train.loop import Batch, iter_batches
 from pipeline.train.sampling import RankBatches, permutation, windowed_permutation
 
@@ -197,35 +195,25 @@ class CachedTargets:
 class LiveTargets:
     """Teachers run on each batch's inputs: the targets a cache would hold, computed live.
 
-    ``teachers`` are ``pipeline.models.TeacherSpec`` (``teacher_spec(...)``: what ``kdcache cache
-    --teacher`` takes), built by ``load_teacher``. They run under the step's autocast (the
+    ``teachers`` are ``pipeline.teachers.TeacherSource`` (``teacher_source(...)``: what ``kdcache
+    cache --teacher`` takes), built by ``check_teacher``. They run under the step's autocast (the
     precision policy of ``pipeline.runtime``, as the cache writer's do); logits are cast to
     float32, entropy and p_gt come from them at T = 1. With no teachers it only gives the
     batches (a student without mentors)."""
 
-    def __init__(self, teachers: Sequence[TeacherSpec], manifest: Manifest, *, runtime: Runtime, split: str,
+    def __init__(self, teachers: Sequence[TeacherSource], manifest: Manifest, *, runtime: Runtime, split: str,
                  view_spec: ViewSpec, num_views: int, input_shape: tuple[int, ...]) -> None:
         self.split, self.view_spec, self.num_views = split, view_spec, num_views
         self.num_samples = len(manifest.split(split).sample_id)
         self.models: list[torch.nn.Module] = []
         self.provenance: list[dict] = []
         shape = tuple(int(s) for s in input_shape)
-        for spec in teachers:
-            model, meta = load_teacher(spec, num_classes=manifest.num_classes, input_shape=shape)
-            if int(meta["num_classes"]) != manifest.num_classes:
-                raise UserError(f"{spec.name}: field num_classes: expected {manifest.num_classes} "
-                                f"(manifest {manifest.path}), found {meta['num_classes']}")
-            if tuple(meta["input_shape"]) != shape:
-                raise UserError(f"{spec.name}: field input_shape: expected {shape} (split {split} "
-                                f"with views {view_spec.kind}), found {tuple(meta['input_shape'])}")
-            weights = spec.name if spec.source == "checkpoint" else spec.weights
-            self.provenance.append({
-                "checkpoint": weights, "name": teacher_name(spec), "source": spec.source, "arch": meta["arch"],
-                "checkpoint_sha256": file_sha256(weights) if weights is not None else state_sha256(model),
-                "train_loss": meta.get("loss"),
-                "preprocessing": {"mean": view_spec.params.get("mean"), "std": view_spec.params.get("std"),
-                                  "input_shape": list(shape)}})
-            model = runtime.prepare(model).eval()
+        for source in teachers:
+            teacher = check_teacher(source, manifest=manifest, input_shape=shape, split=split, views=view_spec,
+                                    build=True)
+            self.provenance.append({"checkpoint": source.weights_file,
+                                    **teacher.provenance(views=view_spec, input_shape=shape)})
+            model = runtime.prepare(teacher.model).eval()
             model.requires_grad_(False)
             self.models.append(model)
         self.names = [p["name"] for p in self.provenance]

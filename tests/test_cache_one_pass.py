@@ -1,7 +1,7 @@
-"""A classroom cached in one pass: every store is the same bytes as caching its teacher alone,
+"""Several teachers cached in one pass: every store is the same bytes as caching its teacher alone,
 each image is decoded once per view, and a killed pass, shards and dask finish the same stores.
 
-    .venv/bin/pytest tests/test_cache_classroom.py -q        # -m "not distributed" skips the dask one
+    .venv/bin/pytest tests/test_cache_one_pass.py -q        # -m "not distributed" skips the dask one
 
 The synthetic val split (150 rows) in blocks of 32 rows: 5 blocks x 2 views per store.
 """
@@ -21,7 +21,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, classroom_configs
+from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, one_pass_configs
 from pipeline.checkpoint import save_checkpoint
 from pipeline.cli import cli
 from pipeline.data import build_manifest, imagefolder
@@ -54,9 +54,9 @@ def all_files(store: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def room(synthetic_teacher, tmp_path_factory):
+def teachers_pass(synthetic_teacher, tmp_path_factory):
     """(manifest, [teacher.pt, other.pt], {stem: store cached alone}) on the synthetic val split."""
-    root = tmp_path_factory.mktemp("room")
+    root = tmp_path_factory.mktemp("teachers_pass")
     manifest, first = synthetic_teacher
     teachers = [first, synthetic_checkpoint(manifest, root / "other.pt", torch_seed=1)]
     alone = {}
@@ -77,8 +77,8 @@ def _same_as_alone(out_dir: Path, alone: dict[str, Path]) -> None:
         assert all_files(out_dir / f"{stem}.zarr") == all_files(reference), stem
 
 
-def test_one_pass_writes_each_store_as_caching_its_teacher_alone(room, tmp_path):
-    manifest, teachers, alone = room
+def test_one_pass_writes_each_store_as_caching_its_teacher_alone(teachers_pass, tmp_path):
+    manifest, teachers, alone = teachers_pass
     run = CliRunner().invoke(cli, _cmd(manifest, teachers, "--out-dir", str(tmp_path)))
     assert run.exit_code == 0, run.output
     assert run.output.count(f": complete ({UNITS} blocks computed by this run)") == 2
@@ -91,15 +91,15 @@ def test_one_pass_writes_each_store_as_caching_its_teacher_alone(room, tmp_path)
     assert all_files(outs[0]) == all_files(alone["other"]) and all_files(outs[1]) == all_files(alone["teacher"])
 
 
-def test_a_pass_computes_only_the_blocks_each_store_misses(room, tmp_path):
-    manifest, teachers, alone = room
+def test_a_pass_computes_only_the_blocks_each_store_misses(teachers_pass, tmp_path):
+    manifest, teachers, alone = teachers_pass
     # cached here, not copied: a store records its teacher and manifest relative to its own folder
     cache_teacher(CacheConfig(teacher=str(teachers[0]), manifest=str(manifest), out=str(tmp_path / "teacher.zarr"),
                               **SETTINGS))
     group = zarr.open_group(str(tmp_path / "teacher.zarr"), mode="r+")
     group["done"][1, 3] = False
     group.attrs["status"] = {"complete": False}
-    configs = classroom_configs([str(t) for t in teachers], out_dir=str(tmp_path), manifest=str(manifest), **SETTINGS)
+    configs = one_pass_configs([str(t) for t in teachers], out_dir=str(tmp_path), manifest=str(manifest), **SETTINGS)
     results = cache_teachers(configs)
     assert [(r.computed, r.complete) for r in results] == [(1, True), (UNITS, True)]
     _same_as_alone(tmp_path, alone)
@@ -116,8 +116,8 @@ def _subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
     ("block:3", {"teacher": 2, "other": 1}),      # unit 0 written into both stores, unit 1 into the first
     ("marker:2", {"teacher": 1, "other": 0}),     # unit 0's data in the second store, its marker not
 ])
-def test_a_killed_pass_reruns_to_the_same_stores(room, tmp_path, fault, markers):
-    manifest, teachers, alone = room
+def test_a_killed_pass_reruns_to_the_same_stores(teachers_pass, tmp_path, fault, markers):
+    manifest, teachers, alone = teachers_pass
     killed = _subprocess(_cmd(manifest, teachers, "--out-dir", str(tmp_path)), KDCACHE_FAULT=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     for stem, count in markers.items():
@@ -129,8 +129,8 @@ def test_a_killed_pass_reruns_to_the_same_stores(room, tmp_path, fault, markers)
     _same_as_alone(tmp_path, alone)
 
 
-def test_shards_of_a_pass_write_the_same_stores(room, tmp_path):
-    manifest, teachers, alone = room
+def test_shards_of_a_pass_write_the_same_stores(teachers_pass, tmp_path):
+    manifest, teachers, alone = teachers_pass
     first = CliRunner().invoke(cli, _cmd(manifest, teachers, "--out-dir", str(tmp_path), "--shard", "0/2"))
     assert first.exit_code == 0 and first.output.count(f"{UNITS // 2} blocks computed by this run, "
                                                        f"{UNITS // 2} still missing") == 2, first.output
@@ -140,8 +140,8 @@ def test_shards_of_a_pass_write_the_same_stores(room, tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_pass_on_a_local_dask_cluster_writes_the_same_stores(room, tmp_path):
-    manifest, teachers, alone = room
+def test_a_pass_on_a_local_dask_cluster_writes_the_same_stores(teachers_pass, tmp_path):
+    manifest, teachers, alone = teachers_pass
     run = _subprocess(_cmd(manifest, teachers, "--out-dir", str(tmp_path), "--local-workers", "2"))
     assert run.returncode == 0, run.stderr[-2000:]
     _same_as_alone(tmp_path, alone)
@@ -191,16 +191,16 @@ def test_images_are_decoded_once_per_view_for_teachers_of_other_preprocessing(tm
     (["--out-dir", "d", "--weights", "w.pt"], ["--weights: expected none or one per teacher (2 teachers), found 1"]),
     (["--out-dir", "d", "--dtype", "float32", "--name", "n"], ["--name: expected none or one per teacher"]),
 ])
-def test_mistakes_in_a_classroom_command_are_one_line_and_create_nothing(room, tmp_path, monkeypatch, extra, needles):
-    manifest, teachers, _ = room
+def test_mistakes_in_a_one_pass_command_are_one_line_and_create_nothing(teachers_pass, tmp_path, monkeypatch, extra, needles):
+    manifest, teachers, _ = teachers_pass
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.pt").write_bytes(b"")
     one_error_line(CliRunner().invoke(cli, _cmd(manifest, teachers, *extra)), *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
 
 
-def test_two_teachers_of_one_stem_under_out_dir_are_refused(room, tmp_path):
-    manifest, teachers, _ = room
+def test_two_teachers_of_one_stem_under_out_dir_are_refused(teachers_pass, tmp_path):
+    manifest, teachers, _ = teachers_pass
     (tmp_path / "copy").mkdir()
     twin = shutil.copy(teachers[0], tmp_path / "copy" / teachers[0].name)
     line = one_error_line(CliRunner().invoke(cli, _cmd(manifest, [teachers[0], twin], "--out-dir", str(tmp_path / "d"))),
@@ -208,8 +208,8 @@ def test_two_teachers_of_one_stem_under_out_dir_are_refused(room, tmp_path):
     assert str(twin) in line and not (tmp_path / "d").exists()
 
 
-def test_settings_other_than_the_teachers_are_one_for_the_whole_pass(room, tmp_path):
-    manifest, teachers, _ = room
+def test_settings_other_than_the_teachers_are_one_for_the_whole_pass(teachers_pass, tmp_path):
+    manifest, teachers, _ = teachers_pass
     configs = [CacheConfig(teacher=str(t), manifest=str(manifest), out=str(tmp_path / f"{t.stem}.zarr"),
                            dtype=dtype, **SETTINGS) for t, dtype in zip(teachers, ("float16", "float32"))]
     with pytest.raises(UserError, match=r"^dtype: expected one setting for every teacher of a pass, found "

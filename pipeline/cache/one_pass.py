@@ -1,7 +1,7 @@
 """Several frozen teachers over one pass of a split's views: a block's images are decoded once,
 made into each input transform once, and fed to every teacher that needs that block.
 
-    factory = ClassroomFactory(teachers=(TeacherFactory(teacher="models/a.pt", ...),
+    factory = OnePassFactory(teachers=(TeacherFactory(teacher="models/a.pt", ...),
                                          TeacherFactory(teacher="models/b.pt", ...)))
     computer = factory.build()                                          # loads every teacher once
     za, zb = computer(view=1, start=0, stop=4096, members=(0, 1))      # float32 [4096, C] each
@@ -31,7 +31,7 @@ SHARED_FIELDS = ("manifest", "split", "micro_batch", "threads", "workers")
 
 
 @dataclass(frozen=True)
-class ClassroomFactory:
+class OnePassFactory:
     """The teachers of one pass (small, frozen, picklable: dask workers rebuild it)."""
 
     teachers: tuple[TeacherFactory, ...]
@@ -39,10 +39,10 @@ class ClassroomFactory:
     def __post_init__(self) -> None:
         for name in SHARED_FIELDS:
             if len({getattr(f, name) for f in self.teachers}) > 1:
-                raise ValueError(f"ClassroomFactory: every teacher needs the same {name}")
+                raise ValueError(f"OnePassFactory: every teacher needs the same {name}")
 
-    def build(self) -> "ClassroomComputer":
-        return ClassroomComputer(self)
+    def build(self) -> "OnePassComputer":
+        return OnePassComputer(self)
 
 
 class SharedDecode(Dataset):
@@ -61,10 +61,10 @@ class SharedDecode(Dataset):
         return tuple(apply_view(ds.views, raw, sample_id=sample_id, view=ds.view) for ds in self.datasets)
 
 
-class ClassroomComputer:
+class OnePassComputer:
     """Every teacher loaded once; ``(view, start, stop, members)`` -> the members' float32 logits."""
 
-    def __init__(self, factory: ClassroomFactory) -> None:
+    def __init__(self, factory: OnePassFactory) -> None:
         self.factory = factory
         shared: dict[str, dict[int, Any]] = {}
         self.teachers = [TeacherComputer(f, datasets=shared.setdefault(f.views, {})) for f in factory.teachers]

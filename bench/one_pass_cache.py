@@ -1,7 +1,7 @@
-"""Benchmark: a classroom of 6 teachers cached in one pass vs 6 separate runs.
+"""Benchmark: 6 teachers cached in one pass vs 6 separate runs.
 
-    .venv/bin/python bench/classroom_cache.py                   # ~4 min on a 2-core CPU
-    .venv/bin/python bench/classroom_cache.py --images 5000 --dir /tmp/kdclass --keep
+    .venv/bin/python bench/one_pass_cache.py                   # ~4 min on a 2-core CPU
+    .venv/bin/python bench/one_pass_cache.py --images 5000 --dir /tmp/kdpass --keep
 
 Builds an ImageFolder of JPEGs from Fashion-MNIST (/usr/share/datasets/fashion-mnist, the first
 ``--images`` training images, resized to 96 px, 10 classes; views: the ImageFolder default,
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     args = parser.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="kdclass-"))
+    root = args.dir or Path(tempfile.mkdtemp(prefix="kdpass-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         manifest = build_imagefolder(root, args.images)
