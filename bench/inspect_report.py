@@ -8,33 +8,36 @@ Writes ``--teachers`` stand-in stores of ``--rows`` rows, ``--classes`` classes,
 (``write_cache`` with precomputed logits, blocks of 4096 rows; no manifest behind them, so the page
 gets its rankings as tables, as vector data does), then alternates, ``--reps`` times after a warm-up:
 
-- ``inspect``: the figures (``inspect_stores``) and the files of ``write_report`` (summary, CSVs, plots);
-- ``report``: the same, then the rankings (``rank_samples``: a top-N merge over every block, ``--top``
+- ``inspect``: the figures (``inspect_stores``) and the files of ``write_report`` (summary, CSVs, plots),
+  what ``kdcache inspect --out`` did before the report page;
+- ``report``: ``kdcache inspect STORES --out DIR``: the same, then the rankings (``rank_samples``: a top-N merge over every block, ``--top``
   rows per ranking and ``--per-class`` per class) and ``report.html`` (``write_page``).
 
-Reports each one's wall seconds and peak RSS: this process's high-water mark (``VmHWM``, reset
-before each run) above its RSS when the run began. Goal: the report adds little time and no
-memory that grows with the rows (the rankings keep O(top + classes x per-class) rows).
+Each run is a fresh process (``report`` runs the ``kdcache inspect --out`` command itself); reports
+its seconds and peak RSS after the imports (the high-water mark, ``VmHWM``, reset once torch, dask
+and zarr are imported, above the RSS they left; the imports alone hold several hundred MiB, the same
+for every variant). Goal: the report adds little time and
+no memory that grows with the rows (the rankings keep O(top + classes x per-class) rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from _common import (PrecomputedTeacher, alternate, bench_provenance, machine_line, markdown_table, median,
+from _common import (ROOT, PrecomputedTeacher, alternate, bench_provenance, machine_line, markdown_table, median,
                      reset_peak_rss, rss_bytes, summary_line)
 from pipeline.cache import write_cache
-from pipeline.inspect import inspect_stores, write_report
-from pipeline.inspect_rank import rank_samples
-from pipeline.inspect_report import write_page
 from pipeline.store import schema
 
 
@@ -51,23 +54,40 @@ def build_stores(root: Path, *, rows: int, classes: int, teachers: int) -> list[
     return stores
 
 
+def child(variant: str, out: str, stores: list[str], *, top: int, per_class: int) -> None:
+    """One run in this (fresh) process, after the imports: prints its seconds and peak RSS above the
+    RSS the imports left (``VmHWM`` reset once they are done) as JSON."""
+    import warnings
+
+    from pipeline.cli import cli
+    from pipeline.inspect import inspect_stores, write_report
+
+    warnings.filterwarnings("ignore", message=".*no thumbnails")        # stand-in stores have no manifest
+    reset_peak_rss()
+    base, t0 = rss_bytes(), time.perf_counter()
+    if variant == "inspect":
+        write_report(inspect_stores(stores), out)
+    else:
+        cli.main(["inspect", *stores, "--out", out, "--top", str(top), "--per-class", str(per_class)],
+                 standalone_mode=False)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak": rss_bytes("VmHWM") - base,
+                      "imports": base}))
+
+
 def variants(stores: list[Path], out: Path, *, top: int, per_class: int) -> dict[str, Callable[[], dict]]:
-    paths = [str(s) for s in stores]
+    """Each variant in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
-    def measure(with_page: bool) -> dict:
+    def run(variant: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
-        reset_peak_rss()
-        base = rss_bytes()
-        t0 = time.perf_counter()
-        report = inspect_stores(paths)
-        write_report(report, out)
-        if with_page:
-            names = [s["teacher"] for s in report["stores"]]
-            ranked = rank_samples(paths, teachers=names, top=top, per_class=per_class)
-            write_page(report, paths, out, ranked=ranked)
-        return {"seconds": time.perf_counter() - t0, "peak": rss_bytes("VmHWM") - base}
+        done = subprocess.run([sys.executable, __file__, "--child", variant, "--dir", str(out), "--top", str(top),
+                               "--per-class", str(per_class), *map(str, stores)],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"error: the {variant} run exited {done.returncode}: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    return {"inspect": lambda: measure(False), "report": lambda: measure(True)}
+    return {"inspect": lambda: run("inspect"), "report": lambda: run("report")}
 
 
 def main() -> None:
@@ -80,8 +100,11 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=4, help="rows per class and ranking")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per variant (default 3; quick 1)")
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--child", choices=("inspect", "report"), help=argparse.SUPPRESS)
+    parser.add_argument("stores", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*no thumbnails")   # stand-in stores have no manifest
+    if args.child:
+        return child(args.child, str(args.dir), args.stores, top=args.top, per_class=args.per_class)
     rows = args.rows or (65536 if args.quick else 1_000_000)
     reps = args.reps or (1 if args.quick else 3)
     root = args.dir or Path(tempfile.mkdtemp(prefix="kd-inspect-"))
@@ -93,7 +116,8 @@ def main() -> None:
         print(f"wrote {args.teachers} store(s) of {rows} rows x {args.classes} classes in {time.perf_counter() - t0:.1f} s")
         runs = alternate(variants(stores, root / "out", top=args.top, per_class=args.per_class), reps=reps)
         table = [[name, f"{median(s, 'seconds'):.2f}", f"{median(s, 'peak') / 2**20:.0f}"] for name, s in runs.items()]
-        print(markdown_table(["variant", "seconds (median)", "peak RSS above start, MiB (median)"], table))
+        print(markdown_table(["variant", "seconds (median)", "peak RSS above the imports, MiB (median)"], table))
+        print(f"RSS after the imports: {median(runs['report'], 'imports') / 2**20:.0f} MiB")
         print(f"report.html: {(root / 'out' / 'report.html').stat().st_size / 1024:.0f} KiB")
         print(summary_line(report_over_inspect_seconds=median(runs["report"], "seconds") / median(runs["inspect"], "seconds"),
                            report_over_inspect_peak=median(runs["report"], "peak") / max(median(runs["inspect"], "peak"), 1)))

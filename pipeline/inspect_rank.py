@@ -9,12 +9,12 @@
 Rankings of one cached view (``view``; 0 is the plain evaluation view), over the teachers' stored
 ``pred``, ``p_gt`` and ``entropy`` (exact values, every storage kind):
 
-- ``uncertain``: the highest mean entropy over the teachers.
+- ``contradicted``: samples whose label every teacher predicts against, the lowest largest
+  ``p_gt`` first (the best any teacher thinks of the label); candidates for label errors.
 - ``disagree`` (two teachers or more): the largest fraction of teachers that differ from the most
   common prediction, then the largest spread of ``p_gt`` between teachers; samples on which every
   teacher predicts the same class are not ranked.
-- ``contradicted``: samples whose label every teacher predicts against, the lowest largest
-  ``p_gt`` first (the best any teacher thinks of the label); candidates for label errors.
+- ``uncertain``: the highest mean entropy over the teachers.
 
 Only the best ``top`` rows of each ranking, and ``per_class`` rows per label, are kept while the
 blocks stream by (a top-N merge per block), so memory does not grow with the store. Ties go to
@@ -39,7 +39,7 @@ from pipeline.store import schema
 from pipeline.store.reader import dense_logits
 from pipeline.store.verify import check_complete
 
-RANKINGS = ("uncertain", "disagree", "contradicted")
+RANKINGS = ("contradicted", "disagree", "uncertain")   # the order of the report's galleries
 LABEL_ISSUE_MODES = ("mean", "each")
 INSTALL_CLEANLAB = "pip install 'kdcache[labels]' (or: pip install cleanlab)"
 
@@ -115,6 +115,7 @@ class Ranked:
     stores: list[str]
     teachers: list[str]
     view: int
+    top: int
     num_classes: int
     rows: dict[str, list[int]]
     by_class: dict[str, dict[int, list[int]]]
@@ -158,7 +159,7 @@ def rank_samples(stores: Sequence[str], *, teachers: Sequence[str], view: int = 
         rows = np.arange(start, stop, dtype=np.int64)
         for name, scores in block_scores(pred, p_gt, entropy, label).items():
             tops[name].add(scores, rows, label)
-    return Ranked(stores=[str(s) for s in stores], teachers=list(teachers), view=view,
+    return Ranked(stores=[str(s) for s in stores], teachers=list(teachers), view=view, top=top,
                   num_classes=layout.num_classes, rows={n: t.rows.tolist() for n, t in tops.items()},
                   by_class={n: t.per_class() for n, t in tops.items()},
                   scores={n: {**dict(zip(t.class_rows.tolist(), t.class_scores.tolist())),

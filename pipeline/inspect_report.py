@@ -3,8 +3,13 @@
     kdcache inspect caches/train/ce.zarr caches/train/mlp.zarr --out reports/inspect [--view 0] [--top 16]
         [--per-class 4] [--label-issues]
 
+    from pipeline.inspect import inspect_stores, write_report
+    from pipeline.inspect_rank import rank_samples
     from pipeline.inspect_report import write_page
-    write_page(report, ["caches/train/ce.zarr"], "reports/inspect", view=0, top=16, per_class=4)
+    stores = ["caches/train/ce.zarr", "caches/train/mlp.zarr"]
+    report = inspect_stores(stores)
+    write_report(report, "reports/inspect")                      # the figures the page shows
+    write_page(report, stores, "reports/inspect", ranked=rank_samples(stores, teachers=["ce", "mlp"]))
 
 ``report.html`` holds the summary tables of ``pipeline.inspect``, its figures and galleries of
 the rankings of ``pipeline.inspect_rank`` (most uncertain, most disagreed on, label contradicted
@@ -129,7 +134,7 @@ def write_page(report: dict[str, Any], stores: Sequence[str], out: str | Path, *
     """``report.html`` and ``galleries/*.png`` in ``out`` (module docstring); the paths written."""
     out = Path(out)
     stores = [str(s) for s in stores]
-    view, top = ranked.view, max((len(r) for r in ranked.rows.values()), default=0)
+    view, top = ranked.view, ranked.top
     galleries: list[tuple[str, str, str, list[int]]] = [
         (name, *TITLES[name], rows) for name, rows in ranked.rows.items()]
     for name, rank in (label_issues or {}).items():
@@ -138,7 +143,7 @@ def write_page(report: dict[str, Any], stores: Sequence[str], out: str | Path, *
         galleries.append((f"label_issues_{name}", f"Label issues (cleanlab, {name})",
                           f"cleanlab.filter.find_label_issues on the probabilities {what}, ranked by self-confidence; "
                           f"{int((rank > 0).sum())} flagged in all. A hint: teachers trained on these samples "
-                          "are overconfident on them", order[: max(top, 1)].tolist()))
+                          "are overconfident on them", order[:top].tolist()))
     wanted = {r for *_, rows in galleries for r in rows}
     wanted |= {r for per in ranked.by_class.values() for rows in per.values() for r in rows}
     details = ranked.details(sorted(wanted))
@@ -203,31 +208,35 @@ def _contact_sheets(sections: list[dict], per_class: list[dict], folder: Path) -
 
 
 def _sheet(plt, rows: list[tuple[str, list[dict]]], path: Path, *, per_line: int = 8) -> Path:
-    """A grid of cards: each titled block of ``rows`` starts a new line; every card its image and caption."""
+    """A grid of cards: each titled block of ``rows`` starts a new line; every card its image with
+    the caption under it (id, label, each teacher's prediction and p_gt). Sizes in inches."""
     lines: list[tuple[str | None, list[dict]]] = []
     for title, cards in rows:
         for i in range(0, len(cards), per_line):
             lines.append((title if i == 0 else None, cards[i:i + per_line]))
     cols = min(per_line, max(len(c) for _, c in lines))
     teachers = len(lines[0][1][0]["teachers"])
-    cell_h = 1.5 + 0.14 * (teachers + 2)
-    fig, axes = plt.subplots(len(lines), cols, figsize=(1.45 * cols, cell_h * len(lines) + 0.3), squeeze=False)
-    for li, (title, cards) in enumerate(lines):
-        for ci in range(cols):
-            ax = axes[li][ci]
+    cell_w, image, text, heading, margin = 1.6, 1.1, 0.11 * (2 + teachers) + 0.1, 0.28, 0.1
+    heights = [(heading if title else 0.0) + image + text for title, _ in lines]
+    width, height = cols * cell_w + 2 * margin, sum(heights) + 2 * margin
+    fig = plt.figure(figsize=(width, height))
+    top = height - margin
+    for (title, cards), h in zip(lines, heights):
+        if title:
+            fig.text(margin / width, (top - heading / 2) / height, title, fontsize=9, fontweight="bold", va="center")
+            top -= heading
+        for ci, card in enumerate(cards):
+            left = margin + ci * cell_w
+            ax = fig.add_axes(((left + (cell_w - image) / 2) / width, (top - image) / height, image / width,
+                               image / height))
             ax.set_axis_off()
-            if ci >= len(cards):
-                continue
-            card = cards[ci]
             img = np.asarray(card["image"])
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-            caption = [f"id {card['sample_id']}", f"label {card['label_name']}"[:24]]
-            caption += [f"{t['name'][:8]}: {t['pred_name'][:12]} {t['p_gt']:.2f}" for t in card["teachers"]]
-            ax.set_title("\n".join(caption), fontsize=5.5, loc="left")
-        if title:
-            axes[li][0].text(0, 1.0 + 0.12 * (teachers + 3), title, transform=axes[li][0].transAxes,
-                             fontsize=8, fontweight="bold", va="bottom")
-    fig.tight_layout(h_pad=0.6)
+            caption = [f"id {card['sample_id']}", f"label {card['label_name']}"[:26]]
+            caption += [f"{t['name'][:8]}: {t['pred_name'][:14]} {t['p_gt']:.2f}" for t in card["teachers"]]
+            fig.text((left + 0.05) / width, (top - image - 0.04) / height, "\n".join(caption), fontsize=5.5,
+                     va="top", linespacing=1.25)
+        top -= image + text
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
