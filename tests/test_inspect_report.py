@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -114,12 +113,17 @@ def test_streaming_top_n_equals_a_full_sort_with_ties():
         assert per_class[c] == [r for r in everything if classes[r] == c][:m]
 
 
+def _report(stores: list[str], out: Path, *, top: int, per_class: int) -> str:
+    """``kdcache inspect STORES --out OUT --top --per-class``; the text of report.html."""
+    result = CliRunner().invoke(cli, ["inspect", *stores, "--out", str(out), "--top", str(top),
+                                      "--per-class", str(per_class)])
+    assert result.exit_code == 0, result.output
+    return (out / "report.html").read_text()
+
+
 def test_report_page_and_contact_sheets(colour_stores, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["inspect", *colour_stores["stores"], "--out", str(out), "--top", "4",
-                                      "--per-class", "2"])
-    assert result.exit_code == 0, result.output
-    html = (out / "report.html").read_text()
+    html = _report(colour_stores["stores"], out, top=4, per_class=2)
     ranked = rank_samples(colour_stores["stores"], teachers=["sharp", "blurry"], view=0, top=4, per_class=2)
     expected = sum(map(len, ranked.rows.values())) + sum(len(r) for per in ranked.by_class.values()
                                                          for r in per.values())
@@ -165,6 +169,7 @@ def test_vector_stores_get_tables_without_galleries(tmp_path):
 
 
 def test_templates_are_package_data():
+    tomllib = pytest.importorskip("tomllib")                  # Python >= 3.11
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     globs = config["tool"]["setuptools"]["package-data"]["pipeline"]
     for template in (ROOT / "pipeline" / "templates").iterdir():
@@ -204,11 +209,7 @@ def _browse(page: Path, tmp: Path, *extra: str) -> tuple[subprocess.CompletedPro
 
 def test_report_renders_offline_in_headless_chromium(colour_stores, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["inspect", *colour_stores["stores"], "--out", str(out), "--top", "5",
-                                      "--per-class", "2"])
-    assert result.exit_code == 0, result.output
-    html = (out / "report.html").read_text()
-    cards = html.count('<img class="thumb"')
+    cards = _report(colour_stores["stores"], out, top=5, per_class=2).count('<img class="thumb"')
     # the check itself: a page with one remote image is caught
     bad = tmp_path / "bad.html"
     bad.write_text('<html><body><img src="http://example.invalid/x.png"><p>remote</p></body></html>')
