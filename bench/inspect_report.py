@@ -54,7 +54,7 @@ def build_stores(root: Path, *, rows: int, classes: int, teachers: int) -> list[
     return stores
 
 
-def child(variant: str, out: str, stores: list[str], *, top: int, per_class: int) -> None:
+def child(variant: str, stores: list[str], *, out: str, top: int, per_class: int) -> None:
     """One run in this (fresh) process, after the imports: prints its seconds and peak RSS above the
     RSS the imports left (``VmHWM`` reset once they are done) as JSON."""
     import warnings
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("stores", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, str(args.dir), args.stores, top=args.top, per_class=args.per_class)
+        return child(args.child, args.stores, out=str(args.dir), top=args.top, per_class=args.per_class)
     rows = args.rows or (65536 if args.quick else 1_000_000)
     reps = args.reps or (1 if args.quick else 3)
     root = args.dir or Path(tempfile.mkdtemp(prefix="kd-inspect-"))

@@ -580,7 +580,7 @@ def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json
     issues = label_issue_ranks(list(stores), teachers=names, view=view, how=label_issue_probs) if label_issues else None
     if out:
         ranked = rank_samples(list(stores), teachers=names, view=view, top=top, per_class=per_class)
-        for path in write_report(report, out) + write_page(report, list(stores), out, ranked=ranked,
+        for path in write_report(report, out) + write_page(report, list(stores), out=out, ranked=ranked,
                                                            label_issues=issues):
             click.echo(f"wrote {path}", err=True)
     if samples:

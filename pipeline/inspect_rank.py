@@ -55,7 +55,7 @@ def check_ranking_options(*, view: int, top: int, per_class: int, num_views: int
         raise UserError(f"--view: expected {bound} (the stores' cached views), found {view}")
 
 
-def block_scores(pred: np.ndarray, p_gt: np.ndarray, entropy: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+def block_scores(pred: np.ndarray, p_gt: np.ndarray, *, entropy: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
     """Each ranking's score of a block's rows (higher first; -inf: not ranked) from [T, n] arrays."""
     teachers = len(pred)
     wrong = pred != label[None, :]
@@ -83,7 +83,7 @@ class TopN:
     class_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     class_of: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
-    def add(self, scores: np.ndarray, rows: np.ndarray, classes: np.ndarray) -> None:
+    def add(self, scores: np.ndarray, rows: np.ndarray, *, classes: np.ndarray) -> None:
         keep = np.isfinite(scores)
         scores, rows, classes = scores[keep], rows[keep], classes[keep]
         s, r, c = (np.concatenate(x) for x in ((self.scores, scores), (self.rows, rows), (self.classes, classes)))
@@ -157,8 +157,8 @@ def rank_samples(stores: Sequence[str], *, teachers: Sequence[str], view: int = 
         p_gt = np.stack([g["p_gt"][view, start:stop] for g in groups])
         entropy = np.stack([g["entropy"][view, start:stop] for g in groups])
         rows = np.arange(start, stop, dtype=np.int64)
-        for name, scores in block_scores(pred, p_gt, entropy, label).items():
-            tops[name].add(scores, rows, label)
+        for name, scores in block_scores(pred, p_gt, entropy=entropy, label=label).items():
+            tops[name].add(scores, rows, classes=label)
     return Ranked(stores=[str(s) for s in stores], teachers=list(teachers), view=view, top=top,
                   num_classes=layout.num_classes, rows={n: t.rows.tolist() for n, t in tops.items()},
                   by_class={n: t.per_class() for n, t in tops.items()},

@@ -9,7 +9,7 @@
     stores = ["caches/train/ce.zarr", "caches/train/mlp.zarr"]
     report = inspect_stores(stores)
     write_report(report, "reports/inspect")                      # the figures the page shows
-    write_page(report, stores, "reports/inspect", ranked=rank_samples(stores, teachers=["ce", "mlp"]))
+    write_page(report, stores, out="reports/inspect", ranked=rank_samples(stores, teachers=["ce", "mlp"]))
 
 ``report.html`` holds the summary tables of ``pipeline.inspect``, its figures and galleries of
 the rankings of ``pipeline.inspect_rank`` (most uncertain, most disagreed on, label contradicted
@@ -29,7 +29,7 @@ import base64
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jinja2
 import numpy as np
@@ -117,8 +117,8 @@ def _data_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _cards(rows: Sequence[int], details: dict[int, dict], images: dict[int, Image.Image], sources: dict[int, str],
-           class_name) -> list[dict[str, Any]]:
+def _cards(rows: Sequence[int], details: dict[int, dict], *, images: dict[int, Image.Image], sources: dict[int, str],
+           class_name: Callable[[int], str]) -> list[dict[str, Any]]:
     cards = []
     for row in rows:
         d = details[row]
@@ -129,7 +129,7 @@ def _cards(rows: Sequence[int], details: dict[int, dict], images: dict[int, Imag
     return cards
 
 
-def write_page(report: dict[str, Any], stores: Sequence[str], out: str | Path, *, ranked: Ranked,
+def write_page(report: dict[str, Any], stores: Sequence[str], *, out: str | Path, ranked: Ranked,
                label_issues: dict[str, np.ndarray] | None = None) -> list[Path]:
     """``report.html`` and ``galleries/*.png`` in ``out`` (module docstring); the paths written."""
     out = Path(out)
@@ -155,12 +155,13 @@ def write_page(report: dict[str, Any], stores: Sequence[str], out: str | Path, *
     def uri_cards(cards: list[dict]) -> list[dict]:
         return [{**c, "image": _data_uri(c["image"]) if c["image"] is not None else None} for c in cards]
 
-    sections = [{"key": key, "title": title, "about": about, "cards": _cards(rows, details, images, sources, class_name)}
+    found = {"images": images, "sources": sources, "class_name": class_name}
+    sections = [{"key": key, "title": title, "about": about, "cards": _cards(rows, details, **found)}
                 for key, title, about, rows in galleries]
     per_class = []
     for c in range(ranked.num_classes):
         parts = [{"key": name, "title": TITLES[name][0],
-                  "cards": _cards(per.get(c, []), details, images, sources, class_name)}
+                  "cards": _cards(per.get(c, []), details, **found)}
                  for name, per in ranked.by_class.items()]
         if any(p["cards"] for p in parts):
             per_class.append({"cls": c, "name": class_name(c), "parts": parts})
@@ -178,7 +179,7 @@ def write_page(report: dict[str, Any], stores: Sequence[str], out: str | Path, *
         Path(tmp).write_text(html, encoding="utf-8")
     written = [page]
     if images:
-        written += _contact_sheets(sections, per_class, out / "galleries")
+        written += _contact_sheets(sections, per_class, folder=out / "galleries")
     return written
 
 
@@ -187,7 +188,7 @@ SUMMARY_COLUMNS = (("accuracy", "accuracy"), ("nll", "NLL"), ("mean_entropy", "e
                    ("mean_p_gt", "p_gt"), ("mean_max_prob", "max prob"), ("ece", "ECE"))
 
 
-def _contact_sheets(sections: list[dict], per_class: list[dict], folder: Path) -> list[Path]:
+def _contact_sheets(sections: list[dict], per_class: list[dict], *, folder: Path) -> list[Path]:
     """One PNG per ranking and one per class (a row of cards per ranking); none without matplotlib."""
     try:
         import matplotlib
@@ -200,14 +201,14 @@ def _contact_sheets(sections: list[dict], per_class: list[dict], folder: Path) -
     written = []
     for s in sections:
         if s["cards"]:
-            written.append(_sheet(plt, [(s["title"], s["cards"])], folder / f"{s['key']}.png"))
+            written.append(_sheet(plt, [(s["title"], s["cards"])], path=folder / f"{s['key']}.png"))
     for p in per_class:
         rows = [(f"{p['name']}: {q['title']}", q["cards"]) for q in p["parts"] if q["cards"]]
-        written.append(_sheet(plt, rows, folder / f"class_{p['cls']:03d}.png"))
+        written.append(_sheet(plt, rows, path=folder / f"class_{p['cls']:03d}.png"))
     return written
 
 
-def _sheet(plt, rows: list[tuple[str, list[dict]]], path: Path, *, per_line: int = 8) -> Path:
+def _sheet(plt: Any, rows: list[tuple[str, list[dict]]], *, path: Path, per_line: int = 8) -> Path:
     """A grid of cards: each titled block of ``rows`` starts a new line; every card its image with
     the caption under it (id, label, each teacher's prediction and p_gt). Sizes in inches."""
     lines: list[tuple[str | None, list[dict]]] = []

@@ -104,7 +104,7 @@ def test_streaming_top_n_equals_a_full_sort_with_ties():
     top = TopN(n, m)
     for start in range(0, n_rows, 333):
         rows = np.arange(start, min(start + 333, n_rows))
-        top.add(scores[rows], rows, classes[rows])
+        top.add(scores[rows], rows, classes=classes[rows])
     ok = np.isfinite(scores)
     everything = np.flatnonzero(ok)[np.lexsort((np.flatnonzero(ok), -scores[ok]))]
     assert top.rows.tolist() == everything[:n].tolist()
