@@ -44,6 +44,8 @@ from pipeline.inspect import (
     write_report,
     write_samples,
 )
+from pipeline.inspect_rank import LABEL_ISSUE_MODES, check_ranking_options, label_issue_ranks, rank_samples
+from pipeline.inspect_report import write_page
 from pipeline.manifest import load_manifest
 from pipeline.methods import METHODS
 from pipeline.methods.teacher_losses import TEACHER_LOSSES
@@ -534,32 +536,59 @@ def _wrote(line: str, metrics: dict) -> None:
 @cli.command("inspect")
 @click.argument("stores", nargs=-1, required=True, type=LocalPath())
 @click.option("--out", type=LocalPath(file_okay=False), default=None,
-              help="Folder for summary.json, per_class.csv, entropy_hist.csv and plots (with matplotlib).")
+              help="Folder for report.html (tables, figures, galleries of the samples to look at), galleries/*.png, "
+                   "summary.json, per_class.csv, entropy_hist.csv and plots (with matplotlib).")
 @click.option("--bins", type=int, default=20, show_default=True, help="Bins of the entropy and confidence histograms.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
 @click.option("--samples", type=LocalPath(dir_okay=False), default=None,
               help="Parquet file: one row per sample and view with each teacher's pred, p_gt and entropy, "
                    "the source and label, and how much the teachers disagree.")
-def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json: bool,
-                    samples: str | None) -> None:
+@click.option("--view", type=int, default=0, show_default=True,
+              help="The cached view the galleries rank and show (0: the plain evaluation view).")
+@click.option("--top", type=int, default=16, show_default=True, help="Samples per gallery.")
+@click.option("--per-class", type=int, default=4, show_default=True,
+              help="Samples per class and ranking in the per-class galleries (0: none).")
+@click.option("--label-issues", is_flag=True,
+              help="Rank label issues with cleanlab (extra [labels]) on the teachers' probabilities: a gallery in "
+                   "report.html and a rank column in --samples. A hint: teachers trained on the split are overconfident.")
+@click.option("--label-issue-probs", default="mean", show_default=True,
+              help="mean: one ranking on the probabilities averaged over the teachers; each: one per teacher.")
+def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json: bool, samples: str | None,
+                    view: int, top: int, per_class: int, label_issues: bool, label_issue_probs: str) -> None:
     """How uncertain are cached teachers: accuracy, entropy, confidence weight, p_gt, calibration.
 
-    With several stores of the same split (a classroom) it also prints how often the teachers
-    agree, the oracle accuracy and how often each is the most confident in the truth.
+    With several stores of the same split it also prints how often the teachers
+    agree, the oracle accuracy and how often each is the most confident in the truth. With --out,
+    report.html shows the samples to look at: the most uncertain, those the teachers disagree on,
+    and those whose label every teacher contradicts, overall and per class.
 
     \b
     Examples:
       kdcache inspect caches/train/ce.zarr
       kdcache inspect caches/train/ce.zarr caches/train/mse.zarr --out reports/inspect
       kdcache inspect caches/train/ce.zarr caches/train/mse.zarr --samples reports/samples.parquet
+      kdcache inspect caches/train/ce.zarr --out reports/inspect --label-issues --top 32
     """
+    check_ranking_options(view=view, top=top, per_class=per_class)
+    if label_issue_probs not in LABEL_ISSUE_MODES:
+        raise UserError(f"--label-issue-probs: expected one of {', '.join(LABEL_ISSUE_MODES)}, "
+                        f"found {label_issue_probs!r}")
+    if label_issues and not (out or samples):
+        raise UserError("--label-issues: expected --out DIR (a gallery) or --samples FILE (a rank column) to write to")
     report = inspect_stores(list(stores), bins=bins)
+    check_ranking_options(view=view, top=top, per_class=per_class, num_views=report["stores"][0]["num_views"])
     click.echo(report_json(report).rstrip("\n") if as_json else format_report(report))
+    names = [str(s["teacher"]) for s in report["stores"]]
+    issues = label_issue_ranks(list(stores), teachers=names, view=view, how=label_issue_probs) if label_issues else None
     if out:
-        for path in write_report(report, out):
+        ranked = rank_samples(list(stores), teachers=names, view=view, top=top, per_class=per_class)
+        for path in write_report(report, out) + write_page(report, list(stores), out=out, ranked=ranked,
+                                                           label_issues=issues):
             click.echo(f"wrote {path}", err=True)
     if samples:
-        rows = write_samples(list(stores), samples)
+        extra = {("label_issue_rank" if name == "mean" else f"{name}_label_issue_rank"): rank
+                 for name, rank in (issues or {}).items()}
+        rows = write_samples(list(stores), samples, extra=extra, extra_view=view)
         click.echo(f"wrote {samples} ({rows} rows)", err=True)
 
 

@@ -26,7 +26,12 @@ holds the maximum.
 ``view``, ``source`` (from the manifest the stores recorded, null when that file is gone),
 ``label``, per teacher ``<name>_pred``, ``<name>_p_gt``, ``<name>_entropy``, and across teachers
 ``n_distinct_preds``, ``frac_disagree_with_majority`` and ``mean_p_gt``; one Parquet row group per
-store block, read and written block by block.
+store block, read and written block by block. With ``--label-issues``, ``label_issue_rank`` (or
+``<name>_label_issue_rank`` per teacher): cleanlab's rank of the sample among the label issues of
+the ``--view`` view, null elsewhere (``pipeline.inspect_rank``).
+
+``--out`` also writes ``report.html`` and ``galleries/*.png`` (``pipeline.inspect_report``): the
+samples to look at, as thumbnails with each teacher's prediction.
 
     from pipeline.inspect import write_samples
     write_samples(["caches/train/ce.zarr", "caches/train/mse.zarr"], "reports/samples.parquet")
@@ -304,8 +309,12 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     return [out / "entropy_hist.png", out / "reliability.png"]
 
 
-def write_samples(stores: Sequence[str | Path], out: str | Path) -> int:
+def write_samples(stores: Sequence[str | Path], out: str | Path, *, extra: dict[str, np.ndarray] | None = None,
+                  extra_view: int = 0) -> int:
     """The per-sample table of the module docstring at ``out`` (atomically); returns its row count.
+
+    ``extra``: more int32 columns, one value per store row (negative: null), filled on the rows of
+    view ``extra_view`` and null on the others (the label-issue ranks of ``pipeline.inspect_rank``).
 
     UserError for an incomplete store or stores of different manifest splits. The source column is
     null, with one warning, when the manifest the stores recorded is missing or has changed.
@@ -335,7 +344,8 @@ def write_samples(stores: Sequence[str | Path], out: str | Path) -> int:
                         + [f for n in names for f in ((f"{n}_pred", pa.int32()), (f"{n}_p_gt", pa.float32()),
                                                       (f"{n}_entropy", pa.float32()))]
                         + [("n_distinct_preds", pa.int32()), ("frac_disagree_with_majority", pa.float32()),
-                           ("mean_p_gt", pa.float32())])
+                           ("mean_p_gt", pa.float32())]
+                        + [(name, pa.int32()) for name in extra or {}])
     views, rows = layout.num_views, 0
     with atomic_path(out, suffix=".parquet") as tmp, pq.ParquetWriter(tmp, schema_) as writer:
         for block in range(layout.num_blocks):
@@ -360,6 +370,9 @@ def write_samples(stores: Sequence[str | Path], out: str | Path) -> int:
             for i, name in enumerate(names):
                 columns.update({f"{name}_pred": pred[i], f"{name}_p_gt": p_gt[i], f"{name}_entropy": entropy[i]})
             columns.update(_disagreement(pred, p_gt))
+            for name, values in (extra or {}).items():
+                here = np.repeat(values[start:stop], views)
+                columns[name] = pa.array(here, mask=(here < 0) | (columns["view"] != extra_view), type=pa.int32())
             table = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema_],
                                          schema=schema_)
             writer.write_table(table, row_group_size=max(len(table), 1))  # one row group per block

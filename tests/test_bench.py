@@ -27,6 +27,8 @@ SMALLEST = {
                         "--classes", "100", "--reps", "1"], ["caching_over_inference", "writer_over_raw_write"]),
     "stream.py": (["--rows", "16384", "--views", "1", "--classes", "100", "--budget-mb", "1", "--batch-size", "64",
                    "--workers", "1", "--reps", "1"], ["stream_over_raw_read", "peak_rss_over_budget"]),
+    "inspect_report.py": (["--rows", "4096", "--classes", "10", "--teachers", "2", "--reps", "1"],
+                          ["report_over_inspect_seconds", "report_over_inspect_peak"]),
     "gpu_resnet50.py": (["--device", "cpu", "--images", "16", "--classes", "2", "--image-size", "16", "--teacher-arch",
                          "resnet18", "--batch-size", "4", "--workers", "0"],
                         ["writer_rows_per_s", "kd_cached_over_student", "kd_live_over_student", "top1_agreement"]),
