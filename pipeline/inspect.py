@@ -8,7 +8,7 @@
 Per store and view: accuracy, NLL, mean entropy, mean normalized entropy ``H / log C``, the
 uncertainty-aware paper's mean confidence weight ``1 - H / log C``, mean ``p_gt``, the mean max
 probability and the expected calibration error (ECE, equal-width confidence bins), plus the
-per-class accuracy and entropy and a histogram of normalized entropy. For a classroom (several
+per-class accuracy and entropy and a histogram of normalized entropy. For several teachers (several
 stores of the same manifest split): how often each pair of teachers agrees, how often at least
 one is right (oracle accuracy), and how often each is the most confident in the truth (max
 ``p_gt``), the quantity the multi-teacher methods rank by.
@@ -143,7 +143,7 @@ def _finish_view(row: dict[str, Any]) -> tuple[dict[str, float], dict[str, list]
     return {key: round(float(value), 6) for key, value in row.items()}, reliability
 
 
-def _classroom(preds: list[np.ndarray], p_gts: list[np.ndarray], label: np.ndarray) -> dict[str, Any]:
+def _across_teachers(preds: list[np.ndarray], p_gts: list[np.ndarray], label: np.ndarray) -> dict[str, Any]:
     stacked = np.stack(preds)
     agree = [[float((a == b).mean()) for b in stacked] for a in stacked]
     best = np.bincount(np.stack(p_gts).argmax(axis=0), minlength=len(preds)) / len(label)
@@ -176,12 +176,12 @@ def inspect_stores(stores: Sequence[str | Path], *, bins: int = 20) -> dict[str,
                           "mean_entropy": _ratio(pc["entropy"], count)},
         })
     if len(stores) > 1:
-        _check_classroom(facts)
+        _check_same_split(facts)
         first = facts[0]
         for fact, label in zip(facts[1:], labels[1:]):
             if not np.array_equal(label, labels[0]):
                 raise UserError(f"{fact['store']}: field label: expected the labels of {first['store']}, found others")
-        report["classroom"] = _classroom([r["pred0"] for r in computed], [r["p_gt0"] for r in computed], labels[0])
+        report["across_teachers"] = _across_teachers([r["pred0"] for r in computed], [r["p_gt0"] for r in computed], labels[0])
     return report
 
 
@@ -196,14 +196,14 @@ def _teacher_names(facts: Sequence[dict[str, Any]]) -> list[str]:
     return names
 
 
-def _check_classroom(facts: Sequence[dict[str, Any]]) -> None:
+def _check_same_split(facts: Sequence[dict[str, Any]]) -> None:
     """UserError unless every store caches the same manifest split as the first."""
     first = facts[0]
     for fact in facts[1:]:
         for key, field in (("manifest_sha256", "manifest.sha256"), ("split", "manifest.split")):
             if fact[key] != first[key]:
                 raise UserError(f"{fact['store']}: field {field}: expected {first[key]} "
-                                f"(as {first['store']}), found {fact[key]}; a classroom needs stores of the "
+                                f"(as {first['store']}), found {fact[key]}; teachers compared need stores of the "
                                 "same manifest split (inspect them one at a time otherwise)")
 
 
@@ -225,7 +225,7 @@ def _finite(value: Any) -> Any:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A plain-text table: one line per store and view, then the classroom figures."""
+    """A plain-text table: one line per store and view, then the figures across teachers."""
     cols = ("accuracy", "nll", "mean_entropy", "mean_normalized_entropy", "mean_confidence_weight", "mean_p_gt", "ece")
     heads = ("acc", "nll", "H", "H/logC", "1-H/logC", "p_gt", "ece")
     lines = [f"{'teacher':<12}{'loss':<6}{'view':>5}" + "".join(f"{h:>10}" for h in heads)]
@@ -233,10 +233,10 @@ def format_report(report: dict[str, Any]) -> str:
         for v, row in enumerate(s["per_view"]):
             lines.append(f"{str(s['teacher'])[:11]:<12}{str(s['train_loss'])[:5]:<6}{v:>5}"
                          + "".join(f"{row[c]:>10.4f}" for c in cols))
-    room = report.get("classroom")
+    room = report.get("across_teachers")
     if room:
         names = [str(s["teacher"]) for s in report["stores"]]
-        lines.append(f"classroom: oracle accuracy {room['oracle_accuracy']:.4f}; most confident in the truth: "
+        lines.append(f"across teachers: oracle accuracy {room['oracle_accuracy']:.4f}; most confident in the truth: "
                      + ", ".join(f"{n} {b:.3f}" for n, b in zip(names, room["most_confident_in_truth"])))
         lines.append("agreement (view 0): " + "; ".join(
             f"{names[i]}/{names[j]} {room['agreement'][i][j]:.3f}"
@@ -328,7 +328,7 @@ def write_samples(stores: Sequence[str | Path], out: str | Path, *, extra: dict[
             warnings.warn(line, stacklevel=2)
     facts = [{"store": p, "teacher": a["teacher"].get("name"), "manifest_sha256": a["manifest"]["sha256"],
               "split": a["manifest"]["split"]} for p, (a, _) in zip(paths, opened)]
-    _check_classroom(facts)
+    _check_same_split(facts)
     names = _teacher_names(facts)
     if "mean" in names:  # "mean_p_gt" is the across-teacher column
         names = [f"{n}_{i}" for i, n in enumerate(names)]

@@ -171,7 +171,7 @@ def write_page(report: dict[str, Any], stores: Sequence[str], *, out: str | Path
         report=report, stores=stores, view=view, figures=figures, has_images=bool(images),
         sections=[{**s, "cards": uri_cards(s["cards"])} for s in sections],
         per_class=[{**p, "parts": [{**q, "cards": uri_cards(q["cards"])} for q in p["parts"]]} for p in per_class],
-        class_name=class_name, columns=SUMMARY_COLUMNS, classroom=report.get("classroom"),
+        class_name=class_name, columns=SUMMARY_COLUMNS, across=report.get("across_teachers"),
         label_issues=bool(label_issues))
     out.mkdir(parents=True, exist_ok=True)
     page = out / "report.html"

@@ -1,4 +1,4 @@
-"""kdcache inspect: figures recomputed independently from the stored arrays, classroom checks, the
+"""kdcache inspect: figures recomputed independently from the stored arrays, agreement across teachers, the
 per-sample table, the JSON and plots, CLI."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_figures_match_a_recomputation_from_the_arrays(stores):
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     (s,) = report["stores"]
-    assert s["num_views"] == 2 and "classroom" not in report
+    assert s["num_views"] == 2 and "across_teachers" not in report
     for v, row in enumerate(s["per_view"]):
         correct = pred[v] == label
         assert row["accuracy"] == pytest.approx(correct.mean(), abs=1e-6)
@@ -83,10 +83,10 @@ def test_topk_store_gives_the_dense_figures(stores):
         assert ra["mean_max_prob"] == pytest.approx(rb["mean_max_prob"], abs=2e-3)  # fp16 top-1 vs fp16 row
 
 
-def test_classroom_agreement_and_oracle(stores):
+def test_agreement_and_oracle_across_teachers(stores):
     dense, other, _ = stores
     report = inspect_stores([dense, other])
-    room = report["classroom"]
+    room = report["across_teachers"]
     assert room["agreement"][0][0] == 1.0 and room["agreement"][0][1] == room["agreement"][1][0] < 1.0
     accs = [s["per_view"][0]["accuracy"] for s in report["stores"]]
     assert max(accs) <= room["oracle_accuracy"] <= min(1.0, sum(accs))
