@@ -22,7 +22,7 @@ from _params import Section, run, scores, wall_log
 
 from pipeline.files import write_history, write_json
 from pipeline.report import read_csv
-from pipeline.runtime import is_main_process
+from pipeline.runtime import is_main_process, torch_threads
 from pipeline.train import DistillConfig, EvaluateConfig, distill
 from pipeline.train.student import student_paths
 
@@ -51,7 +51,8 @@ def main() -> None:
         params = params.with_values(mentors=[str(Path(args.caches) / f"{name}.zarr") for name in names])
     evaluate = Section.read("evaluate", optional=True).config(EvaluateConfig)
     runs, histories = [], []
-    with wall_log(args.log, student=args.name) as log:
+    # The threads hold for the scoring too: a small model's every op waits on each of torch's threads.
+    with wall_log(args.log, student=args.name) as log, torch_threads(params.values.get("threads")):
         for seed in seeds:
             out = Path(args.out) / f"seed{seed}.pt"
             cfg = params.with_values(seed=seed).config(DistillConfig, manifest=args.manifest, out=str(out),

@@ -13,6 +13,7 @@ import argparse
 from _params import Section, is_main_process, run, scores, wall_log
 
 from pipeline.files import write_json
+from pipeline.runtime import torch_threads
 from pipeline.train import EvaluateConfig, TeacherConfig, train_teacher
 
 
@@ -25,10 +26,13 @@ def main() -> None:
     parser.add_argument("--history", required=True, help="per-epoch CSV to write")
     parser.add_argument("--log", help="wall time to write (JSON)")
     args = parser.parse_args()
-    cfg = Section.read("teachers", args.name).config(TeacherConfig, manifest=args.manifest, out=args.out,
-                                                      history=args.history)
+    defaults = Section.read("teacher_defaults", optional=True)
+    params = Section.read("teachers", args.name)
+    params = params.with_values(**{**defaults.values, **params.values})
+    cfg = params.config(TeacherConfig, manifest=args.manifest, out=args.out, history=args.history)
     evaluate = Section.read("evaluate", optional=True).config(EvaluateConfig)
-    with wall_log(args.log, teacher=args.name):
+    # The threads hold for the scoring too: a small model's every op waits on each of torch's threads.
+    with wall_log(args.log, teacher=args.name), torch_threads(cfg.threads):
         train_teacher(cfg)
         if not is_main_process():          # under torchrun: rank 0 scores and writes
             return

@@ -70,9 +70,11 @@ def test_every_entry_builds_the_config_its_stage_builds(name: str) -> None:
     cache = Section.read("cache", path=path).config(CacheConfig, teacher="t.pt", manifest="m.parquet", out="t.zarr")
     assert cache.views > 1 and cache.workers > 0
     assert Section.read("evaluate", path=path).config(EvaluateConfig).split == "test"
+    teacher_defaults = Section.read("teacher_defaults", path=path)
     for teacher in params["teachers"]:
-        cfg = Section.read("teachers", teacher, path=path).config(TeacherConfig, manifest="m.parquet", out="t.pt",
-                                                                   history="t.csv")
+        section = Section.read("teachers", teacher, path=path)
+        section = section.with_values(**{**teacher_defaults.values, **section.values})
+        cfg = section.config(TeacherConfig, manifest="m.parquet", out="t.pt", history="t.csv")
         assert cfg.epochs >= 90 and cfg.batch_size >= 64, teacher
     assert sorted(params["students"]) == sorted(METHOD_KEYS)
     defaults = Section.read("student_defaults", path=path)
