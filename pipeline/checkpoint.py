@@ -8,7 +8,7 @@
 File layout (a dict, read with ``torch.load(weights_only=True)``, so only plain data):
 ``{"format": "kdcache-checkpoint", "version": 1, "model": state_dict, "meta": dict,
 "train_state": dict | None}``. ``meta`` holds at least ``arch``, ``num_classes``,
-``input_shape`` and, when known, ``loss`` (ce|mse), ``manifest_sha256``, ``manifest``
+``input_shape`` and, when known, ``loss`` (a teacher's: ce|mse), ``method`` (a student's), ``manifest_sha256``, ``manifest``
 (path), ``dataset``, ``views`` (ViewSpec dict), ``epoch``, ``metrics``, ``seed``;
 ``kdcache_version`` is added on save. ``train_state`` (optimizers, schedulers, epoch, RNG
 states; see ``pipeline.train.loop``) is what ``--resume`` needs.

@@ -117,6 +117,19 @@ def test_checkpoint_meta_and_evaluate_on_a_student(syn, tmp_path):
     assert scores["manifest_match"] and 0 < scores["top1"] <= 1
     result = CliRunner().invoke(cli, ["evaluate", cfg.out, "--manifest", syn["manifest"], "--device", "cpu"])
     assert result.exit_code == 0 and "top1" in result.output
+    assert "loss" not in meta          # a teacher's training loss (ce | mse); a student has its method
+
+
+def test_a_student_checkpoint_with_the_older_loss_field_still_evaluates_and_resumes(syn, tmp_path):
+    cfg = _cfg(syn, tmp_path / "kd.pt", epochs=1)
+    distill(cfg)
+    blob = torch.load(cfg.out, weights_only=True)
+    blob["meta"]["loss"] = blob["meta"]["method"]      # the layout students were once written with
+    old = tmp_path / "old.pt"
+    torch.save(blob, old)
+    assert evaluate_checkpoint(str(old), syn["manifest"], "test", device="cpu")["manifest_match"]
+    resumed = distill(replace(cfg, epochs=1, resume=str(old), out=str(tmp_path / "resumed.pt")))
+    assert resumed["epoch"] == 1
 
 
 # --- two students, classroom ----------------------------------------------------------------------

@@ -294,7 +294,7 @@ class _StudentRun:
         self.meta = {
             "arch": archs[0], "arch_options": ckpt.plain(arch_options[0]), "num_classes": manifest.num_classes,
             "input_shape": list(train_ds.input_shape),
-            "loss": cfg.method, "method": cfg.method, "options": ckpt.plain(method.options),
+            "method": cfg.method, "options": ckpt.plain(method.options),
             "mentors": targets.provenance, "online": cfg.online, "manifest_sha256": manifest.sha256,
             "manifest": str(cfg.manifest), "dataset": manifest.dataset, "views": views.to_dict(),
             "num_views": targets.num_views, "train_split": targets.split, "seed": cfg.seed,
