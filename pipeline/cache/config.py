@@ -59,7 +59,7 @@ class CacheConfig(FromDict):
             raise self.bad("dtype", " or ".join(codecs.dtypes()))
         if self.storage not in codecs.CODECS:
             raise self.bad("storage", " or ".join(codecs.CODECS.names()))
-        with_temperature = codecs.takers("temperature")
+        with_temperature = codecs.kinds_taking("temperature")
         if self.temperature is not None and (self.storage not in with_temperature
                                              or isinstance(self.temperature, bool)
                                              or not isinstance(self.temperature, (int, float))

@@ -63,11 +63,6 @@ def default_memory_budget() -> int:
         return 4 * 2**30
 
 
-def dense_logits(layout: schema.Layout, parts: dict[str, np.ndarray]) -> np.ndarray:
-    """Dense float32 logits [B, C] from the payload arrays of B rows of a store (its codec's ``decode``)."""
-    return layout.codec.decode(parts)
-
-
 class _Store:
     """The metadata and small arrays of one store: read straight from its files when every array
     is raw-encoded (no zarr round trip), else through zarr."""
@@ -131,7 +126,7 @@ class _Buffer:
                 out["logits"] = self._logits_t.index_select(1, index).float()
             else:
                 out["logits"] = torch.from_numpy(np.stack([
-                    dense_logits(lay, {name: values[pos] for name, values in part.items()})
+                    lay.codec.decode({name: values[pos] for name, values in part.items()})
                     for lay, part in zip(self.layouts, self.parts)]))
             if self.temperatures is not None:
                 out[SAMPLE_TEMPERATURE] = self.temperatures.clone()

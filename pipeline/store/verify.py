@@ -32,6 +32,7 @@ import zarr
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.chunks import array_signature, raw_meta, read_small
+from pipeline.store.codecs import Codec
 from pipeline.store.provenance import changed_teachers
 
 def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
@@ -125,7 +126,8 @@ def _check_structure(store: Path, attrs: dict, report: VerifyReport) -> tuple[sc
         add(f"attrs: expected a complete storage/manifest/views section, found {err}")
         return None
     report.summary = (f"{lay.num_samples} samples, {lay.num_classes} classes, {lay.num_views} view(s), "
-                      f"{lay.codec.describe()}, {lay.num_blocks} block(s) of {lay.rows_per_block} rows")
+                      f"{lay.codec.describe()}{_temperature(lay.codec)}, {lay.num_blocks} block(s) of "
+                      f"{lay.rows_per_block} rows")
     group = zarr.open_group(str(store), mode="r")
     arrays = {}
     for name, (shape, chunks, dtype) in lay.arrays().items():
@@ -148,6 +150,11 @@ def _check_structure(store: Path, attrs: dict, report: VerifyReport) -> tuple[sc
         add(f"checksum.arrays: expected {names}, found {arrays[schema.CHECKSUM].attrs.get('arrays')!r}")
         return None
     return lay, arrays
+
+
+def _temperature(codec: Codec) -> str:
+    """`` T=<T_s>`` for a codec whose targets hold at one temperature only."""
+    return "" if codec.sample_temperature is None else f" T={codec.sample_temperature:g}"
 
 
 def _check_completeness(store: Path, attrs: dict, lay: schema.Layout, arrays: dict,

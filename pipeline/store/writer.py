@@ -150,7 +150,9 @@ class BlockWriter:
         if not np.isfinite(logits).all():
             raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
                             f"({int((~np.isfinite(logits)).sum())} values); no marker written")
-        payload = self._payload(view, block, logits, where)
+        # the codec's arrays; those named like an exact target (top-k's logsumexp) come with the stats
+        payload = lay.codec.encode(logits, seed=self.attrs["views"].get("seed", 0), view=view, block=block,
+                                   where=where)
         with ThreadPoolExecutor(max_workers=1) as pool:
             written = {name: pool.submit(self._put_chunk, name, view, block, values)
                        for name, values in payload.items()}
@@ -168,13 +170,6 @@ class BlockWriter:
         data = schema.chunk_bytes(values, rows=chunks[1], dtype=dtype)
         sync(self.group.store.set(schema.chunk_key(name, len(shape), view, block), Buffer.from_array_like(data)))
         return zlib.crc32(data)
-
-    def _payload(self, view: int, block: int, logits: np.ndarray, where: str) -> dict[str, np.ndarray]:
-        """The payload arrays of one block, encoded by the store's codec (arrays named like an exact
-        target, the top-k ``logsumexp``, come with the stats)."""
-        return self.layout.codec.encode(logits, seed=self.attrs["views"].get("seed", 0), view=view, block=block,
-                                        where=where)
-
 
 def remove_partial_files(store: str | Path) -> None:
     """Remove the temporary files of chunk writes killed mid-way; called by ``finalize`` only

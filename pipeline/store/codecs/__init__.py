@@ -18,8 +18,8 @@ float32 logits (and the store's seed, view and block), never on the thread count
 from pipeline.store.codecs import dense  # noqa: F401
 from pipeline.store.codecs import sampled  # noqa: F401
 from pipeline.store.codecs import topk  # noqa: F401
-from pipeline.store.codecs.base import (CODECS, DEFAULT_KIND, Codec, check_storage, codec_class, dtypes, make_codec,
-                                        register, takers)
+from pipeline.store.codecs.base import (CODECS, DEFAULT_KIND, Codec, check_storage, codec_class, dtypes, kinds_taking,
+                                        make_codec, register)
 
-__all__ = ["CODECS", "DEFAULT_KIND", "Codec", "check_storage", "codec_class", "dtypes", "make_codec", "register",
-           "takers"]
+__all__ = ["CODECS", "DEFAULT_KIND", "Codec", "check_storage", "codec_class", "dtypes", "kinds_taking", "make_codec",
+           "register"]

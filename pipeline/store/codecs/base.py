@@ -60,7 +60,7 @@ def dtypes() -> list[str]:
     """Every logits dtype some registered codec takes (the choices of ``--dtype``)."""
     out: list[str] = []
     for name in CODECS.names():
-        out += [d for d in CODECS.get(name).dtypes if d not in out]  # type: ignore[attr-defined]
+        out += [d for d in codec_class(name).dtypes if d not in out]
     return out
 
 
@@ -70,7 +70,7 @@ def check_storage(name: str, dtype: str) -> type[Codec]:
     if dtype not in cls.dtypes:
         if dtype not in dtypes():
             raise UserError(f"dtype: expected one of {', '.join(dtypes())}, found {dtype!r}")
-        owners = [n for n in CODECS.names() if dtype in CODECS.get(n).dtypes]  # type: ignore[attr-defined]
+        owners = [n for n in CODECS.names() if dtype in codec_class(n).dtypes]
         raise UserError(f"dtype: expected {' or '.join(cls.dtypes)} with {name} storage ({dtype} is a dtype of "
                         f"{' or '.join(owners)} storage only), found {dtype!r}")
     return cls
@@ -83,9 +83,9 @@ def make_codec(name: str, *, num_classes: int, dtype: str = "float16", k: int | 
                                                        temperature=temperature, index_dtype=index_dtype)
 
 
-def takers(parameter: str) -> list[str]:
+def kinds_taking(parameter: str) -> list[str]:
     """The storage kinds that take ``parameter`` ("k" or "temperature")."""
-    return [n for n in CODECS.names() if parameter in CODECS.get(n).parameters]  # type: ignore[attr-defined]
+    return [n for n in CODECS.names() if parameter in codec_class(n).parameters]
 
 
 def index_dtype(num_classes: int) -> str:
@@ -148,7 +148,7 @@ class Codec:
 
     def __post_init__(self) -> None:
         if self.k is not None and "k" not in self.parameters:
-            raise UserError(f"k: expected only with {' or '.join(takers('k'))} storage, found k={self.k} "
+            raise UserError(f"k: expected only with {' or '.join(kinds_taking('k'))} storage, found k={self.k} "
                             f"with {self.name!r}")
         if "k" in self.parameters:
             self.check_k()
@@ -158,7 +158,7 @@ class Codec:
                 raise UserError(f"temperature: expected a number > 0 for {self.name} storage, found {t!r}")
             object.__setattr__(self, "temperature", float(t))
         elif self.temperature is not None:
-            raise UserError(f"temperature: expected only with {' or '.join(takers('temperature'))} storage, "
+            raise UserError(f"temperature: expected only with {' or '.join(kinds_taking('temperature'))} storage, "
                             f"found {self.temperature} with {self.name!r}")
         if not self.class_ids:
             object.__setattr__(self, "index_dtype", None)
@@ -182,7 +182,7 @@ class Codec:
                    for shape, dtype in self.payload().values())
 
     def describe(self) -> str:
-        """One phrase for messages: ``topk k=20 float16``, ``sampled k=12``."""
+        """One phrase for messages (``kdcache plan``, ``verify``): ``topk k=20 float16``, ``sampled k=12``."""
         return f"{self.name}{f' k={self.k}' if self.k else ''}{f' {self.dtype}' if self.uses_dtype else ''}"
 
     @property

@@ -107,9 +107,6 @@ class Sampled(Codec):
     def sample_temperature(self) -> float | None:
         return self.temperature
 
-    def describe(self) -> str:
-        return f"{super().describe()} T={self.temperature:g}"
-
     def encode(self, logits: np.ndarray, *, seed: int, view: int, block: int, where: str) -> dict[str, np.ndarray]:
         index, count = draw_samples(logits, k=self.k, temperature=self.temperature, rng=sample_rng(seed, view, block),
                                     index_dtype=self.index_dtype, count_dtype=count_dtype(self.k))

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.store.codecs.base import Codec, cast_logits, register
 from pipeline.store.codecs.dense import rounding_bound
-from pipeline.errors import UserError
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
