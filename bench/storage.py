@@ -39,6 +39,7 @@ from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.store import schema  # noqa: E402
+from pipeline.store.codecs.base import index_dtype  # noqa: E402
 from pipeline.store.writer import Provenance  # noqa: E402
 from pipeline.train import DistillConfig, TeacherConfig, distill, train_teacher  # noqa: E402
 from pipeline.train.evaluate import predict_logits  # noqa: E402
@@ -106,7 +107,7 @@ def run(classes: int, args: argparse.Namespace, root: Path) -> list[str]:
         train_teacher(TeacherConfig(manifest=str(manifest_path), arch="mlp", loss="ce", out=str(teacher),
                                     device="cpu", epochs=args.teacher_epochs, arch_options={"hidden": 256},
                                     val_split=None, progress=False))
-    ids = np.dtype(schema.index_dtype(classes)).itemsize
+    ids = np.dtype(index_dtype(classes)).itemsize
     k, topk = args.budget // (ids + 1), (args.budget - 4) // (2 + ids)     # sampled: id + uint8 count
     rpb = args.rows_per_block
     common = dict(teacher=str(teacher), manifest=str(manifest_path), split="train", views=1, device="cpu",

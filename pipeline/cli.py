@@ -51,7 +51,8 @@ from pipeline.methods import METHODS
 from pipeline.methods.teacher_losses import TEACHER_LOSSES
 from pipeline.models import MODELS
 from pipeline.runtime import is_main_process
-from pipeline.store.schema import DEFAULT_ROWS_PER_BLOCK, DTYPES, STORAGE_KINDS, Layout, human_bytes, plan_bytes
+from pipeline.store import codecs
+from pipeline.store.schema import DEFAULT_ROWS_PER_BLOCK, Layout, human_bytes, plan_bytes
 from pipeline.store.verify import verify_store
 from pipeline.train import (
     DistillConfig,
@@ -288,10 +289,10 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="Store to write (a .zarr directory): one per --teacher, in order.")
 @click.option("--out-dir", type=LocalPath(file_okay=False, path_type=str), default=None,
               help="Instead of --out: write each teacher's store as DIR/<teacher file stem>.zarr.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True,
+@click.option("--dtype", type=RegistryChoice(codecs.dtypes), default=config_default(CacheConfig, "dtype"), show_default=True,
               help="Dtype of the stored logits; int8: dense logits quantized per row (entropy, p_gt are always "
                    "exact float32).")
-@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True,
+@click.option("--storage", type=RegistryChoice(codecs.CODECS.names), default=config_default(CacheConfig, "storage"), show_default=True,
               help="dense logits [V,N,C]; top-k values/indices + logsumexp; sampled: class ids and counts of k draws "
                    "from the teacher's softmax (an unbiased KD estimate at --temperature).")
 @click.option("--k", type=int, default=config_default(CacheConfig, "k"),
@@ -389,8 +390,8 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split of --manifest.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True, help="Views V per sample.")
 @click.option("--num-teachers", type=int, default=1, show_default=True, help="Number of stores (one per teacher).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=config_default(CacheConfig, "dtype"), show_default=True)
-@click.option("--storage", type=click.Choice(STORAGE_KINDS), default=config_default(CacheConfig, "storage"), show_default=True)
+@click.option("--dtype", type=RegistryChoice(codecs.dtypes), default=config_default(CacheConfig, "dtype"), show_default=True)
+@click.option("--storage", type=RegistryChoice(codecs.CODECS.names), default=config_default(CacheConfig, "storage"), show_default=True)
 @click.option("--k", type=int, default=None, help="Classes kept (--storage topk) or drawn (--storage sampled).")
 @click.option("--rows-per-block", type=int, default=None, help=f"As for `kdcache cache` (default {DEFAULT_ROWS_PER_BLOCK}, less for huge C).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
@@ -414,8 +415,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
                     dtype=dtype, rows_per_block=rows_per_block)
     sizes = plan_bytes(layout, teachers=num_teachers)
     on_disk = sum(sizes[name] for name in layout.payload_arrays()) / (num_teachers * num_samples * views)
-    click.echo(f"{num_teachers} store(s): N={num_samples} C={num_classes} V={views} {storage}"
-               f"{f' k={k}' if k else ''}{'' if storage == 'sampled' else ' ' + dtype}, "
+    click.echo(f"{num_teachers} store(s): N={num_samples} C={num_classes} V={views} {layout.codec.describe()}, "
                f"{layout.num_blocks} blocks of {layout.rows_per_block} rows")
     for name, nbytes in sizes.items():
         click.echo(f"  {name:<14} {human_bytes(nbytes):>12}  ({nbytes} bytes)")

@@ -57,25 +57,14 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.manifest import load_manifest
 from pipeline.store.provenance import changed_teachers, recorded_path
+from pipeline.store.schema import Layout
 from pipeline.store.verify import check_complete
 
 
-def _max_prob(group: zarr.Group, kind: str) -> da.Array:
-    """[V, N] max softmax probability: from dense logits (int8: the row max is level 127), from the
-    top-1 value and logsumexp, or, for sampled stores, estimated as the largest draw count / k
-    (the draws' own distribution, at the store's temperature)."""
-    if kind == "dense" and "logits_q" in group:
-        q = da.from_zarr(group["logits_q"]).astype(np.float32)
-        scale = da.from_zarr(group["logits_scale"]).astype(np.float32)[..., None]
-        return 1.0 / da.exp(scale * (q - 127.0)).sum(axis=-1)
-    if kind == "dense":
-        logits = da.from_zarr(group["logits"]).astype(np.float32)
-        return 1.0 / da.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
-    if kind == "sampled":
-        counts = da.from_zarr(group["sample_count"]).astype(np.float32)
-        return counts.max(axis=-1) / counts.sum(axis=-1)
-    top1 = da.from_zarr(group["topk_values"])[..., 0].astype(np.float32)
-    return da.exp(top1 - da.from_zarr(group["logsumexp"]))
+def _max_prob(group: zarr.Group, layout: Layout) -> da.Array:
+    """[V, N] max softmax probability, from the store's payload arrays by its codec (sampled
+    stores: estimated as the largest draw count / k, at the store's temperature)."""
+    return layout.codec.max_prob({name: da.from_zarr(group[name]) for name in layout.payload_arrays()})
 
 
 def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -90,7 +79,7 @@ def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]
     pred = da.from_zarr(group["pred"]).astype(np.int64)
     correct = pred == label[None, :]
     norm_entropy = entropy / math.log(num_classes) if num_classes > 1 else da.zeros_like(entropy)
-    conf = _max_prob(group, layout.kind)
+    conf = _max_prob(group, layout)
     # Equal-width bins on [0, 1]: ECE from per-bin counts, confidence and accuracy sums.
     conf_bin = da.clip((conf * bins).astype(np.int64), 0, bins - 1)
     # Entropy bins by comparison with the edges (as np.histogram): [e_b, e_b+1), the last one closed;

@@ -36,7 +36,6 @@ import zarr
 
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.reader import dense_logits
 from pipeline.store.verify import check_complete
 
 RANKINGS = ("contradicted", "disagree", "uncertain")   # the order of the report's galleries
@@ -168,15 +167,15 @@ def rank_samples(stores: Sequence[str], *, teachers: Sequence[str], view: int = 
 
 def store_probabilities(store: str, *, view: int) -> tuple[np.ndarray, np.ndarray]:
     """[N, C] float32 softmax probabilities of ``view`` of one complete store (every storage kind,
-    through the reader's dense logits; a sampled store at its temperature), and its labels."""
+    through its codec's dense logits; a sampled store at its temperature), and its labels."""
     attrs, layout = check_complete(store)
     group = zarr.open_group(str(store), mode="r")
-    temperature = layout.temperature if layout.kind == "sampled" else 1.0
+    temperature = layout.codec.sample_temperature or 1.0   # decoded logits' softmax at it: the stored one
     probs = np.empty((layout.num_samples, layout.num_classes), dtype=np.float32)
     for block in range(layout.num_blocks):
         start, stop = layout.block_rows(block)
         parts = {name: group[name][view, start:stop] for name in layout.payload_arrays()}
-        z = dense_logits(layout, parts).astype(np.float64) / temperature
+        z = layout.codec.decode(parts).astype(np.float64) / temperature
         p = np.exp(z - z.max(axis=1, keepdims=True))
         probs[start:stop] = p / p.sum(axis=1, keepdims=True)
     return probs, group["label"][:].astype(np.int64)

@@ -24,7 +24,7 @@ from pipeline.methods import METHODS
 from pipeline.methods.base import Method, register, result
 from pipeline.methods.teacher_losses import TEACHER_LOSSES
 from pipeline.models import MODELS
-from pipeline.store.schema import DTYPES, STORAGE_KINDS
+from pipeline.store import codecs
 from pipeline.store.writer import CacheResult
 from pipeline.train import DistillConfig, TeacherConfig
 from pipeline.train.student import CACHE_MODES
@@ -116,10 +116,10 @@ def test_an_unregistered_method_is_refused_by_click_with_the_registry_names(tmp_
     (("train-teacher",), "loss", TEACHER_LOSSES.names),
     (("distill",), "method", METHODS.names),
     (("distill",), "cache_mode", lambda: list(CACHE_MODES)),
-    (("cache",), "storage", lambda: list(STORAGE_KINDS)),
-    (("cache",), "dtype", lambda: list(DTYPES)),
-    (("plan",), "storage", lambda: list(STORAGE_KINDS)),
-    (("plan",), "dtype", lambda: list(DTYPES)),
+    (("cache",), "storage", lambda: codecs.CODECS.names()),
+    (("cache",), "dtype", lambda: codecs.dtypes()),
+    (("plan",), "storage", lambda: codecs.CODECS.names()),
+    (("plan",), "dtype", lambda: codecs.dtypes()),
 ])
 def test_choices_are_the_registry_names(path, name, names):
     param = _param(_command(*path), name)

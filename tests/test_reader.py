@@ -15,7 +15,8 @@ import zarr
 from pipeline.cache import write_cache
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.reader import StoreGroup, dense_from_topk
+from pipeline.store.codecs.topk import dense_from_topk
+from pipeline.store.reader import StoreGroup
 from pipeline.train.sampling import windowed_permutation
 from pipeline.train.targets import CachedTargets
 from tests.support.stores import FakeFactory, fake_labels, fake_provenance, make_fake_store

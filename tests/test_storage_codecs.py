@@ -25,7 +25,11 @@ from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.methods import create_method
 from pipeline.methods.base import SAMPLE_TEMPERATURE as METHOD_FIELD
-from pipeline.store import codecs, schema
+from pipeline.store import schema
+from pipeline.store.codecs import base as base_codec
+from pipeline.store.codecs import dense as dense_codec
+from pipeline.store.codecs import sampled as sampled_codec
+from pipeline.store.codecs import topk as topk_codec
 from pipeline.store.reader import SAMPLE_TEMPERATURE, StoreGroup
 from pipeline.store.verify import verify_store
 from tests.support.cli import one_error_line
@@ -45,9 +49,9 @@ def _write(out, *, kind="sampled", k=4, num_classes=C, temperature=None, index_d
 
 
 def test_class_ids_take_the_smallest_unsigned_type():
-    assert [schema.index_dtype(c) for c in (2, 256, 257, 65536, 65537)] == \
+    assert [base_codec.index_dtype(c) for c in (2, 256, 257, 65536, 65537)] == \
         ["uint8", "uint8", "uint16", "uint16", "uint32"]
-    assert [schema.count_dtype(k) for k in (1, 255, 256, 70000)] == ["uint8", "uint8", "uint16", "uint32"]
+    assert [sampled_codec.count_dtype(k) for k in (1, 255, 256, 70000)] == ["uint8", "uint8", "uint16", "uint32"]
     lay = schema.Layout(num_samples=10, num_classes=1000, num_views=1, kind="topk", k=5)
     assert lay.arrays()["topk_index"][2] == "uint16" and lay.storage_attrs()["index_dtype"] == "uint16"
     with pytest.raises(UserError, match="index_dtype"):
@@ -91,8 +95,8 @@ def test_int8_logits_are_within_half_a_step_and_targets_stay_exact(tmp_path):
     assert verify_store(tmp_path / "i8.zarr").ok
     q["entropy"][0, :50] += 0.05
     assert any(p.startswith("entropy:") for p in verify_store(tmp_path / "i8.zarr").problems)
-    flat = codecs.quantize_int8(np.full((2, 5), 3.0, np.float32))                 # a constant row
-    np.testing.assert_array_equal(codecs.dequantize_int8(*flat), np.full((2, 5), 3.0, np.float32))
+    flat = dense_codec.quantize_int8(np.full((2, 5), 3.0, np.float32))                 # a constant row
+    np.testing.assert_array_equal(dense_codec.dequantize_int8(*flat), np.full((2, 5), 3.0, np.float32))
 
 
 def test_sampled_store_is_byte_identical_across_shards_and_resumes(tmp_path):
@@ -149,8 +153,8 @@ def test_sampled_kd_gradient_is_unbiased_and_topk_is_not(temperature):
     z_t = (rng.normal(size=classes) * 3.0).astype(np.float32)
     z_s = torch.tensor(rng.normal(size=classes), dtype=torch.float32)
     teacher = np.repeat(z_t[None], draws, axis=0)
-    index, count = codecs.draw_samples(teacher, k=k, temperature=temperature, rng=np.random.default_rng(1))
-    weight = torch.from_numpy(codecs.sample_weights(count))
+    index, count = sampled_codec.draw_samples(teacher, k=k, temperature=temperature, rng=np.random.default_rng(1))
+    weight = torch.from_numpy(sampled_codec.sample_weights(count))
     student = z_s.repeat(draws, 1).requires_grad_(True)
     rows = losses.sampled_kd_loss(student, torch.from_numpy(index.astype(np.int64)), weight, temperature,
                                   reduction="none")
@@ -161,14 +165,14 @@ def test_sampled_kd_gradient_is_unbiased_and_topk_is_not(temperature):
     mean, se = grads.mean(axis=0), grads.std(axis=0, ddof=1) / math.sqrt(draws)
     assert (np.abs(mean - dense) <= 5 * se + 1e-7).all(), np.abs(mean - dense) / se
 
-    values, top = schema.topk(z_t[None], k)                            # top-k with the same payload size
+    values, top = topk_codec.top_k(z_t[None], k)                            # top-k with the same payload size
     lse = schema.target_stats(z_t[None], np.array([0]))["logsumexp"]
-    z_topk = torch.from_numpy(codecs.dense_from_topk(values, top, lse, classes))
+    z_topk = torch.from_numpy(topk_codec.dense_from_topk(values, top, lse, classes))
     topk = _student_grad(losses.kd_kl(one, z_topk, temperature, reduction="none"), one)[0]
     assert (np.abs(topk - dense) / se).max() > 20                        # biased by many standard errors
 
     # the reader's dense logits give kd_kl the same gradient as the estimator, row by row
-    z_tilde = torch.from_numpy(codecs.dense_from_samples(index[:50], count[:50], classes, temperature))
+    z_tilde = torch.from_numpy(sampled_codec.dense_from_samples(index[:50], count[:50], classes, temperature))
     part = student.detach()[:50].clone().requires_grad_(True)
     np.testing.assert_allclose(_student_grad(losses.kd_kl(part, z_tilde, temperature, reduction="none"), part),
                                grads[:50], atol=1e-5)
@@ -182,11 +186,11 @@ def test_sampled_kd_gradient_is_unbiased_and_topk_is_not(temperature):
 
 def test_draws_follow_the_teacher_distribution():
     z = np.log(np.array([[0.5, 0.3, 0.2, 0.0]], np.float64) + 1e-300).astype(np.float32)
-    index, count = codecs.draw_samples(np.repeat(z, 4000, 0), k=8, temperature=1.0, rng=np.random.default_rng(3))
+    index, count = sampled_codec.draw_samples(np.repeat(z, 4000, 0), k=8, temperature=1.0, rng=np.random.default_rng(3))
     freq = np.bincount(index.reshape(-1).astype(np.int64), weights=count.reshape(-1), minlength=4) / count.sum()
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.01)
     assert freq[3] == 0                                                 # a class of probability 0 is never drawn
-    i2, c2 = codecs.draw_samples(np.repeat(z, 4000, 0), k=8, temperature=1.0, rng=np.random.default_rng(3))
+    i2, c2 = sampled_codec.draw_samples(np.repeat(z, 4000, 0), k=8, temperature=1.0, rng=np.random.default_rng(3))
     assert np.array_equal(index, i2) and np.array_equal(count, c2)
 
 
@@ -209,7 +213,7 @@ def test_methods_check_the_sampled_temperature(tmp_path):
 def test_config_and_layout_refuse_codecs_that_do_not_fit():
     with pytest.raises(ConfigError, match="temperature"):
         CacheConfig(teacher="t.pt", manifest="m.parquet", out="o.zarr", temperature=2.0)
-    with pytest.raises(UserError, match="int8 quantizes dense logits only"):
+    with pytest.raises(UserError, match="int8 is a dtype of dense storage only"):
         schema.Layout(num_samples=10, num_classes=5, num_views=1, kind="topk", k=2, dtype="int8")
     with pytest.raises(UserError, match="k: expected a positive number of draws"):
         schema.Layout(num_samples=10, num_classes=5, num_views=1, kind="sampled")

@@ -23,7 +23,8 @@ from pipeline.data import build_manifest, default_views
 from pipeline.data.fashion import read_idx
 from pipeline.manifest import load_manifest
 from pipeline.models import create_model
-from pipeline.store import codecs, schema
+from pipeline.store import schema, stats
+from pipeline.store.codecs.base import to_float16
 from pipeline.teachers import teacher_source
 from tests.support.data import write_idx, write_idx_dataset
 from tests.support.stores import make_fake_store
@@ -42,10 +43,10 @@ def test_the_float16_cast_has_the_bits_of_numpy() -> None:
     z = hard_float32()
     with np.errstate(over="ignore"):
         want = z.astype(np.float16)
-    got = codecs.to_float16(z)
+    got = to_float16(z)
     assert got.dtype == np.float16 and got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
-    assert np.isfinite(codecs.to_float16(np.array([65519.0, -65519.0], np.float32))).all()
-    assert np.isinf(codecs.to_float16(np.array([65520.0, -65520.0], np.float32))).all()
+    assert np.isfinite(to_float16(np.array([65519.0, -65519.0], np.float32))).all()
+    assert np.isinf(to_float16(np.array([65520.0, -65520.0], np.float32))).all()
 
 
 @pytest.mark.parametrize("classes", [1, 3, 1000, 70_000])
@@ -54,12 +55,12 @@ def test_target_stats_of_a_row_do_not_depend_on_the_tiling(monkeypatch: pytest.M
     rows = max(3, 300_000 // classes)
     z = (rng.standard_normal((rows, classes)) * 10.0 ** rng.uniform(-6, 3, (rows, 1))).astype(np.float32)
     labels = rng.integers(0, classes, rows)
-    tiled = schema.target_stats(z, labels)
-    monkeypatch.setattr(schema, "STATS_TILE_VALUES", 1)           # one row per tile
-    for name, values in schema.target_stats(z, labels).items():
+    tiled = stats.target_stats(z, labels)
+    monkeypatch.setattr(stats, "STATS_TILE_VALUES", 1)           # one row per tile
+    for name, values in stats.target_stats(z, labels).items():
         assert values.tobytes() == tiled[name].tobytes(), name
-    monkeypatch.setattr(schema, "STATS_TILE_VALUES", 10**9)       # the whole block in one tile
-    for name, values in schema.target_stats(z, labels).items():
+    monkeypatch.setattr(stats, "STATS_TILE_VALUES", 10**9)       # the whole block in one tile
+    for name, values in stats.target_stats(z, labels).items():
         assert values.tobytes() == tiled[name].tobytes(), name
 
 

@@ -13,7 +13,7 @@ from pathlib import PurePath
 from typing import Any, ClassVar
 
 from pipeline.config import FromDict
-from pipeline.store import schema
+from pipeline.store import codecs, schema
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,10 +29,10 @@ class CacheConfig(FromDict):
     views: int = 1                          # V views per sample (view 0 = the evaluation transform)
     views_seed: int = 0                     # seed of the random views
     view_spec: dict[str, Any] | None = None  # a ViewSpec.to_dict(); default: the dataset's views with views_seed
-    dtype: str = "float16"                  # of the stored logits: float16 | float32 | int8 (dense only)
-    storage: str = "dense"                  # dense | topk | sampled (entropy, p_gt: always exact float32)
-    k: int | None = None                    # classes kept (topk) or drawn per row (sampled)
-    temperature: float | None = None        # sampled: draws from softmax(z / temperature) (default 1)
+    dtype: str = "float16"                  # of the stored logits: one its storage codec takes
+    storage: str = codecs.DEFAULT_KIND      # a storage codec's name (entropy, p_gt: always exact float32)
+    k: int | None = None                    # classes kept or drawn per row, for codecs that take k
+    temperature: float | None = None        # for codecs that take one: draws from softmax(z / T) (default 1)
     rows_per_block: int | None = None       # default: 4096, fewer for huge C
     micro_batch: int = schema.DEFAULT_MICRO_BATCH
     shard: str | None = None                # "i/n": every n-th block from the i-th (SLURM array jobs)
@@ -55,11 +55,13 @@ class CacheConfig(FromDict):
         self.check_ints(("views", "micro_batch"), minimum=1)
         self.check_ints(("views_seed", "workers"), minimum=0)
         self.check_ints(("k", "rows_per_block", "local_workers", "threads"), minimum=1, optional=True)
-        if self.dtype not in schema.DTYPES:
-            raise self.bad("dtype", " or ".join(schema.DTYPES))
-        if self.storage not in schema.STORAGE_KINDS:
-            raise self.bad("storage", " or ".join(schema.STORAGE_KINDS))
-        if self.temperature is not None and (self.storage != "sampled" or isinstance(self.temperature, bool)
+        if self.dtype not in codecs.dtypes():
+            raise self.bad("dtype", " or ".join(codecs.dtypes()))
+        if self.storage not in codecs.CODECS:
+            raise self.bad("storage", " or ".join(codecs.CODECS.names()))
+        with_temperature = codecs.kinds_taking("temperature")
+        if self.temperature is not None and (self.storage not in with_temperature
+                                             or isinstance(self.temperature, bool)
                                              or not isinstance(self.temperature, (int, float))
                                              or not self.temperature > 0):
-            raise self.bad("temperature", "a number > 0, with storage sampled only")
+            raise self.bad("temperature", f"a number > 0, with storage {' or '.join(with_temperature)} only")

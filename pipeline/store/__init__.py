@@ -2,7 +2,9 @@
 
     schema.py   layout, FORMAT_VERSION, attrs, the fields stores must agree on, chunk keys, byte
                 planning (README.md shows the attrs)
-    codecs.py   the storage kinds' encodings: int8 logits, top-k, sampled classes and counts
+    codecs/     one class per storage kind (dense, top-k, sampled), looked up by name: its arrays,
+                encode, decode, checks
+    stats.py    the exact targets every store keeps (entropy, p_gt, pred, logsumexp)
     writer.py   create/reopen a store, resumable block writes, finalize
     verify.py   ``kdcache verify``; the completeness check every reader makes
     reader.py   ``StoreGroup``: in-memory or block-streaming targets of several stores

@@ -22,17 +22,14 @@ Two modes, chosen by ``mode="auto"`` from ``memory_budget_bytes`` (default: a qu
   sampler up to a window ahead of ``targets``; the width is sized for that (``max_lag_batches``).
   Asking for a row outside them is an error, never a slow read.
 
-Every kind of store is served as dense float32 logits [K, B, C] (``pipeline.store.codecs``);
-entropy and p_gt are always the exact stored values:
-- int8 stores: ``offset + scale * q``, each logit within ``scale / 2`` of the teacher's.
-- top-k stores: the stored top-k logits, and for every other class ``logsumexp + log(tail / (C - k))``
-  with ``tail`` the mass outside the top k. Softmax at T = 1 then gives every top-k class its
-  exact probability and spreads the exact tail mass uniformly.
-- sampled stores: ``T_s * log(count / k)`` for the drawn classes, a floor whose probability is 0
-  for the others, so that softmax at the store's temperature ``T_s`` is exactly the sampled
-  distribution, and ``kd_kl`` at ``T_s`` is the unbiased estimator of ``pipeline.losses.sampled_kd_loss``.
-  With any sampled store among them, ``targets`` also gives ``sample_temperature`` [K] (``T_s``
-  per store, 0 for the others), which the methods check against their own temperature.
+Every kind of store is served as dense float32 logits [K, B, C], decoded by its codec
+(``pipeline.store.codecs``: int8 within ``scale / 2`` per logit; top-k with the exact tail mass
+spread uniformly; sampled as ``T_s * log(count / k)``); entropy and p_gt are always the exact
+stored values. Payloads that already are dense float logits stay as stored until a batch is
+gathered. When some store's codec has a temperature of its own (sampled: softmax at ``T_s`` of
+its logits is the sampled distribution, and ``kd_kl`` at ``T_s`` the unbiased estimator of
+``pipeline.losses.sampled_kd_loss``), ``targets`` also gives ``sample_temperature`` [K] (``T_s``
+per store, 0 for the others), which the methods check against their own temperature.
 """
 
 from __future__ import annotations
@@ -51,7 +48,6 @@ import zarr
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.chunks import raw_meta, read_small
-from pipeline.store.codecs import dense_from_samples, dense_from_topk, dequantize_int8
 from pipeline.store.verify import check_complete
 
 FIELDS = ("logits", "entropy", "p_gt")
@@ -65,18 +61,6 @@ def default_memory_budget() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
         return 4 * 2**30
-
-
-def dense_logits(layout: schema.Layout, parts: dict[str, np.ndarray]) -> np.ndarray:
-    """Dense float32 logits [B, C] from the payload arrays of B rows of a store (module docstring)."""
-    c = layout.num_classes
-    if layout.kind == "dense" and layout.dtype == "int8":
-        return dequantize_int8(parts["logits_q"], parts["logits_scale"], parts["logits_offset"])
-    if layout.kind == "dense":
-        return parts["logits"].astype(np.float32)
-    if layout.kind == "topk":
-        return dense_from_topk(parts["topk_values"], parts["topk_index"], parts["logsumexp"], c)
-    return dense_from_samples(parts["sample_index"], parts["sample_count"], c, layout.temperature)
 
 
 class _Store:
@@ -111,24 +95,25 @@ class _Buffer:
         k_count, c = len(layouts), layouts[0].num_classes
         self.entropy = np.empty((k_count, rows), np.float32)
         self.p_gt = np.empty((k_count, rows), np.float32)
-        self.all_dense = all(lay.kind == "dense" and lay.dtype != "int8" for lay in layouts)
+        self.all_dense = all(lay.codec.dense_array is not None for lay in layouts)
         # torch views of the same memory: index_select + float() is 3x faster than NumPy's fp16 astype
         self._entropy_t, self._p_gt_t = torch.from_numpy(self.entropy), torch.from_numpy(self.p_gt)
         if self.all_dense:
-            dtype = np.result_type(*[np.dtype(lay.dtype) for lay in layouts])
+            dtype = np.result_type(*[np.dtype(lay.arrays()[lay.codec.dense_array][2]) for lay in layouts])
             self.logits = np.empty((k_count, rows, c), dtype)
             self._logits_t = torch.from_numpy(self.logits)
         else:
             self.parts = [{name: np.empty((rows,) + chunks[2:], dtype) for name, (_, chunks, dtype)
                            in lay.arrays().items() if name in lay.payload_arrays()} for lay in layouts]
-        self.temperatures = None if all(lay.kind != "sampled" for lay in layouts) else \
-            torch.tensor([lay.temperature or 0.0 for lay in layouts], dtype=torch.float32)
+        own = [lay.codec.sample_temperature for lay in layouts]
+        self.temperatures = None if all(t is None for t in own) else \
+            torch.tensor([t or 0.0 for t in own], dtype=torch.float32)
 
     def views(self, k: int, at: slice) -> dict[str, np.ndarray]:
         """Where store k's arrays go for rows ``at``: writable views into this buffer."""
         out = {"entropy": self.entropy[k, at], "p_gt": self.p_gt[k, at]}
         if self.all_dense:
-            out["logits"] = self.logits[k, at]
+            out[self.layouts[k].codec.dense_array] = self.logits[k, at]
         else:
             out.update({name: values[at] for name, values in self.parts[k].items()})
         return out
@@ -141,7 +126,7 @@ class _Buffer:
                 out["logits"] = self._logits_t.index_select(1, index).float()
             else:
                 out["logits"] = torch.from_numpy(np.stack([
-                    dense_logits(lay, {name: values[pos] for name, values in part.items()})
+                    lay.codec.decode({name: values[pos] for name, values in part.items()})
                     for lay, part in zip(self.layouts, self.parts)]))
             if self.temperatures is not None:
                 out[SAMPLE_TEMPERATURE] = self.temperatures.clone()

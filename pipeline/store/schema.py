@@ -21,12 +21,11 @@ with the fill value), kept in the ``checksum`` array [V, num_blocks, A] (A = the
 and before its ``done`` marker. ``sample_id`` and ``label`` (written once, at creation) have a
 CRC-32 of their values in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them.
 
-Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``; how each is encoded: ``codecs``):
-``dense`` logits in float16/float32, or int8 with a per-row float32 scale and offset
-(``--dtype int8``); ``topk`` values, class ids and logsumexp; ``sampled`` class ids and counts of k
-draws from the teacher's softmax at the store's ``temperature``. Class ids take the smallest
-unsigned type that holds C (``index_dtype``); a store records its own in ``storage.index_dtype``
-(a version-2 store from before that key has uint16, int32 above 65535 classes, and reads as it is).
+Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``): each is one codec class,
+looked up by name (``pipeline.store.codecs``), that declares its payload arrays; ``Layout`` adds
+the arrays every store has. Class ids take the smallest unsigned type that holds C
+(``index_dtype``); a store records its own in ``storage.index_dtype`` (a version-2 store from
+before that key has uint16, int32 above 65535 classes, and reads as it is).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +41,18 @@ import numpy as np
 import zarr
 
 from pipeline.errors import UserError
+from pipeline.store import codecs
+from pipeline.store.codecs.base import Codec, legacy_index_dtype
+from pipeline.store.stats import target_stats  # noqa: F401  (public here too: the targets every store keeps)
 
 SCHEMA = "kdcache-store"
 FORMAT_VERSION = 2               # 2: chunk checksums (the `checksum` array, attrs `checksums`)
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
 CHECKSUM_ALGORITHM = "crc32"
 
-DTYPES = ("float16", "float32", "int8")     # int8: dense only (quantized, codecs.quantize_int8)
-STORAGE_KINDS = ("dense", "topk", "sampled")
-INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32")   # int32: version-2 stores of more than 65535 classes
-DEFAULT_TEMPERATURE = 1.0          # of sampled storage: the teacher's own softmax
 DEFAULT_MICRO_BATCH = 256
 DEFAULT_ROWS_PER_BLOCK = 4096
 MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
-STATS_TILE_VALUES = 2**16          # logits per tile of target_stats (256 KiB of float32: cache-resident)
 METADATA_BYTES_PER_ARRAY = 600     # zarr.json of one array (measured: 450-600 bytes)
 METADATA_BYTES_GROUP = 2500        # the group's zarr.json with the attrs below
 DIRECTORY_BYTES = 4096             # one directory per array and the group (as `du -b` counts them)
@@ -86,21 +83,6 @@ def default_rows_per_block(num_classes: int, dtype: str = "float16", micro_batch
     return max(micro_batch, rows // micro_batch * micro_batch)
 
 
-def index_dtype(num_classes: int) -> str:
-    """The smallest unsigned type that holds every class id 0 .. C - 1."""
-    return "uint8" if num_classes <= 2**8 else "uint16" if num_classes <= 2**16 else "uint32"
-
-
-def legacy_index_dtype(num_classes: int) -> str:
-    """The class-id type of a version-2 store written before ``storage.index_dtype`` was recorded."""
-    return "uint16" if num_classes <= 65535 else "int32"
-
-
-def count_dtype(k: int) -> str:
-    """The smallest unsigned type that holds a count of up to k draws."""
-    return index_dtype(k + 1)
-
-
 @dataclass(frozen=True)
 class Layout:
     """Shapes, chunks and dtypes of every array of a store."""
@@ -108,56 +90,29 @@ class Layout:
     num_samples: int
     num_classes: int
     num_views: int
-    kind: str = "dense"
+    kind: str = codecs.DEFAULT_KIND      # the storage codec's name (pipeline.store.codecs)
     k: int | None = None
     dtype: str = "float16"
     rows_per_block: int | None = None
     micro_batch: int = DEFAULT_MICRO_BATCH
-    temperature: float | None = None     # sampled: the T of the proposal softmax(z / T) (default 1)
-    index_dtype: str | None = None       # top-k, sampled: default index_dtype(num_classes)
+    temperature: float | None = None     # codecs that take one (sampled): default DEFAULT_TEMPERATURE
+    index_dtype: str | None = None       # codecs that store class ids: default the smallest that holds C
+    codec: Codec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in STORAGE_KINDS:
-            raise UserError(f"storage: expected one of {', '.join(STORAGE_KINDS)}, found {self.kind!r}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, found {self.dtype!r}")
-        if self.dtype == "int8" and self.kind != "dense":
-            raise UserError(f"dtype: expected float16 or float32 with {self.kind} storage (int8 quantizes dense "
-                            "logits only), found 'int8'")
+        codecs.check_storage(self.kind, self.dtype)
         for name in ("num_samples", "num_classes", "num_views", "micro_batch"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name}: expected a positive integer, found {getattr(self, name)}")
-        if self.kind == "topk":
-            if self.k is None or not 1 <= int(self.k) <= self.num_classes:
-                raise UserError(f"k: expected 1 <= k <= num_classes ({self.num_classes}) for top-k storage, found {self.k}")
-        elif self.kind == "sampled":
-            if self.k is None or int(self.k) < 1:
-                raise UserError(f"k: expected a positive number of draws per row for sampled storage, found {self.k}")
-        elif self.k is not None:
-            raise UserError(f"k: expected only with top-k or sampled storage, found k={self.k} with {self.kind!r}")
-        self._check_temperature()
-        if self.kind == "dense":
-            object.__setattr__(self, "index_dtype", None)
-        elif self.index_dtype is None:
-            object.__setattr__(self, "index_dtype", index_dtype(self.num_classes))
-        elif self.index_dtype not in INDEX_DTYPES or np.iinfo(self.index_dtype).max < self.num_classes - 1:
-            raise UserError(f"storage.index_dtype: expected one of {', '.join(INDEX_DTYPES)} holding class "
-                            f"{self.num_classes - 1}, found {self.index_dtype!r}")
+        codec = codecs.make_codec(self.kind, num_classes=self.num_classes, dtype=self.dtype, k=self.k,
+                                  temperature=self.temperature, index_dtype=self.index_dtype)
+        object.__setattr__(self, "codec", codec)
+        object.__setattr__(self, "temperature", codec.temperature)
+        object.__setattr__(self, "index_dtype", codec.index_dtype)
         if self.rows_per_block is None:
             object.__setattr__(self, "rows_per_block", default_rows_per_block(self.num_classes, self.dtype, self.micro_batch))
         if int(self.rows_per_block) < 1:
             raise UserError(f"rows_per_block: expected a positive integer, found {self.rows_per_block}")
-
-    def _check_temperature(self) -> None:
-        if self.kind != "sampled":
-            if self.temperature is not None:
-                raise UserError(f"temperature: expected only with sampled storage, found {self.temperature} "
-                                f"with {self.kind!r}")
-            return
-        t = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise UserError(f"temperature: expected a number > 0 for sampled storage, found {t!r}")
-        object.__setattr__(self, "temperature", float(t))
 
     @property
     def num_blocks(self) -> int:
@@ -174,24 +129,13 @@ class Layout:
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]:
         """name -> (shape, chunks, dtype). Chunks along the sample axis are exactly one block."""
-        n, c, v, r = self.num_samples, self.num_classes, self.num_views, self.rows_per_block
+        n, v, r = self.num_samples, self.num_views, self.rows_per_block
         out: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
             "sample_id": ((n,), (r,), "int64"),
             "label": ((n,), (r,), "int32"),
         }
-        if self.kind == "dense" and self.dtype == "int8":
-            out["logits_q"] = ((v, n, c), (1, r, c), "int8")
-            out["logits_scale"] = ((v, n), (1, r), "float32")
-            out["logits_offset"] = ((v, n), (1, r), "float32")
-        elif self.kind == "dense":
-            out["logits"] = ((v, n, c), (1, r, c), self.dtype)
-        elif self.kind == "topk":
-            out["topk_values"] = ((v, n, self.k), (1, r, self.k), self.dtype)
-            out["topk_index"] = ((v, n, self.k), (1, r, self.k), self.index_dtype)
-            out["logsumexp"] = ((v, n), (1, r), "float32")
-        else:
-            out["sample_index"] = ((v, n, self.k), (1, r, self.k), self.index_dtype)
-            out["sample_count"] = ((v, n, self.k), (1, r, self.k), count_dtype(self.k))
+        for name, (row, dtype) in self.codec.payload().items():
+            out[name] = ((v, n) + row, (1, r) + row, dtype)
         out["entropy"] = ((v, n), (1, r), "float32")
         out["p_gt"] = ((v, n), (1, r), "float32")
         out["pred"] = ((v, n), (1, r), "int32")
@@ -204,16 +148,12 @@ class Layout:
         return self.payload_arrays() + ["entropy", "p_gt", "pred"]
 
     def payload_arrays(self) -> list[str]:
-        """The arrays that hold the logits (all but the exact entropy, p_gt, pred), in checksum order."""
-        if self.kind == "dense":
-            return ["logits_q", "logits_scale", "logits_offset"] if self.dtype == "int8" else ["logits"]
-        return ["topk_values", "topk_index", "logsumexp"] if self.kind == "topk" else ["sample_index", "sample_count"]
+        """The arrays that hold the logits (the codec's), in checksum order."""
+        return list(self.codec.payload())
 
     def payload_bytes_per_row(self) -> int:
         """Bytes of one (sample, view) in the payload arrays (no padding, no metadata)."""
-        arrays = self.arrays()
-        return sum(int(np.prod(arrays[name][1][2:], dtype=np.int64)) * np.dtype(arrays[name][2]).itemsize
-                   for name in self.payload_arrays())
+        return self.codec.payload_bytes_per_row()
 
     def storage_attrs(self) -> dict[str, Any]:
         return {"kind": self.kind, "k": self.k, "dtype": self.dtype, "rows_per_block": int(self.rows_per_block),
@@ -224,7 +164,9 @@ class Layout:
     def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
         s, m = attrs["storage"], attrs["manifest"]
         num_classes = int(m["num_classes"])
-        index = s.get("index_dtype") or (legacy_index_dtype(num_classes) if s["kind"] != "dense" else None)
+        index = s.get("index_dtype")
+        if index is None and codecs.codec_class(s["kind"]).class_ids:
+            index = legacy_index_dtype(num_classes)
         return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
@@ -377,47 +319,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
-
-
-def target_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Exact per-sample targets from full float32 logits [B, C]: entropy, p_gt, pred, logsumexp.
-
-    Entropy is in nats at T = 1; ``pred`` is the first arg-max (the same class the top-k order puts
-    first). NumPy, not torch, so the values never depend on the thread count. Computed in tiles of
-    about ``STATS_TILE_VALUES`` values (whole rows), so that the temporaries stay in the CPU cache;
-    every operation is per row, so a row's results do not depend on the tiling.
-    """
-    z = np.asarray(logits, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
-    rows, classes = z.shape
-    out = {"entropy": np.empty(rows, np.float32), "p_gt": np.empty(rows, np.float32),
-           "pred": np.empty(rows, np.int32), "logsumexp": np.empty(rows, np.float32)}
-    step = max(1, STATS_TILE_VALUES // classes)
-    logp, p = np.empty((2, min(step, rows), classes), np.float32)
-    for a in range(0, rows, step):
-        b = min(a + step, rows)
-        _stats_tile(z[a:b], labels[a:b], logp[:b - a], p[:b - a], {name: v[a:b] for name, v in out.items()})
-    return out
-
-
-def _stats_tile(z: np.ndarray, labels: np.ndarray, logp: np.ndarray, p: np.ndarray,
-                out: dict[str, np.ndarray]) -> None:
-    """``target_stats`` of a few rows into ``out``; ``logp`` and ``p`` are scratch of the rows' shape."""
-    zmax = z.max(axis=1, keepdims=True)
-    np.exp(np.subtract(z, zmax, out=logp), out=p)
-    lse = zmax + np.log(p.sum(axis=1, keepdims=True, dtype=np.float32))
-    np.exp(np.subtract(z, lse, out=logp), out=p)
-    out["p_gt"][:] = p[np.arange(len(z)), labels]
-    out["entropy"][:] = -np.multiply(p, logp, out=p).sum(axis=1, dtype=np.float32)
-    out["pred"][:] = z.argmax(axis=1)
-    out["logsumexp"][:] = lse[:, 0]
-
-
-def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (values, indices) per row, largest first, ties broken by the lower class index."""
-    z = np.asarray(logits, dtype=np.float32)
-    order = np.argsort(-z, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(z, order, axis=1), order
 
 
 def read_attrs(store: str | Path) -> dict[str, Any]:

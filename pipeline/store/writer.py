@@ -18,9 +18,10 @@ business (``pipeline.cache``); this module only writes the format. The rules:
   only the blocks without a marker; a block's batches are fixed by the layout, so the bytes do
   not depend on who computed it or when.
 - ``finalize`` sets ``status.complete`` only after every marker and every chunk is checked.
-- Sampled storage draws a block's classes from a generator seeded by the store's seed (the
-  attrs ``views.seed``), the view and the block (``codecs.sample_rng``): its bytes, too, depend
-  only on the block's logits.
+- A block's payload arrays are its float32 logits encoded by the store's codec
+  (``pipeline.store.codecs``); a codec that draws (sampled storage) seeds its generator with the
+  store's seed (the attrs ``views.seed``), the view and the block: its bytes, too, depend only on
+  the block's logits.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from zarr.core.sync import sync
 
 from pipeline import __version__, faults
 from pipeline.errors import UserError
-from pipeline.store import codecs, schema
+from pipeline.store import schema
+from pipeline.store.stats import target_stats
 
 MARKER = b"\x01"                   # the file of a set done marker (a bool chunk of one value)
 
@@ -148,11 +150,13 @@ class BlockWriter:
         if not np.isfinite(logits).all():
             raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
                             f"({int((~np.isfinite(logits)).sum())} values); no marker written")
-        payload = self._payload(view, block, logits, where)
+        # the codec's arrays; those named like an exact target (top-k's logsumexp) come with the stats
+        payload = lay.codec.encode(logits, seed=self.attrs["views"].get("seed", 0), view=view, block=block,
+                                   where=where)
         with ThreadPoolExecutor(max_workers=1) as pool:
             written = {name: pool.submit(self._put_chunk, name, view, block, values)
                        for name, values in payload.items()}
-            stats = schema.target_stats(logits, self.labels[start:stop])
+            stats = target_stats(logits, self.labels[start:stop])
             written.update({name: pool.submit(self._put_chunk, name, view, block, stats[name])
                             for name in lay.block_arrays() if name not in written})
             crcs = np.array([written[name].result() for name in lay.block_arrays()], np.uint32)
@@ -166,34 +170,6 @@ class BlockWriter:
         data = schema.chunk_bytes(values, rows=chunks[1], dtype=dtype)
         sync(self.group.store.set(schema.chunk_key(name, len(shape), view, block), Buffer.from_array_like(data)))
         return zlib.crc32(data)
-
-    def _payload(self, view: int, block: int, logits: np.ndarray, where: str) -> dict[str, np.ndarray]:
-        """The logit arrays of the store's kind (``pipeline.store.codecs``) for one block, but the
-        top-k ``logsumexp`` (one of the stats)."""
-        lay = self.layout
-        if lay.kind == "dense" and lay.dtype == "int8":
-            q, scale, offset = codecs.quantize_int8(logits)
-            return {"logits_q": q, "logits_scale": scale, "logits_offset": offset}
-        if lay.kind == "dense":
-            return {"logits": self._cast(logits, where)}
-        if lay.kind == "topk":
-            values, index = schema.topk(logits, lay.k)
-            return {"topk_values": self._cast(values, where), "topk_index": index.astype(lay.index_dtype)}
-        rng = codecs.sample_rng(self.attrs["views"].get("seed", 0), view, block)
-        index, count = codecs.draw_samples(logits, k=lay.k, temperature=lay.temperature, rng=rng,
-                                           index_dtype=lay.index_dtype, count_dtype=schema.count_dtype(lay.k))
-        return {"sample_index": index, "sample_count": count}
-
-    def _cast(self, values: np.ndarray, where: str) -> np.ndarray:
-        """Finite float32 logits in the store's dtype; a ``UserError`` where float16 overflows."""
-        if self.layout.dtype == "float32":
-            return values
-        # the rounding is monotonic: every value is within range when the extremes are
-        if not np.isfinite(codecs.to_float16(np.array([values.max(), values.min()], np.float32))).all():
-            raise UserError(f"{where}: field logits: expected values within {self.layout.dtype} range, found "
-                            f"|logit| up to {float(np.abs(values).max()):.4g}; use --dtype float32")
-        return codecs.to_float16(values)
-
 
 def remove_partial_files(store: str | Path) -> None:
     """Remove the temporary files of chunk writes killed mid-way; called by ``finalize`` only

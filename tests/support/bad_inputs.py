@@ -26,6 +26,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+import pipeline.store.codecs.base as codec_base
 import pipeline.store.writer as store_writer
 from pipeline.cache.teacher import TeacherComputer
 from pipeline.cli import cli
@@ -143,7 +144,7 @@ def stage_runner(w: World, name: str, params: dict | str, argv: list[str]) -> Ca
 
 def nan_store(w: World, *, rows: tuple[int, ...]) -> Path:
     """A complete cache whose teacher gave NaN logits at ``rows`` (view 0): the writer's finite checks are
-    switched off, as a writer without them (or another tool) would have left it."""
+    switched off (the writer's and the codecs'), as a writer without them (or another tool) would have left it."""
     real_call = TeacherComputer.__call__
 
     def call(self: TeacherComputer, view: int, start: int, stop: int) -> np.ndarray:
@@ -156,6 +157,7 @@ def nan_store(w: World, *, rows: tuple[int, ...]) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TeacherComputer, "__call__", call)
         mp.setattr(store_writer, "np", FiniteChecksOff())
+        mp.setattr(codec_base, "np", FiniteChecksOff())          # the float16 range check
         out = cache(w.base.teacher, w.base.manifest, w.tmp / "nan.zarr", views=1)
     assert read_attrs(out)["status"]["complete"]
     return out

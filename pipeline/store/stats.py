@@ -1,0 +1,50 @@
+"""The exact per-sample targets every store keeps, from a block's full float32 logits.
+
+    from pipeline.store.stats import target_stats
+    s = target_stats(z, labels)          # entropy, p_gt, pred, logsumexp per row
+
+Computed before any rounding, top-k truncation or sampling, so they are the teacher's own
+whatever the storage kind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STATS_TILE_VALUES = 2**16          # logits per tile of target_stats (256 KiB of float32: cache-resident)
+STATS = ("entropy", "p_gt", "pred", "logsumexp")
+
+
+def target_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact per-sample targets from full float32 logits [B, C]: entropy, p_gt, pred, logsumexp.
+
+    Entropy is in nats at T = 1; ``pred`` is the first arg-max (the same class the top-k order puts
+    first). NumPy, not torch, so the values never depend on the thread count. Computed in tiles of
+    about ``STATS_TILE_VALUES`` values (whole rows), so that the temporaries stay in the CPU cache;
+    every operation is per row, so a row's results do not depend on the tiling.
+    """
+    z = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows, classes = z.shape
+    out = {"entropy": np.empty(rows, np.float32), "p_gt": np.empty(rows, np.float32),
+           "pred": np.empty(rows, np.int32), "logsumexp": np.empty(rows, np.float32)}
+    step = max(1, STATS_TILE_VALUES // classes)
+    logp, p = np.empty((2, min(step, rows), classes), np.float32)
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        _stats_tile(z[a:b], labels[a:b], logp[:b - a], p[:b - a], {name: v[a:b] for name, v in out.items()})
+    return out
+
+
+def _stats_tile(z: np.ndarray, labels: np.ndarray, logp: np.ndarray, p: np.ndarray,
+                out: dict[str, np.ndarray]) -> None:
+    """``target_stats`` of a few rows into ``out``; ``logp`` and ``p`` are scratch of the rows' shape."""
+    zmax = z.max(axis=1, keepdims=True)
+    np.exp(np.subtract(z, zmax, out=logp), out=p)
+    lse = zmax + np.log(p.sum(axis=1, keepdims=True, dtype=np.float32))
+    np.exp(np.subtract(z, lse, out=logp), out=p)
+    out["p_gt"][:] = p[np.arange(len(z)), labels]
+    out["entropy"][:] = -np.multiply(p, logp, out=p).sum(axis=1, dtype=np.float32)
+    out["pred"][:] = z.argmax(axis=1)
+    out["logsumexp"][:] = lse[:, 0]
+
