@@ -366,6 +366,12 @@ def test_a_teacher_checkpoint_changed_after_caching_is_named_by_distill_inspect_
     assert changed_teachers(read_attrs(store), store=store) == []
 
 
+def _huge_teacher(world: World) -> Path:
+    """The base teacher with its weight matrices scaled by 1e30: finite weights, overflowing logits."""
+    return world.teacher_with("huge.pt", lambda b: b.update(model={k: v * 1e30 if v.ndim == 2 else v
+                                                                  for k, v in b["model"].items()}))
+
+
 def test_nan_targets_name_the_store_and_finite_ones_keep_the_lr_hint(base: Base, tmp_path: Path) -> None:
     world = World(base, tmp_path, pytest.MonkeyPatch())
     nan = nan_store(world, rows=(3, 150))
@@ -375,15 +381,16 @@ def test_nan_targets_name_the_store_and_finite_ones_keep_the_lr_hint(base: Base,
         assert result.exit_code == 2
         assert result.stderr.strip().splitlines()[-1] == (
             f"error: {nan}: field logits: expected finite values, found NaN in rows [3, 150] of view 0")
-    result = CliRunner().invoke(cli, distill_args(world, "--lr", "1e30"), catch_exceptions=False)
+    # finite targets, a student that overflows (started from weights scaled by 1e30): the lr hint
+    huge = _huge_teacher(world)
+    result = CliRunner().invoke(cli, distill_args(world, "--init", str(huge)), catch_exceptions=False)
     assert result.exit_code == 2
     assert "training diverged" in result.stderr and "lower the lr" in result.stderr
 
 
 def test_evaluate_refuses_nan_logits_from_finite_weights(base: Base, tmp_path: Path) -> None:
     world = World(base, tmp_path, pytest.MonkeyPatch())
-    huge = world.teacher_with("huge.pt", lambda b: b.update(model={k: v * 1e30 if v.ndim == 2 else v
-                                                                  for k, v in b["model"].items()}))
+    huge = _huge_teacher(world)
     result = CliRunner().invoke(cli, ["evaluate", str(huge), "--manifest", str(base.manifest), "--device", "cpu"],
                                 catch_exceptions=False)
     assert result.exit_code == 2
