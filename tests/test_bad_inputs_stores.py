@@ -48,7 +48,7 @@ from tests.support.bad_inputs import (
     train_args,
 )
 from tests.support.distill import cache, untrained_teacher
-from tests.support.stores import store_files
+from tests.support.stores import duplicate_block, move_chunk, store_files, swap_blocks
 
 CASES = Catalogue()
 case = CASES.case
@@ -159,6 +159,42 @@ def _(w):
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return Case(["inspect", str(w.base.store), str(val)], ("val.zarr", "manifest.split"))
+
+
+def _second_mentor_of_aver(w: World, damage: Any) -> Case:
+    """``distill --method aver`` with the base store first and a copy damaged by ``damage`` second."""
+    store = w.copy_store()
+    damage(store)
+    return Case(distill_args(w, mentors=(str(w.base.store), str(store)), method="aver"),
+                ("copy.zarr", "field checksum: ", "view 0 block ", "or its place changed"),
+                checkpoint=w.tmp / "s_out.pt", unchanged=(store / "zarr.json", w.base.manifest))
+
+
+@case("store: two blocks swapped, data and checksum chunks together (second mentor of aver)")
+def _(w):
+    return _second_mentor_of_aver(w, lambda s: swap_blocks(s, view=0, a=1, b=2))
+
+
+@case("store: a block duplicated over another (second mentor of aver)")
+def _(w):
+    return _second_mentor_of_aver(w, lambda s: duplicate_block(s, view=0, source=0, target=3))
+
+
+@case("store: a chunk moved to another block with its checksum (second mentor of aver)")
+def _(w):
+    return _second_mentor_of_aver(w, lambda s: move_chunk(s, "entropy", view=0, block=2, to=("entropy", 0, 1)))
+
+
+@case("store: a byte flipped in label (second mentor of aver)")
+def _(w):
+    store = w.copy_store()
+    chunk = store / "label" / "c.1"
+    raw = bytearray(chunk.read_bytes())
+    raw[8] ^= 0x80
+    chunk.write_bytes(bytes(raw))
+    return Case(distill_args(w, mentors=(str(w.base.store), str(store)), method="aver"),
+                ("copy.zarr", "field checksums.label: expected crc32"), checkpoint=w.tmp / "s_out.pt",
+                unchanged=(chunk, w.base.manifest))
 
 
 # --- the disk ----------------------------------------------------------------------------------------------

@@ -14,12 +14,17 @@ a chunk is exactly one (view, block), so a block write never shares a chunk with
 (no read-modify-write between writers, the data loss of zarr-python issues 3514/3682). There is
 no sharding: a shard would have to be the block anyway, and chunk files per block are few.
 
-Checksums (version 2): every data chunk of a block has a CRC-32 (``zlib.crc32``) of its bytes as
-written to the chunk file (uncompressed little-endian, the last block padded to the full chunk
-with the fill value), kept in the ``checksum`` array [V, num_blocks, A] (A = the block arrays in
-``Layout.block_arrays()`` order), one (1, 1, A) chunk per block, written after the block's data
-and before its ``done`` marker. ``sample_id`` and ``label`` (written once, at creation) have a
-CRC-32 of their values in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them.
+Checksums: every data chunk of a block has a CRC-32 (``zlib.crc32``) of its chunk key (its path
+inside the store, ``<array>/c.<view>.<block>[.0]``, UTF-8) followed by its bytes as written to the
+chunk file (uncompressed little-endian, the last block padded to the full chunk with the fill
+value), so a chunk's checksum holds only for its array, view and block: swapped, duplicated or
+moved chunks fail it, their checksums moved with them or not (``chunk_crc_start``). They are kept
+in the ``checksum`` array [V, num_blocks, A] (A = the block arrays in ``Layout.block_arrays()``
+order), one (1, 1, A) chunk per block, written after the block's data and before its ``done``
+marker. ``sample_id`` and ``label`` (written once, at creation) have a CRC-32 of their values, in
+order, in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them. A
+version-2 store's chunk checksums cover the bytes alone; it is read, verified and resumed under
+that rule (``Layout.version``).
 
 Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``): each is one codec class,
 looked up by name (``pipeline.store.codecs``), that declares its payload arrays; ``Layout`` adds
@@ -46,7 +51,9 @@ from pipeline.store.codecs.base import Codec, legacy_index_dtype
 from pipeline.store.stats import target_stats  # noqa: F401  (public here too: the targets every store keeps)
 
 SCHEMA = "kdcache-store"
-FORMAT_VERSION = 2               # 2: chunk checksums (the `checksum` array, attrs `checksums`)
+FORMAT_VERSION = 3               # 3: a chunk's checksum covers its key (array, view, block) and its bytes
+READABLE_VERSIONS = (2, 3)       # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+KEYED_CHECKSUMS = 3              # the first version whose chunk checksums start from the chunk key
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
 CHECKSUM_ALGORITHM = "crc32"
 
@@ -97,6 +104,7 @@ class Layout:
     micro_batch: int = DEFAULT_MICRO_BATCH
     temperature: float | None = None     # codecs that take one (sampled): default DEFAULT_TEMPERATURE
     index_dtype: str | None = None       # codecs that store class ids: default the smallest that holds C
+    version: int = field(default=FORMAT_VERSION, compare=False)   # the store's format version (its checksum rule)
     codec: Codec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +159,13 @@ class Layout:
         """The arrays that hold the logits (the codec's), in checksum order."""
         return list(self.codec.payload())
 
+    def chunk_crc_start(self, name: str, view: int | None, block: int) -> int:
+        """What the CRC-32 of a chunk of (array ``name``, view, block) starts from: the CRC-32 of its
+        chunk key (from version 3 on), or 0 (version 2: the bytes alone)."""
+        if self.version < KEYED_CHECKSUMS:
+            return 0
+        return zlib.crc32(chunk_key(name, len(self.arrays()[name][0]), view, block).encode())
+
     def payload_bytes_per_row(self) -> int:
         """Bytes of one (sample, view) in the payload arrays (no padding, no metadata)."""
         return self.codec.payload_bytes_per_row()
@@ -170,7 +185,7 @@ class Layout:
         return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
-                   temperature=s.get("temperature"), index_dtype=index)
+                   temperature=s.get("temperature"), index_dtype=index, version=int(attrs.get("version", FORMAT_VERSION)))
 
 
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
@@ -190,14 +205,15 @@ def fill_value(dtype: str) -> Any:
     return -1
 
 
-def chunk_crc32(values: np.ndarray, *, rows: int, dtype: str) -> int:
-    """CRC-32 of a chunk's file as kdcache writes it, from the values of its ``len(values)`` rows.
+def chunk_crc32(values: np.ndarray, *, rows: int, dtype: str, start: int = 0) -> int:
+    """CRC-32 of a chunk's file as kdcache writes it, from the values of its ``len(values)`` rows,
+    continuing from ``start`` (``Layout.chunk_crc_start``: the chunk key's CRC-32, or 0).
 
     The file is the values in little-endian ``dtype``, uncompressed, padded with the fill value to
     ``rows`` rows (the chunk's row count: only the last block has fewer values than that).
     """
     data = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
-    crc = zlib.crc32(data.reshape(-1).view(np.uint8))
+    crc = zlib.crc32(data.reshape(-1).view(np.uint8), start)
     if len(data) < rows:
         pad = np.full((rows - len(data),) + data.shape[1:], fill_value(dtype), dtype=data.dtype)
         crc = zlib.crc32(pad.reshape(-1).view(np.uint8), crc)
@@ -236,11 +252,11 @@ def check_ids_checksums(store: str | Path, attrs: dict[str, Any], **values: np.n
 
 
 def checksum_error(store: str | Path, name: str, view: int, block: int, *, expected: int, found: int) -> UserError:
-    """The one-line error of a data chunk whose bytes are not those its block was written with."""
+    """The one-line error of a data chunk whose bytes, or place, are not those its block was written with."""
     return UserError(f"{store}: field checksum: {name} view {view} block {block}: expected crc32 {expected:08x}, "
-                     f"found {found:08x} (the chunk changed after it was written; recompute the block: delete "
-                     f"{Path(store) / chunk_key('done', 2, view, block)} and rerun the same `kdcache cache` command, "
-                     "or rerun it with --overwrite)")
+                     f"found {found:08x} (the chunk's bytes or its place changed after it was written; recompute "
+                     f"the block: delete {Path(store) / chunk_key('done', 2, view, block)} and rerun the same "
+                     "`kdcache cache` command, or rerun it with --overwrite)")
 
 
 def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dict[str, Any], layout: Layout,
@@ -265,11 +281,12 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     if attrs.get("schema") != SCHEMA:
         raise UserError(f"{store}: field schema: expected {SCHEMA!r}, found {attrs.get('schema')!r} (not a kdcache store)")
     version = attrs.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
-        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {version} (a store of an older "
+    readable = " or ".join(str(v) for v in READABLE_VERSIONS)
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < min(READABLE_VERSIONS):
+        raise UserError(f"{store}: field version: expected {readable}, found {version} (a store of an older "
                         "kdcache, without chunk checksums; recompute it: rerun its `kdcache cache` command with --overwrite)")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {version!r}")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise UserError(f"{store}: field version: expected {readable}, found {version!r}")
     for section in ("manifest", "teacher", "views", "storage", "checksums", "status"):
         if not isinstance(attrs.get(section), dict):
             raise UserError(f"{store}: field {section}: expected a mapping, found {attrs.get(section)!r}")

@@ -14,7 +14,9 @@ business (``pipeline.cache``); this module only writes the format. The rules:
   directory, then renamed into place), so concurrent ``--shard i/n`` jobs can all start at once.
   Reopening with other provenance is a ``UserError`` naming the field.
 - A (view, block) is written by one owner, whole: its chunk of every array, then the CRC-32 of
-  each of those chunks (its chunk of ``checksum``), then its ``done`` marker. A rerun computes
+  each of those chunks (its chunk of ``checksum``; from format version 3 on, the CRC-32 of the
+  chunk key followed by the bytes, so it holds only in its place), then its ``done`` marker.
+  A store of an older readable version is resumed under the checksum rule of its version. A rerun computes
   only the blocks without a marker; a block's batches are fixed by the layout, so the bytes do
   not depend on who computed it or when.
 - ``finalize`` sets ``status.complete`` only after every marker and every chunk is checked.
@@ -169,7 +171,7 @@ class BlockWriter:
         shape, chunks, dtype = self.specs[name]
         data = schema.chunk_bytes(values, rows=chunks[1], dtype=dtype)
         sync(self.group.store.set(schema.chunk_key(name, len(shape), view, block), Buffer.from_array_like(data)))
-        return zlib.crc32(data)
+        return zlib.crc32(data, self.layout.chunk_crc_start(name, view, block))
 
 def remove_partial_files(store: str | Path) -> None:
     """Remove the temporary files of chunk writes killed mid-way; called by ``finalize`` only

@@ -63,6 +63,7 @@ class Case:
     checkpoint: Path | None = None     # a checkpoint that must not exist
     run: Callable[[], tuple[int, str]] | None = None   # instead of the CLI (params.yaml: a stage script)
     unchanged: tuple[Path, ...] = ()   # inputs whose bytes the run must leave as they were
+    status: int = 2                    # the exit status
 
 
 @dataclass
@@ -107,9 +108,10 @@ def train_args(w: World, *extra: str, out: str = "t_out.pt") -> list[str]:
             "--no-progress", "--out", str(w.tmp / out), *extra]
 
 
-def distill_args(w: World, *extra: str, mentors: tuple[str, ...] | None = None, out: str = "s_out.pt") -> list[str]:
+def distill_args(w: World, *extra: str, mentors: tuple[str, ...] | None = None, out: str = "s_out.pt",
+                 method: str = "kd") -> list[str]:
     given = ["--mentors", *(mentors if mentors is not None else (str(w.base.store),))] if mentors != () else []
-    return ["distill", "--method", "kd", *given, "--manifest", str(w.base.manifest), "--student", "mlp",
+    return ["distill", "--method", method, *given, "--manifest", str(w.base.manifest), "--student", "mlp",
             "--epochs", "1", "--no-progress", "--device", "cpu", "--out", str(w.tmp / out), *extra]
 
 
@@ -185,7 +187,7 @@ def store_complete(store: Path) -> bool | None:
 
 
 def check_case(build: Callable[[World], Case], world: World) -> None:
-    """Run one case and assert what every mistake must give: a non-zero exit, exactly one ``error:``
+    """Run one case and assert what every mistake must give: its exit status (2), exactly one ``error:``
     line holding the case's needles, no traceback, nothing marked complete, no checkpoint at --out."""
     got = build(world)
     before = {path: path.read_bytes() for path in got.unchanged}
@@ -194,7 +196,7 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
     else:
         result = CliRunner().invoke(cli, got.args, catch_exceptions=False)
         status, stderr = result.exit_code, result.stderr
-    assert status != 0, stderr
+    assert status == got.status, (status, stderr)
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
