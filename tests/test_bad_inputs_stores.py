@@ -161,6 +161,45 @@ def _(w):
     return Case(["inspect", str(w.base.store), str(val)], ("val.zarr", "manifest.split"))
 
 
+def _edit_attrs(w: World, section: str, key: str, value: Any = None, *, drop: bool = False) -> Path:
+    """A copy of the base store with one attrs field changed (or dropped), as by hand."""
+    store = w.copy_store()
+    group = zarr.open_group(str(store), mode="r+")
+    part = dict(group.attrs[section])
+    if drop:
+        del part[key]
+    else:
+        part[key] = value
+    group.attrs[section] = part
+    return store
+
+
+def _three_commands(w: World, store: Path) -> dict[str, list[str]]:
+    return {"inspect": ["inspect", str(store)], "verify": ["verify", str(store)],
+            "distill": distill_args(w, mentors=(str(store),))}
+
+
+for _command in ("inspect", "verify", "distill"):
+    @case(f"store: attrs without storage.kind ({_command})")
+    def _(w, command=_command):
+        store = _edit_attrs(w, "storage", "kind", drop=True)
+        return Case(_three_commands(w, store)[command], ("copy.zarr", "field storage.kind: expected a string, found none"),
+                    checkpoint=w.tmp / "s_out.pt")
+
+    @case(f"store: attrs storage.rows_per_block of the wrong type ({_command})")
+    def _(w, command=_command):
+        store = _edit_attrs(w, "storage", "rows_per_block", "64")
+        return Case(_three_commands(w, store)[command],
+                    ("copy.zarr", "field storage.rows_per_block: expected a positive integer, found '64'"),
+                    checkpoint=w.tmp / "s_out.pt")
+
+
+@case("store: attrs storage.kind not a registered kind")
+def _(w):
+    store = _edit_attrs(w, "storage", "kind", "bf16")
+    return Case(["inspect", str(store)], ("copy.zarr", "field storage.kind: expected one of", "found 'bf16'"))
+
+
 def _second_mentor_of_aver(w: World, damage: Any) -> Case:
     """``distill --method aver`` with the base store first and a copy damaged by ``damage`` second."""
     store = w.copy_store()

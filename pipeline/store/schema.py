@@ -293,6 +293,43 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     if attrs["checksums"].get("algorithm") != CHECKSUM_ALGORITHM:
         raise UserError(f"{store}: field checksums.algorithm: expected {CHECKSUM_ALGORITHM!r}, "
                         f"found {attrs['checksums'].get('algorithm')!r}")
+    check_fields(attrs, store)
+
+
+_COUNT = ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_TEXT = ("a string", lambda v: isinstance(v, str) and v != "")
+_OPTIONAL_COUNT = ("a positive integer or null", lambda v: v is None or _COUNT[1](v))
+_OPTIONAL_TEXT = ("a string or null", lambda v: v is None or _TEXT[1](v))
+_OPTIONAL_NUMBER = ("a positive number or null", lambda v: v is None or (
+    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0))
+_MAPPING = ("a mapping", lambda v: isinstance(v, dict))
+# The attrs fields a store is read by: (section, key, required, (expected, test)). Optional ones may be
+# absent (stores written before them: micro_batch, index_dtype, temperature).
+ATTRS_FIELDS = (
+    ("manifest", "sha256", True, _TEXT), ("manifest", "split", True, _TEXT),
+    ("manifest", "num_samples", True, _COUNT), ("manifest", "num_classes", True, _COUNT),
+    ("views", "count", True, _COUNT), ("views", "spec", True, _MAPPING),
+    ("storage", "kind", True, _TEXT), ("storage", "dtype", True, _TEXT),
+    ("storage", "rows_per_block", True, _COUNT), ("storage", "k", False, _OPTIONAL_COUNT),
+    ("storage", "micro_batch", False, _COUNT), ("storage", "index_dtype", False, _OPTIONAL_TEXT),
+    ("storage", "temperature", False, _OPTIONAL_NUMBER),
+)
+
+
+def check_fields(attrs: dict[str, Any], store: str) -> None:
+    """Every field of ``ATTRS_FIELDS`` there and of its type, the storage kind a registered one;
+    ``UserError`` naming the first that is not."""
+    for section, key, required, (expected, ok) in ATTRS_FIELDS:
+        if key not in attrs[section]:
+            if required:
+                raise UserError(f"{store}: field {section}.{key}: expected {expected}, found none")
+            continue
+        if not ok(attrs[section][key]):
+            raise UserError(f"{store}: field {section}.{key}: expected {expected}, found {_short(attrs[section][key])}")
+    kind = attrs["storage"]["kind"]
+    if kind not in codecs.CODECS:
+        raise UserError(f"{store}: field storage.kind: expected one of {', '.join(codecs.CODECS.names())}, "
+                        f"found {kind!r}")
 
 
 def check_provenance(existing: dict[str, Any], wanted: dict[str, Any], store: str) -> None:
