@@ -200,6 +200,35 @@ def _(w):
     return Case(["inspect", str(store)], ("copy.zarr", "field storage.kind: expected one of", "found 'bf16'"))
 
 
+def _flip(path: Path, at: int, bit: int = 0x10) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= bit
+    path.write_bytes(bytes(raw))
+
+
+@case("store: inspect a store with a byte flipped in a chunk")
+def _(w):
+    store = w.copy_store()
+    _flip(store / "p_gt" / "c.0.2", 40)
+    return Case(["inspect", str(store), "--out", str(w.tmp / "report")],
+                ("copy.zarr", "field checksum: p_gt view 0 block 2: expected crc32"),
+                unchanged=(store / "p_gt" / "c.0.2",))
+
+
+@case("store: inspect a store with a byte flipped in label")
+def _(w):
+    store = w.copy_store()
+    _flip(store / "label" / "c.0", 8, 0x80)
+    return Case(["inspect", str(store)], ("copy.zarr", "field checksums.label: expected crc32"))
+
+
+@case("store: inspect a store with two blocks swapped")
+def _(w):
+    store = w.copy_store()
+    swap_blocks(store, view=0, a=0, b=1)
+    return Case(["inspect", str(w.base.store), str(store)], ("copy.zarr", "field checksum: ", "view 0 block 0"))
+
+
 def _second_mentor_of_aver(w: World, damage: Any) -> Case:
     """``distill --method aver`` with the base store first and a copy damaged by ``damage`` second."""
     store = w.copy_store()

@@ -467,3 +467,20 @@ def test_a_later_mentor_with_other_labels_is_refused(intact, tmp_path):
     with pytest.raises(UserError) as err:
         StoreGroup([intact["float32"], store])
     _one_line(err, str(store), "field label: expected the labels of", str(intact["float32"]))
+
+
+def test_inspect_refuses_a_changed_chunk_in_every_way_it_reads(intact, tmp_path):
+    from pipeline.inspect import inspect_stores, write_samples
+    from pipeline.inspect_rank import rank_samples, store_probabilities
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    assert inspect_stores([store])["stores"][0]["num_samples"] == N          # intact: inspected
+    flip_byte(store, "logits", view=1, block=2)
+    calls = {"summary": lambda: inspect_stores([intact["float32"], store]),
+             "samples": lambda: write_samples([store], tmp_path / "samples.parquet"),
+             "rank": lambda: rank_samples([store], teachers=["t"]),
+             "probabilities": lambda: store_probabilities(str(store), view=0)}
+    for name, call in calls.items():
+        with pytest.raises(UserError) as err:
+            call()
+        _one_line(err, str(store), "field checksum: logits view 1 block 2: expected crc32")
+    assert not (tmp_path / "samples.parquet").exists()

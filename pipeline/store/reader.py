@@ -211,6 +211,19 @@ class _Blocks:
         return zlib.crc32(tail, zlib.crc32(head, self.layout.chunk_crc_start(name, view, block))) if check else None
 
 
+def check_checksums(store: str | Path) -> tuple[dict, schema.Layout]:
+    """The attrs and layout of a complete store whose every chunk, sample id and label still has the
+    checksum it was written with (one pass over its chunk files); else the ``UserError`` line a
+    training read gives. For readers that go through zarr (``kdcache inspect``)."""
+    attrs, layout = check_complete(store)
+    opened = _Store(Path(store), layout)
+    schema.check_ids_checksums(store, attrs, sample_id=opened.read("sample_id"), label=opened.read("label"))
+    blocks = _Blocks(opened)
+    for view, block in layout.units():
+        blocks.read_into(view, block, {})
+    return attrs, layout
+
+
 class StoreGroup:
     """Targets of K agreeing, complete stores; see the module docstring."""
 
