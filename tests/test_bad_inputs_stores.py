@@ -14,6 +14,7 @@ and a teacher checkpoint that changed after caching in more detail.
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import json
 import os
@@ -265,6 +266,52 @@ def _(w):
                 unchanged=(chunk, w.base.manifest))
 
 
+# --- several stores of one pass, and the device: every check before the first store is created -------------
+
+def _other_teacher(w: World) -> Path:
+    return untrained_teacher(w.base.manifest, w.tmp / "other.pt", seed=1)
+
+
+@case("pass: the second --out holds another teacher's store")
+def _(w):
+    held = w.copy_store()
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(held))
+    return Case(args, ("copy.zarr", "field teacher.checkpoint_sha256", "--overwrite"),
+                absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"), unchanged=(held / "zarr.json",))
+
+
+@case("pass: the second --out is a folder that is not a store")
+def _(w):
+    (w.tmp / "stuff").mkdir()
+    (w.tmp / "stuff" / "notes.txt").write_text("mine\n")
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(w.tmp / "stuff"))
+    return Case(args, ("stuff", "zarr.json"), absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("pass: the second --out is below a regular file")
+def _(w):
+    w.a_file()
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(w.tmp / "file" / "b.zarr"))
+    return Case(args, ("file", "not a folder", "ENOTDIR"), absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("pass: --device cuda without CUDA")
+def _(w):
+    w.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cache_args(w)
+    args[args.index("--device") + 1] = "cuda"
+    return Case(args, ("--device", "'cuda'", "CUDA is not available"),
+                absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("pass: --device cuda without CUDA, two teachers")
+def _(w):
+    w.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(w.tmp / "b.zarr"))
+    args[args.index("--device") + 1] = "cuda"
+    return Case(args, ("--device", "CUDA is not available"), absent=(w.tmp / "c.zarr", w.tmp / "b.zarr"))
+
+
 # --- the disk ----------------------------------------------------------------------------------------------
 
 @case("disk: cache --out below a regular file")
@@ -352,6 +399,14 @@ def _fail_zarr_writes(w: World, error: int, *, after: int = 0, match: str = "") 
 def _(w):
     _fail_zarr_writes(w, errno.ENOSPC)
     return Case(cache_args(w), ("No space left on device", "ENOSPC", "--out", "c.zarr"), store=w.tmp / "c.zarr")
+
+
+for _after in (3, 13, 16):   # after the group's and some arrays' metadata, amid the sample ids, amid the labels
+    @case(f"disk: full when the store is created, after {_after} of its files")
+    def _(w, after=_after):
+        _fail_zarr_writes(w, errno.ENOSPC, after=after, match=".c.zarr.creating-")
+        return Case(cache_args(w), ("No space left on device", "ENOSPC", "--out", "c.zarr"),
+                    absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
 
 
 @case("disk: full after two blocks")
@@ -492,3 +547,36 @@ def test_evaluate_refuses_nan_logits_from_finite_weights(base: Base, tmp_path: P
                                 catch_exceptions=False)
     assert result.exit_code == 2
     assert result.stderr.splitlines()[-1].startswith(f"error: {huge}: field logits: expected finite values")
+
+
+def test_a_full_disk_while_a_store_is_created_stops_at_the_failed_write(base: Base, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """At every file of a store's creation in turn: no write after the failed one (none left in flight
+    to fill the folder being removed or to report its failure later), nothing left, one line."""
+    real, writes = zarr_local._put, []
+
+    def put(path: Path, value: Any, exclusive: bool = False) -> int:
+        if ".c.zarr.creating-" in str(path):
+            writes.append(str(path))
+            if fail_at is not None and len(writes) > fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", put)
+    world = World(base, tmp_path, monkeypatch)
+    fail_at = None
+    args = cache_args(world, out=tmp_path / "whole" / "c.zarr")
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    total = len(writes)
+    assert total >= 2 * 4 + 9                               # metadata, then 4 chunks of sample ids and of labels
+    for fail_at in range(total):
+        writes.clear()
+        out = tmp_path / f"full{fail_at}" / "c.zarr"
+        result = CliRunner().invoke(cli, cache_args(world, out=out))
+        gc.collect()                                        # a task failing unseen would be reported now
+        assert result.exit_code == 2 and len(writes) == fail_at + 1, (fail_at, writes)
+        assert [line for line in result.output.splitlines() if line] == [result.output.strip()], result.output
+        assert "No space left on device" in result.output
+        assert not list(out.parent.iterdir()), list(out.parent.iterdir())
+    assert not [r for r in caplog.records if r.name.startswith("asyncio")], caplog.records

@@ -64,6 +64,7 @@ class Case:
     run: Callable[[], tuple[int, str]] | None = None   # instead of the CLI (params.yaml: a stage script)
     unchanged: tuple[Path, ...] = ()   # inputs whose bytes the run must leave as they were
     status: int = 2                    # the exit status
+    absent: tuple[Path, ...] = ()      # paths (a glob in the last part) the run must not leave behind
 
 
 @dataclass
@@ -188,7 +189,8 @@ def store_complete(store: Path) -> bool | None:
 
 def check_case(build: Callable[[World], Case], world: World) -> None:
     """Run one case and assert what every mistake must give: its exit status (2), exactly one ``error:``
-    line holding the case's needles, no traceback, nothing marked complete, no checkpoint at --out."""
+    line holding the case's needles, no traceback, nothing marked complete, no checkpoint at --out,
+    no input changed, nothing left at ``absent``."""
     got = build(world)
     before = {path: path.read_bytes() for path in got.unchanged}
     if got.run is not None:
@@ -208,3 +210,5 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
         assert not got.checkpoint.exists(), got.checkpoint
     for path, data in before.items():
         assert path.read_bytes() == data, f"{path} was changed"
+    for pattern in got.absent:
+        assert not list(pattern.parent.glob(pattern.name)), f"{pattern} was left behind"
