@@ -340,6 +340,27 @@ def _(w):
     return Case(train_args(w, "--resume", str(w.base.teacher)), ("t.pt", "train state"), checkpoint=w.tmp / "t_out.pt")
 
 
+def _exiting_teacher(w: World, module: str, where: str) -> str:
+    """``module:build``, a teacher callable written to ``w.tmp`` that calls ``sys.exit(5)`` ``where``:
+    at import, when called, or in its forward pass."""
+    body = {"import": "sys.exit(5)\n", "call": "", "forward": ""}[where]
+    build = "    sys.exit(5)\n" if where == "call" else "    return Exits()\n"
+    (w.tmp / f"{module}.py").write_text(
+        "import sys\nimport torch\n" + body
+        + "class Exits(torch.nn.Module):\n    def forward(self, x):\n        sys.exit(5)\n"
+        + "def build():\n" + build)
+    w.monkeypatch.syspath_prepend(str(w.tmp))
+    return f"{module}:build"
+
+
+for _where in ("import", "call", "forward"):
+    @case(f"checkpoint: a module:function teacher that calls sys.exit(5) ({_where})")
+    def _(w, where=_where):
+        spec = _exiting_teacher(w, f"kd_exit_teacher_{where}", where)
+        return Case(cache_args(w, teacher=spec), (spec, "SystemExit: 5"), store=w.tmp / "c.zarr",
+                    absent=(w.tmp / "c.zarr",))
+
+
 # --- command-line arguments ------------------------------------------------------------------------------
 
 @case("args: distill --out is the --manifest")
