@@ -60,6 +60,7 @@ CHECKSUM_ALGORITHM = "crc32"
 DEFAULT_MICRO_BATCH = 256
 DEFAULT_ROWS_PER_BLOCK = 4096
 MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
+MAX_PAYLOAD_BYTES = 4096           # a row with more values than classes (k > C) takes at most this, or 4C
 METADATA_BYTES_PER_ARRAY = 600     # zarr.json of one array (measured: 450-600 bytes)
 METADATA_BYTES_GROUP = 2500        # the group's zarr.json with the attrs below
 DIRECTORY_BYTES = 4096             # one directory per array and the group (as `du -b` counts them)
@@ -117,10 +118,43 @@ class Layout:
         object.__setattr__(self, "codec", codec)
         object.__setattr__(self, "temperature", codec.temperature)
         object.__setattr__(self, "index_dtype", codec.index_dtype)
+        self._check_rows("micro_batch", int(self.micro_batch))       # the default block holds one at least
         if self.rows_per_block is None:
             object.__setattr__(self, "rows_per_block", default_rows_per_block(self.num_classes, self.dtype, self.micro_batch))
         if int(self.rows_per_block) < 1:
             raise UserError(f"rows_per_block: expected a positive integer, found {self.rows_per_block}")
+        self._check_rows("rows_per_block", int(self.rows_per_block))
+        self._check_payload()
+
+    def _planned_bytes(self, rows_per_block: int) -> int:
+        """The bytes of the store's row data (ids, labels, payload, targets) with blocks of this many rows."""
+        padded = math.ceil(self.num_samples / rows_per_block) * rows_per_block
+        return padded * (12 + self.num_views * (self.codec.payload_bytes_per_row() + 12))
+
+    def _check_payload(self) -> None:
+        """More values per row than classes (``k`` draws of a sampled store) buy resolution only up to a
+        point: such a row may take at most the exact float32 logits' bytes, or ``MAX_PAYLOAD_BYTES``."""
+        if self.k is None or int(self.k) <= self.num_classes:
+            return
+        limit, found = max(4 * self.num_classes, MAX_PAYLOAD_BYTES), self.codec.payload_bytes_per_row()
+        if found > limit:
+            raise UserError(f"k: expected a logit payload of at most {limit} bytes per sample-view (the exact float32 "
+                            f"logits of {self.num_classes} classes take {4 * self.num_classes}), found {found} "
+                            f"({self.codec.describe()}: the store would take "
+                            f"{human_bytes(self._planned_bytes(int(self.rows_per_block)))}; `kdcache plan` shows a "
+                            "layout's bytes)")
+
+    def _check_rows(self, name: str, rows: int) -> None:
+        """A block (``rows_per_block``, or the default one that holds a ``micro_batch``) is stored whole,
+        padded: more rows than the split's (or than the default block) are padding only, refused with
+        the bytes the store would take."""
+        bound = max(self.num_samples, DEFAULT_ROWS_PER_BLOCK)
+        if rows <= bound:
+            return
+        raise UserError(f"{name}: expected at most {bound} (a block is stored whole: rows past the split's "
+                        f"{self.num_samples}, or past {DEFAULT_ROWS_PER_BLOCK}, are padding), found {rows} (the "
+                        f"store would take {human_bytes(self._planned_bytes(rows))}; `kdcache plan` shows a "
+                        "layout's bytes)")
 
     @property
     def num_blocks(self) -> int:
