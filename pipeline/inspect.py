@@ -16,8 +16,8 @@ one is right (oracle accuracy), and how often each is the most confident in the 
 Every figure is computed from the stores' chunks by dask, block by block, so stores larger than
 memory are fine. Each store's chunks, sample ids and labels are first checked against their
 checksums (``pipeline.store.reader.check_checksums``, one pass over its chunk files): a changed or
-misplaced chunk is refused in the one line training gives, never summarised. A store whose teacher checkpoint changed after caching is a warning
-(``pipeline.store.provenance``). ``--out`` writes ``summary.json``, ``per_class.csv``,
+misplaced chunk is refused in the one line training gives, never summarised. A store whose
+teacher checkpoint changed after caching is a warning (``pipeline.store.provenance``). ``--out`` writes ``summary.json``, ``per_class.csv``,
 ``entropy_hist.csv`` and, when matplotlib is installed (extra ``[plots]``), ``entropy_hist.png``
 and ``reliability.png`` (with the number of samples per confidence bin under the curve). An
 empty bin, or a class without samples, has ``null`` figures in the JSON (never 0.0 or NaN).

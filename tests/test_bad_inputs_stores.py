@@ -184,8 +184,8 @@ for _command in ("inspect", "verify", "distill"):
     @case(f"store: attrs without storage.kind ({_command})")
     def _(w, command=_command):
         store = _edit_attrs(w, "storage", "kind", drop=True)
-        return Case(_three_commands(w, store)[command], ("copy.zarr", "field storage.kind: expected a string, found none"),
-                    checkpoint=w.tmp / "s_out.pt")
+        return Case(_three_commands(w, store)[command],
+                    ("copy.zarr", "field storage.kind: expected a string, found none"), checkpoint=w.tmp / "s_out.pt")
 
     @case(f"store: attrs storage.rows_per_block of the wrong type ({_command})")
     def _(w, command=_command):

@@ -219,7 +219,8 @@ class Layout:
         return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
-                   temperature=s.get("temperature"), index_dtype=index, version=int(attrs.get("version", FORMAT_VERSION)))
+                   temperature=s.get("temperature"), index_dtype=index,
+                   version=int(attrs.get("version", FORMAT_VERSION)))
 
 
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
