@@ -265,6 +265,12 @@ def test_a_version_1_store_is_refused_with_how_to_recompute_it(intact, tmp_path)
     assert schema.read_attrs(store)["version"] == schema.FORMAT_VERSION == 3 and verify_store(store).ok
 
 
+def test_a_store_of_a_later_version_is_refused(intact, tmp_path):
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    zarr.open_group(str(store), mode="r+").attrs["version"] = 4
+    one_error_line(CliRunner().invoke(cli, ["verify", str(store)]), str(store), "field version: expected 2 or 3, found 4")
+
+
 # --- kdcache distill on real caches -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
