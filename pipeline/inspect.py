@@ -14,8 +14,10 @@ one is right (oracle accuracy), and how often each is the most confident in the 
 ``p_gt``), the quantity the multi-teacher methods rank by.
 
 Every figure is computed from the stores' chunks by dask, block by block, so stores larger than
-memory are fine. A store whose teacher checkpoint changed after caching is a warning
-(``pipeline.store.provenance``). ``--out`` writes ``summary.json``, ``per_class.csv``,
+memory are fine. Each store's chunks, sample ids and labels are first checked against their
+checksums (``pipeline.store.reader.check_checksums``, one pass over its chunk files): a changed or
+misplaced chunk is refused in the one line training gives, never summarised. A store whose
+teacher checkpoint changed after caching is a warning (``pipeline.store.provenance``). ``--out`` writes ``summary.json``, ``per_class.csv``,
 ``entropy_hist.csv`` and, when matplotlib is installed (extra ``[plots]``), ``entropy_hist.png``
 and ``reliability.png`` (with the number of samples per confidence bin under the curve). An
 empty bin, or a class without samples, has ``null`` figures in the JSON (never 0.0 or NaN).
@@ -58,7 +60,7 @@ from pipeline.files import atomic_path
 from pipeline.manifest import load_manifest
 from pipeline.store.provenance import changed_teachers, recorded_path
 from pipeline.store.schema import Layout
-from pipeline.store.verify import check_complete
+from pipeline.store.reader import check_checksums
 
 
 def _max_prob(group: zarr.Group, layout: Layout) -> da.Array:
@@ -69,7 +71,7 @@ def _max_prob(group: zarr.Group, layout: Layout) -> da.Array:
 
 def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Lazy dask figures for one store, and the facts read from its attrs."""
-    attrs, layout = check_complete(path)
+    attrs, layout = check_checksums(path)
     for line in changed_teachers(attrs, store=path):
         warnings.warn(line, stacklevel=3)
     group = zarr.open_group(path, mode="r")
@@ -311,7 +313,7 @@ def write_samples(stores: Sequence[str | Path], out: str | Path, *, extra: dict[
     if not stores:
         raise UserError("inspect: expected at least one store")
     paths = [str(s) for s in stores]
-    opened = [check_complete(p) for p in paths]
+    opened = [check_checksums(p) for p in paths]
     for path, (attrs, _) in zip(paths, opened):
         for line in changed_teachers(attrs, store=path):
             warnings.warn(line, stacklevel=2)

@@ -36,6 +36,7 @@ import zarr
 
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.reader import check_checksums
 from pipeline.store.verify import check_complete
 
 RANKINGS = ("contradicted", "disagree", "uncertain")   # the order of the report's galleries
@@ -143,7 +144,7 @@ class Ranked:
 def rank_samples(stores: Sequence[str], *, teachers: Sequence[str], view: int = 0, top: int = 16,
                  per_class: int = 4) -> Ranked:
     """Stream every block of ``view`` of the (agreeing, complete) stores once; see the module docstring."""
-    opened = [check_complete(p) for p in stores]
+    opened = [check_checksums(p) for p in stores]
     layout = opened[0][1]
     check_ranking_options(view=view, top=top, per_class=per_class, num_views=layout.num_views)
     groups = [zarr.open_group(str(p), mode="r") for p in stores]
@@ -168,7 +169,7 @@ def rank_samples(stores: Sequence[str], *, teachers: Sequence[str], view: int = 
 def store_probabilities(store: str, *, view: int) -> tuple[np.ndarray, np.ndarray]:
     """[N, C] float32 softmax probabilities of ``view`` of one complete store (every storage kind,
     through its codec's dense logits; a sampled store at its temperature), and its labels."""
-    attrs, layout = check_complete(store)
+    attrs, layout = check_checksums(store)
     group = zarr.open_group(str(store), mode="r")
     temperature = layout.codec.sample_temperature or 1.0   # decoded logits' softmax at it: the stored one
     probs = np.empty((layout.num_samples, layout.num_classes), dtype=np.float32)

@@ -301,7 +301,7 @@ def _checked(model: nn.Module, name: str, *, num_classes: int, input_shape: tupl
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise UserError(f"--teacher {name}: expected a model taking inputs of shape {input_shape} (the split's "
                         f"view 0), its forward pass failed ({type(err).__name__}: {str(err)[:200]})") from None
     found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -385,7 +385,7 @@ def _call_teacher(name: str) -> nn.Module:
         sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:
+    except (Exception, SystemExit) as err:   # a user's code calling sys.exit() fails like any other error
         raise UserError(f"--teacher {name}: cannot import module {module_name!r} "
                         f"({type(err).__name__}: {str(err)[:200]})") from None
     finally:
@@ -401,7 +401,7 @@ def _call_teacher(name: str) -> nn.Module:
         model = fn()
     except UserError:
         raise
-    except Exception as err:
+    except (Exception, SystemExit) as err:   # sys.exit(5) in the callable: its failure, not kdcache's exit status
         raise UserError(f"--teacher {name}: calling it raised {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"--teacher {name}: expected it to return a torch nn.Module, found {type(model).__name__}")

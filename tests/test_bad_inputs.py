@@ -340,6 +340,27 @@ def _(w):
     return Case(train_args(w, "--resume", str(w.base.teacher)), ("t.pt", "train state"), checkpoint=w.tmp / "t_out.pt")
 
 
+def _exiting_teacher(w: World, module: str, where: str) -> str:
+    """``module:build``, a teacher callable written to ``w.tmp`` that calls ``sys.exit(5)`` ``where``:
+    at import, when called, or in its forward pass."""
+    body = {"import": "sys.exit(5)\n", "call": "", "forward": ""}[where]
+    build = "    sys.exit(5)\n" if where == "call" else "    return Exits()\n"
+    (w.tmp / f"{module}.py").write_text(
+        "import sys\nimport torch\n" + body
+        + "class Exits(torch.nn.Module):\n    def forward(self, x):\n        sys.exit(5)\n"
+        + "def build():\n" + build)
+    w.monkeypatch.syspath_prepend(str(w.tmp))
+    return f"{module}:build"
+
+
+for _where in ("import", "call", "forward"):
+    @case(f"checkpoint: a module:function teacher that calls sys.exit(5) ({_where})")
+    def _(w, where=_where):
+        spec = _exiting_teacher(w, f"kd_exit_teacher_{where}", where)
+        return Case(cache_args(w, teacher=spec), (spec, "SystemExit: 5"), store=w.tmp / "c.zarr",
+                    absent=(w.tmp / "c.zarr",))
+
+
 # --- command-line arguments ------------------------------------------------------------------------------
 
 @case("args: distill --out is the --manifest")
@@ -492,6 +513,38 @@ def _(w):
 @case("args: --overwrite with --shard")
 def _(w):
     return Case(cache_args(w, "--shard", "0/2", "--overwrite"), ("--overwrite", "--shard"), store=w.tmp / "c.zarr")
+
+
+def _without(args: list[str], flag: str) -> list[str]:
+    at = args.index(flag)
+    return args[:at] + args[at + 2:]
+
+
+@case("args: cache --rows-per-block 10**12")
+def _(w):
+    args = _without(cache_args(w), "--rows-per-block") + ["--rows-per-block", str(10**12)]
+    return Case(args, ("rows_per_block: expected at most 4096", "split's 200", "found 1000000000000",
+                       "the store would take 27.28 TiB"), absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("args: cache --micro-batch 1000000000 on 200 rows")
+def _(w):
+    args = _without(_without(cache_args(w), "--rows-per-block"), "--micro-batch") + ["--micro-batch", "1000000000"]
+    return Case(args, ("micro_batch: expected at most 4096", "found 1000000000", "the store would take 27.94 GiB"),
+                absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("args: cache --storage sampled --k 100000 with 3 classes")
+def _(w):
+    return Case(cache_args(w, "--storage", "sampled", "--k", "100000"),
+                ("k: expected a logit payload of at most 4096 bytes", "found 500000", "sampled k=100000",
+                 "the store would take 122.08 MiB"), absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("args: plan --rows-per-block 10**12")
+def _(w):
+    return Case(["plan", "--num-samples", "1000", "--num-classes", "3", "--rows-per-block", str(10**12)],
+                ("rows_per_block: expected at most 4096", "found 1000000000000", "TiB"))
 
 
 @case("args: plan without sizes")

@@ -14,6 +14,7 @@ and a teacher checkpoint that changed after caching in more detail.
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import json
 import os
@@ -48,7 +49,7 @@ from tests.support.bad_inputs import (
     train_args,
 )
 from tests.support.distill import cache, untrained_teacher
-from tests.support.stores import store_files
+from tests.support.stores import duplicate_block, move_chunk, store_files, swap_blocks
 
 CASES = Catalogue()
 case = CASES.case
@@ -161,6 +162,156 @@ def _(w):
     return Case(["inspect", str(w.base.store), str(val)], ("val.zarr", "manifest.split"))
 
 
+def _edit_attrs(w: World, section: str, key: str, value: Any = None, *, drop: bool = False) -> Path:
+    """A copy of the base store with one attrs field changed (or dropped), as by hand."""
+    store = w.copy_store()
+    group = zarr.open_group(str(store), mode="r+")
+    part = dict(group.attrs[section])
+    if drop:
+        del part[key]
+    else:
+        part[key] = value
+    group.attrs[section] = part
+    return store
+
+
+def _three_commands(w: World, store: Path) -> dict[str, list[str]]:
+    return {"inspect": ["inspect", str(store)], "verify": ["verify", str(store)],
+            "distill": distill_args(w, mentors=(str(store),))}
+
+
+for _command in ("inspect", "verify", "distill"):
+    @case(f"store: attrs without storage.kind ({_command})")
+    def _(w, command=_command):
+        store = _edit_attrs(w, "storage", "kind", drop=True)
+        return Case(_three_commands(w, store)[command],
+                    ("copy.zarr", "field storage.kind: expected a string, found none"), checkpoint=w.tmp / "s_out.pt")
+
+    @case(f"store: attrs storage.rows_per_block of the wrong type ({_command})")
+    def _(w, command=_command):
+        store = _edit_attrs(w, "storage", "rows_per_block", "64")
+        return Case(_three_commands(w, store)[command],
+                    ("copy.zarr", "field storage.rows_per_block: expected a positive integer, found '64'"),
+                    checkpoint=w.tmp / "s_out.pt")
+
+
+@case("store: attrs storage.kind not a registered kind")
+def _(w):
+    store = _edit_attrs(w, "storage", "kind", "bf16")
+    return Case(["inspect", str(store)], ("copy.zarr", "field storage.kind: expected one of", "found 'bf16'"))
+
+
+def _flip(path: Path, at: int, bit: int = 0x10) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= bit
+    path.write_bytes(bytes(raw))
+
+
+@case("store: inspect a store with a byte flipped in a chunk")
+def _(w):
+    store = w.copy_store()
+    _flip(store / "p_gt" / "c.0.2", 40)
+    return Case(["inspect", str(store), "--out", str(w.tmp / "report")],
+                ("copy.zarr", "field checksum: p_gt view 0 block 2: expected crc32"),
+                unchanged=(store / "p_gt" / "c.0.2",))
+
+
+@case("store: inspect a store with a byte flipped in label")
+def _(w):
+    store = w.copy_store()
+    _flip(store / "label" / "c.0", 8, 0x80)
+    return Case(["inspect", str(store)], ("copy.zarr", "field checksums.label: expected crc32"))
+
+
+@case("store: inspect a store with two blocks swapped")
+def _(w):
+    store = w.copy_store()
+    swap_blocks(store, view=0, a=0, b=1)
+    return Case(["inspect", str(w.base.store), str(store)], ("copy.zarr", "field checksum: ", "view 0 block 0"))
+
+
+def _second_mentor_of_aver(w: World, damage: Any) -> Case:
+    """``distill --method aver`` with the base store first and a copy damaged by ``damage`` second."""
+    store = w.copy_store()
+    damage(store)
+    return Case(distill_args(w, mentors=(str(w.base.store), str(store)), method="aver"),
+                ("copy.zarr", "field checksum: ", "view 0 block ", "or its place changed"),
+                checkpoint=w.tmp / "s_out.pt", unchanged=(store / "zarr.json", w.base.manifest))
+
+
+@case("store: two blocks swapped, data and checksum chunks together (second mentor of aver)")
+def _(w):
+    return _second_mentor_of_aver(w, lambda s: swap_blocks(s, view=0, a=1, b=2))
+
+
+@case("store: a block duplicated over another (second mentor of aver)")
+def _(w):
+    return _second_mentor_of_aver(w, lambda s: duplicate_block(s, view=0, source=0, target=3))
+
+
+@case("store: a chunk moved to another block with its checksum (second mentor of aver)")
+def _(w):
+    return _second_mentor_of_aver(w, lambda s: move_chunk(s, "entropy", view=0, block=2, to=("entropy", 0, 1)))
+
+
+@case("store: a byte flipped in label (second mentor of aver)")
+def _(w):
+    store = w.copy_store()
+    chunk = store / "label" / "c.1"
+    raw = bytearray(chunk.read_bytes())
+    raw[8] ^= 0x80
+    chunk.write_bytes(bytes(raw))
+    return Case(distill_args(w, mentors=(str(w.base.store), str(store)), method="aver"),
+                ("copy.zarr", "field checksums.label: expected crc32"), checkpoint=w.tmp / "s_out.pt",
+                unchanged=(chunk, w.base.manifest))
+
+
+# --- several stores of one pass, and the device: every check before the first store is created -------------
+
+def _other_teacher(w: World) -> Path:
+    return untrained_teacher(w.base.manifest, w.tmp / "other.pt", seed=1)
+
+
+@case("pass: the second --out holds another teacher's store")
+def _(w):
+    held = w.copy_store()
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(held))
+    return Case(args, ("copy.zarr", "field teacher.checkpoint_sha256", "--overwrite"),
+                absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"), unchanged=(held / "zarr.json",))
+
+
+@case("pass: the second --out is a folder that is not a store")
+def _(w):
+    (w.tmp / "stuff").mkdir()
+    (w.tmp / "stuff" / "notes.txt").write_text("mine\n")
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(w.tmp / "stuff"))
+    return Case(args, ("stuff", "zarr.json"), absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("pass: the second --out is below a regular file")
+def _(w):
+    w.a_file()
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(w.tmp / "file" / "b.zarr"))
+    return Case(args, ("file", "not a folder", "ENOTDIR"), absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("pass: --device cuda without CUDA")
+def _(w):
+    w.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cache_args(w)
+    args[args.index("--device") + 1] = "cuda"
+    return Case(args, ("--device", "'cuda'", "CUDA is not available"),
+                absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
+
+
+@case("pass: --device cuda without CUDA, two teachers")
+def _(w):
+    w.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cache_args(w, "--teacher", str(_other_teacher(w)), "--out", str(w.tmp / "b.zarr"))
+    args[args.index("--device") + 1] = "cuda"
+    return Case(args, ("--device", "CUDA is not available"), absent=(w.tmp / "c.zarr", w.tmp / "b.zarr"))
+
+
 # --- the disk ----------------------------------------------------------------------------------------------
 
 @case("disk: cache --out below a regular file")
@@ -248,6 +399,14 @@ def _fail_zarr_writes(w: World, error: int, *, after: int = 0, match: str = "") 
 def _(w):
     _fail_zarr_writes(w, errno.ENOSPC)
     return Case(cache_args(w), ("No space left on device", "ENOSPC", "--out", "c.zarr"), store=w.tmp / "c.zarr")
+
+
+for _after in (3, 13, 16):   # after the group's and some arrays' metadata, amid the sample ids, amid the labels
+    @case(f"disk: full when the store is created, after {_after} of its files")
+    def _(w, after=_after):
+        _fail_zarr_writes(w, errno.ENOSPC, after=after, match=".c.zarr.creating-")
+        return Case(cache_args(w), ("No space left on device", "ENOSPC", "--out", "c.zarr"),
+                    absent=(w.tmp / "c.zarr", w.tmp / ".c.zarr.creating-*"))
 
 
 @case("disk: full after two blocks")
@@ -395,3 +554,36 @@ def test_evaluate_refuses_nan_logits_from_finite_weights(base: Base, tmp_path: P
                                 catch_exceptions=False)
     assert result.exit_code == 2
     assert result.stderr.splitlines()[-1].startswith(f"error: {huge}: field logits: expected finite values")
+
+
+def test_a_full_disk_while_a_store_is_created_stops_at_the_failed_write(base: Base, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """At every file of a store's creation in turn: no write after the failed one (none left in flight
+    to fill the folder being removed or to report its failure later), nothing left, one line."""
+    real, writes = zarr_local._put, []
+
+    def put(path: Path, value: Any, exclusive: bool = False) -> int:
+        if ".c.zarr.creating-" in str(path):
+            writes.append(str(path))
+            if fail_at is not None and len(writes) > fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", put)
+    world = World(base, tmp_path, monkeypatch)
+    fail_at = None
+    args = cache_args(world, out=tmp_path / "whole" / "c.zarr")
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    total = len(writes)
+    assert total >= 2 * 4 + 9                               # metadata, then 4 chunks of sample ids and of labels
+    for fail_at in range(total):
+        writes.clear()
+        out = tmp_path / f"full{fail_at}" / "c.zarr"
+        result = CliRunner().invoke(cli, cache_args(world, out=out))
+        gc.collect()                                        # a task failing unseen would be reported now
+        assert result.exit_code == 2 and len(writes) == fail_at + 1, (fail_at, writes)
+        assert [line for line in result.output.splitlines() if line] == [result.output.strip()], result.output
+        assert "No space left on device" in result.output
+        assert not list(out.parent.iterdir()), list(out.parent.iterdir())
+    assert not [r for r in caplog.records if r.name.startswith("asyncio")], caplog.records

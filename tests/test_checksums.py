@@ -1,11 +1,15 @@
-"""Chunk checksums: one changed byte in any chunk is found by verify, by every read and by distill.
+"""Chunk checksums: one changed byte in any chunk, and any chunk out of its place, is found by verify,
+by every read and by distill.
 
     .venv/bin/pytest tests/test_checksums.py -q
 
 Each case flips one byte inside a chunk file of a complete store (its size unchanged, so the
-cheap completeness check passes) and expects one ``UserError`` line naming the store, the array,
-the view and the block, from the readers in both modes and from ``kdcache distill``, and a
-``checksum:`` problem from ``kdcache verify``.
+cheap completeness check passes), or swaps, duplicates or moves chunks together with their
+checksums, and expects one ``UserError`` line naming the store, the array, the view and the
+block, from the readers in both modes and from ``kdcache distill`` (the damaged store as any
+mentor), and a ``checksum:`` problem from ``kdcache verify``. A version-2 store
+(``tests/store/version2.zarr``, written by that version's writer: checksums of the bytes alone)
+still verifies, reads, trains and resumes under its own rule.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from pipeline.store.verify import verify_store
 from pipeline.train.targets import CachedTargets
 from tests.support.cli import one_error_line
 from tests.support.distill import cache
-from tests.support.stores import make_fake_store
+from tests.support.stores import (
+    duplicate_block,
+    make_fake_store,
+    move_chunk,
+    rewrite_as_version_2,
+    store_files,
+    swap_blocks,
+)
 
 N, C, RPB = 300, 10, 128                    # 3 blocks, the last one 44 rows (its chunk padded to 128)
 
@@ -105,7 +116,7 @@ def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
 
 
 @pytest.mark.parametrize("key", ["float16", "float32", "topk", "int8", "sampled"])
-def test_each_checksum_is_the_crc32_of_the_chunk_file_as_written(intact, key):
+def test_each_checksum_is_the_crc32_of_the_chunk_key_and_file_as_written(intact, key):
     store = intact[key]
     group = zarr.open_group(str(store), mode="r")
     lay = schema.Layout.from_attrs(schema.read_attrs(store))
@@ -117,9 +128,12 @@ def test_each_checksum_is_the_crc32_of_the_chunk_file_as_written(intact, key):
         start, stop = lay.block_rows(b)
         for i, name in enumerate(names):
             path = _chunk(store, name, v, b)
-            assert zlib.crc32(path.read_bytes()) == expected[v, b, i], (name, v, b)   # the bytes on disk
+            key = str(path.relative_to(store)).encode()                              # the chunk key, then
+            assert zlib.crc32(key + path.read_bytes()) == expected[v, b, i], (name, v, b)   # the bytes on disk
+            assert zlib.crc32(path.read_bytes()) != expected[v, b, i], (name, v, b)  # (not the bytes alone)
             values = group[name][v, start:stop]                                      # ... and their values
-            assert schema.chunk_crc32(values, rows=RPB, dtype=str(group[name].dtype)) == expected[v, b, i]
+            assert schema.chunk_crc32(values, rows=RPB, dtype=str(group[name].dtype),
+                                      start=lay.chunk_crc_start(name, v, b)) == expected[v, b, i]
     assert len(set(expected.reshape(-1).tolist())) == expected.size           # not one constant
     attrs = schema.read_attrs(store)
     assert attrs["checksums"] == schema.ids_checksums(group["sample_id"][:], group["label"][:])
@@ -239,7 +253,7 @@ def test_verify_options_sample_rows_and_no_checksums(intact, tmp_path):
 def test_a_version_1_store_is_refused_with_how_to_recompute_it(intact, tmp_path):
     store = _copy(intact["float16"], tmp_path / "s.zarr")
     zarr.open_group(str(store), mode="r+").attrs["version"] = 1
-    needles = (str(store), "field version: expected 2, found 1", "without chunk checksums", "--overwrite")
+    needles = (str(store), "field version: expected 2 or 3, found 1", "without chunk checksums", "--overwrite")
     for call in (lambda: verify_store(store), lambda: StoreGroup([store]), lambda: schema.read_attrs(store)):
         with pytest.raises(UserError) as err:
             call()
@@ -248,7 +262,13 @@ def test_a_version_1_store_is_refused_with_how_to_recompute_it(intact, tmp_path)
     with pytest.raises(UserError, match="found 1"):                  # the cache job will not resume it ...
         make_fake_store(store, **_store_kwargs({"dtype": "float16"}))
     make_fake_store(store, overwrite=True, **_store_kwargs({"dtype": "float16"}))     # ... --overwrite does
-    assert schema.read_attrs(store)["version"] == 2 and verify_store(store).ok
+    assert schema.read_attrs(store)["version"] == schema.FORMAT_VERSION == 3 and verify_store(store).ok
+
+
+def test_a_store_of_a_later_version_is_refused(intact, tmp_path):
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    zarr.open_group(str(store), mode="r+").attrs["version"] = 4
+    one_error_line(CliRunner().invoke(cli, ["verify", str(store)]), str(store), "field version: expected 2 or 3, found 4")
 
 
 # --- kdcache distill on real caches -------------------------------------------------------------------
@@ -277,3 +297,196 @@ def test_distill_stops_with_one_line_on_a_changed_chunk(synthetic_teacher, real_
             "--option", "T=1", "--out", str(tmp_path / f"{mode}.pt")])
         one_error_line(result, str(store), f"field checksum: {name} view 0 block 1: expected crc32")
         assert not (tmp_path / f"{mode}.pt").exists()
+
+
+# --- a chunk's checksum holds only in its place (array, view, block) -------------------------------------
+
+PLACE = {   # damage to a fake store (3 blocks, 2 views), every chunk it leaves out of place
+    "two blocks swapped": (lambda s: swap_blocks(s, view=1, a=0, b=2), [(1, 0), (1, 2)]),
+    "a block duplicated": (lambda s: duplicate_block(s, view=0, source=0, target=1), [(0, 1)]),
+    "a chunk moved to another block": (lambda s: move_chunk(s, "entropy", view=0, block=0, to=("entropy", 0, 1)),
+                                       [("entropy", 0, 1)]),
+    "a chunk moved to another view": (lambda s: move_chunk(s, "logits", view=0, block=1, to=("logits", 1, 1)),
+                                      [("logits", 1, 1)]),
+    "a chunk moved to another array": (lambda s: move_chunk(s, "entropy", view=1, block=2, to=("p_gt", 1, 2)),
+                                       [("p_gt", 1, 2)]),
+}
+
+
+def _places(store: Path, spots: list) -> set[str]:
+    names = schema.Layout.from_attrs(schema.read_attrs(store)).block_arrays()
+    out = set()
+    for spot in spots:
+        for name, v, b in [spot] if len(spot) == 3 else [(n, *spot) for n in names]:
+            out.add(f"checksum: {name} view {v} block {b}")
+    return out
+
+
+@pytest.mark.parametrize("damage", list(PLACE))
+def test_chunks_out_of_place_fail_verify_and_every_read(intact, tmp_path, damage):
+    change, spots = PLACE[damage]
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    change(store)
+    report = verify_store(store)
+    found = {p.split(": expected")[0] for p in report.problems if p.startswith("checksum:")}
+    assert found == _places(store, spots), report.problems
+    result = CliRunner().invoke(cli, ["verify", str(store)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert all(where in result.output for where in _places(store, spots))
+    for mode in ("memory", "stream"):
+        with pytest.raises(UserError) as err:
+            cached = CachedTargets([intact["float32"], store], mode=mode, window_blocks=3)
+            for v in range(2):
+                for rows in cached.batches(v, batch_size=100, seed=0):
+                    cached.group.targets(v, rows)
+        _one_line(err, str(store), "field checksum:", "or its place changed")
+
+    old = _copy(intact["float16"], tmp_path / "v2.zarr")    # the same damage is consistent bytes for version 2:
+    rewrite_as_version_2(old)                               # the checksums did move along with the chunks
+    change(old)
+    assert not [p for p in verify_store(old, sample_rows=0).problems if p.startswith("checksum:")]
+
+
+# --- stores of format version 2 ---------------------------------------------------------------------------
+
+VERSION2 = Path(__file__).parent / "store" / "version2.zarr"      # written by the version-2 writer, with
+V2_ARGS = dict(num_samples=40, num_classes=3, views=2, rows_per_block=16, micro_batch=8)   # make_fake_store(V2_ARGS)
+
+
+def test_a_version_2_store_verifies_reads_and_resumes_under_its_own_rule(tmp_path):
+    store = _copy(VERSION2, tmp_path / "v2.zarr")
+    attrs = schema.read_attrs(store)
+    lay = schema.Layout.from_attrs(attrs)
+    assert attrs["version"] == lay.version == 2 and lay.chunk_crc_start("logits", 0, 1) == 0
+    expected = zarr.open_group(str(store), mode="r")["checksum"][:]
+    for v, b in lay.units():
+        for i, name in enumerate(lay.block_arrays()):
+            assert zlib.crc32(_chunk(store, name, v, b).read_bytes()) == expected[v, b, i]   # the bytes alone
+    report = verify_store(store)
+    assert report.ok and report.chunks_checked == 2 * 3 * 4, str(report)
+    group = StoreGroup([store], mode="memory")
+    rows = np.arange(40)
+    np.testing.assert_array_equal(group.targets(1, rows)["logits"][0].numpy(),
+                                  zarr.open_group(str(store), mode="r")["logits"][1].astype(np.float32))
+    (store / "done" / "c.1.1").unlink()                   # resumed: the block is rewritten under rule 2
+    result = make_fake_store(store, **V2_ARGS)
+    assert result.computed == 1 and result.complete
+    assert schema.read_attrs(store)["version"] == 2 and store_files(store) == store_files(VERSION2)
+    flip_byte(store, "p_gt", view=1, block=2)             # and a changed byte is still found
+    assert any(p.startswith("checksum: p_gt view 1 block 2:") for p in verify_store(store).problems)
+    with pytest.raises(UserError) as err:
+        StoreGroup([store])
+    _one_line(err, str(store), "field checksum: p_gt view 1 block 2")
+
+
+def test_rewrite_as_version_2_gives_the_version_2_writers_bytes(tmp_path):
+    store = tmp_path / "s.zarr"
+    make_fake_store(store, **V2_ARGS)                     # this version: keyed checksums, nothing else differs
+    new, old = store_files(store), store_files(VERSION2)
+    assert new.keys() == old.keys()
+    assert {k for k in new if new[k] != old[k]} == {f"checksum/c.{v}.{b}.0" for v in range(2) for b in range(3)}
+    rewrite_as_version_2(store)
+    assert store_files(store) == old
+    assert schema.read_attrs(store) == schema.read_attrs(VERSION2)
+
+
+def test_distill_trains_from_a_version_2_store(synthetic_teacher, real_caches, tmp_path):
+    manifest, _ = synthetic_teacher
+    store = _copy(real_caches["float16"], tmp_path / "v2.zarr")
+    rewrite_as_version_2(store)
+    assert schema.read_attrs(store)["version"] == 2 and verify_store(store).ok
+    result = CliRunner().invoke(cli, [
+        "distill", "--method", "kd", "--mentors", str(store), "--manifest", str(manifest), "--student", "mlp",
+        "--epochs", "1", "--batch-size", "32", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "s.pt")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.pt").is_file()
+
+
+# --- every mentor is checked, not only the first -----------------------------------------------------------
+
+REAL_PLACE = {
+    "two blocks swapped": lambda s: swap_blocks(s, view=0, a=0, b=1),
+    "a block duplicated": lambda s: duplicate_block(s, view=0, source=1, target=0),
+    "a chunk moved": lambda s: move_chunk(s, "logits", view=0, block=1, to=("logits", 0, 0)),
+}
+
+
+def _aver(manifest: Path, mentors: list[Path], out: Path):
+    return CliRunner().invoke(cli, [
+        "distill", "--method", "aver", "--mentors", *map(str, mentors), "--manifest", str(manifest),
+        "--student", "mlp", "--epochs", "1", "--batch-size", "32", "--no-progress", "--device", "cpu",
+        "--out", str(out)])
+
+
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("damage", list(REAL_PLACE))
+def test_distill_refuses_chunks_out_of_place_in_every_mentor(synthetic_teacher, real_caches, tmp_path, damage,
+                                                             position):
+    manifest, _ = synthetic_teacher
+    store = _copy(real_caches["float16"], tmp_path / "c.zarr")
+    REAL_PLACE[damage](store)
+    assert any(p.startswith("checksum: ") for p in verify_store(store, sample_rows=0).problems)
+    mentors = [real_caches["float32"]]
+    mentors.insert(position, store)
+    out = tmp_path / "s.pt"
+    one_error_line(_aver(manifest, mentors, out), str(store), "field checksum: ", "view 0 block 0",
+                   "or its place changed")
+    assert not out.exists()
+
+
+def _flip_label(store: Path) -> None:
+    """A high bit flipped in one label: a value far outside [0, C)."""
+    path = store / "label" / "c.1"
+    raw = bytearray(path.read_bytes())
+    raw[8] ^= 0x80
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_label_byte_is_one_problem_line_for_verify(intact, tmp_path):
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    _flip_label(store)
+    result = CliRunner().invoke(cli, ["verify", str(store)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "NOT OK" in result.output and "checksums.label: expected crc32" in result.output
+    assert "label: expected values in [0, 10)" in result.output
+    assert not [line for line in result.output.splitlines() if "checksum:" in line]   # the blocks are intact
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_distill_refuses_a_flipped_label_byte_in_every_mentor(synthetic_teacher, real_caches, tmp_path, position):
+    manifest, _ = synthetic_teacher
+    store = _copy(real_caches["float16"], tmp_path / "c.zarr")
+    _flip_label(store)
+    mentors = [real_caches["float32"]]
+    mentors.insert(position, store)
+    one_error_line(_aver(manifest, mentors, tmp_path / "s.pt"), str(store), "field checksums.label: expected crc32")
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_a_later_mentor_with_other_labels_is_refused(intact, tmp_path):
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    group = zarr.open_group(str(store), mode="r+")
+    labels = group["label"][:]
+    group["label"][:] = (labels + 1) % C                  # other labels, its own attrs checksum to match
+    group.attrs["checksums"] = schema.ids_checksums(group["sample_id"][:], group["label"][:])
+    assert verify_store(store, sample_rows=0).ok
+    with pytest.raises(UserError) as err:
+        StoreGroup([intact["float32"], store])
+    _one_line(err, str(store), "field label: expected the labels of", str(intact["float32"]))
+
+
+def test_inspect_refuses_a_changed_chunk_in_every_way_it_reads(intact, tmp_path):
+    from pipeline.inspect import inspect_stores, write_samples
+    from pipeline.inspect_rank import rank_samples, store_probabilities
+    store = _copy(intact["float16"], tmp_path / "s.zarr")
+    assert inspect_stores([store])["stores"][0]["num_samples"] == N          # intact: inspected
+    flip_byte(store, "logits", view=1, block=2)
+    calls = {"summary": lambda: inspect_stores([intact["float32"], store]),
+             "samples": lambda: write_samples([store], tmp_path / "samples.parquet"),
+             "rank": lambda: rank_samples([store], teachers=["t"]),
+             "probabilities": lambda: store_probabilities(str(store), view=0)}
+    for name, call in calls.items():
+        with pytest.raises(UserError) as err:
+            call()
+        _one_line(err, str(store), "field checksum: logits view 1 block 2: expected crc32")
+    assert not (tmp_path / "samples.parquet").exists()

@@ -28,7 +28,7 @@ from tests.support.stores import FakeFactory, fake_labels, fake_provenance, make
 def test_format_version_lives_in_schema_and_readme_example_matches():
     readme = (Path(schema.__file__).parent / "README.md").read_text()
     example = json.loads(readme.split("```json")[1].split("```")[0])
-    assert example["schema"] == schema.SCHEMA and example["version"] == schema.FORMAT_VERSION == 2
+    assert example["schema"] == schema.SCHEMA and example["version"] == schema.FORMAT_VERSION == 3
     schema.check_format(example, "README.md")
     assert set(example["checksums"]) == {"algorithm", "sample_id", "label"}
     layout = schema.Layout.from_attrs(example)

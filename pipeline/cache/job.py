@@ -29,12 +29,19 @@ from pipeline.data.views import ViewSpec
 from pipeline.errors import UserError
 from pipeline.files import os_error_text
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.runtime import resolve_device
 from pipeline.store import schema
 from pipeline.store.provenance import path_for_store
 from pipeline.store.writer import CacheResult, Provenance
 from pipeline.teachers import TeacherSource, check_teacher, teacher_name, teacher_source
 
 PER_TEACHER = ("teacher", "weights", "name", "out", "view_spec")   # the CacheConfig fields teachers of a pass may differ in
+
+
+def _check_device(cfg: CacheConfig) -> None:
+    """The device of a job computed on this machine (not one sent to a ``--scheduler``'s workers) exists."""
+    if cfg.scheduler is None:
+        resolve_device(cfg.device)
 
 
 def _open_manifest(cfg: CacheConfig) -> tuple[Path, Manifest]:
@@ -99,6 +106,7 @@ def cache_teacher(cfg: CacheConfig) -> CacheResult:
     manifest (same class count) is a warning; an ``OSError`` while the store is written (a full
     disk, a read-only folder) is a ``UserError`` naming the path, and leaves the store incomplete.
     """
+    _check_device(cfg)
     source = teacher_source(cfg.teacher, cfg.weights)
     manifest_path, man = _open_manifest(cfg)
     target, factory = _prepare(cfg, source, manifest_path, man)
@@ -131,7 +139,8 @@ def cache_teachers(configs: Sequence[CacheConfig]) -> list[CacheResult]:
     Each block's images are decoded and augmented once (once per distinct view spec) and every
     teacher whose store misses the block runs on them; each store is exactly what
     ``cache_teacher`` writes for its config alone. The configs differ only in ``PER_TEACHER``
-    fields; every teacher is checked, and every store created, before any block is computed.
+    fields; the device, every teacher and every store are checked before the first store is
+    created, and every store is created before any block is computed.
     """
     configs = list(configs)
     if not configs:
@@ -139,6 +148,7 @@ def cache_teachers(configs: Sequence[CacheConfig]) -> list[CacheResult]:
     if len(configs) == 1:
         return [cache_teacher(configs[0])]
     _check_pass(configs)
+    _check_device(configs[0])
     sources = [teacher_source(cfg.teacher, cfg.weights) for cfg in configs]
     manifest_path, man = _open_manifest(configs[0])
     jobs = [_prepare(cfg, source, manifest_path, man) for cfg, source in zip(configs, sources)]

@@ -43,7 +43,7 @@ from pipeline.cache.claims import DEFAULT_STALE_AFTER, Claims, clear_claims
 from pipeline.cache.teacher import BlockComputer, ComputerFactory
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.writer import BlockWriter, CacheResult, Provenance, finalize, open_or_create
+from pipeline.store.writer import BlockWriter, CacheResult, Provenance, check_target, finalize, open_or_create
 
 COMPUTED, DONE, CLAIMED = "computed", "done", "claimed"
 
@@ -307,9 +307,9 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
 def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard: str | tuple[int, int] | None = None,
                  scheduler: str | None = None, local_workers: int | None = None, overwrite: bool = False,
                  progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER) -> list[CacheResult]:
-    """Create/reopen every target store, compute this run's missing blocks of all of them in one
-    pass (member ``s`` of ``factory``'s computer computes ``targets[s]``), finalize each store
-    whose markers are all set; one result per target.
+    """Check every target store, then create/reopen them, compute this run's missing blocks of all
+    of them in one pass (member ``s`` of ``factory``'s computer computes ``targets[s]``), finalize
+    each store whose markers are all set; one result per target.
 
     The targets share one layout. ``shard=(i, n)`` takes every n-th (view, block) unit;
     ``scheduler``/``local_workers`` run one dask task per unit (each worker builds the computer
@@ -328,6 +328,9 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
     if len({target.layout for target in targets}) != 1:
         raise ValueError("write_caches: expected one layout for every target store")
     outs = [Path(target.out) for target in targets]
+    for out, t in zip(outs, targets):          # every store checked before the first one is created
+        check_target(out, provenance=t.provenance, layout=t.layout, sample_id=t.sample_id, label=t.label,
+                     overwrite=overwrite)
     attrs = [open_or_create(out, provenance=t.provenance, layout=t.layout, sample_id=t.sample_id, label=t.label,
                             overwrite=overwrite) for out, t in zip(outs, targets)]
     writers = [BlockWriter(out) for out in outs]

@@ -8,8 +8,10 @@ complete (status.complete, every marker, every chunk); otherwise ``UserError`` n
 and field. Mentor k is the k-th store given (mentor 0 = the teacher, by convention).
 
 Every chunk read is checked against its CRC-32 (schema.py), every data chunk of the block, the
-``pred`` one too: a block whose bytes changed after it was written is a ``UserError`` naming the
-store, array, view and block, never a silently wrong target. Memory mode checks every block once,
+``pred`` one too, in every store: a block whose bytes or place changed after it was written is a
+``UserError`` naming the store, array, view and block, never a silently wrong target. Every
+store's ``sample_id`` and ``label`` are checked against its attrs ``checksums`` and must equal
+the first store's. Memory mode checks every block once,
 at load; streaming checks each window as it loads, on the prefetch thread.
 
 Two modes, chosen by ``mode="auto"`` from ``memory_budget_bytes`` (default: a quarter of RAM):
@@ -177,7 +179,8 @@ class _Blocks:
                 values = arr[view, start:stop]
                 if dst is not None:
                     dst[...] = values
-                found = schema.chunk_crc32(values, rows=self.layout.rows_per_block, dtype=str(arr.dtype)) \
+                found = schema.chunk_crc32(values, rows=self.layout.rows_per_block, dtype=str(arr.dtype),
+                                           start=self.layout.chunk_crc_start(name, view, block)) \
                     if self.check_checksums else None
             expected = int(self.expected[view, block, i])
             if found is not None and found != expected:
@@ -205,7 +208,20 @@ class _Blocks:
                             f"for view {view} block {block}, found {got}")
         if dst is not None and not direct:
             dst[...] = np.frombuffer(head, dtype=dtype.newbyteorder("<"), count=dst.size).reshape(dst.shape)
-        return zlib.crc32(tail, zlib.crc32(head)) if check else None
+        return zlib.crc32(tail, zlib.crc32(head, self.layout.chunk_crc_start(name, view, block))) if check else None
+
+
+def check_checksums(store: str | Path) -> tuple[dict, schema.Layout]:
+    """The attrs and layout of a complete store whose every chunk, sample id and label still has the
+    checksum it was written with (one pass over its chunk files); else the ``UserError`` line a
+    training read gives. For readers that go through zarr (``kdcache inspect``)."""
+    attrs, layout = check_complete(store)
+    opened = _Store(Path(store), layout)
+    schema.check_ids_checksums(store, attrs, sample_id=opened.read("sample_id"), label=opened.read("label"))
+    blocks = _Blocks(opened)
+    for view, block in layout.units():
+        blocks.read_into(view, block, {})
+    return attrs, layout
 
 
 class StoreGroup:
@@ -231,11 +247,13 @@ class StoreGroup:
         self.sample_ids = stores[0].read("sample_id")
         self.labels = stores[0].read("label")
         schema.check_ids_checksums(self.paths[0], self.attrs[0], sample_id=self.sample_ids, label=self.labels)
-        for path, store in zip(self.paths[1:], stores[1:]):
-            if not np.array_equal(store.read("sample_id"), self.sample_ids):
+        for path, store, attrs in zip(self.paths[1:], stores[1:], self.attrs[1:]):   # every mentor's own arrays
+            ids, labels = store.read("sample_id"), store.read("label")
+            schema.check_ids_checksums(path, attrs, sample_id=ids, label=labels)
+            if not np.array_equal(ids, self.sample_ids):
                 raise UserError(f"{path}: field sample_id: expected the sample order of {self.paths[0]}, found another")
-        for path, attrs in zip(self.paths[1:], self.attrs[1:]):       # equal ids: the same CRC, checked per store
-            schema.check_ids_checksums(path, attrs, sample_id=self.sample_ids)
+            if not np.array_equal(labels, self.labels):
+                raise UserError(f"{path}: field label: expected the labels of {self.paths[0]}, found others")
         self._blocks = [_Blocks(store) for store in stores]
         self.num_mentors = len(self.paths)
         self.num_samples = int(first["manifest"]["num_samples"])

@@ -14,12 +14,17 @@ a chunk is exactly one (view, block), so a block write never shares a chunk with
 (no read-modify-write between writers, the data loss of zarr-python issues 3514/3682). There is
 no sharding: a shard would have to be the block anyway, and chunk files per block are few.
 
-Checksums (version 2): every data chunk of a block has a CRC-32 (``zlib.crc32``) of its bytes as
-written to the chunk file (uncompressed little-endian, the last block padded to the full chunk
-with the fill value), kept in the ``checksum`` array [V, num_blocks, A] (A = the block arrays in
-``Layout.block_arrays()`` order), one (1, 1, A) chunk per block, written after the block's data
-and before its ``done`` marker. ``sample_id`` and ``label`` (written once, at creation) have a
-CRC-32 of their values in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them.
+Checksums: every data chunk of a block has a CRC-32 (``zlib.crc32``) of its chunk key (its path
+inside the store, ``<array>/c.<view>.<block>[.0]``, UTF-8) followed by its bytes as written to the
+chunk file (uncompressed little-endian, the last block padded to the full chunk with the fill
+value), so a chunk's checksum holds only for its array, view and block: swapped, duplicated or
+moved chunks fail it, their checksums moved with them or not (``chunk_crc_start``). They are kept
+in the ``checksum`` array [V, num_blocks, A] (A = the block arrays in ``Layout.block_arrays()``
+order), one (1, 1, A) chunk per block, written after the block's data and before its ``done``
+marker. ``sample_id`` and ``label`` (written once, at creation) have a CRC-32 of their values, in
+order, in the attrs section ``checksums``. Readers and ``kdcache verify`` recompute them. A
+version-2 store's chunk checksums cover the bytes alone; it is read, verified and resumed under
+that rule (``Layout.version``).
 
 Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``): each is one codec class,
 looked up by name (``pipeline.store.codecs``), that declares its payload arrays; ``Layout`` adds
@@ -46,13 +51,16 @@ from pipeline.store.codecs.base import Codec, legacy_index_dtype
 from pipeline.store.stats import target_stats  # noqa: F401  (public here too: the targets every store keeps)
 
 SCHEMA = "kdcache-store"
-FORMAT_VERSION = 2               # 2: chunk checksums (the `checksum` array, attrs `checksums`)
+FORMAT_VERSION = 3               # 3: a chunk's checksum covers its key (array, view, block) and its bytes
+READABLE_VERSIONS = (2, 3)       # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+KEYED_CHECKSUMS = 3              # the first version whose chunk checksums start from the chunk key
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
 CHECKSUM_ALGORITHM = "crc32"
 
 DEFAULT_MICRO_BATCH = 256
 DEFAULT_ROWS_PER_BLOCK = 4096
 MAX_CHUNK_BYTES = 16 * 2**20       # a logits chunk stays below this (rows_per_block shrinks for huge C)
+MAX_PAYLOAD_BYTES = 4096           # a row with more values than classes (k > C) takes at most this, or 4C
 METADATA_BYTES_PER_ARRAY = 600     # zarr.json of one array (measured: 450-600 bytes)
 METADATA_BYTES_GROUP = 2500        # the group's zarr.json with the attrs below
 DIRECTORY_BYTES = 4096             # one directory per array and the group (as `du -b` counts them)
@@ -97,6 +105,7 @@ class Layout:
     micro_batch: int = DEFAULT_MICRO_BATCH
     temperature: float | None = None     # codecs that take one (sampled): default DEFAULT_TEMPERATURE
     index_dtype: str | None = None       # codecs that store class ids: default the smallest that holds C
+    version: int = field(default=FORMAT_VERSION, compare=False)   # the store's format version (its checksum rule)
     codec: Codec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,10 +118,43 @@ class Layout:
         object.__setattr__(self, "codec", codec)
         object.__setattr__(self, "temperature", codec.temperature)
         object.__setattr__(self, "index_dtype", codec.index_dtype)
+        self._check_rows("micro_batch", int(self.micro_batch))       # the default block holds one at least
         if self.rows_per_block is None:
             object.__setattr__(self, "rows_per_block", default_rows_per_block(self.num_classes, self.dtype, self.micro_batch))
         if int(self.rows_per_block) < 1:
             raise UserError(f"rows_per_block: expected a positive integer, found {self.rows_per_block}")
+        self._check_rows("rows_per_block", int(self.rows_per_block))
+        self._check_payload()
+
+    def _planned_bytes(self, rows_per_block: int) -> int:
+        """The bytes of the store's row data (ids, labels, payload, targets) with blocks of this many rows."""
+        padded = math.ceil(self.num_samples / rows_per_block) * rows_per_block
+        return padded * (12 + self.num_views * (self.codec.payload_bytes_per_row() + 12))
+
+    def _check_payload(self) -> None:
+        """More values per row than classes (``k`` draws of a sampled store) buy resolution only up to a
+        point: such a row may take at most the exact float32 logits' bytes, or ``MAX_PAYLOAD_BYTES``."""
+        if self.k is None or int(self.k) <= self.num_classes:
+            return
+        limit, found = max(4 * self.num_classes, MAX_PAYLOAD_BYTES), self.codec.payload_bytes_per_row()
+        if found > limit:
+            raise UserError(f"k: expected a logit payload of at most {limit} bytes per sample-view (the exact float32 "
+                            f"logits of {self.num_classes} classes take {4 * self.num_classes}), found {found} "
+                            f"({self.codec.describe()}: the store would take "
+                            f"{human_bytes(self._planned_bytes(int(self.rows_per_block)))}; `kdcache plan` shows a "
+                            "layout's bytes)")
+
+    def _check_rows(self, name: str, rows: int) -> None:
+        """A block (``rows_per_block``, or the default one that holds a ``micro_batch``) is stored whole,
+        padded: more rows than the split's (or than the default block) are padding only, refused with
+        the bytes the store would take."""
+        bound = max(self.num_samples, DEFAULT_ROWS_PER_BLOCK)
+        if rows <= bound:
+            return
+        raise UserError(f"{name}: expected at most {bound} (a block is stored whole: rows past the split's "
+                        f"{self.num_samples}, or past {DEFAULT_ROWS_PER_BLOCK}, are padding), found {rows} (the "
+                        f"store would take {human_bytes(self._planned_bytes(rows))}; `kdcache plan` shows a "
+                        "layout's bytes)")
 
     @property
     def num_blocks(self) -> int:
@@ -151,6 +193,13 @@ class Layout:
         """The arrays that hold the logits (the codec's), in checksum order."""
         return list(self.codec.payload())
 
+    def chunk_crc_start(self, name: str, view: int | None, block: int) -> int:
+        """What the CRC-32 of a chunk of (array ``name``, view, block) starts from: the CRC-32 of its
+        chunk key (from version 3 on), or 0 (version 2: the bytes alone)."""
+        if self.version < KEYED_CHECKSUMS:
+            return 0
+        return zlib.crc32(chunk_key(name, len(self.arrays()[name][0]), view, block).encode())
+
     def payload_bytes_per_row(self) -> int:
         """Bytes of one (sample, view) in the payload arrays (no padding, no metadata)."""
         return self.codec.payload_bytes_per_row()
@@ -170,7 +219,8 @@ class Layout:
         return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
-                   temperature=s.get("temperature"), index_dtype=index)
+                   temperature=s.get("temperature"), index_dtype=index,
+                   version=int(attrs.get("version", FORMAT_VERSION)))
 
 
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
@@ -190,14 +240,15 @@ def fill_value(dtype: str) -> Any:
     return -1
 
 
-def chunk_crc32(values: np.ndarray, *, rows: int, dtype: str) -> int:
-    """CRC-32 of a chunk's file as kdcache writes it, from the values of its ``len(values)`` rows.
+def chunk_crc32(values: np.ndarray, *, rows: int, dtype: str, start: int = 0) -> int:
+    """CRC-32 of a chunk's file as kdcache writes it, from the values of its ``len(values)`` rows,
+    continuing from ``start`` (``Layout.chunk_crc_start``: the chunk key's CRC-32, or 0).
 
     The file is the values in little-endian ``dtype``, uncompressed, padded with the fill value to
     ``rows`` rows (the chunk's row count: only the last block has fewer values than that).
     """
     data = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
-    crc = zlib.crc32(data.reshape(-1).view(np.uint8))
+    crc = zlib.crc32(data.reshape(-1).view(np.uint8), start)
     if len(data) < rows:
         pad = np.full((rows - len(data),) + data.shape[1:], fill_value(dtype), dtype=data.dtype)
         crc = zlib.crc32(pad.reshape(-1).view(np.uint8), crc)
@@ -236,11 +287,11 @@ def check_ids_checksums(store: str | Path, attrs: dict[str, Any], **values: np.n
 
 
 def checksum_error(store: str | Path, name: str, view: int, block: int, *, expected: int, found: int) -> UserError:
-    """The one-line error of a data chunk whose bytes are not those its block was written with."""
+    """The one-line error of a data chunk whose bytes, or place, are not those its block was written with."""
     return UserError(f"{store}: field checksum: {name} view {view} block {block}: expected crc32 {expected:08x}, "
-                     f"found {found:08x} (the chunk changed after it was written; recompute the block: delete "
-                     f"{Path(store) / chunk_key('done', 2, view, block)} and rerun the same `kdcache cache` command, "
-                     "or rerun it with --overwrite)")
+                     f"found {found:08x} (the chunk's bytes or its place changed after it was written; recompute "
+                     f"the block: delete {Path(store) / chunk_key('done', 2, view, block)} and rerun the same "
+                     "`kdcache cache` command, or rerun it with --overwrite)")
 
 
 def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dict[str, Any], layout: Layout,
@@ -265,17 +316,55 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     if attrs.get("schema") != SCHEMA:
         raise UserError(f"{store}: field schema: expected {SCHEMA!r}, found {attrs.get('schema')!r} (not a kdcache store)")
     version = attrs.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
-        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {version} (a store of an older "
+    readable = " or ".join(str(v) for v in READABLE_VERSIONS)
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < min(READABLE_VERSIONS):
+        raise UserError(f"{store}: field version: expected {readable}, found {version} (a store of an older "
                         "kdcache, without chunk checksums; recompute it: rerun its `kdcache cache` command with --overwrite)")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{store}: field version: expected {FORMAT_VERSION}, found {version!r}")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise UserError(f"{store}: field version: expected {readable}, found {version!r}")
     for section in ("manifest", "teacher", "views", "storage", "checksums", "status"):
         if not isinstance(attrs.get(section), dict):
             raise UserError(f"{store}: field {section}: expected a mapping, found {attrs.get(section)!r}")
     if attrs["checksums"].get("algorithm") != CHECKSUM_ALGORITHM:
         raise UserError(f"{store}: field checksums.algorithm: expected {CHECKSUM_ALGORITHM!r}, "
                         f"found {attrs['checksums'].get('algorithm')!r}")
+    check_fields(attrs, store)
+
+
+_COUNT = ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_TEXT = ("a string", lambda v: isinstance(v, str) and v != "")
+_OPTIONAL_COUNT = ("a positive integer or null", lambda v: v is None or _COUNT[1](v))
+_OPTIONAL_TEXT = ("a string or null", lambda v: v is None or _TEXT[1](v))
+_OPTIONAL_NUMBER = ("a positive number or null", lambda v: v is None or (
+    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0))
+_MAPPING = ("a mapping", lambda v: isinstance(v, dict))
+# The attrs fields a store is read by: (section, key, required, (expected, test)). Optional ones may be
+# absent (stores written before them: micro_batch, index_dtype, temperature).
+ATTRS_FIELDS = (
+    ("manifest", "sha256", True, _TEXT), ("manifest", "split", True, _TEXT),
+    ("manifest", "num_samples", True, _COUNT), ("manifest", "num_classes", True, _COUNT),
+    ("views", "count", True, _COUNT), ("views", "spec", True, _MAPPING),
+    ("storage", "kind", True, _TEXT), ("storage", "dtype", True, _TEXT),
+    ("storage", "rows_per_block", True, _COUNT), ("storage", "k", False, _OPTIONAL_COUNT),
+    ("storage", "micro_batch", False, _COUNT), ("storage", "index_dtype", False, _OPTIONAL_TEXT),
+    ("storage", "temperature", False, _OPTIONAL_NUMBER),
+)
+
+
+def check_fields(attrs: dict[str, Any], store: str) -> None:
+    """Every field of ``ATTRS_FIELDS`` there and of its type, the storage kind a registered one;
+    ``UserError`` naming the first that is not."""
+    for section, key, required, (expected, ok) in ATTRS_FIELDS:
+        if key not in attrs[section]:
+            if required:
+                raise UserError(f"{store}: field {section}.{key}: expected {expected}, found none")
+            continue
+        if not ok(attrs[section][key]):
+            raise UserError(f"{store}: field {section}.{key}: expected {expected}, found {_short(attrs[section][key])}")
+    kind = attrs["storage"]["kind"]
+    if kind not in codecs.CODECS:
+        raise UserError(f"{store}: field storage.kind: expected one of {', '.join(codecs.CODECS.names())}, "
+                        f"found {kind!r}")
 
 
 def check_provenance(existing: dict[str, Any], wanted: dict[str, Any], store: str) -> None:

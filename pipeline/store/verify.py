@@ -178,10 +178,12 @@ def _check_completeness(store: Path, attrs: dict, lay: schema.Layout, arrays: di
 
 
 def _check_ids(attrs: dict, lay: schema.Layout, arrays: dict, holes: list[tuple[str, int | None, int]],
-               report: VerifyReport, *, checksums: bool) -> np.ndarray:
-    """sample_id and label: their CRC-32 against the attrs, unique ids, labels in range; the labels."""
+               report: VerifyReport, *, checksums: bool) -> np.ndarray | None:
+    """sample_id and label: their CRC-32 against the attrs, unique ids, labels in range; the labels,
+    or None when they cannot be trusted (changed, or out of range: no row is checked against them)."""
     add = report.problems.append
     sample_id, label = arrays["sample_id"][:], arrays["label"][:]
+    trusted = True
     if checksums and not any(name in ("sample_id", "label") for name, _, _ in holes):
         found_ids = schema.ids_checksums(sample_id, label)
         for name in ("sample_id", "label"):
@@ -190,11 +192,13 @@ def _check_ids(attrs: dict, lay: schema.Layout, arrays: dict, holes: list[tuple[
                 shown = f"{expected:08x}" if isinstance(expected, int) else repr(expected)
                 add(f"checksums.{name}: expected crc32 {shown}, found {found_ids[name]:08x} (changed after the store "
                     "was created)")
+                trusted = trusted and name != "label"
     if len(np.unique(sample_id)) != lay.num_samples:
         add("sample_id: expected unique ids, found duplicates")
     if label.min(initial=0) < 0 or label.max(initial=0) >= lay.num_classes:
         add(f"label: expected values in [0, {lay.num_classes}), found [{label.min()}, {label.max()}]")
-    return label
+        trusted = False
+    return label if trusted else None
 
 
 class _BlockScan:
@@ -202,7 +206,7 @@ class _BlockScan:
     of them listed: they say which blocks to recompute), then, until ``max_problems`` value problems
     are listed, finite values and the codec's checks of ``sample_rows`` rows in all."""
 
-    def __init__(self, store: Path, lay: schema.Layout, arrays: dict, report: VerifyReport, label: np.ndarray, *,
+    def __init__(self, store: Path, lay: schema.Layout, arrays: dict, report: VerifyReport, label: np.ndarray | None, *,
                  checksums: bool, sample_rows: int, rng: np.random.Generator, max_problems: int) -> None:
         self.store, self.lay, self.arrays, self.report, self.label = store, lay, arrays, report, label
         self.checksums, self.sample_rows, self.rng, self.max_problems = checksums, sample_rows, rng, max_problems
@@ -229,12 +233,13 @@ class _BlockScan:
             arr = self.arrays[name]
             data = (self.store / schema.chunk_key(name, arr.ndim, v, b)).read_bytes()
             if self.checksums:
-                found_crc, want_crc = zlib.crc32(data), int(self.expected_crc[v, b, i])
+                found_crc = zlib.crc32(data, self.lay.chunk_crc_start(name, v, b))
+                want_crc = int(self.expected_crc[v, b, i])
                 self.report.chunks_checked += 1
                 if found_crc != want_crc:
                     self.report.problems.append(
                         f"checksum: {name} view {v} block {b}: expected crc32 {want_crc:08x}, found {found_crc:08x} "
-                        "(the chunk changed after it was written)")
+                        "(the chunk's bytes or its place changed after it was written)")
             chunk = np.frombuffer(data, dtype=arr.dtype.newbyteorder("<"))
             block[name] = chunk.reshape((self.lay.rows_per_block,) + arr.chunks[2:])[:rows]
         return block
@@ -248,7 +253,7 @@ class _BlockScan:
                 add(f"{name}: expected finite values, found {int((~np.isfinite(values)).sum())} NaN/Inf at {where}")
                 finite = False
         self.report.blocks_scanned += 1
-        if finite and self.sample_rows > 0:
+        if finite and self.sample_rows > 0 and self.label is not None:   # no labels to check rows against
             pick = np.sort(self.rng.choice(stop - start, size=min(self.per_unit, stop - start), replace=False))
             for problem in self.lay.codec.check({k: a[pick] for k, a in block.items()}, self.label[start:stop][pick]):
                 add(f"{problem} at {where}")

@@ -14,7 +14,9 @@ business (``pipeline.cache``); this module only writes the format. The rules:
   directory, then renamed into place), so concurrent ``--shard i/n`` jobs can all start at once.
   Reopening with other provenance is a ``UserError`` naming the field.
 - A (view, block) is written by one owner, whole: its chunk of every array, then the CRC-32 of
-  each of those chunks (its chunk of ``checksum``), then its ``done`` marker. A rerun computes
+  each of those chunks (its chunk of ``checksum``; from format version 3 on, the CRC-32 of the
+  chunk key followed by the bytes, so it holds only in its place), then its ``done`` marker.
+  A store of an older readable version is resumed under the checksum rule of its version. A rerun computes
   only the blocks without a marker; a block's batches are fixed by the layout, so the bytes do
   not depend on who computed it or when.
 - ``finalize`` sets ``status.complete`` only after every marker and every chunk is checked.
@@ -68,27 +70,62 @@ class CacheResult:
 
 def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_id: np.ndarray,
             label: np.ndarray) -> None:
-    group = zarr.create_group(str(path), attributes=attrs, overwrite=True)
+    """The store's metadata built in memory, then every file of the new store (metadata, sample ids,
+    labels) written at ``path`` one after another, each write finished before the next: a failed
+    one (a full disk) leaves no other write in flight that would go on filling the folder being
+    removed, or report its own failure later."""
+    files: dict[str, Buffer] = {}
+    group = zarr.create_group(zarr.storage.MemoryStore(files), attributes=attrs, overwrite=True)
     for name, (shape, chunks, dtype) in layout.arrays().items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, filters=None,
                            fill_value=schema.fill_value(dtype), config={"write_empty_chunks": True},
                            chunk_key_encoding={"name": "default", "separator": schema.CHUNK_SEPARATOR})
     # the checksum array names its last axis, so that the store describes itself
     group[schema.CHECKSUM].attrs.update(algorithm=schema.CHECKSUM_ALGORITHM, arrays=layout.block_arrays())
-    group["sample_id"][:] = np.asarray(sample_id, dtype=np.int64)
-    group["label"][:] = np.asarray(label, dtype=np.int32)
+    for name, values in (("sample_id", sample_id), ("label", label)):
+        _, chunks, dtype = layout.arrays()[name]
+        for block in range(layout.num_blocks):
+            start, stop = layout.block_rows(block)
+            data = schema.chunk_bytes(np.asarray(values[start:stop]), rows=chunks[0], dtype=dtype)
+            files[schema.chunk_key(name, 1, None, block)] = Buffer.from_array_like(data)
+    disk = zarr.storage.LocalStore(str(path))
+    for key in sorted(files):
+        sync(disk.set(key, files[key]))
+
+
+def _wanted_attrs(out: Path, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
+                  label: np.ndarray) -> dict[str, Any]:
+    """The attrs a store of this provenance is created with; its ids and labels counted."""
+    if len(sample_id) != layout.num_samples or len(label) != layout.num_samples:
+        raise UserError(f"{out}: field manifest.num_samples: expected {layout.num_samples} sample ids and labels, "
+                        f"found {len(sample_id)} and {len(label)}")
+    return schema.build_attrs(manifest=provenance.manifest, teacher=provenance.teacher, views=provenance.views,
+                              layout=layout, kdcache_version=__version__,
+                              checksums=schema.ids_checksums(sample_id, label))
+
+
+def check_target(out: str | Path, *, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
+                 label: np.ndarray, overwrite: bool = False) -> None:
+    """What ``open_or_create`` would refuse, checked without writing anything: the ids and labels, a
+    regular file on the way to ``out``, and an existing store of other provenance (kept unless
+    ``overwrite``). Callers creating several stores check them all first."""
+    out = Path(out)
+    wanted = _wanted_attrs(out, provenance, layout, sample_id, label)
+    for above in [out, *out.parents]:
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise UserError(f"--out {out}: {above}: exists and is not a folder (ENOTDIR)")
+            break
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    schema.check_provenance(schema.read_attrs(out), wanted, str(out))
 
 
 def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
                    label: np.ndarray, overwrite: bool = False) -> dict[str, Any]:
     """Create the store (atomically) or check that the existing one has this provenance; return its attrs."""
     out = Path(out)
-    wanted = schema.build_attrs(manifest=provenance.manifest, teacher=provenance.teacher, views=provenance.views,
-                                layout=layout, kdcache_version=__version__,
-                                checksums=schema.ids_checksums(sample_id, label))
-    if len(sample_id) != layout.num_samples or len(label) != layout.num_samples:
-        raise UserError(f"{out}: field manifest.num_samples: expected {layout.num_samples} sample ids and labels, "
-                        f"found {len(sample_id)} and {len(label)}")
+    wanted = _wanted_attrs(out, provenance, layout, sample_id, label)
     if overwrite and out.exists():
         shutil.rmtree(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -169,7 +206,7 @@ class BlockWriter:
         shape, chunks, dtype = self.specs[name]
         data = schema.chunk_bytes(values, rows=chunks[1], dtype=dtype)
         sync(self.group.store.set(schema.chunk_key(name, len(shape), view, block), Buffer.from_array_like(data)))
-        return zlib.crc32(data)
+        return zlib.crc32(data, self.layout.chunk_crc_start(name, view, block))
 
 def remove_partial_files(store: str | Path) -> None:
     """Remove the temporary files of chunk writes killed mid-way; called by ``finalize`` only

@@ -63,6 +63,8 @@ class Case:
     checkpoint: Path | None = None     # a checkpoint that must not exist
     run: Callable[[], tuple[int, str]] | None = None   # instead of the CLI (params.yaml: a stage script)
     unchanged: tuple[Path, ...] = ()   # inputs whose bytes the run must leave as they were
+    status: int = 2                    # the exit status
+    absent: tuple[Path, ...] = ()      # paths (a glob in the last part) the run must not leave behind
 
 
 @dataclass
@@ -107,9 +109,10 @@ def train_args(w: World, *extra: str, out: str = "t_out.pt") -> list[str]:
             "--no-progress", "--out", str(w.tmp / out), *extra]
 
 
-def distill_args(w: World, *extra: str, mentors: tuple[str, ...] | None = None, out: str = "s_out.pt") -> list[str]:
+def distill_args(w: World, *extra: str, mentors: tuple[str, ...] | None = None, out: str = "s_out.pt",
+                 method: str = "kd") -> list[str]:
     given = ["--mentors", *(mentors if mentors is not None else (str(w.base.store),))] if mentors != () else []
-    return ["distill", "--method", "kd", *given, "--manifest", str(w.base.manifest), "--student", "mlp",
+    return ["distill", "--method", method, *given, "--manifest", str(w.base.manifest), "--student", "mlp",
             "--epochs", "1", "--no-progress", "--device", "cpu", "--out", str(w.tmp / out), *extra]
 
 
@@ -185,8 +188,9 @@ def store_complete(store: Path) -> bool | None:
 
 
 def check_case(build: Callable[[World], Case], world: World) -> None:
-    """Run one case and assert what every mistake must give: a non-zero exit, exactly one ``error:``
-    line holding the case's needles, no traceback, nothing marked complete, no checkpoint at --out."""
+    """Run one case and assert what every mistake must give: its exit status (2), exactly one ``error:``
+    line holding the case's needles, no traceback, nothing marked complete, no checkpoint at --out,
+    no input changed, nothing left at ``absent``."""
     got = build(world)
     before = {path: path.read_bytes() for path in got.unchanged}
     if got.run is not None:
@@ -194,7 +198,7 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
     else:
         result = CliRunner().invoke(cli, got.args, catch_exceptions=False)
         status, stderr = result.exit_code, result.stderr
-    assert status != 0, stderr
+    assert status == got.status, (status, stderr)
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
@@ -206,3 +210,5 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
         assert not got.checkpoint.exists(), got.checkpoint
     for path, data in before.items():
         assert path.read_bytes() == data, f"{path} was changed"
+    for pattern in got.absent:
+        assert not list(pattern.parent.glob(pattern.name)), f"{pattern} was left behind"

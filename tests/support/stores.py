@@ -3,6 +3,7 @@
     from tests.support.stores import FakeFactory, make_fake_store, make_synthetic_teacher
     make_fake_store(tmp_path / "s.zarr", num_samples=700, views=1)   # any layout, through write_cache
     manifest, ckpt = make_synthetic_teacher(tmp_path)                # 3000 samples, a confident MLP
+    swap_blocks(store, view=0, a=0, b=1)                             # damage with checksums moved along
 
 ``FakeFactory`` is a deterministic stand-in teacher (logits a pure function of seed, view and
 row), so a store written in any block order or by any shards has the same bytes. The defaults
@@ -11,11 +12,13 @@ are also fixtures (tests/conftest.py): ``fake_store`` and ``synthetic_teacher``.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from pipeline.cache import write_cache
 from pipeline.checkpoint import save_checkpoint
@@ -82,6 +85,53 @@ def make_fake_store(out: Path, *, num_samples: int = 1000, num_classes: int = 10
                        provenance=fake_provenance(num_samples, num_classes, views, teacher_sha=teacher_sha),
                        layout=layout, sample_id=np.arange(num_samples, dtype=np.int64) * 3 + 7,
                        label=fake_labels(num_samples, num_classes), progress=False, **kw)
+
+
+def block_files(store: Path, view: int, block: int) -> list[Path]:
+    """The chunk files of (view, block): every block array's, then its ``checksum`` chunk."""
+    lay = schema.Layout.from_attrs(schema.read_attrs(store))
+    specs = lay.arrays()
+    return [Path(store) / schema.chunk_key(name, len(specs[name][0]), view, block)
+            for name in lay.block_arrays() + [schema.CHECKSUM]]
+
+
+def swap_blocks(store: Path, *, view: int, a: int, b: int) -> None:
+    """Swap two whole blocks of a view: their data chunks and their checksum chunks together."""
+    for fa, fb in zip(block_files(store, view, a), block_files(store, view, b)):
+        da, db = fa.read_bytes(), fb.read_bytes()
+        fa.write_bytes(db)
+        fb.write_bytes(da)
+
+
+def duplicate_block(store: Path, *, view: int, source: int, target: int) -> None:
+    """Copy a whole block (data and checksum chunks) over another block of the same view."""
+    for src, dst in zip(block_files(store, view, source), block_files(store, view, target)):
+        dst.write_bytes(src.read_bytes())
+
+
+def move_chunk(store: Path, name: str, *, view: int, block: int, to: tuple[str, int, int]) -> None:
+    """Copy the chunk of (``name``, view, block) over that of ``to`` = (array, view, block), and its
+    checksum into the checksum chunk of ``to``'s block, at ``to``'s array: a chunk moved with its checksum."""
+    lay = schema.Layout.from_attrs(schema.read_attrs(store))
+    specs, names = lay.arrays(), lay.block_arrays()
+    target, tview, tblock = to
+    src = Path(store) / schema.chunk_key(name, len(specs[name][0]), view, block)
+    (Path(store) / schema.chunk_key(target, len(specs[target][0]), tview, tblock)).write_bytes(src.read_bytes())
+    crc_src = np.fromfile(Path(store) / schema.chunk_key(schema.CHECKSUM, 3, view, block), dtype="<u4")
+    crc_file = Path(store) / schema.chunk_key(schema.CHECKSUM, 3, tview, tblock)
+    crcs = np.fromfile(crc_file, dtype="<u4")
+    crcs[names.index(target)] = crc_src[names.index(name)]
+    crc_file.write_bytes(crcs.tobytes())
+
+
+def rewrite_as_version_2(store: Path) -> None:
+    """Make a complete store what the version-2 writer wrote: each chunk's checksum the CRC-32 of its
+    bytes alone, and attrs ``version`` 2 (tests/store/version2.zarr shows it gives that writer's bytes)."""
+    lay = schema.Layout.from_attrs(schema.read_attrs(store))
+    for view, block in lay.units():
+        *chunks, crc_file = block_files(store, view, block)
+        crc_file.write_bytes(np.array([zlib.crc32(c.read_bytes()) for c in chunks], "<u4").tobytes())
+    zarr.open_group(str(store), mode="r+").attrs["version"] = 2
 
 
 def store_files(store: Path) -> dict[str, bytes]:
