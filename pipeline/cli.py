@@ -177,7 +177,7 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
 @manifest_group.command("check")
 @click.argument("file", type=LocalPath(dir_okay=False, path_type=str))
 @click.option("--files/--no-files", "with_files", default=True, show_default=True,
-              help="Also check that the data files the manifest names exist (and are unchanged).")
+              help="Also check that the data files the manifest names exist, are unchanged and read through.")
 def manifest_check(file: str, with_files: bool) -> None:
     """Validate a manifest and print a summary (exit 2 with one line if it is bad).
 
@@ -187,7 +187,7 @@ def manifest_check(file: str, with_files: bool) -> None:
     """
     m = load_manifest(file)
     if with_files:
-        check_files(m)
+        check_files(m, contents=True)
     names = ", ".join(m.class_names[:10]) + (", ..." if m.num_classes > 10 else "")
     click.echo(f"manifest: {file}")
     click.echo(f"dataset:  {m.dataset} (root {m.root})")

@@ -158,6 +158,16 @@ def _(w):
                  "--out", str(w.tmp / "m.parquet")], ("train",))
 
 
+@case("dataset: manifest check --files finds a truncated PNG")
+def _(w):
+    root = write_imagefolder(w.tmp / "imgs", dirs={"train": 2, "val": 1}, classes=("cat", "dog"))
+    manifest = w.tmp / "m.parquet"
+    build_manifest("imagefolder", root, manifest)
+    image = root / "train" / "dog" / "img_0.png"
+    image.write_bytes(image.read_bytes()[:200])
+    return Case(["manifest", "check", str(manifest)], ("m.parquet", "img_0.png", "expected a readable image"))
+
+
 @case("dataset: imagefolder --classes names a class that is not there")
 def _(w):
     root = write_imagefolder(w.tmp / "imgs", dirs={"train": 2, "val": 1}, classes=("cat", "dog"))

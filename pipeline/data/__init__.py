@@ -71,12 +71,13 @@ def subset_scan(scan: Scan, subset: Mapping[str, int], *, seed: int) -> Scan:
                    source=scan.source[keep], meta={**scan.meta, "subset": dict(sorted(subset.items()))})
 
 
-def check_files(manifest: Manifest) -> Manifest:
+def check_files(manifest: Manifest, *, contents: bool = False) -> Manifest:
     """Check that every data file ``manifest`` names exists (and is unchanged); returns it.
 
     A ``UserError`` naming the first missing file (``kdcache manifest check`` and ``kdcache cache``
-    run it, so a missing image stops them before anything is written)."""
-    READERS.create(manifest.dataset).check_files(manifest)
+    run it, so a missing image stops them before anything is written). ``contents`` (``manifest check``):
+    also read every image through, so a truncated one is found before a long job meets it."""
+    READERS.create(manifest.dataset).check_files(manifest, contents=contents)
     return manifest
 
 

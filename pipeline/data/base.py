@@ -87,8 +87,9 @@ class Reader:
     def default_views(self, manifest: "Manifest", *, seed: int = 0) -> "ViewSpec":
         raise NotImplementedError
 
-    def check_files(self, manifest: "Manifest") -> None:
-        """Every data file the manifest needs exists (and is unchanged where its hash is recorded)."""
+    def check_files(self, manifest: "Manifest", *, contents: bool = False) -> None:
+        """Every data file the manifest needs exists (and is unchanged where its hash is recorded);
+        ``contents``: also read each file through where that is not already implied (image files)."""
         check_recorded_files(manifest)
 
 

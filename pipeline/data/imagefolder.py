@@ -156,11 +156,20 @@ class ImageFolderReader(Reader):
         # The eval transform keeps ImageNet's ratio: resize the shorter side to 256/224 of the crop.
         return ViewSpec("rrc_flip_jitter", seed=seed, params={"size": size, "resize": round(size * 256 / 224)})
 
-    def check_files(self, manifest: Manifest) -> None:
+    def check_files(self, manifest: Manifest, *, contents: bool = False) -> None:
+        """Every image file exists; with ``contents``, each is also read through (PIL's ``verify``:
+        a truncated or corrupt PNG or JPEG is found without decoding the pixels)."""
         root = manifest.root
         sources = manifest.table.column("source").to_numpy(zero_copy_only=False)
         for row, src in enumerate(tqdm(sources, desc="check files", unit="file", leave=False,
-                                       disable=len(sources) < 50_000)):
-            if not os.path.isfile(os.path.join(root, src)):
-                raise UserError(f"{manifest.path}: column 'source' row {row}: image file "
-                                f"{os.path.join(root, src)} not found (root {root})")
+                                       disable=len(sources) < (5_000 if contents else 50_000))):
+            path = os.path.join(root, src)
+            if not os.path.isfile(path):
+                raise UserError(f"{manifest.path}: column 'source' row {row}: image file {path} not found (root {root})")
+            if contents:
+                try:
+                    with Image.open(path) as image:
+                        image.verify()
+                except Exception as err:  # PIL raises OSError, SyntaxError, ValueError ... for a bad file
+                    raise UserError(f"{manifest.path}: column 'source' row {row}: image file {path}: expected a "
+                                    f"readable image, found {type(err).__name__}: {err}") from None

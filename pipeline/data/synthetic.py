@@ -151,7 +151,7 @@ class SyntheticReader(Reader):
         index = _row_index(manifest, rows, count=len(data["x"]))
         return Samples(kind="vector", native_shape=(data["x"].shape[1],), array=data["x"][index])
 
-    def check_files(self, manifest: Manifest) -> None:
+    def check_files(self, manifest: Manifest, *, contents: bool = False) -> None:
         """The data file is the one the manifest was built with, has the manifest's classes, and holds
         every row the manifest's ``source`` names."""
         data = load_arrays(manifest)
