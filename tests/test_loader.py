@@ -162,3 +162,16 @@ def test_a_second_epoch_asked_for_mid_epoch(caches, cache_mode: str) -> None:
         else:
             with pytest.raises(UserError, match="epoch 0: the streamed cache now serves a later loader.epoch"):
                 next(first)
+
+
+def test_a_sampled_store_needs_the_loss_temperature(synthetic_teacher, tmp_path) -> None:
+    """Draws at T_s give an unbiased KD loss at T = T_s only: the loader asks for the loop's T."""
+    manifest, teacher = synthetic_teacher
+    store = cache(teacher, manifest, tmp_path / "s.zarr", storage="sampled", k=8, temperature=2.0)
+    with pytest.raises(UserError, match="draws at T = 2, right for a loss at that temperature only; pass temperature=2"):
+        DistillLoader([store], manifest, batch_size=BATCH)
+    with pytest.raises(UserError, match=r"storage.temperature: expected 4 \(temperature of this loader\), found 2"):
+        DistillLoader([store], manifest, batch_size=BATCH, temperature=4)
+    with DistillLoader([store], manifest, batch_size=BATCH, temperature=2.0) as loader:
+        x, y, t = next(iter(loader.epoch(0)))
+        assert t["logits"].shape == (1, len(y), loader.num_classes)

@@ -31,6 +31,10 @@ content hash, sample order, completeness, agreement): a mismatch is one ``UserEr
 streamed cache serves one epoch at a time: finish (or drop) one epoch's iterator before
 starting the next. ``x``, ``y`` and the targets are on ``device`` (default the CPU).
 
+A sampled store (``kdcache cache --storage sampled``) holds draws from the teacher's softmax at its
+temperature ``T_s``, an unbiased KD target at ``T = T_s`` only: such stores need ``temperature=``
+(your loss's T), and a loader whose temperature is not ``T_s`` is refused in one line.
+
 A student of another resolution or normalization than the teachers (a 160 px student of a 224 px
 teacher's cache): ``input_size=160`` (and ``input_mean``/``input_std``) gives ``x`` the same crop
 boxes and flips as the teachers saw, resized to 160 px (``pipeline.data.views.for_model``).
@@ -113,7 +117,8 @@ class DistillLoader:
                  seed: int = 0, workers: int = 0, rank: int | None = None, world_size: int | None = None,
                  cache_mode: str = "auto", memory_budget_mb: int | None = None, drop_last: bool = False,
                  device: str | torch.device = "cpu", fields: Sequence[str] = FIELDS, input_size: int | None = None,
-                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> None:
+                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None,
+                 temperature: float | None = None) -> None:
         if isinstance(stores, (str, Path)) or not stores:
             raise UserError(f"stores: expected a non-empty list of cache stores, found {stores!r}")
         for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
@@ -131,6 +136,7 @@ class DistillLoader:
         self.cached = CachedTargets.open(list(stores), self.manifest, cache_mode=cache_mode,
                                          memory_budget_mb=memory_budget_mb, workers=workers)
         try:
+            _check_sample_temperature(self.cached.group.paths, self.cached.group.layouts, temperature)
             self.spec = for_model(self.cached.view_spec, input_size=input_size, mean=input_mean, std=input_std)
             self.dataset: ViewDataset = open_split(self.manifest, self.cached.split, views=self.spec, view=0)
             self.runtime = Runtime.for_model(device, tuple(self.dataset.input_shape))
@@ -188,3 +194,19 @@ class DistillLoader:
     def __repr__(self) -> str:
         return (f"DistillLoader({self.num_mentors} mentors {self.names}, split={self.split!r}, "
                 f"batch_size={self.batch_size}, rank {self.rank}/{self.world_size}, mode={self.cached.group.mode})")
+
+
+def _check_sample_temperature(paths: Sequence[Path], layouts: Sequence, temperature: float | None) -> None:
+    """A store of draws at ``T_s`` (sampled storage) gives an unbiased KD loss only at ``T = T_s``: such a
+    store needs ``temperature`` (the T of the loop's loss) and it must be ``T_s``."""
+    for path, layout in zip(paths, layouts):
+        t_s = layout.codec.sample_temperature
+        if t_s is None:
+            continue
+        if temperature is None:
+            raise UserError(f"{path}: field storage.temperature: its targets are draws at T = {t_s:g}, right for a "
+                            f"loss at that temperature only; pass temperature={t_s:g} (your loss's T) to DistillLoader")
+        if float(temperature) != float(t_s):
+            raise UserError(f"{path}: field storage.temperature: expected {float(temperature):g} (temperature of this "
+                            f"loader), found {t_s:g} (the store's draws); cache it again with --temperature "
+                            f"{float(temperature):g}, or train at T = {t_s:g}")
