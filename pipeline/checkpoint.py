@@ -101,7 +101,8 @@ def _torch_load(path: Path, what: str) -> Any:
                             "which can run any code, and kdcache will not run it; "
                             "where you trust the file, re-save its weights as a plain state_dict "
                             "(torch.save(model.state_dict(), ...)) or a .safetensors file") from None
-        raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
+        raise UserError(f"{path}: unreadable {what} (expected a torch file, found neither a torch zip file nor a "
+                        "pickle)") from None
     except Exception as err:
         raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err)[:200]})") from None
 

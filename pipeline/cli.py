@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 import warnings
 from typing import Iterator
 
@@ -36,7 +37,7 @@ from pipeline.cli_options import (
 )
 from pipeline.data import READERS, build_manifest, check_files
 from pipeline.errors import UserError
-from pipeline.files import check_writable, os_error_text, write_json
+from pipeline.files import check_distinct, check_writable, os_error_text, write_json
 from pipeline.inspect import (
     format_report,
     inspect_stores,
@@ -168,6 +169,7 @@ def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed:
       kdcache manifest build --dataset imagefolder --root data/imagenet --classes data_manifests/imagenet100.txt --out data_manifests/imagenet100.parquet
     """
     given = {k: v for k, v in options.items() if v is not None}
+    check_distinct({"--out": out}, {"--classes": classes} if classes else {})
     rows = parse_options(subset, flag="--subset")
     m = build_manifest(dataset, root, out, classes=classes, seed=seed, subset=rows, progress=True, **given)
     sizes = ", ".join(f"{k} {v}" for k, v in m.split_sizes().items())
@@ -255,6 +257,7 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
     """
     cfg = EvaluateConfig(**options)
     if out:
+        check_distinct({"--out": out}, {"CHECKPOINT": checkpoint, "--manifest": manifest})
         check_writable(out, what="--out")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -344,6 +347,9 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --local-workers 4
     """
     configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
+    files = {**{f"--teacher ({t})": t for t in teacher if Path(t).is_file()},
+             **{f"--weights ({w})": w for w in weights}}
+    check_distinct({f"--out ({cfg.out})": cfg.out for cfg in configs}, {"--manifest": configs[0].manifest, **files})
     results = [cache_teacher(configs[0])] if len(configs) == 1 else cache_teachers(configs)
     for cfg, result in zip(configs, results):
         if result.complete:
@@ -575,6 +581,7 @@ def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json
                         f"found {label_issue_probs!r}")
     if label_issues and not (out or samples):
         raise UserError("--label-issues: expected --out DIR (a gallery) or --samples FILE (a rank column) to write to")
+    check_distinct({"--out": out, "--samples": samples}, {f"STORES ({store})": store for store in stores})
     report = inspect_stores(list(stores), bins=bins)
     check_ranking_options(view=view, top=top, per_class=per_class, num_views=report["stores"][0]["num_views"])
     click.echo(report_json(report).rstrip("\n") if as_json else format_report(report))

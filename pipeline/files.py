@@ -22,7 +22,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from pipeline.errors import UserError
 
@@ -64,6 +64,27 @@ def check_local(path: str | Path, *, what: str) -> None:
         scheme = path.split("://", 1)[0]
         raise UserError(f"{what} {path}: expected a local path, found a {scheme}:// URL (stores and files are read "
                         "and written on a local or shared filesystem; copy the object there first)")
+
+
+def check_distinct(outputs: Mapping[str, str], inputs: Mapping[str, str]) -> None:
+    """Refuse, in one line naming both options, an output that is the same path as another output or
+    an input, or lies inside one, or holds one (``--out data_manifests/x.parquet --manifest
+    data_manifests/x.parquet``; ``--out X.csv --metrics X.json``, whose history is ``X.csv``)."""
+    named = [(what, Path(path).resolve(), True) for what, path in outputs.items() if path] + \
+            [(what, Path(path).resolve(), False) for what, path in inputs.items() if path]
+    for i, (what, path, written) in enumerate(named):
+        for other, other_path, other_written in named[:i]:
+            if not (written or other_written):
+                continue
+            if path == other_path:
+                if written and other_written:
+                    raise UserError(f"{other} and {what} name the same file ({path}); give each its own path")
+                out, into = (what, other) if written else (other, what)
+                raise UserError(f"{out} would overwrite {into} ({path}); give the output another path")
+            if other_path in path.parents or path in other_path.parents:
+                (inner, inner_path), (outer, outer_path) = sorted(
+                    [(what, path), (other, other_path)], key=lambda item: -len(item[1].parts))
+                raise UserError(f"{inner} lies inside {outer} ({inner_path} in {outer_path}); give each its own path")
 
 
 def check_writable(path: str | Path, *, what: str) -> None:

@@ -416,6 +416,38 @@ def _(w):
                 unchanged=(weights,))
 
 
+@case("args: evaluate --out is its checkpoint")
+def _(w):
+    ckpt = w.tmp / "t.pt"
+    ckpt.write_bytes(w.base.teacher.read_bytes())
+    return Case(["evaluate", str(ckpt), "--manifest", str(w.base.manifest), "--device", "cpu", "--out", str(ckpt)],
+                ("--out would overwrite CHECKPOINT", "t.pt"), unchanged=(ckpt,))
+
+
+@case("args: inspect --out inside the store it reads")
+def _(w):
+    store = w.tmp / "copy.zarr"
+    shutil.copytree(w.base.store, store)
+    return Case(["inspect", str(store), "--out", str(store / "report")], ("--out lies inside STORES", "copy.zarr"),
+                checkpoint=store / "report", unchanged=(store / "zarr.json",))
+
+
+@case("args: cache --out is its manifest")
+def _(w):
+    manifest = w.tmp / "m.parquet"
+    manifest.write_bytes(w.base.manifest.read_bytes())
+    return Case(cache_args(w, "--manifest", str(manifest), out=manifest), ("would overwrite --manifest", "m.parquet"),
+                unchanged=(manifest,))
+
+
+@case("args: a file that is not a torch file is said plainly")
+def _(w):
+    junk = w.tmp / "notes.pt"
+    junk.write_text('{"top1": 0.5}')
+    return Case(train_args(w, "--weights", str(junk)), ("notes.pt", "neither a torch zip file nor a pickle"),
+                checkpoint=w.tmp / "t_out.pt")
+
+
 @case("args: train-teacher --lr 1e300")
 def _(w):
     return Case(train_args(w, "--lr", "1e300"), ("'lr'", "(0, 1000]"), checkpoint=w.tmp / "t_out.pt")
