@@ -72,6 +72,19 @@ def _reader_option(dataset: str, key: str) -> object:
     return READERS.get(dataset).options[key]
 
 
+def _probability(flag: str, value: str | None) -> float | None:
+    """A number in [0, 1] given as text, or None; anything else is the user's one-line error."""
+    if value is None:
+        return None
+    try:
+        p = float(value)
+    except ValueError:
+        p = None
+    if p is None or not 0.0 <= p <= 1.0:
+        raise UserError(f"{flag}: expected a probability in [0, 1], found {value!r}")
+    return p
+
+
 class _Group(click.Group):
     """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
 
@@ -318,13 +331,21 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="DataLoader workers decoding images.")
 @click.option("--views-seed", type=int, default=config_default(CacheConfig, "views_seed"), show_default=True,
               help="Seed of the random views.")
+@click.option("--augment", metavar="POLICY", default=config_default(CacheConfig, "augment"),
+              help="randaugment or trivialaugment: applied to views >= 1 after their crop and flip (torchvision's "
+                   "ops, every choice replayed from the views seed).")
+@click.option("--augment-option", "augment_option", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
+              help="An option of --augment (repeatable or comma-separated): randaugment n=2 (ops per view), "
+                   "m=9 (magnitude 0..30).")
+@click.option("--erase", metavar="P", default=None,
+              help="Random erasing in views >= 1 with probability P (after --augment).")
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
                    "teachers: one --name per --teacher, in the same order.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: tuple[str, ...],
-                  name: tuple[str, ...], **options) -> None:
+                  name: tuple[str, ...], augment_option: tuple[str, ...], erase: str | None, **options) -> None:
     """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
     Several teachers are cached in one pass: each view of each image is decoded and augmented
@@ -342,7 +363,12 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --storage topk --k 20
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
+      kdcache cache ... --views 16 --augment randaugment --augment-option n=2,m=9 --erase 0.25
+      kdcache cache ... --views 32 --augment trivialaugment
     """
+    pairs = [pair for given in augment_option for pair in given.split(",") if pair.strip()]
+    options["augment_options"] = parse_options(pairs, flag="--augment-option") or None
+    options["erase"] = _probability("--erase", erase)
     configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     results = [cache_teacher(configs[0])] if len(configs) == 1 else cache_teachers(configs)
     for cfg, result in zip(configs, results):

@@ -8,7 +8,8 @@
 
 Row ``i`` is the i-th row of the split in manifest order, i.e. row ``i`` of a cache of that
 split. Each item is a pure function of (views spec, sample_id, view): DataLoader workers,
-batch order and separate processes all produce the same tensors.
+batch order and separate processes all produce the same tensors. Views with augmentations recorded
+under another torchvision are refused (``pipeline.data.augment.check_replay``): their pixels may differ.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.data.augment import check_replay
 from pipeline.data.base import Samples
 from pipeline.data.views import ViewSpec, apply_view, batch_view, output_shape
 from pipeline.errors import UserError
@@ -31,6 +33,7 @@ class ViewDataset(Dataset):
             raise UserError(f"views field 'kind': {views.kind!r} is for images; vector data takes 'identity'")
         if samples.kind == "image" and views.kind == "identity":
             raise UserError("views field 'kind': 'identity' is for vectors; images take 'pad_crop_flip' or 'rrc_flip_jitter'")
+        check_replay(views.params)
         self.samples = samples
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int32)
