@@ -101,7 +101,7 @@ class ViewSchedule:
       (``seed``, sample_id ``i``, 2**40 + ``epoch``) (``pipeline.data.views.uniforms_batch``): every view
       0..V-1 (view 0, the evaluation view, included) equally likely, drawn afresh per epoch and sample,
       a pure function of the run's seed. Over E epochs a row meets about ``V * (1 - (1 - 1/V)**E)``
-      distinct views (E = 30, V = 64: 24.4; with ``cycle``: min(E, V)).
+      distinct views (E = 30, V = 64: 24.1; with ``cycle``: min(E, V)).
 
     ``views(epoch)`` is an int64 array [N]: the view of every row, the same in every process.
     """
