@@ -161,3 +161,15 @@ def test_augmented_stores_replay_byte_identically(cifar: Manifest, tmp_path: Pat
     aug_logits = {k: v for k, v in files.items() if k.startswith("logits/")}
     assert plain_logits.keys() == aug_logits.keys()
     assert any(plain_logits[k] != aug_logits[k] for k in plain_logits)   # the teacher saw other pixels
+
+
+def test_params_cache_section_takes_the_same_keys() -> None:
+    from pipeline.cache import CacheConfig
+
+    section = {"teacher": "t.pt", "manifest": "m.parquet", "out": "o.zarr", "augment": "randaugment",
+               "augment_options": {"n": 3}, "erase": 0.1}
+    cfg = CacheConfig.from_dict(section, source="params.yaml", prefix="cache")
+    assert (cfg.augment, cfg.augment_options, cfg.erase) == ("randaugment", {"n": 3}, 0.1)
+    with pytest.raises(ConfigError, match=r"^params.yaml: cache.augment_options.m: expected an integer in \[0, 30\], "
+                                          r"found 99$"):
+        CacheConfig.from_dict({**section, "augment_options": {"m": 99}}, source="params.yaml", prefix="cache")

@@ -18,6 +18,11 @@ Kinds:
   contrast, saturation, hue in a random order). Eval: resize shorter side, center crop.
 View 0 is always the evaluation transform (no randomness).
 
+Image kinds optionally add, after the crop and flip of views >= 1, RandAugment or TrivialAugmentWide
+and random erasing (``with_augment(spec, "randaugment", {"n": 2, "m": 9}, erase=0.25)``;
+``pipeline.data.augment``), reading stream positions 32 and up, so the geometry of a view does not
+change when augmentations are added. Such a spec records the torchvision version that made them.
+
 A view's geometry (the crop box in the source image and the flip: ``view_geometry``) is fixed by
 the spec's ``seed`` and geometry parameters (``size``, ``pad``, ``resize``, ``scale``, ...); the
 resolution and normalization are each model's own. ``input_size`` (image kinds, recorded only when
