@@ -93,13 +93,17 @@ def test_spec_records_the_torchvision_version_only_with_augmentations(cifar: Man
     assert with_augment(plain, "randaugment").params["augment"] == {"kind": "randaugment", "n": 2, "m": 9}
 
 
-def test_another_torchvision_is_refused_in_one_line(cifar: Manifest) -> None:
+def test_views_past_0_under_another_torchvision_are_refused_in_one_line(cifar: Manifest) -> None:
     spec = with_augment(default_views(cifar), "randaugment")
     recorded = ViewSpec.from_dict({**spec.to_dict(), "params": {**spec.params, "torchvision": "0.1.0"}})
     assert recorded.params["torchvision"] == "0.1.0"   # read back as recorded, not as running
+    ds = open_split(cifar, "train", views=recorded)    # view 0, the evaluation view, has no augmentation
+    assert ds[0][0].shape == ds.input_shape
     with pytest.raises(UserError, match=r"torchvision 0\.1\.0.*install torchvision==0\.1\.0") as err:
-        open_split(cifar, "train", views=recorded)
+        ds.set_view(1)
     assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="torchvision"):
+        ds.set_view(np.arange(len(ds)) % 2)                 # rows of views >= 1 too
 
 
 @pytest.mark.parametrize("augment, options, erase, key", [

@@ -9,8 +9,9 @@
 
 Row ``i`` is the i-th row of the split in manifest order, i.e. row ``i`` of a cache of that
 split. Each item is a pure function of (views spec, sample_id, view): DataLoader workers,
-batch order and separate processes all produce the same tensors. Views with augmentations recorded
-under another torchvision are refused (``pipeline.data.augment.check_replay``): their pixels may differ.
+batch order and separate processes all produce the same tensors. Views >= 1 with augmentations
+recorded under another torchvision are refused (``pipeline.data.augment.check_replay``): their
+pixels may differ. View 0 (evaluation) has none, so it is always served.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class ViewDataset(Dataset):
             raise UserError(f"views field 'kind': {views.kind!r} is for images; vector data takes 'identity'")
         if samples.kind == "image" and views.kind == "identity":
             raise UserError("views field 'kind': 'identity' is for vectors; images take 'pad_crop_flip' or 'rrc_flip_jitter'")
-        check_replay(views.params)
         self.samples = samples
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int32)
@@ -72,6 +72,8 @@ class ViewDataset(Dataset):
                 raise UserError(f"views per row: expected {len(self.sample_ids)}, found {len(views)}")
             if len(views) and views.min() < 0:
                 raise UserError(f"view index must be >= 0, found {views.min()}")
+            if len(views) and views.max() > 0:
+                check_replay(self.views.params)
             if len(views) == 0 or (views == views[0]).all():
                 self._view, self._row_views = int(views[0]) if len(views) else 0, None
             else:
@@ -79,6 +81,8 @@ class ViewDataset(Dataset):
             return
         if int(v) < 0:
             raise UserError(f"view index must be >= 0, found {v}")
+        if int(v) > 0:
+            check_replay(self.views.params)
         self._view, self._row_views = int(v), None
 
     def __len__(self) -> int:
