@@ -122,3 +122,17 @@ def test_cli_bad_view_schedule_is_one_error_line(tmp_path) -> None:
                                    "--student", "mlp", "--out", str(tmp_path / "s.pt"), "--view-schedule", "often"])
     one_error_line(run, "view_schedule", "often")
     assert "--view-schedule cycle|random" in CliRunner().invoke(cli, ["distill", "--help"]).output
+
+
+def test_resume_keeps_the_schedule_and_a_checkpoint_without_one_had_cycle(cifar_cache, tmp_path) -> None:
+    manifest, store = cifar_cache
+    out = tmp_path / "s.pt"
+    settings = dict(method="kd", mentors=(str(store),), manifest=str(manifest.path), student="cnn", epochs=1,
+                    batch_size=8, device="cpu", progress=False)
+    distill(DistillConfig(out=str(out), **settings))
+    blob = load_checkpoint(out)
+    del blob["meta"]["config"]["view_schedule"]          # as written before the setting existed
+    torch.save(blob, out)
+    distill(DistillConfig(out=str(tmp_path / "more.pt"), resume=str(out), **settings))   # taken as cycle
+    with pytest.raises(UserError, match="setting 'view_schedule' differs: checkpoint has 'cycle', this run 'random'"):
+        distill(DistillConfig(out=str(tmp_path / "other.pt"), resume=str(out), view_schedule="random", **settings))

@@ -75,7 +75,7 @@ class DistillConfig(TrainConfig):
 
     section: ClassVar[str] = "distill"
     resume_keys: ClassVar[tuple[str, ...]] = ("method", "options", "student", "student_options", "student_b",
-                                              "student_b_options", "online") + TrainConfig.resume_keys
+                                              "student_b_options", "online", "view_schedule") + TrainConfig.resume_keys
 
     method: str
     student: str
