@@ -344,7 +344,7 @@ def _augmented(p: dict, img: np.ndarray, u: np.ndarray | None) -> np.ndarray:
     if u is None or ("augment" not in p and "erase" not in p):
         return img
     hwc = img[:, :, None] if img.ndim == 2 else img
-    chw = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+    chw = torch.from_numpy(np.array(hwc.transpose(2, 0, 1), order="C"))   # a writable copy
     return augment_image(p, chw, u).numpy().transpose(1, 2, 0)
 
 
