@@ -32,7 +32,8 @@ class CacheConfig(FromDict):
     views_seed: int = 0                     # seed of the random views
     view_spec: dict[str, Any] | None = None  # a ViewSpec.to_dict(); default: the dataset's views with views_seed
     augment: str | None = None              # after the crop and flip of views >= 1: randaugment | trivialaugment
-    augment_options: dict[str, Any] = field(default_factory=dict)  # randaugment: n (ops, default 2), m (magnitude 0..30, default 9)
+    # randaugment: n (ops per view, default 2), m (magnitude 0..30, default 9)
+    augment_options: dict[str, Any] = field(default_factory=dict)
     erase: float | None = None              # random erasing in views >= 1 with this probability
     dtype: str = "float16"                  # of the stored logits: one its storage codec takes
     storage: str = codecs.DEFAULT_KIND      # a storage codec's name (entropy, p_gt: always exact float32)

@@ -10,9 +10,9 @@ made into each input transform once, and fed to every teacher that needs that bl
 Teachers are grouped by their views (``TeacherFactory.views``: the geometry, the resolution and
 the normalization they were given): a group's inputs are made once per micro-batch and shared by
 its teachers. Lazily decoded images (ImageFolder) are decoded once for every group and every view
-of a ``compute_views`` call: one DataLoader item is the tuple of each (group, view)'s input of that sample. The micro-batches, threads
-and each teacher's forward are those of its own ``TeacherComputer``, so a teacher's logits are
-bit-identical to those of a run caching it alone.
+of a ``compute_views`` call: one DataLoader item is the tuple of each (group, view)'s input of that
+sample. The micro-batches, threads and each teacher's forward are those of its own
+``TeacherComputer``, so a teacher's logits are bit-identical to those of a run caching it alone.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class OnePassComputer:
         first = factory.teachers[0]
         self.micro_batch, self.threads, self.workers = first.micro_batch, first.threads, first.workers
 
-    def _inputs(self, keys: list[tuple[str, int]], start: int, stop: int) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    def _inputs(self, keys: list[tuple[str, int]], start: int,
+                stop: int) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
         """Per micro-batch, the input batch of each (group, view) of ``keys``."""
         first = {g: next(t for t in self.teachers if t.factory.views == g) for g, _ in keys}
         datasets = [first[g].dataset(view) for g, view in keys]

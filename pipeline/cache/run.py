@@ -19,10 +19,10 @@ claims each block of each store before computing it and skips blocks another liv
 coming back to them once at the end (``pipeline.cache.claims``). A dead job's claims are taken over.
 
 With --scheduler the workers must see the stores, the checkpoints and the manifest under the same
-absolute paths (a shared filesystem). One dask task per block (its views this run computes). A worker builds the teachers
-once (the first task it runs) and keeps them, with the store handles, for the next tasks; it writes
-its own blocks, so no logits travel back to the client. Metadata is created by the client before
-any task is submitted.
+absolute paths (a shared filesystem). One dask task per block (the views of it this run computes).
+A worker builds the teachers once (the first task it runs) and keeps them, with the store handles,
+for the next tasks; it writes its own blocks, so no logits travel back to the client. Metadata is
+created by the client before any task is submitted.
 """
 
 from __future__ import annotations
