@@ -73,6 +73,19 @@ def _reader_option(dataset: str, key: str) -> object:
     return READERS.get(dataset).options[key]
 
 
+def _probability(flag: str, value: str | None) -> float | None:
+    """A number in [0, 1] given as text, or None; anything else is the user's one-line error."""
+    if value is None:
+        return None
+    try:
+        p = float(value)
+    except ValueError:
+        p = None
+    if p is None or not 0.0 <= p <= 1.0:
+        raise UserError(f"{flag}: expected a probability in [0, 1], found {value!r}")
+    return p
+
+
 class _Group(click.Group):
     """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
 
@@ -321,13 +334,22 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="DataLoader workers decoding images.")
 @click.option("--views-seed", type=int, default=config_default(CacheConfig, "views_seed"), show_default=True,
               help="Seed of the random views.")
+@click.option("--augment", metavar="POLICY", default=config_default(CacheConfig, "augment"),
+              help="randaugment or trivialaugment: applied to views >= 1 after their crop and flip (torchvision's "
+                   "ops, every choice replayed from the views seed).")
+@click.option("--augment-option", "augment_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
+              show_default=True,
+              help="An option of --augment (repeatable or comma-separated): randaugment n=2 (ops per view), "
+                   "m=9 (magnitude 0..30).")
+@click.option("--erase", metavar="P", default=None,
+              help="Random erasing in views >= 1 with probability P (after --augment).")
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
                    "teachers: one --name per --teacher, in the same order.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: tuple[str, ...],
-                  name: tuple[str, ...], **options) -> None:
+                  name: tuple[str, ...], augment_options: tuple[str, ...], erase: str | None, **options) -> None:
     """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
     Several teachers are cached in one pass: each view of each image is decoded and augmented
@@ -345,7 +367,12 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --storage topk --k 20
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
+      kdcache cache ... --views 16 --augment randaugment --augment-option n=2,m=9 --erase 0.25
+      kdcache cache ... --views 32 --augment trivialaugment
     """
+    pairs = [pair for given in augment_options for pair in given.split(",") if pair.strip()]
+    options["augment_options"] = parse_options(pairs, flag="--augment-option")
+    options["erase"] = _probability("--erase", erase)
     configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     files = {**{f"--teacher ({t})": t for t in teacher if Path(t).is_file()},
              **{f"--weights ({w})": w for w in weights}}
@@ -465,6 +492,10 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 @training_options(DistillConfig)
 @click.option("--views", type=int, default=config_default(DistillConfig, "views"),
               help="Views V without a cache (default 1): epoch e uses view e mod V. With a cache: taken from it.")
+@click.option("--view-schedule", metavar="cycle|random", default=config_default(DistillConfig, "view_schedule"),
+              show_default=True,
+              help="cycle: epoch e replays view e mod V; random: each row a view drawn per epoch from --seed "
+                   "(0..V-1 equally likely; the cache in memory), so V >= epochs gives fresh views most epochs.")
 @click.option("--train-split", default=config_default(DistillConfig, "train_split"),
               help="Split to train on (default: the stores' split, else train).")
 @click.option("--init", type=LocalPath(dir_okay=False, path_type=str), default=config_default(DistillConfig, "init"),
@@ -484,7 +515,8 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
                     student_b_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
 
-    Epoch e replays view e mod V of the cache, so the student sees the pixels its teachers saw.
+    Epoch e replays view e mod V of the cache (or, with --view-schedule random, each row a view
+    drawn per epoch), so the student sees the pixels its teachers saw.
     SGD with momentum and a cosine schedule; a checkpoint (with the train state) after every
     epoch. Under torchrun each rank takes its slice of every batch (DDP).
 
@@ -508,6 +540,8 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
       # several GPUs; resume after an interruption
       torchrun --nproc_per_node 4 -m pipeline.cli distill --method kd --mentors caches/train/r56.zarr ... --out models/kd.pt
       kdcache distill ... --out models/kd.pt --resume models/kd.pt
+      # a cache of 64 views: a random view per image and epoch
+      kdcache distill --method kd --mentors caches/train/r56_v64.zarr --manifest data_manifests/cifar100.parquet --student resnet20 --view-schedule random --out models/kd_random.pt
     """
     config = DistillConfig(options=parse_options(option_pairs),
                            student_options=parse_options(student_options, flag="--student-option"),

@@ -4,15 +4,17 @@
     cache_teacher(CacheConfig(teacher="models/ce.pt", manifest="m.parquet", out="caches/train/ce.zarr", views=2))
     CacheConfig(teacher="resnet18", weights="weights/r18.pt", ...)      # an arch name + a state_dict
     CacheConfig(teacher="my_models:build_teacher", ...)                 # your callable (weights optional)
+    CacheConfig(..., views=16, augment="randaugment", augment_options={"n": 2, "m": 9}, erase=0.25)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, ClassVar
 
-from pipeline.config import FromDict
+from pipeline.config import ConfigError, FromDict
+from pipeline.data.augment import augment_params
 from pipeline.store import codecs, schema
 
 
@@ -29,6 +31,10 @@ class CacheConfig(FromDict):
     views: int = 1                          # V views per sample (view 0 = the evaluation transform)
     views_seed: int = 0                     # seed of the random views
     view_spec: dict[str, Any] | None = None  # a ViewSpec.to_dict(); default: the dataset's views with views_seed
+    augment: str | None = None              # after the crop and flip of views >= 1: randaugment | trivialaugment
+    # randaugment: n (ops per view, default 2), m (magnitude 0..30, default 9)
+    augment_options: dict[str, Any] = field(default_factory=dict)
+    erase: float | None = None              # random erasing in views >= 1 with this probability
     dtype: str = "float16"                  # of the stored logits: one its storage codec takes
     storage: str = codecs.DEFAULT_KIND      # a storage codec's name (entropy, p_gt: always exact float32)
     k: int | None = None                    # classes kept or drawn per row, for codecs that take k
@@ -65,3 +71,7 @@ class CacheConfig(FromDict):
                                              or not isinstance(self.temperature, (int, float))
                                              or not self.temperature > 0):
             raise self.bad("temperature", f"a number > 0, with storage {' or '.join(with_temperature)} only")
+        try:
+            augment_params(self.augment, self.augment_options, erase=self.erase)
+        except ConfigError as err:   # worded as this section's key
+            raise ConfigError(err.problem, key=err.key, section=self.section) from None

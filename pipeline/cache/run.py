@@ -10,17 +10,19 @@ dask.distributed cluster; then each store is finalized by whoever finds its ever
 
 Several stores of one layout (the teachers of one pass) are written in one pass: a (view, block)
 unit is the same rows in every store, so it is computed once for all the stores that miss it
-(the images decoded once, ``pipeline.cache.one_pass``) and written into each of them.
+and written into each of them. The units of one block are computed together (``by_block``): each
+image of the block is decoded once for all its views and teachers (``compute_views``), never once
+per view; the stores are the same bytes either way, each view's micro-batches and forward unchanged.
 
 Two jobs given the same blocks (the same --shard twice, two reruns at once) split them: a job
 claims each block of each store before computing it and skips blocks another live job holds,
 coming back to them once at the end (``pipeline.cache.claims``). A dead job's claims are taken over.
 
 With --scheduler the workers must see the stores, the checkpoints and the manifest under the same
-absolute paths (a shared filesystem). One dask task per (view, block). A worker builds the teachers
-once (the first task it runs) and keeps them, with the store handles, for the next tasks; it writes
-its own blocks, so no logits travel back to the client. Metadata is created by the client before
-any task is submitted.
+absolute paths (a shared filesystem). One dask task per block (the views of it this run computes).
+A worker builds the teachers once (the first task it runs) and keeps them, with the store handles,
+for the next tasks; it writes its own blocks, so no logits travel back to the client. Metadata is
+created by the client before any task is submitted.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline import faults
 from pipeline.cache.claims import DEFAULT_STALE_AFTER, Claims, clear_claims
-from pipeline.cache.teacher import BlockComputer, ComputerFactory
+from pipeline.cache.teacher import BlockComputer, ComputerFactory, compute_views
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.writer import BlockWriter, CacheResult, Provenance, check_target, finalize, open_or_create
@@ -56,6 +58,10 @@ class PassComputer(Protocol):
     def __call__(self, view: int, start: int, stop: int, members: Sequence[int]) -> list[np.ndarray]:
         """float32 logits [stop - start, num_classes] of rows [start, stop) in view ``view``, one
         array per store in ``members`` (indices into the pass's stores)."""
+
+    def compute_views(self, views: Sequence[int], start: int, stop: int,
+                      members: Sequence[int]) -> list[list[np.ndarray]]:
+        """Per view of ``views``, what ``self(view, start, stop, members)`` gives, each image decoded once."""
 
 
 class PassFactory(Protocol):
@@ -91,6 +97,10 @@ class _OneStoreComputer:
     def __call__(self, view: int, start: int, stop: int, members: Sequence[int]) -> list[np.ndarray]:
         return [self.computer(view, start, stop)]
 
+    def compute_views(self, views: Sequence[int], start: int, stop: int,
+                      members: Sequence[int]) -> list[list[np.ndarray]]:
+        return [[z] for z in compute_views(self.computer, views, start, stop)]
+
 
 def _progress(rows: int, progress: bool, desc: str) -> tqdm:
     # Batch-job logs (no terminal) get a line every 30 s instead of a bar redrawn ten times a second.
@@ -112,45 +122,50 @@ def _desc(stores: Sequence[Path]) -> str:
     return f"cache {stores[0].name}" if len(stores) == 1 else f"cache {len(stores)} stores"
 
 
-def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claims], *, view: int, block: int,
-                          computer: Callable[[], PassComputer]) -> list[tuple[str, int]]:
-    """Claim (view, block) in every store, compute it once for the stores whose claim we got, write
-    it into each and release those claims; returns (outcome, rows written) per store.
+def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claims], *, views: Sequence[int],
+                          block: int, computer: Callable[[], PassComputer]) -> dict[int, list[tuple[str, int]]]:
+    """Claim (view, block) of ``views`` in every store, compute the held ones in one pass (each image
+    decoded once for all the views), write each into its store and release those claims; returns,
+    per view, (outcome, rows written) per store.
 
     Outcomes: ``COMPUTED``; ``DONE`` (its marker is set: nothing to do); ``CLAIMED`` (another live
     job holds it, or took it over from us before we wrote: come back later). ``computer()``
     gives the pass computer (built on first use). A store's marker is read again after its claim
     is taken: the job that held the claim before may have finished the block meanwhile.
     """
-    outcomes = [(DONE, 0)] * len(writers)
-    held: list[int] = []
+    outcomes = {view: [(DONE, 0)] * len(writers) for view in views}
+    held: list[tuple[int, int]] = []                  # (view, store)
     try:
-        for s, (writer, claim) in enumerate(zip(writers, claims)):
-            if writer.marked(view, block):
-                continue
-            if not claim.acquire(view, block):
-                outcomes[s] = (CLAIMED, 0)
-            elif writer.marked(view, block):
-                claim.release(view, block)
-            else:
-                held.append(s)
+        for view in views:
+            for s, (writer, claim) in enumerate(zip(writers, claims)):
+                if writer.marked(view, block):
+                    continue
+                if not claim.acquire(view, block):
+                    outcomes[view][s] = (CLAIMED, 0)
+                elif writer.marked(view, block):
+                    claim.release(view, block)
+                else:
+                    held.append((view, s))
         if not held:
             return outcomes
-        start, stop = writers[held[0]].layout.block_rows(block)
-        logits = computer()(view, start, stop, tuple(held))
-        for s, values in zip(tuple(held), logits):
+        start, stop = writers[held[0][1]].layout.block_rows(block)
+        todo = list(dict.fromkeys(view for view, _ in held))
+        members = tuple(sorted({s for _, s in held}))
+        logits = computer().compute_views(todo, start, stop, members)
+        for (view, s) in list(held):
+            values = logits[todo.index(view)][members.index(s)]
             if not claims[s].holds(view, block):      # judged stale and taken over while we computed
-                held.remove(s)
+                held.remove((view, s))
                 claims[s].abandon(view, block)
-                outcomes[s] = (CLAIMED, 0)
+                outcomes[view][s] = (CLAIMED, 0)
                 continue
             writers[s].write(view, block, np.asarray(values, dtype=np.float32))
-            held.remove(s)
+            held.remove((view, s))
             faults.point("block")
             claims[s].release(view, block)            # only after the marker
-            outcomes[s] = (COMPUTED, stop - start)
+            outcomes[view][s] = (COMPUTED, stop - start)
     except BaseException:
-        for s in held:
+        for view, s in held:
             claims[s].abandon(view, block)            # unmarked: any job may take the block over now
         raise
     return outcomes
@@ -158,9 +173,29 @@ def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claim
 
 def claim_and_compute(writer: BlockWriter, claims: Claims, *, view: int, block: int,
                       computer: Callable[[], BlockComputer]) -> tuple[str, int]:
-    """``claim_and_compute_all`` for one store and its block computer."""
-    return claim_and_compute_all([writer], [claims], view=view, block=block,
-                                 computer=lambda: _OneStoreComputer(computer()))[0]
+    """``claim_and_compute_all`` of one view for one store and its block computer."""
+    return claim_and_compute_all([writer], [claims], views=[view], block=block,
+                                 computer=lambda: _OneStoreComputer(computer()))[view][0]
+
+
+LOGITS_PER_PASS = 2**29   # bytes of float32 logits one compute_views call may hold (512 MiB)
+
+
+def by_block(units: Sequence[tuple[int, int]], *, most: int | None = None) -> list[tuple[int, list[int]]]:
+    """(block, views) for ``units`` of (view, block), blocks in first-seen order: the unit of work that
+    decodes a block's images once for all its views; at most ``most`` views each (a block of many
+    views of many classes is cut so that its logits fit ``LOGITS_PER_PASS``)."""
+    out: dict[int, list[int]] = {}
+    for view, block in units:
+        out.setdefault(block, []).append(view)
+    step = (most or max(len(views) for views in out.values())) if out else 1
+    return [(block, views[i:i + step]) for block, views in out.items() for i in range(0, len(views), step)]
+
+
+def views_per_pass(layout: schema.Layout, num_stores: int) -> int:
+    """How many views of a block ``compute_views`` takes at once: its logits within ``LOGITS_PER_PASS``."""
+    per_view = layout.rows_per_block * layout.num_classes * 4 * max(1, num_stores)
+    return max(1, LOGITS_PER_PASS // per_view)
 
 
 def run_local(writers: Sequence[BlockWriter], factory: PassFactory, units: list[tuple[int, int]], *,
@@ -179,24 +214,31 @@ def run_local(writers: Sequence[BlockWriter], factory: PassFactory, units: list[
             built.append(factory.build())
         return built[0]
 
-    def one(view: int, block: int) -> int:
-        outcomes = claim_and_compute_all(writers, claims, view=view, block=block, computer=computer)
-        for s, (outcome, rows) in enumerate(outcomes):
-            computed[s] += outcome == COMPUTED
-            bar.update(rows)
-        return sum(outcome == CLAIMED for outcome, _ in outcomes)
+    def one(block: int, views: list[int]) -> list[tuple[int, int]]:
+        """Compute the block's views; the (view, block) units other live jobs hold."""
+        held_elsewhere = []
+        for view, outcomes in claim_and_compute_all(writers, claims, views=views, block=block,
+                                                    computer=computer).items():
+            for s, (outcome, rows) in enumerate(outcomes):
+                computed[s] += outcome == COMPUTED
+                bar.update(rows)
+            if any(outcome == CLAIMED for outcome, _ in outcomes):
+                held_elsewhere.append((view, block))
+        return held_elsewhere
 
     with _progress(_todo_rows(writers, units), progress, _desc([w.store for w in writers])) as bar:
-        later = [(view, block) for view, block in units if one(view, block)]
-        left = sum(one(view, block) for view, block in later)
+        most = views_per_pass(writers[0].layout, len(writers))
+        later = [unit for block, views in by_block(units, most=most) for unit in one(block, views)]
+        left = len([unit for block, views in by_block(later, most=most) for unit in one(block, views)])
     if left:
         log.info("%s: %d blocks left to the live jobs that hold them", ", ".join(str(w.store) for w in writers), left)
     return computed
 
 
-def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale_after: float, view: int,
-               block: int) -> list[tuple[str, int]]:
-    """Runs on a worker: claim, compute and write one block of every store with this worker's teachers."""
+def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale_after: float, views: list[int],
+               block: int) -> dict[int, list[tuple[str, int]]]:
+    """Runs on a worker: claim, compute and write the ``views`` of one block of every store with this
+    worker's teachers (each image decoded once)."""
     key = (stores, factory, job, stale_after)  # job: one token per run
     with _WORKER_LOCK:  # one block at a time per worker process: one set of teachers, one set of threads
         if key not in _WORKER_STATE:
@@ -215,7 +257,7 @@ def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale
                 built.append(factory.build())
             return built[0]
 
-        return claim_and_compute_all(writers, claims, view=view, block=block, computer=computer)
+        return claim_and_compute_all(writers, claims, views=views, block=block, computer=computer)
 
 
 def run_dask(stores: Sequence[Path], factory: PassFactory, units: list[tuple[int, int]], *,
@@ -255,25 +297,27 @@ def run_dask(stores: Sequence[Path], factory: PassFactory, units: list[tuple[int
         with _progress(_todo_rows(writers, units), progress, _desc(stores) + " (dask)") as bar:
             todo = units
             for round_ in range(2):
+                tasks = by_block(todo, most=views_per_pass(writers[0].layout, len(writers)))
                 futures = [client.submit(_dask_unit, names, factory=factory, job=token,
-                                         stale_after=stale_after, view=view, block=block, pure=False,
-                                         key=f"kdcache-block-{token}-{round_}-{view}-{block}", retries=0)
-                           for view, block in todo]
-                unit_of = {fut.key: unit for fut, unit in zip(futures, todo)}
+                                         stale_after=stale_after, views=views, block=block, pure=False,
+                                         key=f"kdcache-block-{token}-{round_}-{block}", retries=0)
+                           for block, views in tasks]
+                task_of = {fut.key: task for fut, task in zip(futures, tasks)}
                 later = []
                 for fut in as_completed(futures):
                     try:
-                        outcomes = fut.result()
+                        per_view = fut.result()
                     except KilledWorker as err:
-                        view, block = unit_of[fut.key]
-                        raise UserError(f"{', '.join(names)}: dask workers died computing view {view} block {block} "
-                                        f"({err}); blocks with markers are kept: rerun the same command to compute "
-                                        "the missing ones") from None
-                    for s, (outcome, rows) in enumerate(outcomes):
-                        computed[s] += outcome == COMPUTED
-                        bar.update(rows)
-                    if any(outcome == CLAIMED for outcome, _ in outcomes):
-                        later.append(unit_of[fut.key])
+                        block, views = task_of[fut.key]
+                        raise UserError(f"{', '.join(names)}: dask workers died computing block {block} (views "
+                                        f"{', '.join(map(str, views))}) ({err}); blocks with markers are kept: rerun "
+                                        "the same command to compute the missing ones") from None
+                    for view, outcomes in per_view.items():
+                        for s, (outcome, rows) in enumerate(outcomes):
+                            computed[s] += outcome == COMPUTED
+                            bar.update(rows)
+                        if any(outcome == CLAIMED for outcome, _ in outcomes):
+                            later.append((view, task_of[fut.key][0]))
                 todo = later
                 if not todo:
                     break
@@ -312,7 +356,7 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
     each store whose markers are all set; one result per target.
 
     The targets share one layout. ``shard=(i, n)`` takes every n-th (view, block) unit;
-    ``scheduler``/``local_workers`` run one dask task per unit (each worker builds the computer
+    ``scheduler``/``local_workers`` run one dask task per block (each worker builds the computer
     once with ``factory``). Every block of every store is claimed before it is computed
     (``pipeline.cache.claims``), so jobs given the same blocks (the same shard twice, two reruns
     at once) split them; a claim whose job died is taken over at once on the same host, and

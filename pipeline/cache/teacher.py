@@ -5,6 +5,7 @@
     # any source of pipeline.teachers: teacher_source("resnet18", "r18.pt"), teacher_source("my_models:build")
     computer = factory.build()               # loads the teacher once
     logits = computer(view=0, start=0, stop=4096)   # np.float32 [4096, C]
+    z0, z1, z2 = computer.compute_views([0, 1, 2], start=0, stop=4096)   # each image decoded once for all three
 
 A factory is small, frozen and picklable: a dask worker or a shard job rebuilds the computer from
 it (the teacher's source travels, not the model). The batches of a block are fixed (``micro_batch``
@@ -19,13 +20,13 @@ import copy
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.data import open_split
-from pipeline.data.views import ViewSpec
+from pipeline.data.views import ViewSpec, apply_view
 from pipeline.manifest import load_manifest
 from pipeline.runtime import Runtime, torch_threads
 from pipeline.teachers import TeacherSource, check_rebuilt, check_teacher
@@ -110,24 +111,54 @@ class TeacherComputer:
             self._datasets[view] = ds
         return self._datasets[view]
 
-    def _batches(self, view: int, start: int, stop: int) -> Iterator[torch.Tensor]:
-        ds = self.dataset(view)
+    def _batches(self, views: Sequence[int], start: int, stop: int) -> Iterator[list[torch.Tensor]]:
+        """Per micro-batch, its input in each of ``views``: a lazily decoded image is decoded once for all."""
+        datasets = [self.dataset(view) for view in views]
         layout = micro_batches(start, stop, self.factory.micro_batch)
-        if hasattr(ds, "get_batch"):
+        if all(hasattr(ds, "get_batch") for ds in datasets):
             for rows in layout:
-                yield torch.as_tensor(ds.get_batch(rows)[0])
+                yield [torch.as_tensor(ds.get_batch(rows)[0]) for ds in datasets]
             return
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=[rows.tolist() for rows in layout],
+        loader = torch.utils.data.DataLoader(SharedDecode(datasets), batch_sampler=[rows.tolist() for rows in layout],
                                              num_workers=self.factory.workers)
-        for x, _, _ in loader:
-            yield x
+        yield from loader
+
+    def compute_views(self, views: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
+        """float32 logits [stop - start, num_classes] of rows [start, stop) in each of ``views``, each
+        source image decoded once; view v's array equals ``self(v, start, stop)``."""
+        out: list[list[np.ndarray]] = [[] for _ in views]
+        with torch_threads(self.factory.threads), torch.inference_mode(), self.runtime.autocast():
+            for xs in self._batches(views, start, stop):
+                for i, x in enumerate(xs):
+                    out[i].append(self.model(self.runtime.to_device(x)).float().cpu().numpy())
+        return [np.concatenate(z, axis=0) for z in out]
 
     def __call__(self, view: int, start: int, stop: int) -> np.ndarray:
-        out = []
-        with torch_threads(self.factory.threads), torch.inference_mode(), self.runtime.autocast():
-            for x in self._batches(view, start, stop):
-                out.append(self.model(self.runtime.to_device(x)).float().cpu().numpy())
-        return np.concatenate(out, axis=0)
+        return self.compute_views([view], start, stop)[0]
+
+
+class SharedDecode(torch.utils.data.Dataset):
+    """Item ``i``: the input of sample ``i`` in each of ``datasets`` (same split; each its own views
+    spec and view), the sample read and decoded once."""
+
+    def __init__(self, datasets: Sequence[Any]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        first = self.datasets[0]
+        raw = first.samples.get(int(i))
+        sample_id = int(first.sample_ids[int(i)])
+        return tuple(apply_view(ds.views, raw, sample_id=sample_id, view=ds.view) for ds in self.datasets)
+
+
+def compute_views(computer: BlockComputer, views: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
+    """Each of ``views`` of rows [start, stop): in one pass (each image decoded once) when the computer
+    can (``compute_views``), else view by view."""
+    many = getattr(computer, "compute_views", None)
+    return many(views, start, stop) if many is not None else [computer(view, start, stop) for view in views]
 
 
 def default_threads(local_workers: int | None) -> int | None:

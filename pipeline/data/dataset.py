@@ -4,11 +4,14 @@
     ds = open_split(manifest, "train", view=3)     # default views of the dataset
     x, label, row = ds[0]                          # float32 tensor, int, row index in the split
     ds.set_view(4)                                 # next epoch (affects workers created afterwards)
+    ds.set_view(np.array([...]))                   # or a view per row (len(ds) of them)
     x, y = ds.get_batch(np.array([0, 5, 9]))       # fast path, only on in-memory data
 
 Row ``i`` is the i-th row of the split in manifest order, i.e. row ``i`` of a cache of that
 split. Each item is a pure function of (views spec, sample_id, view): DataLoader workers,
-batch order and separate processes all produce the same tensors.
+batch order and separate processes all produce the same tensors. Views >= 1 with augmentations
+recorded under another torchvision are refused (``pipeline.data.augment.check_replay``): their
+pixels may differ. View 0 (evaluation) has none, so it is always served.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.data.augment import check_replay
 from pipeline.data.base import Samples
 from pipeline.data.views import ViewSpec, apply_view, batch_view, output_shape
 from pipeline.errors import UserError
@@ -43,27 +47,51 @@ class ViewDataset(Dataset):
             raise UserError(f"views field 'params.size': images of this dataset vary in size; "
                             f"{views.kind!r} needs an explicit size")
         self._view = 0
+        self._row_views: np.ndarray | None = None
         self.set_view(view)
 
     @property
-    def view(self) -> int:
-        return self._view
+    def view(self) -> int | None:
+        """The view of every row, or None when rows take views of their own (``row_views``)."""
+        return self._view if self._row_views is None else None
+
+    @property
+    def row_views(self) -> np.ndarray:
+        """The view of each row (int64 [len(self)])."""
+        return np.full(len(self), self._view, dtype=np.int64) if self._row_views is None else self._row_views
 
     @view.setter
     def view(self, v: int) -> None:
         self.set_view(v)
 
-    def set_view(self, v: int) -> None:
+    def set_view(self, v: int | np.ndarray) -> None:
+        """One view for every row, or an array of one view per row (all equal: the same as one view)."""
+        if np.ndim(v) == 1:
+            views = np.asarray(v, dtype=np.int64)
+            if len(views) != len(self.sample_ids):
+                raise UserError(f"views per row: expected {len(self.sample_ids)}, found {len(views)}")
+            if len(views) and views.min() < 0:
+                raise UserError(f"view index must be >= 0, found {views.min()}")
+            if len(views) and views.max() > 0:
+                check_replay(self.views.params)
+            if len(views) == 0 or (views == views[0]).all():
+                self._view, self._row_views = int(views[0]) if len(views) else 0, None
+            else:
+                self._row_views = views
+            return
         if int(v) < 0:
             raise UserError(f"view index must be >= 0, found {v}")
-        self._view = int(v)
+        if int(v) > 0:
+            check_replay(self.views.params)
+        self._view, self._row_views = int(v), None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         i = int(i)
-        x = apply_view(self.views, self.samples.get(i), sample_id=int(self.sample_ids[i]), view=self._view)
+        view = self._view if self._row_views is None else int(self._row_views[i])
+        x = apply_view(self.views, self.samples.get(i), sample_id=int(self.sample_ids[i]), view=view)
         return x, int(self.labels[i]), i
 
     def __repr__(self) -> str:
@@ -82,5 +110,13 @@ class InMemoryViewDataset(ViewDataset):
         """(x [B, ...] float32, y [B] int64): equal to stacking ``ds[i][0]`` for i in rows."""
         rows = np.asarray(rows, dtype=np.int64)
         y = torch.from_numpy(self.labels[rows].astype(np.int64))
-        x = batch_view(self.views, self.samples.array[rows], sample_ids=self.sample_ids[rows], view=self._view)
+        if self._row_views is None:
+            return batch_view(self.views, self.samples.array[rows], sample_ids=self.sample_ids[rows], view=self._view), y
+        views = self._row_views[rows]
+        parts = {int(v): np.nonzero(views == v)[0] for v in np.unique(views)}
+        made = {v: batch_view(self.views, self.samples.array[rows[at]], sample_ids=self.sample_ids[rows[at]], view=v)
+                for v, at in parts.items()}
+        x = torch.empty((len(rows), *next(iter(made.values())).shape[1:]), dtype=torch.float32)
+        for v, at in parts.items():
+            x[torch.from_numpy(at)] = made[v]
         return x, y

@@ -18,6 +18,11 @@ Kinds:
   contrast, saturation, hue in a random order). Eval: resize shorter side, center crop.
 View 0 is always the evaluation transform (no randomness).
 
+Image kinds optionally add, after the crop and flip of views >= 1, RandAugment or TrivialAugmentWide
+and random erasing (``with_augment(spec, "randaugment", {"n": 2, "m": 9}, erase=0.25)``;
+``pipeline.data.augment``), reading stream positions 32 and up, so the geometry of a view does not
+change when augmentations are added. Such a spec records the torchvision version that made them.
+
 A view's geometry (the crop box in the source image and the flip: ``view_geometry``) is fixed by
 the spec's ``seed`` and geometry parameters (``size``, ``pad``, ``resize``, ``scale``, ...); the
 resolution and normalization are each model's own. ``input_size`` (image kinds, recorded only when
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from pipeline.data.augment import augment_image, augment_params, num_uniforms
 from pipeline.errors import DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -60,6 +66,11 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
 MODEL_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("input_size",),
                                             "rrc_flip_jitter": ("input_size",)}
 
+# Augmentations after the crop and flip (pipeline.data.augment), recorded only when given, with the
+# torchvision version whose pixels they replay: specs without them stay byte-identical.
+AUGMENT_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("augment", "erase", "torchvision"),
+                                              "rrc_flip_jitter": ("augment", "erase", "torchvision")}
+
 _NUM_UNIFORMS = 32
 
 
@@ -81,7 +92,8 @@ class ViewSpec:
             raise DataError(f"views field 'kind': unknown {self.kind!r}; expected one of: {', '.join(DEFAULT_PARAMS)}")
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise DataError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
-        defaults, optional = DEFAULT_PARAMS[self.kind], MODEL_PARAMS[self.kind]
+        defaults = DEFAULT_PARAMS[self.kind]
+        optional = MODEL_PARAMS[self.kind] + AUGMENT_PARAMS[self.kind]
         unknown = sorted(set(self.params) - set(defaults) - set(optional))
         if unknown:
             raise DataError(
@@ -94,8 +106,15 @@ class ViewSpec:
             if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
                 raise DataError(f"views field 'params.input_size': expected an integer >= 1, found {size!r}")
             given["input_size"] = int(size)
+        if given.get("augment") is not None or given.get("erase") is not None:
+            given.update(_checked_augment(given))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "params", _jsonable({**defaults, **given}))
+
+    @property
+    def augmented(self) -> bool:
+        """Whether views past 0 get photometric augmentations or erasing after the crop and flip."""
+        return "augment" in self.params or "erase" in self.params
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "params": _jsonable(self.params)}
@@ -108,6 +127,33 @@ class ViewSpec:
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+def _checked_augment(given: dict) -> dict:
+    """``augment``/``erase``/``torchvision`` of a spec's params, checked; a recorded torchvision is kept."""
+    augment, erase = given.get("augment"), given.get("erase")
+    if augment is not None and (not isinstance(augment, dict) or "kind" not in augment):
+        raise DataError(f"views field 'params.augment': expected a dict with 'kind', found {augment!r}")
+    if erase is not None and (not isinstance(erase, dict) or "p" not in erase):
+        raise DataError(f"views field 'params.erase': expected a dict with 'p', found {erase!r}")
+    options = {k: v for k, v in (augment or {}).items() if k != "kind"}
+    out = augment_params(augment and augment["kind"], options, erase=erase and erase["p"])
+    if erase is not None:
+        out["erase"] = {**out["erase"], **erase}
+    out = {k: v for k, v in out.items() if given.get(k) is not None or k == "torchvision"}
+    return {**out, "torchvision": given.get("torchvision") or out["torchvision"]}
+
+
+def with_augment(spec: ViewSpec, augment: str | None, options: dict | None = None, *,
+                 erase: float | None = None) -> ViewSpec:
+    """``spec`` with RandAugment or TrivialAugmentWide (``augment``) and random erasing (probability
+    ``erase``) after its crop and flip; both None: ``spec`` itself (its views unchanged)."""
+    extra = augment_params(augment, options, erase=erase)
+    if not extra:
+        return spec
+    if spec.kind == "identity":
+        raise DataError("views field 'params.augment': vector data ('identity' views) takes no image augmentation")
+    return ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **extra})
 
 
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
@@ -200,7 +246,7 @@ def apply_view(spec: ViewSpec, raw: Any, *, sample_id: int, view: int) -> torch.
         if isinstance(raw, Image.Image) or np.asarray(raw).ndim != 1:
             raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
-    u = uniforms(spec.seed, sample_id, view=view) if view > 0 else None
+    u = uniforms(spec.seed, sample_id, view=view, n=num_uniforms(spec.params)) if view > 0 else None
     if spec.kind == "pad_crop_flip":
         return _pad_crop_flip(spec.params, _as_array(raw), u)
     return _rrc_flip_jitter(spec.params, _as_image(raw), u)
@@ -290,7 +336,16 @@ def _pad_crop_flip(p: dict, img: np.ndarray, u: np.ndarray | None) -> torch.Tens
     side = p.get("input_size")
     if side is not None and (size_h, size_w) != (side, side):
         out = _resize_array(out, side)
-    return _to_tensor(out, p["mean"], p["std"])
+    return _to_tensor(_augmented(p, out, u), p["mean"], p["std"])
+
+
+def _augmented(p: dict, img: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+    """uint8 HW/HWC after the spec's augmentations (pipeline.data.augment); unchanged without them or in view 0."""
+    if u is None or ("augment" not in p and "erase" not in p):
+        return img
+    hwc = img[:, :, None] if img.ndim == 2 else img
+    chw = torch.from_numpy(np.array(hwc.transpose(2, 0, 1), order="C"))   # a writable copy
+    return augment_image(p, chw, u).numpy().transpose(1, 2, 0)
 
 
 def _resize_array(img: np.ndarray, side: int) -> np.ndarray:
@@ -312,7 +367,8 @@ def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view:
         if raw.ndim != 2:
             raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
-    if spec.kind != "pad_crop_flip" or len(raw) == 0 or spec.params.get("input_size") is not None:
+    if (spec.kind != "pad_crop_flip" or len(raw) == 0 or spec.params.get("input_size") is not None
+            or spec.augmented):
         return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
     imgs = raw[..., None] if raw.ndim == 3 else raw
     n, h, w, c = imgs.shape
@@ -398,7 +454,7 @@ def _rrc_flip_jitter(p: dict, img: Image.Image, u: np.ndarray | None) -> torch.T
         jitters.append((u[30], lambda im, s=shift: _adjust_hue(im, s)))
     for _, fn in sorted(jitters, key=lambda t: t[0]):  # random order, as torchvision's ColorJitter
         img = fn(img)
-    return _to_tensor(np.asarray(img), p["mean"], p["std"])
+    return _to_tensor(_augmented(p, np.asarray(img), u), p["mean"], p["std"])
 
 
 def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:

@@ -288,13 +288,35 @@ class StoreGroup:
                     blocks.read_into(view, block, buf.views(k, slice(*self.layouts[k].block_rows(block))))
             self._memory.append(buf)
 
-    def targets(self, view: int, rows: np.ndarray | torch.Tensor | Sequence[int], *,
+    def targets(self, view: int | np.ndarray, rows: np.ndarray | torch.Tensor | Sequence[int], *,
                 fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
-        """``{"logits": [K,B,C], "entropy": [K,B], "p_gt": [K,B]}`` (float32) for ``rows`` of ``view``."""
+        """``{"logits": [K,B,C], "entropy": [K,B], "p_gt": [K,B]}`` (float32) for ``rows`` of ``view``;
+        ``view`` an int, or one view per row (memory mode: one gather per distinct view)."""
         rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"fields: expected some of {FIELDS}, found {sorted(unknown)}")
+        if np.ndim(view) == 0:
+            return self._targets_of(int(view), rows, fields)
+        views = np.asarray(view, dtype=np.int64)
+        if views.shape != rows.shape:
+            raise ValueError(f"view: expected one view per row ({rows.shape}), found {views.shape}")
+        distinct = np.unique(views)
+        if len(distinct) <= 1:
+            return self._targets_of(int(distinct[0]) if len(distinct) else 0, rows, fields)
+        if self.mode != "memory":
+            raise RuntimeError("stream mode: targets() takes one view per call (the open stream's)")
+        parts = {int(v): np.nonzero(views == v)[0] for v in distinct}
+        got = {v: self._targets_of(v, rows[at], fields) for v, at in parts.items()}
+        out = {}
+        for name, first in got[int(distinct[0])].items():   # [K, B_v, ...]: rows on axis 1
+            value = torch.empty((first.shape[0], len(rows), *first.shape[2:]), dtype=first.dtype)
+            for v, at in parts.items():
+                value[:, torch.from_numpy(at)] = got[v][name]
+            out[name] = value
+        return out
+
+    def _targets_of(self, view: int, rows: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
         if not 0 <= view < self.num_views:
             raise ValueError(f"view: expected 0 <= view < {self.num_views}, found {view}")
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):

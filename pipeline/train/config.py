@@ -14,7 +14,7 @@ equal this run's, and that holds a train state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -102,9 +102,12 @@ class TrainConfig(FromDict):
             if saved.get(key) != want:
                 raise UserError(f"{self.resume}: field {key!r}: expected {want!r} (this run), found {saved.get(key)!r}")
         before = saved.get("config", {})
+        # A key a checkpoint does not hold came after it was written: that run had the key's default.
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
         for key in self.resume_keys:
-            if before.get(key) != config.get(key):
-                raise UserError(f"{self.resume}: setting {key!r} differs: checkpoint has {before.get(key)!r}, "
+            had = before.get(key, defaults.get(key))
+            if had != config.get(key):
+                raise UserError(f"{self.resume}: setting {key!r} differs: checkpoint has {had!r}, "
                                 f"this run {config.get(key)!r}")
 
 

@@ -20,10 +20,12 @@ What ``loader.epoch(e)`` yields is what ``kdcache distill`` trains on in epoch `
   given, else those of ``torch.distributed`` when it is initialised, else all of them. Every
   rank gets disjoint rows and the same number of batches. ``epoch(e).batches`` are the row
   arrays (indices into the split, the cache's row order), in the order the items come;
-- ``x``: the split's inputs in view ``e mod V`` (the augmentation its teachers saw), decoded
+- ``x``: the split's inputs in view ``e mod V`` (``view_schedule="cycle"``, the default), or with
+  ``view_schedule="random"`` each row in its own view drawn per epoch from ``seed``
+  (``pipeline.train.sampling.ViewSchedule``; ``epoch(e).views`` holds every row's view), decoded
   by a torch DataLoader with ``workers`` processes, or in this process with ``workers=0``
   (the same tensors either way); ``y``: the labels (int64);
-- ``targets``: the mentors' fields for the same rows and view, float32, gathered in this
+- ``targets``: the mentors' fields for the same rows, each in its row's view, float32, gathered in this
   process from the in-memory or streamed cache (block reads only, never per-row Zarr reads).
 
 The stores are checked against the manifest first (``CachedTargets.open``: class count,
@@ -57,7 +59,7 @@ from pipeline.manifest import Manifest, load_manifest
 from pipeline.runtime import Runtime
 from pipeline.store.reader import FIELDS
 from pipeline.train.loop import iter_batches
-from pipeline.train.sampling import RankBatches
+from pipeline.train.sampling import VIEW_SCHEDULES, RankBatches, ViewSchedule
 from pipeline.train.targets import CachedTargets
 
 Item = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -83,14 +85,15 @@ class LoaderEpoch:
 
     def __init__(self, loader: "DistillLoader", epoch: int) -> None:
         self.epoch = int(epoch)
-        self.view = self.epoch % loader.num_views
+        self.views = loader.schedule.views(self.epoch)    # the view of every row of the split
+        self.view = int(self.views[0]) if loader.schedule.one_view_per_epoch and len(self.views) else None
         self.batches: RankBatches = loader.cached.batches(self.epoch, batch_size=loader.batch_size,
                                                           seed=loader.seed, rank=loader.rank,
                                                           world_size=loader.world_size, drop_last=loader.drop_last)
         # A copy per epoch shares the decoded samples but fixes its own view, so DataLoader
         # workers (which pickle the dataset when an iteration starts) and the main process agree.
         self.dataset = copy.copy(loader.dataset)
-        self.dataset.set_view(self.view)
+        self.dataset.set_view(self.views)
         self._loader = loader
         loader._latest += 1
         self._token = loader._latest   # a streamed cache serves the latest epoch only
@@ -106,7 +109,7 @@ class LoaderEpoch:
                 raise UserError(f"epoch {self.epoch}: the streamed cache now serves a later loader.epoch() call; a "
                                 "streamed cache serves one epoch at a time: finish an epoch's batches before asking "
                                 "for the next epoch (or use cache_mode='memory')")
-            targets = group.targets(self.view, rows, fields=loader.fields)
+            targets = group.targets(self.views[rows], rows, fields=loader.fields)
             yield x, y, {name: runtime.to_device(value) for name, value in targets.items()}
 
 
@@ -118,13 +121,15 @@ class DistillLoader:
                  cache_mode: str = "auto", memory_budget_mb: int | None = None, drop_last: bool = False,
                  device: str | torch.device = "cpu", fields: Sequence[str] = FIELDS, input_size: int | None = None,
                  input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None,
-                 temperature: float | None = None) -> None:
+                 temperature: float | None = None, view_schedule: str = "cycle") -> None:
         if isinstance(stores, (str, Path)) or not stores:
             raise UserError(f"stores: expected a non-empty list of cache stores, found {stores!r}")
         for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
                                    ("memory_budget_mb", 1 if memory_budget_mb is None else memory_budget_mb, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UserError(f"{name}: expected an integer >= {least}, found {value!r}")
+        if view_schedule not in VIEW_SCHEDULES:
+            raise UserError(f"view_schedule: expected {' or '.join(VIEW_SCHEDULES)}, found {view_schedule!r}")
         unknown = sorted(set(fields) - set(FIELDS))
         if unknown or not fields:
             raise UserError(f"fields: expected some of {list(FIELDS)}, found {list(fields)}")
@@ -140,12 +145,15 @@ class DistillLoader:
             self.spec = for_model(self.cached.view_spec, input_size=input_size, mean=input_mean, std=input_std)
             self.dataset: ViewDataset = open_split(self.manifest, self.cached.split, views=self.spec, view=0)
             self.runtime = Runtime.for_model(device, tuple(self.dataset.input_shape))
+            self.schedule = ViewSchedule(view_schedule, num_views=self.cached.num_views, seed=self.seed,
+                                         sample_ids=self.dataset.sample_ids)
+            self.cached.use_schedule(self.schedule)
         except BaseException:
             self.cached.close()
             raise
 
     def epoch(self, epoch: int) -> LoaderEpoch:
-        """Epoch ``epoch`` (0-based): its batches in view ``epoch mod num_views``."""
+        """Epoch ``epoch`` (0-based): its batches, each row in its view of ``schedule.views(epoch)``."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise UserError(f"epoch: expected an integer >= 0, found {epoch!r}")
         return LoaderEpoch(self, epoch)

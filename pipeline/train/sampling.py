@@ -5,6 +5,7 @@ students reading a cache from memory or streaming it, and students of live teach
     order = permutation(num_rows, key=(seed, epoch, view))       # a student's epoch (cache or live)
     order, windows = windowed_permutation(num_blocks, block_rows, width=4, key=(seed, epoch, view))
     for rows in RankBatches(order, batch_size=128, rank=r, world_size=w): ...
+    views = ViewSchedule("random", num_views=64, seed=0, sample_ids=ids).views(epoch)   # the view of each row
 
 The order is a pure function of its key. Streaming shuffles the blocks, cuts them into windows
 of ``width`` blocks and shuffles the rows inside each window, so a window is all a reader needs
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from pipeline.data.views import uniforms_batch
 
 
 def permutation(num_rows: int, *, key: Sequence[int]) -> np.ndarray:
@@ -84,3 +87,43 @@ def shuffled_batches(num_rows: int, *, batch_size: int, seed: int, epoch: int, r
     """A teacher's batches for ``epoch``: ``permutation(key=(seed, epoch))`` split by ``RankBatches``."""
     return RankBatches(permutation(num_rows, key=(seed, epoch)), batch_size=batch_size, rank=rank,
                        world_size=world_size, drop_last=drop_last)
+
+
+VIEW_SCHEDULES = ("cycle", "random")
+_SCHEDULE_KEY = 1 << 40   # the schedule's stream is that of "view" 2**40 + epoch: no view of a store uses it
+
+
+class ViewSchedule:
+    """Which cached view each row of the split takes in each epoch.
+
+    - ``cycle``: every row takes view ``epoch mod V`` (the students of a store before schedules);
+    - ``random``: row ``i`` takes ``floor(u * V)``, ``u`` a uniform of the keyed stream of
+      (``seed``, sample_id ``i``, 2**40 + ``epoch``) (``pipeline.data.views.uniforms_batch``): every view
+      0..V-1 (view 0, the evaluation view, included) equally likely, drawn afresh per epoch and sample,
+      a pure function of the run's seed. Over E epochs a row meets about ``V * (1 - (1 - 1/V)**E)``
+      distinct views (E = 30, V = 64: 24.1; with ``cycle``: min(E, V)).
+
+    ``views(epoch)`` is an int64 array [N]: the view of every row, the same in every process.
+    """
+
+    def __init__(self, kind: str, *, num_views: int, seed: int, sample_ids: Sequence[int] | np.ndarray) -> None:
+        if kind not in VIEW_SCHEDULES:
+            raise ValueError(f"view_schedule: expected {' or '.join(VIEW_SCHEDULES)}, found {kind!r}")
+        self.kind, self.num_views, self.seed = kind, int(num_views), int(seed)
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self._last: tuple[int, np.ndarray] | None = None
+
+    @property
+    def one_view_per_epoch(self) -> bool:
+        """Whether an epoch's rows all take one view (a streamed cache serves one view at a time)."""
+        return self.kind == "cycle" or self.num_views == 1
+
+    def views(self, epoch: int) -> np.ndarray:
+        if self._last is None or self._last[0] != epoch:
+            if self.kind == "cycle":
+                out = np.full(len(self.sample_ids), epoch % self.num_views, dtype=np.int64)
+            else:
+                u = uniforms_batch(self.seed, self.sample_ids, view=_SCHEDULE_KEY + int(epoch), n=1)[:, 0]
+                out = np.minimum((u * self.num_views).astype(np.int64), self.num_views - 1)
+            self._last = (int(epoch), out)
+        return self._last[1]

@@ -18,7 +18,9 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
   ``targets(batch, fields=method.needs)`` (from a cache: one vectorized gather) and calls the
   method on the students' float32 logits.
 - Views: the split is opened with the views spec stored in the cache and epoch ``e`` replays view
-  ``e mod V`` (V = the stores' view count): the student sees the pixels its teachers saw. Online or
+  ``e mod V`` (V = the stores' view count; ``view_schedule="cycle"``), or with ``"random"`` each
+  row its own view drawn per epoch from the run's seed (``pipeline.train.sampling.ViewSchedule``):
+  either way each row's targets are those of the view its input was made in. Online or
   without mentors the spec is the dataset's default with ``views_seed`` and V = ``views`` (what
   ``kdcache cache --views V --views-seed S`` writes). ``input_size`` / ``input_mean`` / ``input_std``
   give the students a resolution and normalization of their own (``pipeline.data.views.for_model``):
@@ -43,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import torch
 import yaml
 
@@ -60,6 +63,7 @@ from pipeline.teachers import TeacherSource, teacher_source
 from pipeline.train.config import TrainConfig, is_number
 from pipeline.train.evaluate import evaluate_model, has_val_split, posterior
 from pipeline.train.loop import Batch, LoopState, cosine_schedule, finish_run, fit, restore_train_state, sgd
+from pipeline.train.sampling import VIEW_SCHEDULES, ViewSchedule
 from pipeline.train.targets import CachedTargets, LiveTargets, Targets
 
 CACHE_MODES = ("auto", "memory", "stream")
@@ -71,7 +75,7 @@ class DistillConfig(TrainConfig):
 
     section: ClassVar[str] = "distill"
     resume_keys: ClassVar[tuple[str, ...]] = ("method", "options", "student", "student_options", "student_b",
-                                              "student_b_options", "online") + TrainConfig.resume_keys
+                                              "student_b_options", "online", "view_schedule") + TrainConfig.resume_keys
 
     method: str
     student: str
@@ -86,6 +90,7 @@ class DistillConfig(TrainConfig):
     init: str | None = None                # weights to start student A from
     init_b: str | None = None              # ... and student B
     views: int | None = None               # V without a cache (default 1); with one: must match it
+    view_schedule: str = "cycle"           # cycle: epoch e replays view e mod V; random: a view per row and epoch
     train_split: str | None = None         # default: the stores' split, else "train"
     cache_mode: str = "auto"               # auto | memory | stream (see pipeline.store.reader)
     memory_budget_mb: int | None = None    # per process; default: a quarter of RAM over the local processes
@@ -119,6 +124,8 @@ class DistillConfig(TrainConfig):
         self.check_ints(("views", "memory_budget_mb", "input_size", "threads"), minimum=1, optional=True)
         if self.cache_mode not in CACHE_MODES:
             raise self.bad("cache_mode", " or ".join(CACHE_MODES))
+        if self.view_schedule not in VIEW_SCHEDULES:
+            raise self.bad("view_schedule", " or ".join(VIEW_SCHEDULES))
         if self.method not in METHODS:
             raise self.bad("method", "one of " + ", ".join(METHODS.names()))
         method = create_method(self.method, **self.options)
@@ -231,6 +238,8 @@ def _distill(cfg: DistillConfig, on_step: Callable[[Batch, dict], None] | None) 
         runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
         targets: Targets = cached or LiveTargets(cfg.teacher_sources(), manifest, runtime=runtime, split=split,
                                                  view_spec=view_spec, num_views=num_views, input_shape=input_shape)
+        targets.use_schedule(ViewSchedule(cfg.view_schedule, num_views=num_views, seed=cfg.seed,
+                                          sample_ids=train_ds.sample_ids))
         return _train(cfg, manifest, method, targets, train_ds, views, runtime, on_step)
     finally:
         if cached is not None:
@@ -326,7 +335,7 @@ class _StudentRun:
         return out
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.train_ds.set_view(epoch % self.targets.num_views)
+        self.train_ds.set_view(self.targets.schedule.views(epoch))
 
     def on_epoch_end(self, epoch: int, row: dict) -> dict:
         scores: dict = {}
@@ -339,10 +348,11 @@ class _StudentRun:
 
     def on_diverged(self, epoch: int) -> None:
         # NaN targets make a NaN loss whatever the lr: name the store (or teacher) and the rows.
-        problem = self.targets.nonfinite(epoch % self.targets.num_views, dataset=self.train_ds,
-                                         batches=lambda: self.batches(epoch), runtime=self.runtime)
-        if problem:
-            raise UserError(problem)
+        for view in np.unique(self.targets.schedule.views(epoch)):
+            problem = self.targets.nonfinite(int(view), dataset=self.train_ds,
+                                             batches=lambda: self.batches(epoch), runtime=self.runtime)
+            if problem:
+                raise UserError(problem)
 
     def on_checkpoint(self, state: LoopState, train_state: dict) -> None:
         common = {"epoch": state.epoch, "metrics": ckpt.plain(state.history[-1]),

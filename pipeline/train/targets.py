@@ -8,7 +8,9 @@
 Both give the same fields for the same rows and view, and the same batches for one seed (the
 in-memory order of ``pipeline.train.sampling``, key ``(seed, epoch, view)``; a streamed cache
 shuffles by blocks instead), so one method runs on either and an online run equals a float32
-cache run. Epoch ``e`` uses view ``e mod num_views``.
+cache run. Row ``i`` of epoch ``e`` uses view ``targets.schedule.views(e)[i]``
+(``pipeline.train.sampling.ViewSchedule``; by default ``cycle``: view ``e mod num_views``); set
+another with ``use_schedule``. A streamed cache serves one view per epoch, so it takes ``cycle`` only.
 
 The checks here are the user-facing ones of ``kdcache distill``: each store built from this
 manifest (class count, then content hash), complete and agreeing with the others (the store
@@ -45,7 +47,7 @@ from pipeline.store.reader import FIELDS, StoreGroup, default_memory_budget
 from pipeline.store.schema import read_attrs
 from pipeline.teachers import TeacherSource, check_teacher
 from pipeline.train.loop import Batch, iter_batches
-from pipeline.train.sampling import RankBatches, permutation, windowed_permutation
+from pipeline.train.sampling import RankBatches, ViewSchedule, permutation, windowed_permutation
 
 
 class Targets(Protocol):
@@ -56,9 +58,13 @@ class Targets(Protocol):
     num_views: int
     provenance: list[dict]      # per mentor, for the student's checkpoint meta
     names: list[str]            # per mentor, for the mentor-stats CSV
+    schedule: ViewSchedule      # the view of each row per epoch (default: cycle)
 
     @property
     def num_mentors(self) -> int: ...
+
+    def use_schedule(self, schedule: ViewSchedule) -> None:
+        """Rows take their views from ``schedule`` (a one-line ``UserError`` where it cannot serve it)."""
 
     def batches(self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                 drop_last: bool = False) -> RankBatches:
@@ -106,6 +112,16 @@ class CachedTargets:
         self.provenance = [{"store": str(p), **{k: a["teacher"].get(k) for k in PROVENANCE}}
                            for p, a in zip(self.group.paths, self.group.attrs)]
         self.names = [str(p["name"]) for p in self.provenance]
+        self.schedule = ViewSchedule("cycle", num_views=self.num_views, seed=0,
+                                     sample_ids=np.arange(self.group.num_samples))
+
+    def use_schedule(self, schedule: ViewSchedule) -> None:
+        """Rows take their views from ``schedule`` from now on (a streamed cache: one view per epoch only)."""
+        if self.group.mode == "stream" and not schedule.one_view_per_epoch:
+            raise UserError(f"view_schedule: {schedule.kind!r} gives the rows of an epoch several views and the "
+                            f"cache streams (one view at a time); expected cycle, or the cache in memory "
+                            f"(cache_mode memory, a larger memory_budget_mb), found {schedule.kind!r}")
+        self.schedule = schedule
 
     @classmethod
     def open(cls, stores: Sequence[str | Path], manifest: Manifest, *, train_split: str | None = None,
@@ -151,7 +167,7 @@ class CachedTargets:
                 drop_last: bool = False) -> RankBatches:
         """In memory: the shuffled order of ``pipeline.train.sampling``; streaming: its block-windowed
         order, each window loaded (ahead, on a thread) before its first batch is served."""
-        group, view = self.group, epoch % self.num_views
+        group, view = self.group, int(self.schedule.views(epoch)[0]) if self.group.num_samples else 0
         if group.mode == "memory":
             return _memory_batches(group.num_samples, epoch, self.num_views, batch_size=batch_size, seed=seed,
                                    rank=rank, world_size=world_size, drop_last=drop_last)
@@ -163,7 +179,7 @@ class CachedTargets:
                            start=lambda: group.stream(view, windows).ensure_position)
 
     def targets(self, batch: Batch, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
-        return self.group.targets(batch.epoch % self.num_views, batch.rows, fields=fields)
+        return self.group.targets(self.schedule.views(batch.epoch)[batch.rows], batch.rows, fields=fields)
 
     def nonfinite(self, view: int, *, dataset: Any = None, batches: Any = None, runtime: Any = None) -> str | None:
         """The first store whose stored floats of ``view`` hold NaN/Inf, and the rows (read block by
@@ -217,6 +233,11 @@ class LiveTargets:
             model.requires_grad_(False)
             self.models.append(model)
         self.names = [p["name"] for p in self.provenance]
+        self.schedule = ViewSchedule("cycle", num_views=num_views, seed=0, sample_ids=np.arange(self.num_samples))
+
+    def use_schedule(self, schedule: ViewSchedule) -> None:
+        """Rows take their views from ``schedule`` (the teachers run on whatever view each input is in)."""
+        self.schedule = schedule
 
     @property
     def num_mentors(self) -> int:

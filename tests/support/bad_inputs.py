@@ -148,17 +148,18 @@ def stage_runner(w: World, name: str, params: dict | str, argv: list[str]) -> Ca
 def nan_store(w: World, *, rows: tuple[int, ...]) -> Path:
     """A complete cache whose teacher gave NaN logits at ``rows`` (view 0): the writer's finite checks are
     switched off (the writer's and the codecs'), as a writer without them (or another tool) would have left it."""
-    real_call = TeacherComputer.__call__
+    real_compute = TeacherComputer.compute_views
 
-    def call(self: TeacherComputer, view: int, start: int, stop: int) -> np.ndarray:
-        z = real_call(self, view, start, stop)
-        for row in rows:
-            if start <= row < stop:
-                z[row - start] = np.nan
-        return z
+    def compute(self: TeacherComputer, views: list[int], start: int, stop: int) -> list[np.ndarray]:
+        out = real_compute(self, views, start, stop)
+        for view, z in zip(views, out):
+            for row in rows:
+                if view == 0 and start <= row < stop:
+                    z[row - start] = np.nan
+        return out
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TeacherComputer, "__call__", call)
+        mp.setattr(TeacherComputer, "compute_views", compute)
         mp.setattr(store_writer, "np", FiniteChecksOff())
         mp.setattr(codec_base, "np", FiniteChecksOff())          # the float16 range check
         out = cache(w.base.teacher, w.base.manifest, w.tmp / "nan.zarr", views=1)
