@@ -24,6 +24,7 @@ import click
 
 from pipeline import __version__
 from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, one_pass_configs
+from pipeline.cache.spot_check import spot_check
 from pipeline.cli_options import (
     Greedy,
     GreedyCommand,
@@ -55,6 +56,7 @@ from pipeline.runtime import is_main_process
 from pipeline.store import codecs
 from pipeline.store.schema import DEFAULT_ROWS_PER_BLOCK, Layout, human_bytes, plan_bytes
 from pipeline.store.verify import verify_store
+from pipeline.teachers import teacher_source
 from pipeline.train import (
     DistillConfig,
     EvaluateConfig,
@@ -395,23 +397,56 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
               help="Rows whose entropy, p_gt, pred are recomputed from the stored logits (0: none).")
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
               help="Compare every chunk with its CRC-32 (--no-checksums: faster, misses changed bytes).")
-def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool) -> None:
+@click.option("--teacher", default=None,
+              help="Also run this teacher again (a checkpoint, ARCH with --weights, module:function) on --rows "
+                   "(view, row) pairs rebuilt from the store's manifest and views, and compare with the stored targets.")
+@click.option("--weights", type=LocalPath(dir_okay=False, path_type=str), default=None,
+              help="Weights of an arch or module:function --teacher.")
+@click.option("--rows", type=int, default=None, help="(view, row) pairs the --teacher spot-check recomputes (default 64).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pairs the spot-check draws.")
+@click.option("--device", default="auto", show_default=True, help="Device of the --teacher spot-check: auto, cpu, cuda:0 ...")
+def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool, teacher: str | None,
+                   weights: str | None, rows: int | None, seed: int, device: str) -> None:
     """Check cache stores: attrs, shapes, markers, chunks, checksums, NaN/Inf, recomputed targets.
 
-    Exit status 1 when any store is incomplete or inconsistent.
+    With --teacher, a store that passes is also spot-checked: the teacher runs again on
+    --rows (view, row) pairs drawn by --seed over its views (view 0 included) and blocks,
+    rebuilt from the manifest and view spec the store records, and each stored logit,
+    entropy, p_gt and pred is compared within the store's rounding; one line per store
+    gives the largest logit difference and the top-1 agreement, or MISMATCH and the first
+    bad view and row. It finds a changed data file, library or augmentation, or a store
+    cached by another teacher.
+
+    Exit status 1 when any store is incomplete, inconsistent or mismatched.
 
     \b
     Examples:
       kdcache verify caches/train/ce.zarr caches/train/mse.zarr
       kdcache verify --sample-rows 0 --no-checksums caches/train/ce.zarr     # markers, files, NaN only
+      kdcache verify caches/train/ce.zarr --teacher models/teachers/ce.pt --rows 256
+      kdcache verify caches/train/r18.zarr --teacher resnet18 --weights weights/r18.pt --rows 64 --seed 1
     """
     if sample_rows < 0:
         raise UserError(f"--sample-rows: expected an integer >= 0 (0: no recomputation), found {sample_rows}")
+    source = None
+    if teacher is None:
+        if rows is not None or weights is not None:
+            raise UserError(f"{'--rows' if rows is not None else '--weights'}: expected only with --teacher, found no --teacher")
+    else:
+        if rows is not None and rows < 1:
+            raise UserError(f"--rows: expected an integer >= 1 ((view, row) pairs to recompute), found {rows}")
+        source = teacher_source(teacher, weights)
+        if source.weights_file is not None and not Path(source.weights_file).is_file():
+            raise UserError(f"--teacher {teacher}: expected a checkpoint file, found none at {source.weights_file}")
     failed = 0
     for store in stores:
         report = verify_store(store, sample_rows=sample_rows, checksums=checksums)
         click.echo(str(report))
         failed += not report.ok
+        if source is not None and report.ok:
+            result = spot_check(store, source, rows=64 if rows is None else rows, seed=seed, device=device)
+            click.echo(result.line)
+            failed += not result.ok
     if failed:
         raise click.exceptions.Exit(1)
 

@@ -6,6 +6,7 @@
     computer = factory.build()               # loads the teacher once
     logits = computer(view=0, start=0, stop=4096)   # np.float32 [4096, C]
     z0, z1, z2 = computer.compute_views([0, 1, 2], start=0, stop=4096)   # each image decoded once for all three
+    z = computer.compute_rows(1, [5, 900, 4000])   # any rows of a view (kdcache verify --teacher)
 
 A factory is small, frozen and picklable: a dask worker or a shard job rebuilds the computer from
 it (the teacher's source travels, not the model). The batches of a block are fixed (``micro_batch``
@@ -95,7 +96,7 @@ class TeacherComputer:
         teacher = check_teacher(factory.teacher, manifest=self.manifest, input_shape=shape, split=factory.split,
                                 views=self.spec, build=True)
         check_rebuilt(teacher, factory.state_sha256)
-        self.meta, self.num_classes = teacher.meta, int(teacher.meta["num_classes"])
+        self.teacher, self.meta, self.num_classes = teacher, teacher.meta, int(teacher.meta["num_classes"])
         model = teacher.model
         self.runtime = Runtime.for_model(_worker_device(factory.device), shape)
         self.model = self.runtime.prepare(model).eval()
@@ -111,10 +112,10 @@ class TeacherComputer:
             self._datasets[view] = ds
         return self._datasets[view]
 
-    def _batches(self, views: Sequence[int], start: int, stop: int) -> Iterator[list[torch.Tensor]]:
-        """Per micro-batch, its input in each of ``views``: a lazily decoded image is decoded once for all."""
+    def _batches(self, views: Sequence[int], layout: list[np.ndarray]) -> Iterator[list[torch.Tensor]]:
+        """Per batch of rows in ``layout``, its input in each of ``views``: a lazily decoded image is
+        decoded once for all."""
         datasets = [self.dataset(view) for view in views]
-        layout = micro_batches(start, stop, self.factory.micro_batch)
         if all(hasattr(ds, "get_batch") for ds in datasets):
             for rows in layout:
                 yield [torch.as_tensor(ds.get_batch(rows)[0]) for ds in datasets]
@@ -126,9 +127,20 @@ class TeacherComputer:
     def compute_views(self, views: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
         """float32 logits [stop - start, num_classes] of rows [start, stop) in each of ``views``, each
         source image decoded once; view v's array equals ``self(v, start, stop)``."""
+        return self._forward(views, micro_batches(start, stop, self.factory.micro_batch))
+
+    def compute_rows(self, view: int, rows: Sequence[int]) -> np.ndarray:
+        """float32 logits [len(rows), num_classes] of any ``rows`` of view ``view``, in batches of
+        ``micro_batch`` rows: a block's logits of those rows, up to the arithmetic of other batches."""
+        rows = np.asarray(rows, dtype=np.int64)
+        step = self.factory.micro_batch
+        return self._forward([view], [rows[a:a + step] for a in range(0, len(rows), step)])[0]
+
+    def _forward(self, views: Sequence[int], layout: list[np.ndarray]) -> list[np.ndarray]:
+        """The teacher's float32 logits of the batches ``layout`` in each of ``views``."""
         out: list[list[np.ndarray]] = [[] for _ in views]
         with torch_threads(self.factory.threads), torch.inference_mode(), self.runtime.autocast():
-            for xs in self._batches(views, start, stop):
+            for xs in self._batches(views, layout):
                 for i, x in enumerate(xs):
                     out[i].append(self.model(self.runtime.to_device(x)).float().cpu().numpy())
         return [np.concatenate(z, axis=0) for z in out]

@@ -10,7 +10,8 @@ A codec holds a store's storage parameters (``num_classes``, ``dtype``, ``k``, `
 ``index_dtype``, the attrs section ``storage``) and says everything the store, the reader,
 ``kdcache verify``, ``plan`` and ``inspect`` need to know about its kind: the payload arrays and
 their dtypes (``payload``), a block of float32 logits as those arrays (``encode``), rows of them
-back as dense float32 logits (``decode``), the checks of a block (``check``), the mean maximum
+back as dense float32 logits (``decode``), the logits it keeps and how exactly (``kept_logits``,
+for ``kdcache verify --teacher``), the checks of a block (``check``), the mean maximum
 probability ``inspect`` reports (``max_prob``). Nothing outside the codec modules looks at a
 kind's name.
 
@@ -212,6 +213,13 @@ class Codec:
         """[V, N] maximum softmax probability from the payload arrays [V, N, ...], NumPy or dask
         arrays (only ufuncs and array methods: a dask array stays lazy)."""
         raise NotImplementedError
+
+    def kept_logits(self, parts: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(classes [B, m] int64, logits [B, m] float32, bound [B, m])``: the teacher's logits that
+        the payload of B rows keeps, each within ``bound`` of its float32 value (what ``kdcache verify
+        --teacher`` compares with the teacher run again); None for a kind that keeps no logit (the
+        exact targets entropy, p_gt and pred are compared for every kind)."""
+        return None
 
     def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
         """Problems of some rows of a block: their payload and exact targets (entropy, p_gt, pred)

@@ -46,6 +46,11 @@ def rounding_bound(z: np.ndarray, dtype: str) -> np.ndarray:
     return np.abs(z) * _UNIT_ROUNDOFF[dtype] + _SUBNORMAL[dtype]
 
 
+def _every_class(z: np.ndarray) -> np.ndarray:
+    """Class ids [B, C]: every class of every row."""
+    return np.broadcast_to(np.arange(z.shape[1], dtype=np.int64), z.shape)
+
+
 def check_recomputed(num_classes: int, z: np.ndarray, delta: np.ndarray, block: Mapping[str, np.ndarray],
                      labels: np.ndarray) -> list[str]:
     """The stored entropy, p_gt and pred against those recomputed from dense logits ``z`` that are
@@ -104,9 +109,17 @@ class Dense(Codec):
         logits = parts["logits"].astype(np.float32)
         return 1.0 / np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
 
+    def kept_logits(self, parts: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        z = self.decode(parts)
+        return _every_class(z), z, self._bound(parts, z)
+
+    def _bound(self, parts: Mapping[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+        """How far each decoded logit may be from the teacher's float32 value."""
+        return rounding_bound(z, self.dtype)
+
     def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
         z = self.decode(block)
-        return check_recomputed(self.num_classes, z, rounding_bound(z, self.dtype), block, labels)
+        return check_recomputed(self.num_classes, z, self._bound(block, z), block, labels)
 
 
 class QuantizedDense(Dense):
@@ -133,7 +146,5 @@ class QuantizedDense(Dense):
         scale = parts["logits_scale"].astype(np.float32)[..., None]
         return 1.0 / np.exp(scale * (q - 127.0)).sum(axis=-1)
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
-        z = self.decode(block)
-        delta = 0.5 * block["logits_scale"][:, None] + 2 * rounding_bound(z, "float32")
-        return check_recomputed(self.num_classes, z, delta, block, labels)
+    def _bound(self, parts: Mapping[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+        return 0.5 * parts["logits_scale"][:, None] + 2 * rounding_bound(z, "float32")

@@ -62,6 +62,10 @@ class TopK(Codec):
     def max_prob(self, parts: Mapping[str, Any]) -> Any:
         return np.exp(parts["topk_values"][..., 0].astype(np.float32) - parts["logsumexp"])
 
+    def kept_logits(self, parts: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = parts["topk_values"].astype(np.float32)
+        return parts["topk_index"].astype(np.int64), values, rounding_bound(values, self.dtype)
+
     def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
         # With the exact float32 logsumexp, each top-k probability p_j = exp(v_j - lse) is known up to
         # the rounding of v_j (a factor exp(+-delta_j)); the tail mass 1 - sum p_j and the entropy
