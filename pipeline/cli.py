@@ -24,7 +24,7 @@ import click
 
 from pipeline import __version__
 from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, one_pass_configs
-from pipeline.cache.spot_check import spot_check
+from pipeline.cache.spot_check import DEFAULT_PAIRS, spot_check
 from pipeline.cli_options import (
     Greedy,
     GreedyCommand,
@@ -402,7 +402,8 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
                    "(view, row) pairs rebuilt from the store's manifest and views, and compare with the stored targets.")
 @click.option("--weights", type=LocalPath(dir_okay=False, path_type=str), default=None,
               help="Weights of an arch or module:function --teacher.")
-@click.option("--rows", type=int, default=None, help="(view, row) pairs the --teacher spot-check recomputes (default 64).")
+@click.option("--rows", type=int, default=None,
+              help=f"(view, row) pairs the --teacher spot-check recomputes (default {DEFAULT_PAIRS}).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pairs the spot-check draws.")
 @click.option("--device", default="auto", show_default=True, help="Device of the --teacher spot-check: auto, cpu, cuda:0 ...")
 def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool, teacher: str | None,
@@ -444,7 +445,7 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool, t
         click.echo(str(report))
         failed += not report.ok
         if source is not None and report.ok:
-            result = spot_check(store, source, rows=64 if rows is None else rows, seed=seed, device=device)
+            result = spot_check(store, source, rows=DEFAULT_PAIRS if rows is None else rows, seed=seed, device=device)
             click.echo(result.line)
             failed += not result.ok
     if failed:

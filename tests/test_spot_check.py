@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -141,3 +142,19 @@ def test_a_moved_manifest_is_one_error_line(synthetic, tmp_path) -> None:
     store = shutil.copytree(synthetic["dense"], tmp_path / "elsewhere" / "deeper" / "dense.zarr")
     one_error_line(CliRunner().invoke(cli, ["verify", str(store), "--teacher", str(synthetic["teacher"])]),
                    "field manifest.path")
+
+
+def test_an_edited_augmentation_is_a_mismatch_in_an_augmented_view_only(folder, tmp_path) -> None:
+    manifest = build_manifest("imagefolder", folder["root"], tmp_path / "f.parquet", image_size=16)
+    store = cache(folder["teacher"], manifest.path, tmp_path / "f.zarr", views=2, rows_per_block=5,
+                  augment="randaugment", augment_options={"n": 2, "m": 9})
+    pairs = 2 * len(manifest.split("train").sample_id)
+    assert _verify(store, "--teacher", folder["teacher"], "--rows", pairs)[0] == 0
+    meta = store / "zarr.json"
+    attrs = json.loads(meta.read_text())
+    assert attrs["attributes"]["views"]["spec"]["params"]["augment"]["m"] == 9
+    attrs["attributes"]["views"]["spec"]["params"]["augment"]["m"] = 28          # what the store says it replays
+    meta.write_text(json.dumps(attrs))
+    code, line, output = _verify(store, "--teacher", folder["teacher"], "--rows", pairs)
+    assert code == 1 and line and line["verdict"] == "MISMATCH", output
+    assert "first bad: view 1 row" in output                                    # view 0 is not augmented

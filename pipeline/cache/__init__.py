@@ -53,6 +53,7 @@ is cached with a view spec giving them (``CacheConfig.view_spec``).
     teacher.py   block computers: the frozen teacher over a split's views, block by block
     one_pass.py  several teachers over one pass of the views (the images decoded once)
     run.py       which blocks this job computes (--shard i/n, dask), then finalize
+    spot_check.py  kdcache verify --teacher: the teacher run again on sampled (view, row) pairs of a store
 
 The store format itself (schema, writer, reader, verify) is ``pipeline.store``; tests drive
 ``write_cache`` with a fake block computer.

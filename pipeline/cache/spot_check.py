@@ -44,6 +44,7 @@ from pipeline.store.verify import check_complete
 from pipeline.teachers import TeacherSource
 
 PAIR_SALT = 0x53504F54            # "SPOT": the pairs' stream, apart from any other use of the seed
+DEFAULT_PAIRS = 64                # (view, row) pairs of ``kdcache verify --teacher`` without --rows
 TARGETS = ("entropy", "p_gt", "pred")
 
 
@@ -134,7 +135,8 @@ def _tolerance(z: np.ndarray, *, images: bool) -> np.ndarray:
 
 def _first_problem(z: np.ndarray, stored: dict[str, np.ndarray], kept, eps: np.ndarray,
                    labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Per row, whether it fails, and for each row the reason (empty when it passes)."""
+    """Per row, whether the fresh top-1 is the stored ``pred``, and the first reason the row fails
+    (empty when it passes)."""
     rows = np.arange(len(z))
     fresh = target_stats(z, labels)
     why = [""] * len(z)
@@ -167,7 +169,7 @@ def _first_problem(z: np.ndarray, stored: dict[str, np.ndarray], kept, eps: np.n
     return fresh["pred"] == pred, why
 
 
-def spot_check(store: str | Path, source: TeacherSource, *, rows: int, seed: int = 0,
+def spot_check(store: str | Path, source: TeacherSource, *, rows: int = DEFAULT_PAIRS, seed: int = 0,
                device: str = "auto") -> SpotCheck:
     """Run ``source``'s teacher on ``rows`` (view, row) pairs of ``store`` and compare (module docstring).
 
