@@ -158,3 +158,10 @@ def test_an_edited_augmentation_is_a_mismatch_in_an_augmented_view_only(folder, 
     code, line, output = _verify(store, "--teacher", folder["teacher"], "--rows", pairs)
     assert code == 1 and line and line["verdict"] == "MISMATCH", output
     assert "first bad: view 1 row" in output                                    # view 0 is not augmented
+
+
+def test_a_rebuilt_manifest_at_the_recorded_path_is_one_error_line(synthetic, tmp_path) -> None:
+    store = shutil.copytree(synthetic["dense"], tmp_path / "dense.zarr")
+    build_manifest("synthetic", tmp_path / "data", tmp_path / "synthetic.parquet", num_samples=3000, seed=1)
+    one_error_line(CliRunner().invoke(cli, ["verify", str(store), "--teacher", str(synthetic["teacher"])]),
+                   "field manifest.sha256", "the manifest changed after caching")

@@ -114,8 +114,9 @@ def _computer(store: Path, attrs: dict, source: TeacherSource, device: str) -> T
                         f"file at {path or recorded.get('path')!r}")
     manifest = load_manifest(path)
     if manifest.sha256 != recorded.get("sha256"):
-        raise UserError(f"{store}: field manifest.sha256: expected {recorded.get('sha256')} (the manifest when cached), "
-                        f"found {manifest.sha256} in {path}: the manifest changed after caching; recache the store")
+        raise UserError(f"{store}: field manifest.sha256: expected {recorded.get('sha256')} (the manifest when "
+                        f"cached), found {manifest.sha256} in {path}: the manifest changed after caching; recache "
+                        "the store")
     check_files(manifest)   # a data file whose recorded hash changed is refused here, naming it
     spec = attrs["views"]["spec"]
     factory = TeacherFactory(teacher=source, manifest=str(path), split=recorded["split"],
