@@ -205,6 +205,7 @@ def check_case(build: Callable[[World], Case], world: World) -> None:
     assert len(errors) == 1, stderr
     for needle in got.needles:
         assert needle in errors[0], (needle, errors[0])
+    print(errors[0])        # `pytest -rP tests/test_bad_inputs*.py` lists every case with its line
     if got.store is not None:
         assert store_complete(got.store) in (None, False), got.store
     if got.checkpoint is not None:
