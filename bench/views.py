@@ -1,7 +1,7 @@
 """Benchmark: caching V views with each image decoded once against once per view, and where the time goes.
 
-    .venv/bin/python bench/views.py                 # 1 000 images x 32 views, 2 repetitions: ~5 min on 2 cores
-    .venv/bin/python bench/views.py --quick         # 256 images x 8 views, 1 repetition
+    .venv/bin/python bench/views.py                 # 1 000 images x 32 views, 2 repetitions: ~4 min on 2 cores
+    .venv/bin/python bench/views.py --quick         # 256 images x 8 views, 1 repetition: ~15 s
     .venv/bin/python bench/views.py --images 2000 --views 16 --width 16 --reps 3 --dir /tmp/kdviews
 
 Data: a JPEG ImageFolder (``bench/_common.build_imagefolder``: 28 px grayscale JPEGs, 10 class
@@ -26,8 +26,8 @@ The first two share one block computer and throw the logits away.
 (b) Where a caching run's time goes, each phase timed on its own over the same rows: decode (every
 image once: read, JPEG decode, RGB), view transform (each view of the decoded images, stacked into
 the micro-batches), forward (the teacher on those batches), write (``write_cache`` of those logits,
-returned by a stand-in teacher, into a store of the caching run's layout); their sum against the
-caching run of (a).
+returned by a stand-in teacher, into a store of the caching run's layout), in a fourth variant
+alternated with (a)'s (the medians of each phase over its runs); their sum against the caching run.
 
 Ratios (CPU time): ``decode_once_over_per_view``, the images/s of decoding once over those of
 decoding per view; ``cached_view_over_forward``, the caching run over the forward phase alone: what
