@@ -13,7 +13,9 @@ Figures are reported as the min and the median over the repetitions.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -22,13 +24,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.data import build_manifest  # noqa: E402
+from pipeline.cache.teacher import TeacherFactory  # noqa: E402
+from pipeline.checkpoint import save_checkpoint  # noqa: E402
+from pipeline.data import build_manifest, default_views, open_split  # noqa: E402
+from pipeline.data.fashion import FILES as FASHION_FILES, find_file, read_idx  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.models import create_model  # noqa: E402
 from pipeline.store.writer import Provenance  # noqa: E402
+from pipeline.teachers import teacher_source  # noqa: E402
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -42,17 +52,84 @@ def pick_dataset(name: str) -> str:
     return "fashion-mnist" if FASHION.is_dir() else "synthetic"
 
 
+def fashion_root() -> Path:
+    """Where Fashion-MNIST's IDX files are installed; exits with a one-line error where they are not."""
+    if not FASHION.is_dir():
+        raise SystemExit(f"error: --dataset fashion-mnist: expected the IDX files in {FASHION}, found none")
+    return FASHION
+
+
 def build_data(root: Path, dataset: str, train_rows: int) -> Path:
     """A manifest with ``train_rows`` train rows: synthetic (5 % of its samples are train; d = 30,
     K = 3) or a random subset of Fashion-MNIST's train split."""
     manifest = root / f"{dataset}.parquet"
     if dataset == "synthetic":
         build_manifest("synthetic", root / "data", manifest, seed=0, num_samples=train_rows * 20)
-    elif not FASHION.is_dir():
-        raise SystemExit(f"error: --dataset fashion-mnist: expected the IDX files in {FASHION}, found none")
     else:
-        build_manifest("fashion-mnist", FASHION, manifest, seed=0, subset={"train": train_rows})
+        build_manifest("fashion-mnist", fashion_root(), manifest, seed=0, subset={"train": train_rows})
     return manifest
+
+
+def source_images(dataset: str, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, 28, 28], labels [n]): the first ``images`` of Fashion-MNIST's train split, or as
+    many synthetic images of 10 classes (a grating whose angle is the class, plus noise)."""
+    if dataset == "synthetic":
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 10, images)
+        yy, xx = np.mgrid[0:28, 0:28] / 28
+        angle = labels[:, None, None] * np.pi / 10
+        grating = 128 + 90 * np.sin(4 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)))
+        return np.clip(grating + rng.normal(0, 20, grating.shape), 0, 255).astype(np.uint8), labels
+    root = fashion_root()
+    pixels, labels = (read_idx(root / find_file(root, FASHION_FILES[key]))[:images]
+                      for key in ("train_images", "train_labels"))
+    return pixels, labels
+
+
+def build_imagefolder(root: Path, dataset: str, images: int, *, size: int = 28) -> Path:
+    """A JPEG ImageFolder (quality 90, grayscale) of ``source_images`` resized to ``size`` px,
+    ``root/jpeg-<dataset>-<size>px/train/c<label>/<k>.jpg``, and its manifest in that folder (all
+    train, no val split; default views: random-resized-crop + flip + colour jitter at ``size``).
+    An existing folder of as many images is reused."""
+    folder = root / f"jpeg-{dataset}-{size}px"
+    manifest = folder / "manifest.parquet"
+    if manifest.exists() and len(load_manifest(manifest).split("train").sample_id) == images:
+        return manifest
+    shutil.rmtree(folder / "train", ignore_errors=True)
+    pixels, labels = source_images(dataset, images)
+    for k, (img, label) in enumerate(zip(pixels, labels)):
+        (folder / "train" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(img)
+        if size != img.shape[0]:
+            image = image.resize((size, size), Image.BICUBIC)
+        image.save(folder / "train" / f"c{label}" / f"{k:05d}.jpg", quality=90)
+    build_manifest("imagefolder", folder, manifest, image_size=size, val_fraction=0.0)
+    return manifest
+
+
+def save_teacher(path: Path, manifest: Path, arch: str, options: Mapping[str, Any], *, seed: int = 0) -> Path:
+    """A randomly initialised ``arch`` teacher of the manifest's train inputs (its default views),
+    saved as a kdcache checkpoint: caching and inference cost the same whatever the weights."""
+    man = load_manifest(manifest)
+    shape = tuple(open_split(man, "train").input_shape)
+    torch.manual_seed(seed)
+    net = create_model(arch, num_classes=man.num_classes, input_shape=shape, **options)
+    save_checkpoint(path, model=net, meta={"arch": arch, "num_classes": man.num_classes, "input_shape": shape,
+                                           "arch_options": dict(options), "loss": "ce", "manifest_sha256": man.sha256})
+    return path
+
+
+def teacher_factory(manifest: Path, teacher: Path, *, micro_batch: int, threads: int | None) -> TeacherFactory:
+    """The caching job's block computer factory for ``teacher`` over the manifest's train split in
+    its default views (seed 0), on the CPU."""
+    views = json.dumps(default_views(load_manifest(manifest), seed=0).to_dict(), sort_keys=True)
+    return TeacherFactory(teacher=teacher_source(teacher), manifest=str(manifest.resolve()), split="train",
+                          views=views, micro_batch=micro_batch, device="cpu", threads=threads)
+
+
+def clock() -> np.ndarray:
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time is the steady one."""
+    return np.array([time.perf_counter(), time.process_time()])
 
 
 @dataclass

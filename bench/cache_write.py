@@ -28,7 +28,6 @@ Goal: writer MB/s >= 0.5 x raw MB/s (wall time: the disk is what is measured).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -40,28 +39,12 @@ import numpy as np
 import torch
 
 from _common import (DATASETS, PrecomputedTeacher, alternate, bench_provenance, build_data, low, machine_line,
-                     markdown_table, median, pick_dataset, summary_line)
+                     markdown_table, median, pick_dataset, save_teacher, summary_line, teacher_factory)
 from pipeline.cache import CacheConfig, cache_teacher, write_cache
-from pipeline.cache.teacher import TeacherFactory
-from pipeline.checkpoint import save_checkpoint
-from pipeline.data import default_views, open_split
 from pipeline.manifest import load_manifest
-from pipeline.models import create_model
 from pipeline.store import schema
-from pipeline.teachers import teacher_source
 
 ARCHS = {"synthetic": "mlp", "fashion-mnist": "cnn"}
-
-
-def build_teacher(root: Path, manifest: Path, arch: str, options: dict) -> Path:
-    man = load_manifest(manifest)
-    shape = tuple(open_split(man, "train").input_shape)
-    torch.manual_seed(0)
-    net = create_model(arch, num_classes=man.num_classes, input_shape=shape, **options)
-    path = root / "teacher.pt"
-    save_checkpoint(path, model=net, meta={"arch": arch, "num_classes": man.num_classes, "input_shape": shape,
-                                           "arch_options": options, "loss": "ce", "manifest_sha256": man.sha256})
-    return path
 
 
 def caching_variants(root: Path, manifest: Path, teacher: Path, *, views: int,
@@ -70,9 +53,7 @@ def caching_variants(root: Path, manifest: Path, teacher: Path, *, views: int,
     cfg = CacheConfig(teacher=str(teacher), manifest=str(manifest), out=str(root / "cache.zarr"), views=views,
                       device="cpu", threads=threads, overwrite=True, progress=False)
     layout = schema.Layout(num_samples=len(man.split("train").sample_id), num_classes=man.num_classes, num_views=views)
-    factory = TeacherFactory(teacher=teacher_source(teacher), manifest=str(manifest.resolve()), split="train",
-                             views=json.dumps(default_views(man, seed=0).to_dict(), sort_keys=True),
-                             micro_batch=layout.micro_batch, device="cpu", threads=threads)
+    factory = teacher_factory(manifest, teacher, micro_batch=layout.micro_batch, threads=threads)
 
     def inference() -> None:
         computer = factory.build()
@@ -161,7 +142,7 @@ def main() -> None:
         if args.skip != "a":
             manifest = build_data(root, dataset, train_rows)
             arch = ARCHS[dataset]
-            teacher = build_teacher(root, manifest, arch, {"width": args.width} if arch == "cnn" else {})
+            teacher = save_teacher(root / "teacher.pt", manifest, arch, {"width": args.width} if arch == "cnn" else {})
             runs = alternate(caching_variants(root, manifest, teacher, views=args.views, threads=args.threads),
                              reps=reps)
             print(f"(a) {dataset}: {train_rows} train rows x {args.views} views, teacher {arch}"

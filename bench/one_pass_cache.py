@@ -27,76 +27,30 @@ Goal: one pass <= 1.10 x ideal (CPU time).
 from __future__ import annotations
 
 import argparse
-import gzip
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import build_imagefolder, clock, save_teacher
+from pipeline.cache import CacheConfig, cache_teacher, cache_teachers
+from pipeline.cache.teacher import micro_batches
+from pipeline.data import default_views, open_split
+from pipeline.manifest import load_manifest
+from pipeline.models import load_model
+from pipeline.runtime import torch_threads
+from pipeline.store import schema
 
-from pipeline.cache import CacheConfig, cache_teacher, cache_teachers  # noqa: E402
-from pipeline.cache.teacher import micro_batches  # noqa: E402
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.data import build_manifest, default_views, open_split  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
-from pipeline.models import create_model, load_model  # noqa: E402
-from pipeline.runtime import torch_threads  # noqa: E402
-from pipeline.store import schema  # noqa: E402
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 96
 TEACHERS = (("cnn", {"width": 4}), ("cnn", {"width": 4}), ("mlp", {"hidden": 64}), ("mlp", {"hidden": 128}),
             ("mlp", {"hidden": 256}), ("mlp", {"hidden": 512}))
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX gzip file of unsigned bytes as an array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def build_imagefolder(root: Path, images: int) -> Path:
-    """``root/train/<class>/<k>.jpg`` (96 px) and its manifest ``root/m.parquet`` (no val split)."""
-    manifest = root / "m.parquet"
-    if manifest.exists() and len(load_manifest(manifest).split("train").sample_id) == images:
-        return manifest
-    shutil.rmtree(root / "train", ignore_errors=True)
-    pixels = read_idx(FASHION / "train-images-idx3-ubyte.gz")[:images]
-    labels = read_idx(FASHION / "train-labels-idx1-ubyte.gz")[:images]
-    for k, (img, label) in enumerate(zip(pixels, labels)):
-        folder = root / "train" / f"c{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).resize((SIZE, SIZE), Image.BICUBIC).save(folder / f"{k:05d}.jpg", quality=90)
-    build_manifest("imagefolder", root, manifest, image_size=SIZE, val_fraction=0.0)
-    return manifest
-
-
 def build_teachers(root: Path, manifest: Path) -> list[Path]:
-    sha = load_manifest(manifest).sha256
-    paths = []
-    for seed, (arch, options) in enumerate(TEACHERS):
-        torch.manual_seed(seed)
-        net = create_model(arch, num_classes=10, input_shape=(3, SIZE, SIZE), **options)
-        path = root / f"{arch}{next(iter(options.values()))}_{seed}.pt"
-        save_checkpoint(path, model=net, meta={"arch": arch, "num_classes": 10, "input_shape": (3, SIZE, SIZE),
-                                               "arch_options": options, "loss": "ce", "manifest_sha256": sha})
-        paths.append(path)
-    return paths
-
-
-def clock() -> np.ndarray:
-    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time is the steady one."""
-    return np.array([time.perf_counter(), time.process_time()])
+    return [save_teacher(root / f"{arch}{next(iter(options.values()))}_{seed}.pt", manifest, arch, options, seed=seed)
+            for seed, (arch, options) in enumerate(TEACHERS)]
 
 
 def data_and_forward(manifest: Path, teachers: list[Path], *, views: int,
@@ -139,7 +93,7 @@ def main() -> None:
     root = args.dir or Path(tempfile.mkdtemp(prefix="kdpass-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        manifest = build_imagefolder(root, args.images)
+        manifest = build_imagefolder(root, "fashion-mnist", args.images, size=SIZE)
         teachers = build_teachers(root, manifest)
         settings = dict(manifest=str(manifest), split="train", views=args.views, threads=args.threads,
                         device="cpu", progress=False, overwrite=True)
