@@ -9,6 +9,8 @@ so a cycle hidden by a function-local import is found as well.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,11 @@ def test_dependencies_point_down() -> None:
     assert not any(dep.startswith("pipeline.train") for m in cache for dep in GRAPH[m])
     train = [m for m in MODULES if m.startswith("pipeline.train")]   # live teachers come from pipeline.teachers
     assert not any(dep.startswith("pipeline.cache") for m in train for dep in GRAPH[m])
+
+
+def test_the_command_line_does_not_import_torchvision_until_it_is_used() -> None:
+    """torchvision takes seconds to import (its models pull in torch._dynamo); every stage of a
+    pipeline pays for what ``kdcache`` imports, so it waits until an arch or augmentation needs it."""
+    code = "import sys, pipeline.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

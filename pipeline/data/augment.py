@@ -28,8 +28,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.transforms.v2 import functional as F
 
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
@@ -88,6 +86,17 @@ def _number(key: str, value: Any, *, lo: float, hi: float, integer: bool = False
     return int(value) if integer else float(value)
 
 
+def _torchvision():
+    # Imported on first use: torchvision takes seconds to import and most commands never augment.
+    import torchvision
+    return torchvision
+
+
+def _functional():
+    from torchvision.transforms.v2 import functional
+    return functional
+
+
 def augment_params(augment: str | None, options: dict | None = None, *, erase: float | None = None) -> dict:
     """The ``augment``/``erase`` entries a ViewSpec's params take (only those given), checked and merged
     with their defaults, plus ``torchvision``: the version whose pixels they replay. A bad value raises
@@ -115,7 +124,7 @@ def augment_params(augment: str | None, options: dict | None = None, *, erase: f
     if erase is not None:
         out["erase"] = {**ERASE_DEFAULTS, "p": _number("erase", erase, lo=0.0, hi=1.0)}
     if out:
-        out["torchvision"] = torchvision.__version__
+        out["torchvision"] = _torchvision().__version__
     return out
 
 
@@ -131,9 +140,9 @@ def num_uniforms(params: dict) -> int:
 def check_replay(params: dict, *, where: str = "views") -> None:
     """Refuse to replay augmentations recorded under another torchvision: its pixels may differ."""
     recorded = params.get("torchvision")
-    if recorded is not None and recorded != torchvision.__version__:
+    if recorded is not None and recorded != _torchvision().__version__:
         raise UserError(f"{where} field 'params.torchvision': its augmentations were recorded with torchvision "
-                        f"{recorded}, found {torchvision.__version__} running; install torchvision=={recorded} "
+                        f"{recorded}, found {_torchvision().__version__} running; install torchvision=={recorded} "
                         "to replay the same images")
 
 
@@ -162,7 +171,7 @@ def augment_image(params: dict, img: torch.Tensor, u: np.ndarray) -> torch.Tenso
             top, left, h, w = box
             value = torch.tensor([min(int(u[ERASE_AT + 23 + c] * 256), 255) for c in range(img.shape[0])],
                                  dtype=img.dtype)[:, None, None]
-            img = F.erase(img, top, left, h, w, value)
+            img = _functional().erase(img, top, left, h, w, value)
     return img
 
 
@@ -184,6 +193,7 @@ def _erase_box(erase: dict, size: torch.Size, u: np.ndarray) -> tuple[int, int, 
 
 def _apply_op(img: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
     """One op of the policy, as torchvision's auto-augment classes apply it (nearest, fill 0)."""
+    F = _functional()
     if name == "ShearX":
         return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(magnitude)), 0.0],
                         center=[0, 0])
