@@ -23,6 +23,11 @@ and random erasing (``with_augment(spec, "randaugment", {"n": 2, "m": 9}, erase=
 ``pipeline.data.augment``), reading stream positions 32 and up, so the geometry of a view does not
 change when augmentations are added. Such a spec records the torchvision version that made them.
 
+Image kinds optionally mix views >= 1 with a partner sample of the same split, MixUp and/or CutMix
+(``with_mix(spec, ["mixup", "cutmix"], {"mixup_alpha": 0.8})``; ``pipeline.data.mix``), reading stream
+positions 128 and up. ``apply_view`` makes one sample's view unmixed; mixing needs the partner's
+view too, so the split's datasets (``pipeline.data.dataset``) do it.
+
 A view's geometry (the crop box in the source image and the flip: ``view_geometry``) is fixed by
 the spec's ``seed`` and geometry parameters (``size``, ``pad``, ``resize``, ``scale``, ...); the
 resolution and normalization are each model's own. ``input_size`` (image kinds, recorded only when
@@ -44,6 +49,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from pipeline.data.augment import augment_image, augment_params, num_uniforms
+from pipeline.data.mix import mix_params
 from pipeline.errors import DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -71,6 +77,10 @@ MODEL_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("i
 AUGMENT_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("augment", "erase", "torchvision"),
                                               "rrc_flip_jitter": ("augment", "erase", "torchvision")}
 
+# Mixing with a partner sample (pipeline.data.mix), recorded only when given: specs without it stay
+# byte-identical.
+MIX_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("mix",), "rrc_flip_jitter": ("mix",)}
+
 _NUM_UNIFORMS = 32
 
 
@@ -93,7 +103,7 @@ class ViewSpec:
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise DataError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
         defaults = DEFAULT_PARAMS[self.kind]
-        optional = MODEL_PARAMS[self.kind] + AUGMENT_PARAMS[self.kind]
+        optional = MODEL_PARAMS[self.kind] + AUGMENT_PARAMS[self.kind] + MIX_PARAMS[self.kind]
         unknown = sorted(set(self.params) - set(defaults) - set(optional))
         if unknown:
             raise DataError(
@@ -108,6 +118,8 @@ class ViewSpec:
             given["input_size"] = int(size)
         if given.get("augment") is not None or given.get("erase") is not None:
             given.update(_checked_augment(given))
+        if "mix" in given:
+            given.update(_checked_mix(given["mix"]))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "params", _jsonable({**defaults, **given}))
 
@@ -115,6 +127,11 @@ class ViewSpec:
     def augmented(self) -> bool:
         """Whether views past 0 get photometric augmentations or erasing after the crop and flip."""
         return "augment" in self.params or "erase" in self.params
+
+    @property
+    def mixed(self) -> bool:
+        """Whether views past 0 are mixed with a partner sample (MixUp / CutMix)."""
+        return "mix" in self.params
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "params": _jsonable(self.params)}
@@ -153,6 +170,26 @@ def with_augment(spec: ViewSpec, augment: str | None, options: dict | None = Non
         return spec
     if spec.kind == "identity":
         raise DataError("views field 'params.augment': vector data ('identity' views) takes no image augmentation")
+    return ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **extra})
+
+
+def _checked_mix(mix: Any) -> dict:
+    """The ``mix`` entry of a spec's params, checked (``pipeline.data.mix.mix_params``)."""
+    if not isinstance(mix, dict) or "kinds" not in mix:
+        raise DataError(f"views field 'params.mix': expected a dict with 'kinds', found {mix!r}")
+    return mix_params(mix["kinds"], {k: v for k, v in mix.items() if k != "kinds"})
+
+
+def with_mix(spec: ViewSpec, kinds: Any, options: dict | None = None) -> ViewSpec:
+    """``spec`` whose views >= 1 are mixed with a partner sample: ``kinds`` mixup, cutmix or both
+    (a list or ``"mixup,cutmix"``), ``options`` those of ``pipeline.data.mix.mix_params``; ``kinds``
+    None: ``spec`` itself."""
+    extra = mix_params(kinds, options)
+    if not extra:
+        return spec
+    if spec.kind == "identity":
+        raise DataError("views field 'params.mix': vector data ('identity' views) takes no MixUp or CutMix; "
+                        "mixing is for image views")
     return ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **extra})
 
 
@@ -211,6 +248,10 @@ def for_model(spec: ViewSpec, *, input_size: int | None = None, mean: list | Non
                             "or normalization")
         return spec
     params = dict(spec.params)
+    if (input_size is not None and input_size != params.get("input_size", params["size"])
+            and "cutmix" in params.get("mix", {}).get("kinds", [])):
+        raise DataError(f"views field 'params.input_size': {input_size} differs from the views' own size, and "
+                        "their CutMix boxes and lambdas are cut in the views' own pixels; use the same input size")
     if input_size is not None:
         params["input_size"] = None if input_size == params["size"] else input_size
     for key, value in (("mean", mean), ("std", std)):
