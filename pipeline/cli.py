@@ -345,13 +345,20 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
                    "m=9 (magnitude 0..30).")
 @click.option("--erase", metavar="P", default=None,
               help="Random erasing in views >= 1 with probability P (after --augment).")
+@click.option("--mix", metavar="KINDS", default=config_default(CacheConfig, "mix"),
+              help="mixup, cutmix or mixup,cutmix: views >= 1 are mixed with a partner sample of the split at "
+                   "the same view, and the teacher answers the mixed image (timm's Mixup semantics).")
+@click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
+              help="An option of --mix (repeatable or comma-separated): mixup_alpha=0.8, cutmix_alpha=1.0, "
+                   "switch_prob=0.5 (CutMix's share when both), prob=1.0 (share of views mixed at all).")
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
                    "teachers: one --name per --teacher, in the same order.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: tuple[str, ...],
-                  name: tuple[str, ...], augment_options: tuple[str, ...], erase: str | None, **options) -> None:
+                  name: tuple[str, ...], augment_options: tuple[str, ...], erase: str | None,
+                  mix_options: tuple[str, ...], **options) -> None:
     """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
     Several teachers are cached in one pass: each view of each image is decoded and augmented
@@ -371,9 +378,11 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --local-workers 4
       kdcache cache ... --views 16 --augment randaugment --augment-option n=2,m=9 --erase 0.25
       kdcache cache ... --views 32 --augment trivialaugment
+      kdcache cache ... --views 16 --mix mixup,cutmix --mix-option mixup_alpha=0.8,cutmix_alpha=1.0,switch_prob=0.5
     """
-    pairs = [pair for given in augment_options for pair in given.split(",") if pair.strip()]
-    options["augment_options"] = parse_options(pairs, flag="--augment-option")
+    for flag, key, given in (("--augment-option", "augment_options", augment_options),
+                             ("--mix-option", "mix_options", mix_options)):
+        options[key] = parse_options([pair for text in given for pair in text.split(",") if pair.strip()], flag=flag)
     options["erase"] = _probability("--erase", erase)
     configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     files = {**{f"--teacher ({t})": t for t in teacher if Path(t).is_file()},

@@ -26,6 +26,12 @@ order, in the attrs section ``checksums``. Readers and ``kdcache verify`` recomp
 version-2 store's chunk checksums cover the bytes alone; it is read, verified and resumed under
 that rule (``Layout.version``).
 
+Mixed stores (views made with MixUp / CutMix, ``pipeline.data.mix``): two more block arrays,
+``mix_partner`` (int64, the partner's sample id) and ``mix_lambda`` (float32, the effective lambda)
+per (view, row), checksummed like the others; their ``p_gt`` is ``lam * p[y] + (1 - lam) *
+p[y_partner]``. Such a store has format version ``MIXED_FORMAT_VERSION`` (4), so a kdcache that
+cannot train on mixed labels refuses it; every other store keeps version 3, byte for byte.
+
 Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``): each is one codec class,
 looked up by name (``pipeline.store.codecs``), that declares its payload arrays; ``Layout`` adds
 the arrays every store has. Class ids take the smallest unsigned type that holds C
@@ -52,7 +58,9 @@ from pipeline.store.stats import target_stats  # noqa: F401  (public here too: t
 
 SCHEMA = "kdcache-store"
 FORMAT_VERSION = 3               # 3: a chunk's checksum covers its key (array, view, block) and its bytes
-READABLE_VERSIONS = (2, 3)       # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+MIXED_FORMAT_VERSION = 4         # 4: version 3 with mixed views (the arrays MIX_ARRAYS)
+READABLE_VERSIONS = (2, 3, 4)    # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+MIX_ARRAYS = ("mix_partner", "mix_lambda")   # per (view, row): the partner's sample id, the effective lambda
 KEYED_CHECKSUMS = 3              # the first version whose chunk checksums start from the chunk key
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
 CHECKSUM_ALGORITHM = "crc32"
@@ -105,6 +113,7 @@ class Layout:
     micro_batch: int = DEFAULT_MICRO_BATCH
     temperature: float | None = None     # codecs that take one (sampled): default DEFAULT_TEMPERATURE
     index_dtype: str | None = None       # codecs that store class ids: default the smallest that holds C
+    mixed: bool = False                  # views mixed with a partner (MIX_ARRAYS, MIXED_FORMAT_VERSION)
     version: int = field(default=FORMAT_VERSION, compare=False)   # the store's format version (its checksum rule)
     codec: Codec = field(init=False, repr=False, compare=False)
 
@@ -129,7 +138,7 @@ class Layout:
     def _planned_bytes(self, rows_per_block: int) -> int:
         """The bytes of the store's row data (ids, labels, payload, targets) with blocks of this many rows."""
         padded = math.ceil(self.num_samples / rows_per_block) * rows_per_block
-        return padded * (12 + self.num_views * (self.codec.payload_bytes_per_row() + 12))
+        return padded * (12 + self.num_views * (self.codec.payload_bytes_per_row() + 12 + 12 * self.mixed))
 
     def _check_payload(self) -> None:
         """More values per row than classes (``k`` draws of a sampled store) buy resolution only up to a
@@ -181,13 +190,16 @@ class Layout:
         out["entropy"] = ((v, n), (1, r), "float32")
         out["p_gt"] = ((v, n), (1, r), "float32")
         out["pred"] = ((v, n), (1, r), "int32")
+        if self.mixed:
+            out["mix_partner"] = ((v, n), (1, r), "int64")
+            out["mix_lambda"] = ((v, n), (1, r), "float32")
         out["done"] = ((v, self.num_blocks), (1, 1), "bool")
         out[CHECKSUM] = ((v, self.num_blocks, len(self.block_arrays())), (1, 1, len(self.block_arrays())), "uint32")
         return out
 
     def block_arrays(self) -> list[str]:
         """The data arrays a block write fills, in the order of the last axis of ``checksum``."""
-        return self.payload_arrays() + ["entropy", "p_gt", "pred"]
+        return self.payload_arrays() + ["entropy", "p_gt", "pred"] + (list(MIX_ARRAYS) if self.mixed else [])
 
     def payload_arrays(self) -> list[str]:
         """The arrays that hold the logits (the codec's), in checksum order."""
@@ -219,8 +231,34 @@ class Layout:
         return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
-                   temperature=s.get("temperature"), index_dtype=index,
+                   temperature=s.get("temperature"), index_dtype=index, mixed=is_mixed(attrs),
                    version=int(attrs.get("version", FORMAT_VERSION)))
+
+    @property
+    def format_version(self) -> int:
+        """The version a new store of this layout is written with."""
+        return MIXED_FORMAT_VERSION if self.mixed else FORMAT_VERSION
+
+
+def is_mixed(attrs: dict[str, Any]) -> bool:
+    """Whether a store's views are mixed (its views spec has ``mix``)."""
+    spec = attrs["views"].get("spec") if isinstance(attrs.get("views"), dict) else None
+    params = spec.get("params") if isinstance(spec, dict) else None
+    return isinstance(params, dict) and "mix" in params
+
+
+def stored_mixing(attrs: dict[str, Any], sample_id: np.ndarray, view: int, start: int,
+                  stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(partner rows, ``MIX_ARRAYS`` values) of rows [start, stop) of ``view`` of a mixed store: a pure
+    function of its views spec, its sample ids (the split, in order) and the teacher's input size (the
+    pixels the CutMix boxes are cut in), so the writer, ``kdcache verify`` and a student agree."""
+    from pipeline.data.mix import draw_mixing
+
+    spec = attrs["views"]["spec"]
+    size = tuple(attrs["teacher"]["preprocessing"]["input_shape"][-2:])
+    m = draw_mixing(spec["params"]["mix"], int(spec.get("seed", 0)), sample_id[start:stop], np.arange(start, stop),
+                    view=view, num_rows=len(sample_id), size=size)
+    return m.partner, {"mix_partner": np.asarray(sample_id, np.int64)[m.partner], "mix_lambda": m.lam}
 
 
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
@@ -300,7 +338,7 @@ def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dic
     ``checksums`` is ``ids_checksums(sample_id, label)``. No dates: the same inputs make the same bytes."""
     return {
         "schema": SCHEMA,
-        "version": FORMAT_VERSION,
+        "version": layout.format_version,
         "kdcache_version": kdcache_version,
         "manifest": dict(manifest),
         "teacher": dict(teacher),
@@ -328,6 +366,12 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     if attrs["checksums"].get("algorithm") != CHECKSUM_ALGORITHM:
         raise UserError(f"{store}: field checksums.algorithm: expected {CHECKSUM_ALGORITHM!r}, "
                         f"found {attrs['checksums'].get('algorithm')!r}")
+    if is_mixed(attrs) and version != MIXED_FORMAT_VERSION:
+        raise UserError(f"{store}: field version: expected {MIXED_FORMAT_VERSION} (a store of mixed views), "
+                        f"found {version}")
+    if version == MIXED_FORMAT_VERSION and not is_mixed(attrs):
+        raise UserError(f"{store}: field views.spec.params.mix: expected the mixing of a version-"
+                        f"{MIXED_FORMAT_VERSION} store, found none")
     check_fields(attrs, store)
 
 

@@ -161,6 +161,7 @@ class BlockWriter:
         self.specs = self.layout.arrays()
         self.arrays = {name: self.group[name] for name in self.specs}
         self.labels = self.arrays["label"][:]
+        self.sample_ids = self.arrays["sample_id"][:] if self.layout.mixed else None
 
     def missing(self) -> list[tuple[int, int]]:
         done = self.arrays["done"][:]
@@ -193,8 +194,12 @@ class BlockWriter:
         with ThreadPoolExecutor(max_workers=1) as pool:
             written = {name: pool.submit(self._put_chunk, name, view, block, values)
                        for name, values in payload.items()}
-            stats = target_stats(logits, self.labels[start:stop])
-            written.update({name: pool.submit(self._put_chunk, name, view, block, stats[name])
+            mixed, targets = None, {}
+            if lay.mixed:   # the partners and lambdas of the block's rows, and p_gt of the mixed label
+                partner, targets = schema.stored_mixing(self.attrs, self.sample_ids, view, start, stop)
+                mixed = (self.labels[partner], targets["mix_lambda"])
+            targets.update(target_stats(logits, self.labels[start:stop], mixed=mixed))
+            written.update({name: pool.submit(self._put_chunk, name, view, block, targets[name])
                             for name in lay.block_arrays() if name not in written})
             crcs = np.array([written[name].result() for name in lay.block_arrays()], np.uint32)
         self._put_chunk(schema.CHECKSUM, view, block, crcs[None])
