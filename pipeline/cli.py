@@ -18,7 +18,7 @@ import contextlib
 import sys
 from pathlib import Path
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import click
 
@@ -73,6 +73,11 @@ from pipeline.train.student import CACHE_MODES
 def _reader_option(dataset: str, key: str) -> object:
     """A dataset reader's default for one of its options (the help repeats it, the reader owns it)."""
     return READERS.get(dataset).options[key]
+
+
+def _option_list(given: Sequence[str], flag: str) -> dict:
+    """``KEY=VALUE`` options of a repeatable, comma-separated flag (``--augment-option n=2,m=9``)."""
+    return parse_options([pair for text in given for pair in text.split(",") if pair.strip()], flag=flag)
 
 
 def _probability(flag: str, value: str | None) -> float | None:
@@ -380,9 +385,8 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --views 32 --augment trivialaugment
       kdcache cache ... --views 16 --mix mixup,cutmix --mix-option mixup_alpha=0.8,cutmix_alpha=1.0,switch_prob=0.5
     """
-    for flag, key, given in (("--augment-option", "augment_options", augment_options),
-                             ("--mix-option", "mix_options", mix_options)):
-        options[key] = parse_options([pair for text in given for pair in text.split(",") if pair.strip()], flag=flag)
+    options["augment_options"] = _option_list(augment_options, "--augment-option")
+    options["mix_options"] = _option_list(mix_options, "--mix-option")
     options["erase"] = _probability("--erase", erase)
     configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     files = {**{f"--teacher ({t})": t for t in teacher if Path(t).is_file()},
@@ -556,8 +560,13 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               default=config_default(DistillConfig, "mentor_stats"),
               help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
                    "default OUT stem + _mentors.csv.")
+@click.option("--mix", metavar="KINDS", default=config_default(DistillConfig, "mix"),
+              help="Without --mentors (--online, nokd): views >= 1 mixed with a partner sample, as kdcache cache "
+                   "--mix (a store records its own mixing).")
+@click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
+              help="An option of --mix, as kdcache cache --mix-option.")
 def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, ...],
-                    student_b_options: tuple[str, ...], **options) -> None:
+                    student_b_options: tuple[str, ...], mix_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
 
     Epoch e replays view e mod V of the cache (or, with --view-schedule random, each row a view
@@ -591,7 +600,7 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
     config = DistillConfig(options=parse_options(option_pairs),
                            student_options=parse_options(student_options, flag="--student-option"),
                            student_b_options=parse_options(student_b_options, flag="--student-b-option"),
-                           **options)
+                           mix_options=_option_list(mix_options, "--mix-option"), **options)
     with training_warning_last():
         metrics = distill(config)
     if not is_main_process():  # under torchrun only rank 0 reports
