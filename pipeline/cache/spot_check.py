@@ -195,10 +195,15 @@ def spot_check(store: str | Path, source: TeacherSource, *, rows: int = DEFAULT_
         if kept is not None:
             deltas.append(float(np.abs(np.take_along_axis(z, kept[0], axis=1) - kept[1]).max()))
         mixed = None
-        if layout.mixed:
-            partner, values = schema.stored_mixing(attrs, sample_id, view, 0, layout.num_samples)
-            mixed = (label[partner[picked]], values["mix_lambda"][picked])
+        if layout.mixed:   # the partners' labels and the lambdas the views spec gives those rows
+            m = computer.dataset(view).mixing(picked, np.full(len(picked), view))
+            mixed = (label[m.partner], m.lam)
         same, why = _first_problem(z, stored, kept, _tolerance(z, images=images), label[picked], mixed)
+        if layout.mixed:
+            found = {name: group[name].get_orthogonal_selection((view, picked)) for name in schema.MIX_ARRAYS}
+            for i in np.flatnonzero((found["mix_partner"] != sample_id[m.partner]) | (found["mix_lambda"] != m.lam)):
+                why[i] = why[i] or (f"partner/lambda stored {found['mix_partner'][i]}/{found['mix_lambda'][i]:.6g}, "
+                                    f"recomputed {sample_id[m.partner[i]]}/{m.lam[i]:.6g}")
         pairs, agree = pairs + len(picked), agree + int(same.sum())
         bad = [i for i, text in enumerate(why) if text]
         if bad and problem is None:

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 
 from pipeline.data.augment import check_replay
 from pipeline.data.base import Samples
-from pipeline.data.mix import Mixing, draw_mixing, mix_batch
-from pipeline.data.views import ViewSpec, apply_view, batch_view, output_shape
+from pipeline.data.mix import Mixing, mix_batch
+from pipeline.data.views import ViewSpec, apply_view, batch_view, output_shape, view_mixing
 from pipeline.errors import UserError
 
 
@@ -105,11 +105,10 @@ class ViewDataset(Dataset):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         views = self.row_views[rows] if views is None else np.broadcast_to(np.asarray(views, np.int64), rows.shape)
         out = Mixing.unmixed(rows)
-        mix = self.views.params.get("mix")
-        for v in np.unique(views) if mix is not None else []:
+        for v in np.unique(views) if self.views.mixed else []:
             at = np.nonzero(views == v)[0]
-            part = draw_mixing(mix, self.views.seed, self.sample_ids[rows[at]], rows[at], view=int(v),
-                               num_rows=len(self), size=self.input_shape[-2:])
+            part = view_mixing(self.views, self.sample_ids[rows[at]], rows[at], view=int(v), num_rows=len(self),
+                               size=self.input_shape[-2:])
             out.partner[at], out.lam[at], out.cut[at], out.box[at] = part.partner, part.lam, part.cut, part.box
         return out
 

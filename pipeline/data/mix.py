@@ -1,8 +1,9 @@
 """Mixed views that replay: MixUp and CutMix of a sample with a partner from the same split.
 
-    from pipeline.data.mix import mix_params, draw_mixing, mix_batch
+    from pipeline.data.mix import mix_params, mix_batch
+    from pipeline.data.views import view_mixing
     params = mix_params(["mixup", "cutmix"], {"mixup_alpha": 0.8})   # merged into a ViewSpec's params
-    m = draw_mixing(params["mix"], seed, ids, rows, view=3, num_rows=N, size=(32, 32))
+    m = view_mixing(spec, ids, rows, view=3, num_rows=N, size=(32, 32))   # partners, lambdas, boxes of the rows
     x = mix_batch(x_rows, x_partners, m)                             # float32 [B, C, H, W], mixed
 
 The semantics are timm's ``Mixup`` per sample: ``mixup_alpha`` and ``cutmix_alpha`` (each > 0 when
@@ -118,18 +119,16 @@ def _beta_quantile(alpha: float, q: np.ndarray) -> np.ndarray:
     return np.asarray(betaincinv(alpha, alpha, q), dtype=np.float64)
 
 
-def draw_mixing(mix: dict, seed: int, sample_ids: np.ndarray, rows: np.ndarray, *, view: int, num_rows: int,
-                size: tuple[int, int]) -> Mixing:
-    """The mixing of ``rows`` (their ``sample_ids``) of a split of ``num_rows`` rows in ``view``, on
-    views of ``size`` = (H, W) pixels: a pure function of (mix, seed, sample id, row, view)."""
-    from pipeline.data.views import uniforms_batch
-
+def draw_mixing(mix: dict, u: np.ndarray, rows: np.ndarray, *, num_rows: int, size: tuple[int, int]) -> Mixing:
+    """The mixing of ``rows`` of a split of ``num_rows`` rows in a view >= 1 whose keyed streams are
+    ``u`` ([B, >= MIX_AT + NUM_DRAWS]: ``pipeline.data.views.view_mixing`` draws them), on views of ``size``
+    = (H, W) pixels."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     n = len(rows)
-    if view == 0 or n == 0:
+    if n == 0:
         return Mixing.unmixed(rows)
     partner, lam, box = rows.copy(), np.ones(n, np.float64), np.zeros((n, 4), np.int64)
-    u = uniforms_batch(seed, sample_ids, view=view, n=MIX_AT + NUM_DRAWS)[:, MIX_AT:]
+    u = np.asarray(u)[:, MIX_AT:MIX_AT + NUM_DRAWS]
     mixed = u[:, 0] < mix["prob"]
     if num_rows > 1:
         other = np.minimum((u[:, 1] * (num_rows - 1)).astype(np.int64), num_rows - 2)

@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from pipeline.data.augment import augment_image, augment_params, num_uniforms
-from pipeline.data.mix import mix_params
+from pipeline.data.mix import MIX_AT, NUM_DRAWS, Mixing, draw_mixing, mix_params
 from pipeline.errors import DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -222,6 +222,17 @@ def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NU
 def uniforms(seed: int, sample_id: int, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
     """``n`` floats in [0, 1), a pure function of (seed, sample_id, view)."""
     return uniforms_batch(seed, np.asarray([sample_id]), view=view, n=n)[0]
+
+
+def view_mixing(spec: ViewSpec, sample_ids: np.ndarray, rows: np.ndarray, *, view: int, num_rows: int,
+                size: tuple[int, int]) -> Mixing:
+    """The mixing of ``rows`` (their ``sample_ids``) of a split of ``num_rows`` rows in ``view``, on views
+    of ``size`` = (H, W) pixels (``pipeline.data.mix``): a pure function of (spec, sample id, row, view);
+    view 0 and specs that do not mix: every row its own partner, lambda 1."""
+    if view == 0 or not spec.mixed:
+        return Mixing.unmixed(rows)
+    u = uniforms_batch(spec.seed, sample_ids, view=view, n=MIX_AT + NUM_DRAWS)
+    return draw_mixing(spec.params["mix"], u, rows, num_rows=num_rows, size=size)
 
 
 def output_shape(spec: ViewSpec, native_shape: tuple) -> tuple[int, ...]:

@@ -247,20 +247,6 @@ def is_mixed(attrs: dict[str, Any]) -> bool:
     return isinstance(params, dict) and "mix" in params
 
 
-def stored_mixing(attrs: dict[str, Any], sample_id: np.ndarray, view: int, start: int,
-                  stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(partner rows, ``MIX_ARRAYS`` values) of rows [start, stop) of ``view`` of a mixed store: a pure
-    function of its views spec, its sample ids (the split, in order) and the teacher's input size (the
-    pixels the CutMix boxes are cut in), so the writer, ``kdcache verify`` and a student agree."""
-    from pipeline.data.mix import draw_mixing
-
-    spec = attrs["views"]["spec"]
-    size = tuple(attrs["teacher"]["preprocessing"]["input_shape"][-2:])
-    m = draw_mixing(spec["params"]["mix"], int(spec.get("seed", 0)), sample_id[start:stop], np.arange(start, stop),
-                    view=view, num_rows=len(sample_id), size=size)
-    return m.partner, {"mix_partner": np.asarray(sample_id, np.int64)[m.partner], "mix_lambda": m.lam}
-
-
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
     """Path, inside the store, of the chunk of (view, block) of array ``name`` (view None: 1-D arrays)."""
     coords = (block,) if ndim == 1 else (view, block) + (0,) * (ndim - 2)

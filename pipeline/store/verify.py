@@ -9,10 +9,11 @@ marker; a chunk file for every (array, view, block); the CRC-32 of every data ch
 one written with it (each mismatch listed with its array, view and block) and of sample_id and
 label; NaN/Inf anywhere in the stored values (every block is read once, from its chunk files);
 index ranges; and a recomputation of entropy, p_gt and pred from a sample of stored logits.
-A store of mixed views also has its partners and lambdas (``mix_partner``, ``mix_lambda``) compared
-with those its views spec gives (``schema.stored_mixing``), and the p_gt of its mixed rows (the
-mixed label's probability) recomputed where the codec keeps every logit (dense kinds); other codecs'
-checks of p_gt apply to the unmixed rows only.
+A store of mixed views also has its partners and lambdas (``mix_partner``, ``mix_lambda``) checked:
+sample ids of the split, lambdas in [0, 1], view 0 unmixed (whether they are the ones its views spec
+gives is ``kdcache verify --teacher``'s to say: the views are data code); and the p_gt of its mixed
+rows (the mixed label's probability) recomputed where the codec keeps every logit (dense kinds);
+other codecs' checks of p_gt apply to the unmixed rows only.
 Stored values were computed from the teacher's float32 logits, and the stored logits are rounded
 to the store dtype, so recomputations are compared within the bound that rounding allows; what
 a block's rows are checked against is its codec's ``check`` (``pipeline.store.codecs``: dense
@@ -250,6 +251,13 @@ class _BlockScan:
             block[name] = chunk.reshape((self.lay.rows_per_block,) + arr.chunks[2:])[:rows]
         return block
 
+    def _check_mixing(self, block: dict[str, np.ndarray], where: str, start: int, stop: int,
+                      view: int) -> np.ndarray | None:
+        """A mixed store's partner rows of the block (None when they cannot be trusted), its problems listed."""
+        partner, problems = _mixing_problems(block, self.sample_id, start, stop, view)
+        self.report.problems.extend(f"{p} at {where}" for p in problems)
+        return None if problems else partner
+
     def _check_values(self, block: dict[str, np.ndarray], where: str, start: int, stop: int, view: int) -> None:
         """Finite values, a mixed store's partners and lambdas, then the codec's checks of a sample of
         the block's rows."""
@@ -262,12 +270,8 @@ class _BlockScan:
         self.report.blocks_scanned += 1
         partner = None
         if self.lay.mixed:
-            partner, expected = schema.stored_mixing(self.attrs, self.sample_id, view, start, stop)
-            for name in schema.MIX_ARRAYS:
-                off = block[name] != expected[name]
-                if off.any():
-                    add(f"{name}: expected the values the views spec gives, found {int(off.sum())} rows off at {where}")
-                    finite = False
+            partner = self._check_mixing(block, where, start, stop, view)
+            finite = finite and partner is not None
         if finite and self.sample_rows > 0 and self.label is not None:   # no labels to check rows against
             pick = np.sort(self.rng.choice(stop - start, size=min(self.per_unit, stop - start), replace=False))
             rows = {k: a[pick] for k, a in block.items()}
@@ -279,6 +283,26 @@ class _BlockScan:
             for problem in problems:
                 add(f"{problem} at {where}")
             self.report.rows_recomputed += len(pick)
+
+
+def _mixing_problems(block: dict[str, np.ndarray], sample_id: np.ndarray, start: int, stop: int,
+                     view: int) -> tuple[np.ndarray | None, list[str]]:
+    """The partner rows of a mixed store's block and the problems of its ``mix_partner``/``mix_lambda``:
+    ids of the split, lambdas in [0, 1], view 0 unmixed."""
+    problems = []
+    order = np.argsort(sample_id, kind="stable")
+    at = np.minimum(np.searchsorted(sample_id, block["mix_partner"], sorter=order), len(order) - 1)
+    partner = order[at]
+    unknown = sample_id[partner] != block["mix_partner"]
+    if unknown.any():
+        problems.append(f"mix_partner: expected sample ids of the split, found {int(unknown.sum())} others")
+    lam = block["mix_lambda"]
+    if not ((lam >= 0) & (lam <= 1)).all():
+        problems.append("mix_lambda: expected values in [0, 1], found values outside")
+    if view == 0 and ((block["mix_partner"] != sample_id[start:stop]) | (lam != 1)).any():
+        problems.append("mix_partner/mix_lambda: expected view 0 unmixed (each row its own partner, lambda 1), "
+                        "found mixed rows")
+    return partner, problems
 
 
 def _check_mixed(codec: Codec, rows: dict[str, np.ndarray], labels: np.ndarray, partner_labels: np.ndarray) -> list[str]:

@@ -174,8 +174,12 @@ class BlockWriter:
         except FileNotFoundError:
             return False
 
-    def write(self, view: int, block: int, logits: np.ndarray) -> None:
+    def write(self, view: int, block: int, logits: np.ndarray, mixing: dict[str, np.ndarray] | None = None) -> None:
         """Write a block's arrays from its full float32 logits, then their checksums, then its done marker.
+
+        ``mixing``: a mixed store's ``schema.MIX_ARRAYS`` of the block's rows (the partners' sample ids
+        and the lambdas, what its views mixed), required there and refused elsewhere; p_gt is then
+        the probability of each row's mixed label.
 
         The logit arrays go to disk from a second thread while the stats are computed; the
         checksums are written once every chunk of the block is in place, the marker after them.
@@ -188,16 +192,17 @@ class BlockWriter:
         if not np.isfinite(logits).all():
             raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
                             f"({int((~np.isfinite(logits)).sum())} values); no marker written")
+        if (mixing is not None) != lay.mixed or (mixing is not None and set(mixing) != set(schema.MIX_ARRAYS)):
+            raise ValueError(f"{where}: expected {'the ' + ', '.join(schema.MIX_ARRAYS) if lay.mixed else 'no'} "
+                             f"mixing arrays, found {sorted(mixing or {})}")
         # the codec's arrays; those named like an exact target (top-k's logsumexp) come with the stats
         payload = lay.codec.encode(logits, seed=self.attrs["views"].get("seed", 0), view=view, block=block,
                                    where=where)
         with ThreadPoolExecutor(max_workers=1) as pool:
             written = {name: pool.submit(self._put_chunk, name, view, block, values)
                        for name, values in payload.items()}
-            mixed, targets = None, {}
-            if lay.mixed:   # the partners and lambdas of the block's rows, and p_gt of the mixed label
-                partner, targets = schema.stored_mixing(self.attrs, self.sample_ids, view, start, stop)
-                mixed = (self.labels[partner], targets["mix_lambda"])
+            targets = dict(mixing or {})
+            mixed = None if mixing is None else (self._partner_labels(mixing["mix_partner"]), mixing["mix_lambda"])
             targets.update(target_stats(logits, self.labels[start:stop], mixed=mixed))
             written.update({name: pool.submit(self._put_chunk, name, view, block, targets[name])
                             for name in lay.block_arrays() if name not in written})
@@ -205,6 +210,11 @@ class BlockWriter:
         self._put_chunk(schema.CHECKSUM, view, block, crcs[None])
         faults.point("marker")
         self._put_chunk("done", view, block, np.ones(1, bool))      # only after every array of the block is written
+
+    def _partner_labels(self, partner_ids: np.ndarray) -> np.ndarray:
+        """The labels of the rows whose sample ids are ``partner_ids``."""
+        order = np.argsort(self.sample_ids, kind="stable")
+        return self.labels[order[np.searchsorted(self.sample_ids, partner_ids, sorter=order)]]
 
     def _put_chunk(self, name: str, view: int, block: int, values: np.ndarray) -> int:
         """Write the chunk of (view, block) of array ``name`` from its rows' values; the CRC-32 of its file."""
