@@ -354,7 +354,7 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="mixup, cutmix or mixup,cutmix: views >= 1 are mixed with a partner sample of the split at "
                    "the same view, and the teacher answers the mixed image (timm's Mixup semantics).")
 @click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
-              help="An option of --mix (repeatable or comma-separated): mixup_alpha=0.8, cutmix_alpha=1.0, "
+              show_default=True, help="An option of --mix (repeatable or comma-separated): mixup_alpha=0.8, cutmix_alpha=1.0, "
                    "switch_prob=0.5 (CutMix's share when both), prob=1.0 (share of views mixed at all).")
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
@@ -564,7 +564,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               help="Without --mentors (--online, nokd): views >= 1 mixed with a partner sample, as kdcache cache "
                    "--mix (a store records its own mixing).")
 @click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
-              help="An option of --mix, as kdcache cache --mix-option.")
+              show_default=True, help="An option of --mix, as kdcache cache --mix-option.")
 def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, ...],
                     student_b_options: tuple[str, ...], mix_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
