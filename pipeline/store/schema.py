@@ -29,8 +29,9 @@ that rule (``Layout.version``).
 Mixed stores (views made with MixUp / CutMix, ``pipeline.data.mix``): two more block arrays,
 ``mix_partner`` (int64, the partner's sample id) and ``mix_lambda`` (float32, the effective lambda)
 per (view, row), checksummed like the others; their ``p_gt`` is ``lam * p[y] + (1 - lam) *
-p[y_partner]``. Such a store has format version ``MIXED_FORMAT_VERSION`` (4), so a kdcache that
-cannot train on mixed labels refuses it; every other store keeps version 3, byte for byte.
+p[y_partner]``. Such a store has format version ``MIXED_FORMAT_VERSION`` (4, and only 4), so a
+kdcache that cannot train on mixed labels refuses it; every other store keeps version 3 (or 2),
+byte for byte, and a version 4 without mixing is refused as a later version.
 
 Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``): each is one codec class,
 looked up by name (``pipeline.store.codecs``), that declares its payload arrays; ``Layout`` adds
@@ -58,8 +59,8 @@ from pipeline.store.stats import target_stats  # noqa: F401  (public here too: t
 
 SCHEMA = "kdcache-store"
 FORMAT_VERSION = 3               # 3: a chunk's checksum covers its key (array, view, block) and its bytes
-MIXED_FORMAT_VERSION = 4         # 4: version 3 with mixed views (the arrays MIX_ARRAYS)
-READABLE_VERSIONS = (2, 3, 4)    # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+READABLE_VERSIONS = (2, 3)       # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+MIXED_FORMAT_VERSION = 4         # a store of mixed views: version 3 with the arrays MIX_ARRAYS (its only version)
 MIX_ARRAYS = ("mix_partner", "mix_lambda")   # per (view, row): the partner's sample id, the effective lambda
 KEYED_CHECKSUMS = 3              # the first version whose chunk checksums start from the chunk key
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
@@ -339,25 +340,21 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     """Schema name and version, with 'expected X, found Y'."""
     if attrs.get("schema") != SCHEMA:
         raise UserError(f"{store}: field schema: expected {SCHEMA!r}, found {attrs.get('schema')!r} (not a kdcache store)")
-    version = attrs.get("version")
-    readable = " or ".join(str(v) for v in READABLE_VERSIONS)
+    version, mixed = attrs.get("version"), is_mixed(attrs)
+    versions = (MIXED_FORMAT_VERSION,) if mixed else READABLE_VERSIONS
+    readable = " or ".join(str(v) for v in versions)
     if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < min(READABLE_VERSIONS):
         raise UserError(f"{store}: field version: expected {readable}, found {version} (a store of an older "
                         "kdcache, without chunk checksums; recompute it: rerun its `kdcache cache` command with --overwrite)")
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        raise UserError(f"{store}: field version: expected {readable}, found {version!r}")
+    if isinstance(version, bool) or version not in versions:
+        raise UserError(f"{store}: field version: expected {readable}{' (a store of mixed views)' if mixed else ''}, "
+                        f"found {version!r}")
     for section in ("manifest", "teacher", "views", "storage", "checksums", "status"):
         if not isinstance(attrs.get(section), dict):
             raise UserError(f"{store}: field {section}: expected a mapping, found {attrs.get(section)!r}")
     if attrs["checksums"].get("algorithm") != CHECKSUM_ALGORITHM:
         raise UserError(f"{store}: field checksums.algorithm: expected {CHECKSUM_ALGORITHM!r}, "
                         f"found {attrs['checksums'].get('algorithm')!r}")
-    if is_mixed(attrs) and version != MIXED_FORMAT_VERSION:
-        raise UserError(f"{store}: field version: expected {MIXED_FORMAT_VERSION} (a store of mixed views), "
-                        f"found {version}")
-    if version == MIXED_FORMAT_VERSION and not is_mixed(attrs):
-        raise UserError(f"{store}: field views.spec.params.mix: expected the mixing of a version-"
-                        f"{MIXED_FORMAT_VERSION} store, found none")
     check_fields(attrs, store)
 
 

@@ -26,6 +26,12 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
   give the students a resolution and normalization of their own (``pipeline.data.views.for_model``):
   the same crop boxes and flips as the teachers', resized to ``input_size``; the checkpoint's views
   are the students', so ``kdcache evaluate`` scores them at their own size.
+- Mixed views (a store cached with ``--mix``, or ``mix``/``mix_options`` without mentors: MixUp /
+  CutMix, ``pipeline.data.mix``): each row's input is its view mixed with its partner's, and the
+  method gets the mixed labels ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` [B, C] instead
+  of ``y`` (``Batch.mixed``), so every hard-label term is ``lam * CE(y) + (1 - lam) * CE(y_partner)``.
+  Methods without ``mixed_labels`` refuse mixed views in one line; a cache's partners and lambdas
+  are checked against the students' views first (``CachedTargets.check_mixing``).
 - Batches: the targets' order (``pipeline.train.sampling``: block-aware when streaming, one slice
   per DDP rank); online, the in-memory order over the same rows, so both see the same batches.
 - Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
