@@ -194,12 +194,10 @@ def spot_check(store: str | Path, source: TeacherSource, *, rows: int = DEFAULT_
         kept = layout.codec.kept_logits(stored)
         if kept is not None:
             deltas.append(float(np.abs(np.take_along_axis(z, kept[0], axis=1) - kept[1]).max()))
-        mixed = None
-        if layout.mixed:   # the partners' labels and the lambdas the views spec gives those rows
-            m = computer.dataset(view).mixing(picked, np.full(len(picked), view))
-            mixed = (label[m.partner], m.lam)
+        m = computer.dataset(view).mixing(picked, np.full(len(picked), view)) if layout.mixed else None
+        mixed = None if m is None else (label[m.partner], m.lam)   # the mixing the views spec gives those rows
         same, why = _first_problem(z, stored, kept, _tolerance(z, images=images), label[picked], mixed)
-        if layout.mixed:
+        if m is not None:
             found = {name: group[name].get_orthogonal_selection((view, picked)) for name in schema.MIX_ARRAYS}
             for i in np.flatnonzero((found["mix_partner"] != sample_id[m.partner]) | (found["mix_lambda"] != m.lam)):
                 why[i] = why[i] or (f"partner/lambda stored {found['mix_partner'][i]}/{found['mix_lambda'][i]:.6g}, "

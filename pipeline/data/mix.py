@@ -120,15 +120,14 @@ def _beta_quantile(alpha: float, q: np.ndarray) -> np.ndarray:
 
 
 def draw_mixing(mix: dict, u: np.ndarray, rows: np.ndarray, *, num_rows: int, size: tuple[int, int]) -> Mixing:
-    """The mixing of ``rows`` of a split of ``num_rows`` rows in a view >= 1 whose keyed streams are
-    ``u`` ([B, >= MIX_AT + NUM_DRAWS]: ``pipeline.data.views.view_mixing`` draws them), on views of ``size``
-    = (H, W) pixels."""
+    """The mixing of ``rows`` of a split of ``num_rows`` rows in a view >= 1 whose keyed streams hold
+    ``u`` at positions MIX_AT .. MIX_AT + NUM_DRAWS - 1 ([B, NUM_DRAWS]: ``pipeline.data.views.view_mixing``
+    draws them), on views of ``size`` = (H, W) pixels."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     n = len(rows)
     if n == 0:
         return Mixing.unmixed(rows)
     partner, lam, box = rows.copy(), np.ones(n, np.float64), np.zeros((n, 4), np.int64)
-    u = np.asarray(u)[:, MIX_AT:MIX_AT + NUM_DRAWS]
     mixed = u[:, 0] < mix["prob"]
     if num_rows > 1:
         other = np.minimum((u[:, 1] * (num_rows - 1)).astype(np.int64), num_rows - 2)

@@ -203,8 +203,10 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
-    """[B, n] floats in [0, 1): row b is a pure function of (seed, sample_ids[b], view).
+def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NUM_UNIFORMS,
+                   start: int = 0) -> np.ndarray:
+    """[B, n - start] floats in [0, 1), positions ``start`` .. ``n - 1`` of each stream: row b is a pure
+    function of (seed, sample_ids[b], view).
 
     The key hashes seed, sample_id and view in turn; position j of the stream is
     ``mix(key + (j + 1) * golden)``, i.e. splitmix64 started from the key.
@@ -214,7 +216,7 @@ def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NU
     key = _mix64(np.full(ids.shape, int(seed), dtype=np.uint64) + golden)
     key = _mix64((key ^ ids) + golden)
     key = _mix64((key ^ np.uint64(int(view))) + golden)
-    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(n)], dtype=np.uint64)
+    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(start, n)], dtype=np.uint64)
     state = _mix64(key[:, None] + steps[None, :])
     return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
@@ -231,7 +233,7 @@ def view_mixing(spec: ViewSpec, sample_ids: np.ndarray, rows: np.ndarray, *, vie
     view 0 and specs that do not mix: every row its own partner, lambda 1."""
     if view == 0 or not spec.mixed:
         return Mixing.unmixed(rows)
-    u = uniforms_batch(spec.seed, sample_ids, view=view, n=MIX_AT + NUM_DRAWS)
+    u = uniforms_batch(spec.seed, sample_ids, view=view, n=MIX_AT + NUM_DRAWS, start=MIX_AT)
     return draw_mixing(spec.params["mix"], u, rows, num_rows=num_rows, size=size)
 
 

@@ -112,7 +112,7 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, checksums: bool 
     done, holes = _check_completeness(store, attrs, lay, arrays, report)
     label = _check_ids(attrs, lay, arrays, holes, report, checksums=checksums)
     scan = _BlockScan(store, lay, arrays, report, label, checksums=checksums, sample_rows=sample_rows,
-                      rng=np.random.default_rng(seed), max_problems=max_problems, attrs=attrs)
+                      rng=np.random.default_rng(seed), max_problems=max_problems)
     hole_units = {(v, b) for _, v, b in holes}
     for v, b in lay.units():
         if done[v, b] and (v, b) not in hole_units and (None, b) not in hole_units:
@@ -213,9 +213,10 @@ class _BlockScan:
     are listed, finite values and the codec's checks of ``sample_rows`` rows in all."""
 
     def __init__(self, store: Path, lay: schema.Layout, arrays: dict, report: VerifyReport, label: np.ndarray | None, *,
-                 checksums: bool, sample_rows: int, rng: np.random.Generator, max_problems: int, attrs: dict) -> None:
+                 checksums: bool, sample_rows: int, rng: np.random.Generator, max_problems: int) -> None:
         self.store, self.lay, self.arrays, self.report, self.label = store, lay, arrays, report, label
-        self.attrs, self.sample_id = attrs, arrays["sample_id"][:] if lay.mixed else None
+        self.sample_id = arrays["sample_id"][:] if lay.mixed else None
+        self.id_order = None if self.sample_id is None else np.argsort(self.sample_id, kind="stable")
         self.checksums, self.sample_rows, self.rng, self.max_problems = checksums, sample_rows, rng, max_problems
         self.expected_crc = arrays[schema.CHECKSUM][:]
         self.per_unit = max(1, -(-sample_rows // max(1, len(lay.units()))))
@@ -254,7 +255,7 @@ class _BlockScan:
     def _check_mixing(self, block: dict[str, np.ndarray], where: str, start: int, stop: int,
                       view: int) -> np.ndarray | None:
         """A mixed store's partner rows of the block (None when they cannot be trusted), its problems listed."""
-        partner, problems = _mixing_problems(block, self.sample_id, start, stop, view)
+        partner, problems = _mixing_problems(block, self.sample_id, self.id_order, start, stop, view)
         self.report.problems.extend(f"{p} at {where}" for p in problems)
         return None if problems else partner
 
@@ -285,12 +286,11 @@ class _BlockScan:
             self.report.rows_recomputed += len(pick)
 
 
-def _mixing_problems(block: dict[str, np.ndarray], sample_id: np.ndarray, start: int, stop: int,
-                     view: int) -> tuple[np.ndarray | None, list[str]]:
+def _mixing_problems(block: dict[str, np.ndarray], sample_id: np.ndarray, order: np.ndarray, start: int, stop: int,
+                     view: int) -> tuple[np.ndarray, list[str]]:
     """The partner rows of a mixed store's block and the problems of its ``mix_partner``/``mix_lambda``:
-    ids of the split, lambdas in [0, 1], view 0 unmixed."""
+    ids of the split, lambdas in [0, 1], view 0 unmixed (``order``: the argsort of ``sample_id``)."""
     problems = []
-    order = np.argsort(sample_id, kind="stable")
     at = np.minimum(np.searchsorted(sample_id, block["mix_partner"], sorter=order), len(order) - 1)
     partner = order[at]
     unknown = sample_id[partner] != block["mix_partner"]

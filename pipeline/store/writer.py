@@ -162,6 +162,7 @@ class BlockWriter:
         self.arrays = {name: self.group[name] for name in self.specs}
         self.labels = self.arrays["label"][:]
         self.sample_ids = self.arrays["sample_id"][:] if self.layout.mixed else None
+        self._id_order = None if self.sample_ids is None else np.argsort(self.sample_ids, kind="stable")
 
     def missing(self) -> list[tuple[int, int]]:
         done = self.arrays["done"][:]
@@ -213,8 +214,7 @@ class BlockWriter:
 
     def _partner_labels(self, partner_ids: np.ndarray) -> np.ndarray:
         """The labels of the rows whose sample ids are ``partner_ids``."""
-        order = np.argsort(self.sample_ids, kind="stable")
-        return self.labels[order[np.searchsorted(self.sample_ids, partner_ids, sorter=order)]]
+        return self.labels[self._id_order[np.searchsorted(self.sample_ids, partner_ids, sorter=self._id_order)]]
 
     def _put_chunk(self, name: str, view: int, block: int, values: np.ndarray) -> int:
         """Write the chunk of (view, block) of array ``name`` from its rows' values; the CRC-32 of its file."""
