@@ -476,8 +476,11 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool, t
 @click.option("--storage", type=RegistryChoice(codecs.CODECS.names), default=config_default(CacheConfig, "storage"), show_default=True)
 @click.option("--k", type=int, default=None, help="Classes kept (--storage topk) or drawn (--storage sampled).")
 @click.option("--rows-per-block", type=int, default=None, help=f"As for `kdcache cache` (default {DEFAULT_ROWS_PER_BLOCK}, less for huge C).")
+@click.option("--mixed", is_flag=True, default=False,
+              help="Views mixed with `kdcache cache --mix`: count the partner and lambda arrays (12 bytes per sample-view).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
-                 num_teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None) -> None:
+                 num_teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None,
+                 mixed: bool) -> None:
     """Bytes a cache will take on disk, per array and in total, before anything runs.
 
     \b
@@ -486,6 +489,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
       kdcache plan --manifest data_manifests/imagenet100.parquet --split train --storage topk --k 20
       kdcache plan --num-samples 1281167 --num-classes 1000 --dtype int8
       kdcache plan --num-samples 1281167 --num-classes 1000 --storage sampled --k 12
+      kdcache plan --num-samples 1281167 --num-classes 1000 --views 16 --mixed
     """
     if manifest:
         m = load_manifest(manifest)
@@ -494,7 +498,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
     if not num_samples or not num_classes:
         raise UserError("plan: expected --num-samples and --num-classes, or --manifest, found neither")
     layout = Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=storage, k=k,
-                    dtype=dtype, rows_per_block=rows_per_block)
+                    dtype=dtype, rows_per_block=rows_per_block, mixed=mixed)
     sizes = plan_bytes(layout, teachers=num_teachers)
     on_disk = sum(sizes[name] for name in layout.payload_arrays()) / (num_teachers * num_samples * views)
     click.echo(f"{num_teachers} store(s): N={num_samples} C={num_classes} V={views} {layout.codec.describe()}, "

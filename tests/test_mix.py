@@ -327,6 +327,17 @@ def test_cli_bad_mix_values_are_one_error_line(tmp_path, args, needle) -> None:
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_distill_takes_no_mixing_beside_mentors_and_plan_counts_the_mixed_arrays(folder, tmp_path) -> None:
+    manifest, _, store = folder
+    run = CliRunner().invoke(cli, ["distill", "--method", "kd", "--mentors", str(store), "--manifest",
+                                   str(manifest.path), "--student", "cnn", "--out", str(tmp_path / "s.pt"),
+                                   "--mix", "mixup"])
+    one_error_line(run, "'mix'", "none with mentors")
+    plain, mixed = (CliRunner().invoke(cli, ["plan", "--num-samples", "1000", "--num-classes", "10", "--views",
+                                             "2", *extra]).output for extra in ((), ("--mixed",)))
+    assert "mix_partner" not in plain and "mix_partner" in mixed and "mix_lambda" in mixed
+
+
 def test_mixing_vector_data_is_one_error_line(synthetic_teacher, tmp_path) -> None:
     manifest, teacher = synthetic_teacher
     run = CliRunner().invoke(cli, ["cache", "--teacher", str(teacher), "--manifest", str(manifest), "--views", "2",
