@@ -41,7 +41,7 @@ def hard_labels(y: torch.Tensor) -> torch.Tensor:
     """The hard-label target of cross-entropy: class ids [B] as int64, or the mixed labels [B, C]
     (float) of mixed views, ``lam * onehot(y) + (1 - lam) * onehot(y_partner)``, as they are:
     ``F.cross_entropy`` against them is ``lam * CE(y) + (1 - lam) * CE(y_partner)``."""
-    return y if y.is_floating_point() else y.long()
+    return y if y.is_floating_point() and y.dim() == 2 else y.long()
 
 
 def full(z: torch.Tensor) -> torch.Tensor:
