@@ -18,7 +18,7 @@ import contextlib
 import sys
 from pathlib import Path
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import click
 
@@ -73,6 +73,11 @@ from pipeline.train.student import CACHE_MODES
 def _reader_option(dataset: str, key: str) -> object:
     """A dataset reader's default for one of its options (the help repeats it, the reader owns it)."""
     return READERS.get(dataset).options[key]
+
+
+def _option_list(given: Sequence[str], flag: str) -> dict:
+    """``KEY=VALUE`` options of a repeatable, comma-separated flag (``--augment-option n=2,m=9``)."""
+    return parse_options([pair for text in given for pair in text.split(",") if pair.strip()], flag=flag)
 
 
 def _probability(flag: str, value: str | None) -> float | None:
@@ -345,13 +350,20 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
                    "m=9 (magnitude 0..30).")
 @click.option("--erase", metavar="P", default=None,
               help="Random erasing in views >= 1 with probability P (after --augment).")
+@click.option("--mix", metavar="KINDS", default=config_default(CacheConfig, "mix"),
+              help="mixup, cutmix or mixup,cutmix: views >= 1 are mixed with a partner sample of the split at "
+                   "the same view, and the teacher answers the mixed image (timm's Mixup semantics).")
+@click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
+              show_default=True, help="An option of --mix (repeatable or comma-separated): mixup_alpha=0.8, cutmix_alpha=1.0, "
+                   "switch_prob=0.5 (CutMix's share when both), prob=1.0 (share of views mixed at all).")
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
                    "teachers: one --name per --teacher, in the same order.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: tuple[str, ...],
-                  name: tuple[str, ...], augment_options: tuple[str, ...], erase: str | None, **options) -> None:
+                  name: tuple[str, ...], augment_options: tuple[str, ...], erase: str | None,
+                  mix_options: tuple[str, ...], **options) -> None:
     """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
     Several teachers are cached in one pass: each view of each image is decoded and augmented
@@ -371,9 +383,10 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --local-workers 4
       kdcache cache ... --views 16 --augment randaugment --augment-option n=2,m=9 --erase 0.25
       kdcache cache ... --views 32 --augment trivialaugment
+      kdcache cache ... --views 16 --mix mixup,cutmix --mix-option mixup_alpha=0.8,cutmix_alpha=1.0,switch_prob=0.5
     """
-    pairs = [pair for given in augment_options for pair in given.split(",") if pair.strip()]
-    options["augment_options"] = parse_options(pairs, flag="--augment-option")
+    options["augment_options"] = _option_list(augment_options, "--augment-option")
+    options["mix_options"] = _option_list(mix_options, "--mix-option")
     options["erase"] = _probability("--erase", erase)
     configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
     files = {**{f"--teacher ({t})": t for t in teacher if Path(t).is_file()},
@@ -463,8 +476,11 @@ def verify_command(stores: tuple[str, ...], sample_rows: int, checksums: bool, t
 @click.option("--storage", type=RegistryChoice(codecs.CODECS.names), default=config_default(CacheConfig, "storage"), show_default=True)
 @click.option("--k", type=int, default=None, help="Classes kept (--storage topk) or drawn (--storage sampled).")
 @click.option("--rows-per-block", type=int, default=None, help=f"As for `kdcache cache` (default {DEFAULT_ROWS_PER_BLOCK}, less for huge C).")
+@click.option("--mixed", is_flag=True, default=False,
+              help="Views mixed with `kdcache cache --mix`: count the partner and lambda arrays (12 bytes per sample-view).")
 def plan_command(num_samples: int | None, num_classes: int | None, manifest: str | None, split: str, views: int,
-                 num_teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None) -> None:
+                 num_teachers: int, dtype: str, storage: str, k: int | None, rows_per_block: int | None,
+                 mixed: bool) -> None:
     """Bytes a cache will take on disk, per array and in total, before anything runs.
 
     \b
@@ -473,6 +489,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
       kdcache plan --manifest data_manifests/imagenet100.parquet --split train --storage topk --k 20
       kdcache plan --num-samples 1281167 --num-classes 1000 --dtype int8
       kdcache plan --num-samples 1281167 --num-classes 1000 --storage sampled --k 12
+      kdcache plan --num-samples 1281167 --num-classes 1000 --views 16 --mixed
     """
     if manifest:
         m = load_manifest(manifest)
@@ -481,7 +498,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
     if not num_samples or not num_classes:
         raise UserError("plan: expected --num-samples and --num-classes, or --manifest, found neither")
     layout = Layout(num_samples=num_samples, num_classes=num_classes, num_views=views, kind=storage, k=k,
-                    dtype=dtype, rows_per_block=rows_per_block)
+                    dtype=dtype, rows_per_block=rows_per_block, mixed=mixed)
     sizes = plan_bytes(layout, teachers=num_teachers)
     on_disk = sum(sizes[name] for name in layout.payload_arrays()) / (num_teachers * num_samples * views)
     click.echo(f"{num_teachers} store(s): N={num_samples} C={num_classes} V={views} {layout.codec.describe()}, "
@@ -547,8 +564,13 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               default=config_default(DistillConfig, "mentor_stats"),
               help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
                    "default OUT stem + _mentors.csv.")
+@click.option("--mix", metavar="KINDS", default=config_default(DistillConfig, "mix"),
+              help="Without --mentors (--online, nokd): views >= 1 mixed with a partner sample, as kdcache cache "
+                   "--mix (a store records its own mixing).")
+@click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
+              show_default=True, help="An option of --mix, as kdcache cache --mix-option.")
 def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, ...],
-                    student_b_options: tuple[str, ...], **options) -> None:
+                    student_b_options: tuple[str, ...], mix_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
 
     Epoch e replays view e mod V of the cache (or, with --view-schedule random, each row a view
@@ -582,7 +604,7 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
     config = DistillConfig(options=parse_options(option_pairs),
                            student_options=parse_options(student_options, flag="--student-option"),
                            student_b_options=parse_options(student_b_options, flag="--student-b-option"),
-                           **options)
+                           mix_options=_option_list(mix_options, "--mix-option"), **options)
     with training_warning_last():
         metrics = distill(config)
     if not is_main_process():  # under torchrun only rank 0 reports

@@ -43,16 +43,19 @@ def _counting(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("augment", [None, "trivialaugment"])
+@pytest.mark.parametrize("views", [{}, {"augment": "trivialaugment"},
+                                   {"augment": "randaugment", "erase": 0.5, "mix": "mixup,cutmix"}])
 def test_one_decode_per_image_and_block_and_the_same_bytes_as_one_per_view(folder, tmp_path, monkeypatch,
-                                                                           augment) -> None:
+                                                                           views) -> None:
     manifest, teacher = folder
-    kw = {"views": VIEWS, "threads": 1, "rows_per_block": 5, "augment": augment}
+    kw = {"views": VIEWS, "threads": 1, "rows_per_block": 5, **views}
     calls = _counting(monkeypatch)
     once = cache(teacher, manifest.path, tmp_path / "once.zarr", **kw)
     num_rows = len(manifest.split("train").sample_id)
-    # The teacher check opens view 0 of one sample; every other decode is one per image.
-    assert sorted(calls[-num_rows:]) == list(range(num_rows)) and len(calls) <= num_rows + 2, calls
+    if "mix" in views:   # a mixed view decodes its partner's image too
+        assert set(calls) == set(range(num_rows)) and len(calls) <= VIEWS * num_rows + 2, calls
+    else:                # the teacher check opens view 0 of one sample; every other decode is one per image
+        assert sorted(calls[-num_rows:]) == list(range(num_rows)) and len(calls) <= num_rows + 2, calls
     calls.clear()
     monkeypatch.setattr(cache_run, "views_per_pass", lambda layout, num_stores: 1)   # decode once per view
     per_view = cache(teacher, manifest.path, tmp_path / "per_view.zarr", **kw)

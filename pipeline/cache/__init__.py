@@ -48,11 +48,15 @@ and std, and both are recorded in the store's ``teacher.preprocessing`` (``mean`
 ``input_shape``), so a teacher that expects other inputs (another resolution, ImageNet statistics)
 is cached with a view spec giving them (``CacheConfig.view_spec``).
 
+Mixed views (``--mix``, ``pipeline.data.mix``): a view >= 1 is the sample's view mixed with its
+partner's, the teacher runs on the mixed image, and the job hands each block's partners and lambdas
+to the writer with its logits (``run.block_mixing``), so the store holds them beside the answers.
+
     config.py    CacheConfig: the settings of a caching job
     job.py       the job: each teacher checked, its store's target and its block computer's factory
     teacher.py   block computers: the frozen teacher over a split's views, block by block
     one_pass.py  several teachers over one pass of the views (the images decoded once)
-    run.py       which blocks this job computes (--shard i/n, dask), then finalize
+    run.py       which blocks this job computes (--shard i/n, dask), a mixed block's partners, then finalize
     spot_check.py  kdcache verify --teacher: the teacher run again on sampled (view, row) pairs of a store
 
 The store format itself (schema, writer, reader, verify) is ``pipeline.store``; tests drive

@@ -5,6 +5,7 @@
     CacheConfig(teacher="resnet18", weights="weights/r18.pt", ...)      # an arch name + a state_dict
     CacheConfig(teacher="my_models:build_teacher", ...)                 # your callable (weights optional)
     CacheConfig(..., views=16, augment="randaugment", augment_options={"n": 2, "m": 9}, erase=0.25)
+    CacheConfig(..., views=16, mix="mixup,cutmix", mix_options={"mixup_alpha": 0.8, "switch_prob": 0.5})
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 
 from pipeline.config import ConfigError, FromDict
 from pipeline.data.augment import augment_params
+from pipeline.data.mix import mix_params
 from pipeline.store import codecs, schema
 
 
@@ -35,6 +37,9 @@ class CacheConfig(FromDict):
     # randaugment: n (ops per view, default 2), m (magnitude 0..30, default 9)
     augment_options: dict[str, Any] = field(default_factory=dict)
     erase: float | None = None              # random erasing in views >= 1 with this probability
+    mix: str | None = None                  # views >= 1 mixed with a partner sample: mixup | cutmix | mixup,cutmix
+    # mixup_alpha (0.8), cutmix_alpha (1.0), switch_prob (0.5, both kinds), prob (1.0): pipeline.data.mix
+    mix_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float16"                  # of the stored logits: one its storage codec takes
     storage: str = codecs.DEFAULT_KIND      # a storage codec's name (entropy, p_gt: always exact float32)
     k: int | None = None                    # classes kept or drawn per row, for codecs that take k
@@ -73,5 +78,6 @@ class CacheConfig(FromDict):
             raise self.bad("temperature", f"a number > 0, with storage {' or '.join(with_temperature)} only")
         try:
             augment_params(self.augment, self.augment_options, erase=self.erase)
+            mix_params(self.mix, self.mix_options)
         except ConfigError as err:   # worded as this section's key
             raise ConfigError(err.problem, key=err.key, section=self.section) from None

@@ -25,7 +25,7 @@ from pipeline.cache.one_pass import OnePassFactory
 from pipeline.cache.run import OneStore, StoreTarget, write_caches
 from pipeline.cache.teacher import TeacherFactory, default_threads
 from pipeline.data import check_files, default_views, open_split
-from pipeline.data.views import ViewSpec, with_augment
+from pipeline.data.views import ViewSpec, with_augment, with_mix
 from pipeline.errors import UserError
 from pipeline.files import os_error_text
 from pipeline.manifest import Manifest, load_manifest
@@ -54,7 +54,7 @@ def _prepare(cfg: CacheConfig, source: TeacherSource, manifest_path: Path,
     """Check the teacher against the manifest and the views; the store it writes and its block computer's factory."""
     rows = man.split(cfg.split)
     views = ViewSpec.from_dict(cfg.view_spec) if cfg.view_spec else default_views(man, seed=cfg.views_seed)
-    views = with_augment(views, cfg.augment, cfg.augment_options, erase=cfg.erase)
+    views = with_mix(with_augment(views, cfg.augment, cfg.augment_options, erase=cfg.erase), cfg.mix, cfg.mix_options)
     shape = tuple(open_split(man, cfg.split, views=views, view=0).input_shape)
     # Checked here once, before any store exists: weights that do not fit, a callable returning no
     # module or other weights every call, a wrong class count are refused now, not in a worker.
@@ -66,7 +66,7 @@ def _prepare(cfg: CacheConfig, source: TeacherSource, manifest_path: Path,
                       f"({man.sha256})", stacklevel=3)
     layout = schema.Layout(num_samples=len(rows.sample_id), num_classes=man.num_classes, num_views=cfg.views,
                            kind=cfg.storage, k=cfg.k, dtype=cfg.dtype, rows_per_block=cfg.rows_per_block,
-                           micro_batch=cfg.micro_batch, temperature=cfg.temperature)
+                           micro_batch=cfg.micro_batch, temperature=cfg.temperature, mixed=views.mixed)
     weights = source.weights_file
     provenance = Provenance(
         manifest={"path": path_for_store(manifest_path, cfg.out), "sha256": man.sha256, "split": cfg.split,

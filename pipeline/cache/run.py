@@ -43,6 +43,7 @@ from tqdm import tqdm
 from pipeline import faults
 from pipeline.cache.claims import DEFAULT_STALE_AFTER, Claims, clear_claims
 from pipeline.cache.teacher import BlockComputer, ComputerFactory, compute_views
+from pipeline.data.views import ViewSpec, view_mixing
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.writer import BlockWriter, CacheResult, Provenance, check_target, finalize, open_or_create
@@ -159,7 +160,8 @@ def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claim
                 claims[s].abandon(view, block)
                 outcomes[view][s] = (CLAIMED, 0)
                 continue
-            writers[s].write(view, block, np.asarray(values, dtype=np.float32))
+            writers[s].write(view, block, np.asarray(values, dtype=np.float32),
+                             block_mixing(writers[s].attrs, writers[s].sample_ids, view, start, stop))
             held.remove((view, s))
             faults.point("block")
             claims[s].release(view, block)            # only after the marker
@@ -169,6 +171,21 @@ def claim_and_compute_all(writers: Sequence[BlockWriter], claims: Sequence[Claim
             claims[s].abandon(view, block)            # unmarked: any job may take the block over now
         raise
     return outcomes
+
+
+def block_mixing(attrs: dict[str, Any], sample_id: np.ndarray, view: int, start: int,
+                 stop: int) -> dict[str, np.ndarray] | None:
+    """What a store of mixed views records for rows [start, stop) of ``view`` (``schema.MIX_ARRAYS``:
+    the partners' sample ids, the effective lambdas); None for a store of unmixed views. A pure
+    function of the store's views spec, its sample ids (the split, in order) and the teacher's input
+    size (the pixels CutMix boxes are cut in): the images its teacher answered were mixed so."""
+    spec = ViewSpec.from_dict(attrs["views"]["spec"])
+    if not spec.mixed:
+        return None
+    size = tuple(attrs["teacher"]["preprocessing"]["input_shape"][-2:])
+    m = view_mixing(spec, sample_id[start:stop], np.arange(start, stop), view=view, num_rows=len(sample_id),
+                    size=size)
+    return {"mix_partner": np.asarray(sample_id, np.int64)[m.partner], "mix_lambda": m.lam}
 
 
 def claim_and_compute(writer: BlockWriter, claims: Claims, *, view: int, block: int,

@@ -11,7 +11,8 @@ The pairs are a pure function of ``seed`` and the store's shape (``pick_pairs``)
 the views (view 0 always among them) and, within a view, over its blocks. Each view's rows are
 rebuilt from what the store records: the manifest (``manifest.path``, relative to the store; its
 sha256 must be the recorded one and its data files must pass the manifest's own check), the split
-and the view spec (``views.spec``, augmentations included), and run through the caching job's block
+and the view spec (``views.spec``, augmentations and mixing included: a mixed view is rebuilt from
+its partner, and its p_gt is that of the mixed label), and run through the caching job's block
 computer (``pipeline.cache.teacher``: the same model loading, device and precision policy).
 
 Compared, for every storage kind: the exact float32 targets (``entropy``, ``p_gt``, ``pred``); for the
@@ -134,12 +135,12 @@ def _tolerance(z: np.ndarray, *, images: bool) -> np.ndarray:
     return np.maximum(1e-3, 2.0**-10 * np.abs(z))
 
 
-def _first_problem(z: np.ndarray, stored: dict[str, np.ndarray], kept, eps: np.ndarray,
-                   labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _first_problem(z: np.ndarray, stored: dict[str, np.ndarray], kept, eps: np.ndarray, labels: np.ndarray,
+                   mixed: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
     """Per row, whether the fresh top-1 is the stored ``pred``, and the first reason the row fails
-    (empty when it passes)."""
+    (empty when it passes); ``mixed``: the rows' (partner labels, lambda) of a mixed store."""
     rows = np.arange(len(z))
-    fresh = target_stats(z, labels)
+    fresh = target_stats(z, labels, mixed=mixed)
     why = [""] * len(z)
 
     def flag(bad: np.ndarray, text) -> None:
@@ -193,7 +194,14 @@ def spot_check(store: str | Path, source: TeacherSource, *, rows: int = DEFAULT_
         kept = layout.codec.kept_logits(stored)
         if kept is not None:
             deltas.append(float(np.abs(np.take_along_axis(z, kept[0], axis=1) - kept[1]).max()))
-        same, why = _first_problem(z, stored, kept, _tolerance(z, images=images), label[picked])
+        m = computer.dataset(view).mixing(picked, np.full(len(picked), view)) if layout.mixed else None
+        mixed = None if m is None else (label[m.partner], m.lam)   # the mixing the views spec gives those rows
+        same, why = _first_problem(z, stored, kept, _tolerance(z, images=images), label[picked], mixed)
+        if m is not None:
+            found = {name: group[name].get_orthogonal_selection((view, picked)) for name in schema.MIX_ARRAYS}
+            for i in np.flatnonzero((found["mix_partner"] != sample_id[m.partner]) | (found["mix_lambda"] != m.lam)):
+                why[i] = why[i] or (f"partner/lambda stored {found['mix_partner'][i]}/{found['mix_lambda'][i]:.6g}, "
+                                    f"recomputed {sample_id[m.partner[i]]}/{m.lam[i]:.6g}")
         pairs, agree = pairs + len(picked), agree + int(same.sum())
         bad = [i for i, text in enumerate(why) if text]
         if bad and problem is None:

@@ -151,7 +151,7 @@ class TeacherComputer:
 
 class SharedDecode(torch.utils.data.Dataset):
     """Item ``i``: the input of sample ``i`` in each of ``datasets`` (same split; each its own views
-    spec and view), the sample read and decoded once."""
+    spec and view), the sample read and decoded once (a mixed view's partner is decoded for it)."""
 
     def __init__(self, datasets: Sequence[Any]) -> None:
         self.datasets = list(datasets)
@@ -163,7 +163,9 @@ class SharedDecode(torch.utils.data.Dataset):
         first = self.datasets[0]
         raw = first.samples.get(int(i))
         sample_id = int(first.sample_ids[int(i)])
-        return tuple(apply_view(ds.views, raw, sample_id=sample_id, view=ds.view) for ds in self.datasets)
+        # a mixed view decodes its partner too (``ViewDataset.mixed_item``)
+        return tuple(ds.mixed_item(apply_view(ds.views, raw, sample_id=sample_id, view=ds.view), int(i), ds.view)
+                     for ds in self.datasets)
 
 
 def compute_views(computer: BlockComputer, views: Sequence[int], start: int, stop: int) -> list[np.ndarray]:

@@ -12,6 +12,10 @@ split. Each item is a pure function of (views spec, sample_id, view): DataLoader
 batch order and separate processes all produce the same tensors. Views >= 1 with augmentations
 recorded under another torchvision are refused (``pipeline.data.augment.check_replay``): their
 pixels may differ. View 0 (evaluation) has none, so it is always served.
+
+A spec that mixes views (MixUp / CutMix, ``pipeline.data.mix``) mixes each row's view ``v >= 1``
+with its partner row's view ``v``: items and batches are the mixed images, and ``mixing(rows)`` says
+with whom and how much (``mixed_targets`` gives the partner labels and lambdas a loss weighs).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from torch.utils.data import Dataset
 
 from pipeline.data.augment import check_replay
 from pipeline.data.base import Samples
-from pipeline.data.views import ViewSpec, apply_view, batch_view, output_shape
+from pipeline.data.mix import Mixing, mix_batch
+from pipeline.data.views import ViewSpec, apply_view, batch_view, output_shape, view_mixing
 from pipeline.errors import UserError
 
 
@@ -92,7 +97,38 @@ class ViewDataset(Dataset):
         i = int(i)
         view = self._view if self._row_views is None else int(self._row_views[i])
         x = apply_view(self.views, self.samples.get(i), sample_id=int(self.sample_ids[i]), view=view)
-        return x, int(self.labels[i]), i
+        return self.mixed_item(x, i, view), int(self.labels[i]), i
+
+    def mixing(self, rows: np.ndarray, views: np.ndarray | None = None) -> Mixing:
+        """The mixing of ``rows`` in their views (``views``, default each row's own): partner rows,
+        effective lambdas and CutMix boxes (``pipeline.data.mix``); unmixed specs: each row itself, 1."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        views = self.row_views[rows] if views is None else np.broadcast_to(np.asarray(views, np.int64), rows.shape)
+        out = Mixing.unmixed(rows)
+        for v in np.unique(views) if self.views.mixed else []:
+            at = np.nonzero(views == v)[0]
+            part = view_mixing(self.views, self.sample_ids[rows[at]], rows[at], view=int(v), num_rows=len(self),
+                               size=self.input_shape[-2:])
+            out.partner[at], out.lam[at], out.cut[at], out.box[at] = part.partner, part.lam, part.cut, part.box
+        return out
+
+    def mixed_targets(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partner label [B] int64, lambda [B] float32) of ``rows`` in their views: the mixed label of
+        a row is ``lam * onehot(label) + (1 - lam) * onehot(partner label)``."""
+        m = self.mixing(rows)
+        return torch.from_numpy(self.labels[m.partner].astype(np.int64)), torch.from_numpy(m.lam)
+
+    def mixed_item(self, x: torch.Tensor, i: int, view: int) -> torch.Tensor:
+        """Row ``i``'s unmixed view ``x`` mixed with its partner's view (the partner decoded here);
+        ``x`` itself when the spec does not mix or the view is unmixed."""
+        if view == 0 or not self.views.mixed:
+            return x
+        m = self.mixing(np.array([i]), np.array([view]))
+        j = int(m.partner[0])
+        if j == i:
+            return x
+        other = apply_view(self.views, self.samples.get(j), sample_id=int(self.sample_ids[j]), view=view)
+        return mix_batch(x[None], other[None], m)[0]
 
     def __repr__(self) -> str:
         return (f"ViewDataset(split={self.split!r}, n={len(self)}, input_shape={self.input_shape}, "
@@ -110,13 +146,21 @@ class InMemoryViewDataset(ViewDataset):
         """(x [B, ...] float32, y [B] int64): equal to stacking ``ds[i][0]`` for i in rows."""
         rows = np.asarray(rows, dtype=np.int64)
         y = torch.from_numpy(self.labels[rows].astype(np.int64))
-        if self._row_views is None:
-            return batch_view(self.views, self.samples.array[rows], sample_ids=self.sample_ids[rows], view=self._view), y
-        views = self._row_views[rows]
+        x = self._unmixed_batch(rows)
+        if self.views.mixed and self.row_views[rows].max(initial=0) > 0:
+            m = self.mixing(rows)
+            x = mix_batch(x, self._unmixed_batch(m.partner, self.row_views[rows]), m)
+        return x, y
+
+    def _unmixed_batch(self, rows: np.ndarray, views: np.ndarray | None = None) -> torch.Tensor:
+        """The unmixed views of ``rows`` (``views``: one per row, default each row's own)."""
+        if views is None and self._row_views is None:
+            return batch_view(self.views, self.samples.array[rows], sample_ids=self.sample_ids[rows], view=self._view)
+        views = self.row_views[rows] if views is None else views
         parts = {int(v): np.nonzero(views == v)[0] for v in np.unique(views)}
         made = {v: batch_view(self.views, self.samples.array[rows[at]], sample_ids=self.sample_ids[rows[at]], view=v)
                 for v, at in parts.items()}
         x = torch.empty((len(rows), *next(iter(made.values())).shape[1:]), dtype=torch.float32)
         for v, at in parts.items():
             x[torch.from_numpy(at)] = made[v]
-        return x, y
+        return x

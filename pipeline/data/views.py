@@ -23,6 +23,11 @@ and random erasing (``with_augment(spec, "randaugment", {"n": 2, "m": 9}, erase=
 ``pipeline.data.augment``), reading stream positions 32 and up, so the geometry of a view does not
 change when augmentations are added. Such a spec records the torchvision version that made them.
 
+Image kinds optionally mix views >= 1 with a partner sample of the same split, MixUp and/or CutMix
+(``with_mix(spec, ["mixup", "cutmix"], {"mixup_alpha": 0.8})``; ``pipeline.data.mix``), reading stream
+positions 128 and up. ``apply_view`` makes one sample's view unmixed; mixing needs the partner's
+view too, so the split's datasets (``pipeline.data.dataset``) do it.
+
 A view's geometry (the crop box in the source image and the flip: ``view_geometry``) is fixed by
 the spec's ``seed`` and geometry parameters (``size``, ``pad``, ``resize``, ``scale``, ...); the
 resolution and normalization are each model's own. ``input_size`` (image kinds, recorded only when
@@ -44,6 +49,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from pipeline.data.augment import augment_image, augment_params, num_uniforms
+from pipeline.data.mix import MIX_AT, NUM_DRAWS, Mixing, draw_mixing, mix_params
 from pipeline.errors import DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -71,6 +77,10 @@ MODEL_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("i
 AUGMENT_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("augment", "erase", "torchvision"),
                                               "rrc_flip_jitter": ("augment", "erase", "torchvision")}
 
+# Mixing with a partner sample (pipeline.data.mix), recorded only when given: specs without it stay
+# byte-identical.
+MIX_PARAMS: dict[str, tuple[str, ...]] = {"identity": (), "pad_crop_flip": ("mix",), "rrc_flip_jitter": ("mix",)}
+
 _NUM_UNIFORMS = 32
 
 
@@ -93,7 +103,7 @@ class ViewSpec:
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise DataError(f"views field 'seed': expected an integer >= 0, found {self.seed!r}")
         defaults = DEFAULT_PARAMS[self.kind]
-        optional = MODEL_PARAMS[self.kind] + AUGMENT_PARAMS[self.kind]
+        optional = MODEL_PARAMS[self.kind] + AUGMENT_PARAMS[self.kind] + MIX_PARAMS[self.kind]
         unknown = sorted(set(self.params) - set(defaults) - set(optional))
         if unknown:
             raise DataError(
@@ -108,6 +118,8 @@ class ViewSpec:
             given["input_size"] = int(size)
         if given.get("augment") is not None or given.get("erase") is not None:
             given.update(_checked_augment(given))
+        if "mix" in given:
+            given.update(_checked_mix(given["mix"]))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "params", _jsonable({**defaults, **given}))
 
@@ -115,6 +127,11 @@ class ViewSpec:
     def augmented(self) -> bool:
         """Whether views past 0 get photometric augmentations or erasing after the crop and flip."""
         return "augment" in self.params or "erase" in self.params
+
+    @property
+    def mixed(self) -> bool:
+        """Whether views past 0 are mixed with a partner sample (MixUp / CutMix)."""
+        return "mix" in self.params
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "params": _jsonable(self.params)}
@@ -156,6 +173,26 @@ def with_augment(spec: ViewSpec, augment: str | None, options: dict | None = Non
     return ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **extra})
 
 
+def _checked_mix(mix: Any) -> dict:
+    """The ``mix`` entry of a spec's params, checked (``pipeline.data.mix.mix_params``)."""
+    if not isinstance(mix, dict) or "kinds" not in mix:
+        raise DataError(f"views field 'params.mix': expected a dict with 'kinds', found {mix!r}")
+    return mix_params(mix["kinds"], {k: v for k, v in mix.items() if k != "kinds"})
+
+
+def with_mix(spec: ViewSpec, kinds: Any, options: dict | None = None) -> ViewSpec:
+    """``spec`` whose views >= 1 are mixed with a partner sample: ``kinds`` mixup, cutmix or both
+    (a list or ``"mixup,cutmix"``), ``options`` those of ``pipeline.data.mix.mix_params``; ``kinds``
+    None: ``spec`` itself."""
+    extra = mix_params(kinds, options)
+    if not extra:
+        return spec
+    if spec.kind == "identity":
+        raise DataError("views field 'params.mix': vector data ('identity' views) takes no MixUp or CutMix; "
+                        "mixing is for image views")
+    return ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **extra})
+
+
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
 
 
@@ -166,8 +203,10 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
-    """[B, n] floats in [0, 1): row b is a pure function of (seed, sample_ids[b], view).
+def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NUM_UNIFORMS,
+                   start: int = 0) -> np.ndarray:
+    """[B, n - start] floats in [0, 1), positions ``start`` .. ``n - 1`` of each stream: row b is a pure
+    function of (seed, sample_ids[b], view).
 
     The key hashes seed, sample_id and view in turn; position j of the stream is
     ``mix(key + (j + 1) * golden)``, i.e. splitmix64 started from the key.
@@ -177,7 +216,7 @@ def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NU
     key = _mix64(np.full(ids.shape, int(seed), dtype=np.uint64) + golden)
     key = _mix64((key ^ ids) + golden)
     key = _mix64((key ^ np.uint64(int(view))) + golden)
-    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(n)], dtype=np.uint64)
+    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(start, n)], dtype=np.uint64)
     state = _mix64(key[:, None] + steps[None, :])
     return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
@@ -185,6 +224,17 @@ def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NU
 def uniforms(seed: int, sample_id: int, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
     """``n`` floats in [0, 1), a pure function of (seed, sample_id, view)."""
     return uniforms_batch(seed, np.asarray([sample_id]), view=view, n=n)[0]
+
+
+def view_mixing(spec: ViewSpec, sample_ids: np.ndarray, rows: np.ndarray, *, view: int, num_rows: int,
+                size: tuple[int, int]) -> Mixing:
+    """The mixing of ``rows`` (their ``sample_ids``) of a split of ``num_rows`` rows in ``view``, on views
+    of ``size`` = (H, W) pixels (``pipeline.data.mix``): a pure function of (spec, sample id, row, view);
+    view 0 and specs that do not mix: every row its own partner, lambda 1."""
+    if view == 0 or not spec.mixed:
+        return Mixing.unmixed(rows)
+    u = uniforms_batch(spec.seed, sample_ids, view=view, n=MIX_AT + NUM_DRAWS, start=MIX_AT)
+    return draw_mixing(spec.params["mix"], u, rows, num_rows=num_rows, size=size)
 
 
 def output_shape(spec: ViewSpec, native_shape: tuple) -> tuple[int, ...]:
@@ -211,6 +261,10 @@ def for_model(spec: ViewSpec, *, input_size: int | None = None, mean: list | Non
                             "or normalization")
         return spec
     params = dict(spec.params)
+    if (input_size is not None and input_size != params.get("input_size", params["size"])
+            and "cutmix" in params.get("mix", {}).get("kinds", [])):
+        raise DataError(f"views field 'params.input_size': {input_size} differs from the views' own size, and "
+                        "their CutMix boxes and lambdas are cut in the views' own pixels; use the same input size")
     if input_size is not None:
         params["input_size"] = None if input_size == params["size"] else input_size
     for key, value in (("mean", mean), ("std", std)):

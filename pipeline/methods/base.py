@@ -37,6 +37,13 @@ from pipeline.registry import Registry
 METHODS: Registry["Method"] = Registry("method")
 
 
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    """The hard-label target of cross-entropy: class ids [B] as int64, or the mixed labels [B, C]
+    (float) of mixed views, ``lam * onehot(y) + (1 - lam) * onehot(y_partner)``, as they are:
+    ``F.cross_entropy`` against them is ``lam * CE(y) + (1 - lam) * CE(y_partner)``."""
+    return y if y.is_floating_point() and y.dim() == 2 else y.long()
+
+
 def full(z: torch.Tensor) -> torch.Tensor:
     """``z`` in at least float32: bf16/fp16 logits (autocast) are promoted, float64 stays float64."""
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
@@ -60,6 +67,9 @@ class Method:
       choices       option name -> allowed values, for the options that are names
       loss_fn       the public pure function (``pipeline.losses``) whose value the method's "loss"
                     equals; wrap it in ``staticmethod``; ``public_losses`` says how it is called
+      mixed_labels  whether its labels enter only through cross-entropy, so that the mixed labels of
+                    mixed views (MixUp / CutMix, a float [B, C] ``y``) have a meaning; methods that
+                    index or compare with class ids refuse mixed views (``check_mixed``)
       sampled_option  the option that is the temperature of every KD term, for methods whose
                     teacher logits enter only through ``kd_kl`` at that temperature (then a
                     sampled store drawn at it gives an unbiased gradient); None: sampled stores
@@ -75,6 +85,7 @@ class Method:
     choices: ClassVar[Mapping[str, tuple]] = {}
     loss_fn: ClassVar[Callable[..., Any] | None] = None
     sampled_option: ClassVar[str | None] = None
+    mixed_labels: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))
@@ -118,11 +129,19 @@ class Method:
                 f"stores; pass only the teacher, or use a multi-mentor method ({', '.join(multi_mentor_methods())})"
             )
 
+    def check_mixed(self, mixed: bool) -> None:
+        """UserError when the views are ``mixed`` (MixUp / CutMix) and this method cannot use mixed labels."""
+        if mixed and not self.mixed_labels:
+            takes = ", ".join(n for n in METHODS.names() if METHODS.get(n).mixed_labels)
+            raise UserError(f"method {self.name!r}: expected unmixed views (it compares class ids, which a mixed "
+                            f"label has two of), found mixed views (MixUp/CutMix); methods that take them: {takes}")
+
     def __call__(
         self, students: Sequence[torch.Tensor], targets: Mapping[str, torch.Tensor], y: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``students``: ``num_students`` logits [B, C]; ``targets``: StoreGroup.targets fields
-        (logits [K, B, C], entropy [K, B], p_gt [K, B]); ``y``: labels [B].
+        (logits [K, B, C], entropy [K, B], p_gt [K, B]); ``y``: labels [B], or for mixed views (methods
+        with ``mixed_labels``) the mixed labels [B, C].
 
         Returns {"loss": scalar to backward, "<part>": detached scalars or per-mentor [K] tensors}."""
         if len(students) != self.num_students:
@@ -131,7 +150,7 @@ class Method:
             self.check_mentors(targets["logits"].shape[0])
             if SAMPLE_TEMPERATURE in targets and not self._sampled_checked:
                 self.check_sampled(targets[SAMPLE_TEMPERATURE].tolist())
-        return self.compute(list(students), targets, y.long())
+        return self.compute(list(students), targets, hard_labels(y))
 
     def check_sampled(self, temperatures: Sequence[float]) -> None:
         """UserError unless every sampled mentor store (temperature > 0) was drawn at this method's

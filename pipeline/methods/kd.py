@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.base import Method, full, register, result
+from pipeline.methods.base import Method, full, hard_labels, register, result
 
 Tensor = torch.Tensor
 TINY = torch.finfo(torch.float32).tiny
@@ -107,7 +107,7 @@ def mentor_log_pgt(z_m: Tensor, y: Tensor, p_gt: Tensor | None) -> Tensor:
 
 
 def kd_parts(z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, w_ce: float = 0.5, w_kd: float = 0.5) -> dict:
-    ce = F.cross_entropy(full(z_s), y.long())
+    ce = F.cross_entropy(full(z_s), hard_labels(y))
     kd = kd_kl(z_s, z_t, T)
     return {"loss": w_ce * ce + w_kd * kd, "ce": ce, "kd": kd}
 
@@ -121,7 +121,7 @@ def uncertainty_parts(
     z_s: Tensor, z_t: Tensor, y: Tensor, T: float = 4.0, alpha: float = 0.5, beta: float = 0.5, *, entropy: Tensor | None = None
 ) -> dict:
     w = teacher_confidence(z_t) if entropy is None else confidence_from_entropy(entropy, z_t.shape[-1])
-    ce = F.cross_entropy(full(z_s), y.long())
+    ce = F.cross_entropy(full(z_s), hard_labels(y))
     kd = (w * kl_rows(z_s, z_t, T)).mean()
     return {"loss": alpha * ce + beta * kd, "ce": ce, "kd": kd, "confidence": w.mean()}
 
@@ -139,6 +139,7 @@ def uncertainty_kd_loss(
 class NoKD(Method):
     """CE only. Reads no targets and takes no mentor stores (given any, it says so rather than ignore them)."""
 
+    mixed_labels = True
     min_mentors = 0
     max_mentors = 0
     needs = frozenset()
@@ -153,6 +154,7 @@ class NoKD(Method):
 class KD(Method):
     """Hinton KD from mentor 0 (the teacher); more than one mentor store is a UserError."""
 
+    mixed_labels = True
     max_mentors = 1
     defaults = {"T": 4.0, "w_ce": 0.5, "w_kd": 0.5}
     sampled_option = "T"
@@ -167,6 +169,7 @@ class KD(Method):
 class Uncertainty(Method):
     """Confidence-weighted KD from mentor 0; w from the cached exact entropy when present."""
 
+    mixed_labels = True
     max_mentors = 1
     needs = frozenset({"logits", "entropy"})
     defaults = {"T": 4.0, "alpha": 0.5, "beta": 0.5}

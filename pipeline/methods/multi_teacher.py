@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.methods.base import Method, full, register, result
+from pipeline.methods.base import Method, full, hard_labels, register, result
 from pipeline.methods.kd import gt_log_prob, kl_rows, mentor_log_pgt
 
 Tensor = torch.Tensor
@@ -27,7 +27,7 @@ KD_THESIS_CE_WEIGHT = 0.5  # kd_thesis method 2: (1 − gate) · alpha · CE, al
 
 def aver_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0) -> Tensor:
     """CE + Σ_k kd_kl(z_s, z_k, T): a sum over mentors, as ClassroomKD eq. 12 writes it."""
-    return F.cross_entropy(full(z_s), y.long()) + kl_rows(z_s, z_m, T).mean(-1).sum()
+    return F.cross_entropy(full(z_s), hard_labels(y)) + kl_rows(z_s, z_m, T).mean(-1).sum()
 
 
 def _check_two(z_m: Tensor, name: str) -> None:
@@ -139,6 +139,7 @@ def adaptive_alpha_loss(z_s: Tensor, z_m: Tensor, y: Tensor, T: float = 4.0, *, 
 
 @register("aver")
 class Aver(Method):
+    mixed_labels = True
     defaults = {"T": 4.0}
     loss_fn = staticmethod(aver_loss)
     sampled_option = "T"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.base import Method, full, register, result
+from pipeline.methods.base import Method, full, hard_labels, register, result
 from pipeline.methods.kd import confidence_from_entropy, kd_kl, kl_rows, teacher_confidence
 
 Tensor = torch.Tensor
@@ -30,7 +30,7 @@ def dual_parts(
     w = teacher_confidence(z_t) if entropy is None else confidence_from_entropy(entropy, z_t.shape[-1])
     parts = {"confidence": w.mean()}
     for key, own, peer in (("a", z_a, z_b), ("b", z_b, z_a)):
-        ce = F.cross_entropy(full(own), y.long())
+        ce = F.cross_entropy(full(own), hard_labels(y))
         kd = (w * kl_rows(own, z_t, T)).mean()
         peer_kd = kd_kl(own, peer.detach(), T)
         parts.update({f"loss_{key}": alpha * ce + beta * kd + gamma * peer_kd, f"ce_{key}": ce, f"kd_{key}": kd, f"peer_{key}": peer_kd})
@@ -52,7 +52,7 @@ def dual_student_losses(
 def dml_parts(z_a: Tensor, z_b: Tensor, y: Tensor, *, T: float = 1.0) -> dict:
     parts = {}
     for key, own, peer in (("a", z_a, z_b), ("b", z_b, z_a)):
-        ce = F.cross_entropy(full(own), y.long())
+        ce = F.cross_entropy(full(own), hard_labels(y))
         peer_kd = kd_kl(own, peer.detach(), T)
         parts.update({f"loss_{key}": ce + peer_kd, f"ce_{key}": ce, f"peer_{key}": peer_kd})
     parts["loss"] = parts["loss_a"] + parts["loss_b"]
@@ -69,6 +69,7 @@ def dml_losses(z_a: Tensor, z_b: Tensor, y: Tensor, *, T: float = 1.0) -> tuple[
 class Dual(Method):
     """Two students, teacher = mentor 0 (one mentor store only); w from the cached entropy when present."""
 
+    mixed_labels = True
     num_students = 2
     max_mentors = 1
     needs = frozenset({"logits", "entropy"})
@@ -86,6 +87,7 @@ class Dual(Method):
 class DML(Method):
     """Two students, no teacher: reads no targets; mentor stores, if any are given, are not used."""
 
+    mixed_labels = True
     num_students = 2
     min_mentors = 0
     needs = frozenset()

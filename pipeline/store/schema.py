@@ -26,6 +26,13 @@ order, in the attrs section ``checksums``. Readers and ``kdcache verify`` recomp
 version-2 store's chunk checksums cover the bytes alone; it is read, verified and resumed under
 that rule (``Layout.version``).
 
+Mixed stores (views made with MixUp / CutMix, ``pipeline.data.mix``): two more block arrays,
+``mix_partner`` (int64, the partner's sample id) and ``mix_lambda`` (float32, the effective lambda)
+per (view, row), checksummed like the others; their ``p_gt`` is ``lam * p[y] + (1 - lam) *
+p[y_partner]``. Such a store has format version ``MIXED_FORMAT_VERSION`` (4, and only 4), so a
+kdcache that cannot train on mixed labels refuses it; every other store keeps version 3 (or 2),
+byte for byte, and a version 4 without mixing is refused as a later version.
+
 Storage kinds (``Layout.kind``, the ``--storage`` of ``kdcache cache``): each is one codec class,
 looked up by name (``pipeline.store.codecs``), that declares its payload arrays; ``Layout`` adds
 the arrays every store has. Class ids take the smallest unsigned type that holds C
@@ -53,6 +60,8 @@ from pipeline.store.stats import target_stats  # noqa: F401  (public here too: t
 SCHEMA = "kdcache-store"
 FORMAT_VERSION = 3               # 3: a chunk's checksum covers its key (array, view, block) and its bytes
 READABLE_VERSIONS = (2, 3)       # 2: chunk checksums of the bytes alone (the `checksum` array, attrs `checksums`)
+MIXED_FORMAT_VERSION = 4         # a store of mixed views: version 3 with the arrays MIX_ARRAYS (its only version)
+MIX_ARRAYS = ("mix_partner", "mix_lambda")   # per (view, row): the partner's sample id, the effective lambda
 KEYED_CHECKSUMS = 3              # the first version whose chunk checksums start from the chunk key
 CHECKSUM = "checksum"            # the array of per-block chunk checksums
 CHECKSUM_ALGORITHM = "crc32"
@@ -105,6 +114,7 @@ class Layout:
     micro_batch: int = DEFAULT_MICRO_BATCH
     temperature: float | None = None     # codecs that take one (sampled): default DEFAULT_TEMPERATURE
     index_dtype: str | None = None       # codecs that store class ids: default the smallest that holds C
+    mixed: bool = False                  # views mixed with a partner (MIX_ARRAYS, MIXED_FORMAT_VERSION)
     version: int = field(default=FORMAT_VERSION, compare=False)   # the store's format version (its checksum rule)
     codec: Codec = field(init=False, repr=False, compare=False)
 
@@ -129,7 +139,7 @@ class Layout:
     def _planned_bytes(self, rows_per_block: int) -> int:
         """The bytes of the store's row data (ids, labels, payload, targets) with blocks of this many rows."""
         padded = math.ceil(self.num_samples / rows_per_block) * rows_per_block
-        return padded * (12 + self.num_views * (self.codec.payload_bytes_per_row() + 12))
+        return padded * (12 + self.num_views * (self.codec.payload_bytes_per_row() + 12 + 12 * self.mixed))
 
     def _check_payload(self) -> None:
         """More values per row than classes (``k`` draws of a sampled store) buy resolution only up to a
@@ -181,13 +191,16 @@ class Layout:
         out["entropy"] = ((v, n), (1, r), "float32")
         out["p_gt"] = ((v, n), (1, r), "float32")
         out["pred"] = ((v, n), (1, r), "int32")
+        if self.mixed:
+            out["mix_partner"] = ((v, n), (1, r), "int64")
+            out["mix_lambda"] = ((v, n), (1, r), "float32")
         out["done"] = ((v, self.num_blocks), (1, 1), "bool")
         out[CHECKSUM] = ((v, self.num_blocks, len(self.block_arrays())), (1, 1, len(self.block_arrays())), "uint32")
         return out
 
     def block_arrays(self) -> list[str]:
         """The data arrays a block write fills, in the order of the last axis of ``checksum``."""
-        return self.payload_arrays() + ["entropy", "p_gt", "pred"]
+        return self.payload_arrays() + ["entropy", "p_gt", "pred"] + (list(MIX_ARRAYS) if self.mixed else [])
 
     def payload_arrays(self) -> list[str]:
         """The arrays that hold the logits (the codec's), in checksum order."""
@@ -219,8 +232,20 @@ class Layout:
         return cls(num_samples=int(m["num_samples"]), num_classes=num_classes,
                    num_views=int(attrs["views"]["count"]), kind=s["kind"], k=s.get("k"), dtype=s["dtype"],
                    rows_per_block=int(s["rows_per_block"]), micro_batch=int(s.get("micro_batch", DEFAULT_MICRO_BATCH)),
-                   temperature=s.get("temperature"), index_dtype=index,
+                   temperature=s.get("temperature"), index_dtype=index, mixed=is_mixed(attrs),
                    version=int(attrs.get("version", FORMAT_VERSION)))
+
+    @property
+    def format_version(self) -> int:
+        """The version a new store of this layout is written with."""
+        return MIXED_FORMAT_VERSION if self.mixed else FORMAT_VERSION
+
+
+def is_mixed(attrs: dict[str, Any]) -> bool:
+    """Whether a store's views are mixed (its views spec has ``mix``)."""
+    spec = attrs["views"].get("spec") if isinstance(attrs.get("views"), dict) else None
+    params = spec.get("params") if isinstance(spec, dict) else None
+    return isinstance(params, dict) and "mix" in params
 
 
 def chunk_key(name: str, ndim: int, view: int | None, block: int) -> str:
@@ -300,7 +325,7 @@ def build_attrs(*, manifest: dict[str, Any], teacher: dict[str, Any], views: dic
     ``checksums`` is ``ids_checksums(sample_id, label)``. No dates: the same inputs make the same bytes."""
     return {
         "schema": SCHEMA,
-        "version": FORMAT_VERSION,
+        "version": layout.format_version,
         "kdcache_version": kdcache_version,
         "manifest": dict(manifest),
         "teacher": dict(teacher),
@@ -315,13 +340,15 @@ def check_format(attrs: dict[str, Any], store: str) -> None:
     """Schema name and version, with 'expected X, found Y'."""
     if attrs.get("schema") != SCHEMA:
         raise UserError(f"{store}: field schema: expected {SCHEMA!r}, found {attrs.get('schema')!r} (not a kdcache store)")
-    version = attrs.get("version")
-    readable = " or ".join(str(v) for v in READABLE_VERSIONS)
+    version, mixed = attrs.get("version"), is_mixed(attrs)
+    versions = (MIXED_FORMAT_VERSION,) if mixed else READABLE_VERSIONS
+    readable = " or ".join(str(v) for v in versions)
     if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < min(READABLE_VERSIONS):
         raise UserError(f"{store}: field version: expected {readable}, found {version} (a store of an older "
                         "kdcache, without chunk checksums; recompute it: rerun its `kdcache cache` command with --overwrite)")
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        raise UserError(f"{store}: field version: expected {readable}, found {version!r}")
+    if isinstance(version, bool) or version not in versions:
+        raise UserError(f"{store}: field version: expected {readable}{' (a store of mixed views)' if mixed else ''}, "
+                        f"found {version!r}")
     for section in ("manifest", "teacher", "views", "storage", "checksums", "status"):
         if not isinstance(attrs.get(section), dict):
             raise UserError(f"{store}: field {section}: expected a mapping, found {attrs.get(section)!r}")

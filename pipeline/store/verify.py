@@ -9,6 +9,11 @@ marker; a chunk file for every (array, view, block); the CRC-32 of every data ch
 one written with it (each mismatch listed with its array, view and block) and of sample_id and
 label; NaN/Inf anywhere in the stored values (every block is read once, from its chunk files);
 index ranges; and a recomputation of entropy, p_gt and pred from a sample of stored logits.
+A store of mixed views also has its partners and lambdas (``mix_partner``, ``mix_lambda``) checked:
+sample ids of the split, lambdas in [0, 1], view 0 unmixed (whether they are the ones its views spec
+gives is ``kdcache verify --teacher``'s to say: the views are data code); and the p_gt of its mixed
+rows (the mixed label's probability) recomputed where the codec keeps every logit (dense kinds);
+other codecs' checks of p_gt apply to the unmixed rows only.
 Stored values were computed from the teacher's float32 logits, and the stored logits are rounded
 to the store dtype, so recomputations are compared within the bound that rounding allows; what
 a block's rows are checked against is its codec's ``check`` (``pipeline.store.codecs``: dense
@@ -33,6 +38,7 @@ from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.chunks import array_signature, raw_meta, read_small
 from pipeline.store.codecs import Codec
+from pipeline.store.codecs.dense import label_prob_error
 from pipeline.store.provenance import changed_teachers
 
 def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
@@ -209,6 +215,8 @@ class _BlockScan:
     def __init__(self, store: Path, lay: schema.Layout, arrays: dict, report: VerifyReport, label: np.ndarray | None, *,
                  checksums: bool, sample_rows: int, rng: np.random.Generator, max_problems: int) -> None:
         self.store, self.lay, self.arrays, self.report, self.label = store, lay, arrays, report, label
+        self.sample_id = arrays["sample_id"][:] if lay.mixed else None
+        self.id_order = None if self.sample_id is None else np.argsort(self.sample_id, kind="stable")
         self.checksums, self.sample_rows, self.rng, self.max_problems = checksums, sample_rows, rng, max_problems
         self.expected_crc = arrays[schema.CHECKSUM][:]
         self.per_unit = max(1, -(-sample_rows // max(1, len(lay.units()))))
@@ -223,7 +231,7 @@ class _BlockScan:
                 self.listed_all = False
             return
         before = len(self.report.problems)
-        self._check_values(block, f"view {v} rows {start}:{stop}", start, stop)
+        self._check_values(block, f"view {v} rows {start}:{stop}", start, stop, v)
         self.value_problems += len(self.report.problems) - before
 
     def _read(self, v: int, b: int, rows: int) -> dict[str, np.ndarray]:
@@ -244,8 +252,16 @@ class _BlockScan:
             block[name] = chunk.reshape((self.lay.rows_per_block,) + arr.chunks[2:])[:rows]
         return block
 
-    def _check_values(self, block: dict[str, np.ndarray], where: str, start: int, stop: int) -> None:
-        """Finite values, then the codec's checks of a sample of the block's rows."""
+    def _check_mixing(self, block: dict[str, np.ndarray], where: str, start: int, stop: int,
+                      view: int) -> np.ndarray | None:
+        """A mixed store's partner rows of the block (None when they cannot be trusted), its problems listed."""
+        partner, problems = _mixing_problems(block, self.sample_id, self.id_order, start, stop, view)
+        self.report.problems.extend(f"{p} at {where}" for p in problems)
+        return None if problems else partner
+
+    def _check_values(self, block: dict[str, np.ndarray], where: str, start: int, stop: int, view: int) -> None:
+        """Finite values, a mixed store's partners and lambdas, then the codec's checks of a sample of
+        the block's rows."""
         add = self.report.problems.append
         finite = True
         for name, values in block.items():
@@ -253,8 +269,65 @@ class _BlockScan:
                 add(f"{name}: expected finite values, found {int((~np.isfinite(values)).sum())} NaN/Inf at {where}")
                 finite = False
         self.report.blocks_scanned += 1
+        partner = None
+        if self.lay.mixed:
+            partner = self._check_mixing(block, where, start, stop, view)
+            finite = finite and partner is not None
         if finite and self.sample_rows > 0 and self.label is not None:   # no labels to check rows against
             pick = np.sort(self.rng.choice(stop - start, size=min(self.per_unit, stop - start), replace=False))
-            for problem in self.lay.codec.check({k: a[pick] for k, a in block.items()}, self.label[start:stop][pick]):
+            rows = {k: a[pick] for k, a in block.items()}
+            labels = self.label[start:stop][pick]
+            if partner is None:
+                problems = self.lay.codec.check(rows, labels)
+            else:
+                problems = _check_mixed(self.lay.codec, rows, labels, self.label[partner[pick]])
+            for problem in problems:
                 add(f"{problem} at {where}")
             self.report.rows_recomputed += len(pick)
+
+
+def _mixing_problems(block: dict[str, np.ndarray], sample_id: np.ndarray, order: np.ndarray, start: int, stop: int,
+                     view: int) -> tuple[np.ndarray, list[str]]:
+    """The partner rows of a mixed store's block and the problems of its ``mix_partner``/``mix_lambda``:
+    ids of the split, lambdas in [0, 1], view 0 unmixed (``order``: the argsort of ``sample_id``)."""
+    problems = []
+    at = np.minimum(np.searchsorted(sample_id, block["mix_partner"], sorter=order), len(order) - 1)
+    partner = order[at]
+    unknown = sample_id[partner] != block["mix_partner"]
+    if unknown.any():
+        problems.append(f"mix_partner: expected sample ids of the split, found {int(unknown.sum())} others")
+    lam = block["mix_lambda"]
+    if not ((lam >= 0) & (lam <= 1)).all():
+        problems.append("mix_lambda: expected values in [0, 1], found values outside")
+    if view == 0 and ((block["mix_partner"] != sample_id[start:stop]) | (lam != 1)).any():
+        problems.append("mix_partner/mix_lambda: expected view 0 unmixed (each row its own partner, lambda 1), "
+                        "found mixed rows")
+    return partner, problems
+
+
+def _check_mixed(codec: Codec, rows: dict[str, np.ndarray], labels: np.ndarray, partner_labels: np.ndarray) -> list[str]:
+    """The codec's checks of rows of mixed views: its own p_gt checks hold for the unmixed rows (lambda
+    1); the mixed rows' p_gt is recomputed as ``lam * p[y] + (1 - lam) * p[y_partner]`` from the kept
+    logits when they are every class (within the bound their rounding allows)."""
+    lam = rows["mix_lambda"]
+    problems = [p for p in codec.check(rows, labels) if not p.startswith("p_gt:")]
+    own = lam == 1
+    if own.any():
+        problems += [p for p in codec.check({k: a[own] for k, a in rows.items()}, labels[own]) if p.startswith("p_gt:")]
+    kept = codec.kept_logits(rows)
+    if kept is None or kept[1].shape[1] != codec.num_classes or own.all():
+        return problems
+    _, z, delta = kept
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    at = np.arange(len(z))
+    p_own, p_other = p[at, labels], p[at, partner_labels]
+    expected = lam * p_own + (1 - lam) * p_other
+    tol = (lam * p_own * label_prob_error(p, delta, labels) + (1 - lam) * p_other
+           * label_prob_error(p, delta, partner_labels) + 2e-6 * (1.0 + np.abs(z).max(axis=1)))
+    bad = np.abs(expected - rows["p_gt"]) > tol
+    if bad.any():
+        problems.append(f"p_gt: expected the mixed label's probability recomputed from the stored logits, found "
+                        f"{int(bad.sum())} rows off (e.g. stored {rows['p_gt'][bad][0]:.6g}, recomputed "
+                        f"{expected[bad][0]:.6g})")
+    return problems

@@ -161,6 +161,8 @@ class BlockWriter:
         self.specs = self.layout.arrays()
         self.arrays = {name: self.group[name] for name in self.specs}
         self.labels = self.arrays["label"][:]
+        self.sample_ids = self.arrays["sample_id"][:] if self.layout.mixed else None
+        self._id_order = None if self.sample_ids is None else np.argsort(self.sample_ids, kind="stable")
 
     def missing(self) -> list[tuple[int, int]]:
         done = self.arrays["done"][:]
@@ -173,8 +175,12 @@ class BlockWriter:
         except FileNotFoundError:
             return False
 
-    def write(self, view: int, block: int, logits: np.ndarray) -> None:
+    def write(self, view: int, block: int, logits: np.ndarray, mixing: dict[str, np.ndarray] | None = None) -> None:
         """Write a block's arrays from its full float32 logits, then their checksums, then its done marker.
+
+        ``mixing``: a mixed store's ``schema.MIX_ARRAYS`` of the block's rows (the partners' sample ids
+        and the lambdas, what its views mixed), required there and refused elsewhere; p_gt is then
+        the probability of each row's mixed label.
 
         The logit arrays go to disk from a second thread while the stats are computed; the
         checksums are written once every chunk of the block is in place, the marker after them.
@@ -187,19 +193,28 @@ class BlockWriter:
         if not np.isfinite(logits).all():
             raise UserError(f"{where}: field logits: expected finite teacher logits, found NaN/Inf "
                             f"({int((~np.isfinite(logits)).sum())} values); no marker written")
+        if (mixing is not None) != lay.mixed or (mixing is not None and set(mixing) != set(schema.MIX_ARRAYS)):
+            raise ValueError(f"{where}: expected {'the ' + ', '.join(schema.MIX_ARRAYS) if lay.mixed else 'no'} "
+                             f"mixing arrays, found {sorted(mixing or {})}")
         # the codec's arrays; those named like an exact target (top-k's logsumexp) come with the stats
         payload = lay.codec.encode(logits, seed=self.attrs["views"].get("seed", 0), view=view, block=block,
                                    where=where)
         with ThreadPoolExecutor(max_workers=1) as pool:
             written = {name: pool.submit(self._put_chunk, name, view, block, values)
                        for name, values in payload.items()}
-            stats = target_stats(logits, self.labels[start:stop])
-            written.update({name: pool.submit(self._put_chunk, name, view, block, stats[name])
+            targets = dict(mixing or {})
+            mixed = None if mixing is None else (self._partner_labels(mixing["mix_partner"]), mixing["mix_lambda"])
+            targets.update(target_stats(logits, self.labels[start:stop], mixed=mixed))
+            written.update({name: pool.submit(self._put_chunk, name, view, block, targets[name])
                             for name in lay.block_arrays() if name not in written})
             crcs = np.array([written[name].result() for name in lay.block_arrays()], np.uint32)
         self._put_chunk(schema.CHECKSUM, view, block, crcs[None])
         faults.point("marker")
         self._put_chunk("done", view, block, np.ones(1, bool))      # only after every array of the block is written
+
+    def _partner_labels(self, partner_ids: np.ndarray) -> np.ndarray:
+        """The labels of the rows whose sample ids are ``partner_ids``."""
+        return self.labels[self._id_order[np.searchsorted(self.sample_ids, partner_ids, sorter=self._id_order)]]
 
     def _put_chunk(self, name: str, view: int, block: int, values: np.ndarray) -> int:
         """Write the chunk of (view, block) of array ``name`` from its rows' values; the CRC-32 of its file."""

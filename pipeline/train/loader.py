@@ -33,6 +33,13 @@ content hash, sample order, completeness, agreement): a mismatch is one ``UserEr
 streamed cache serves one epoch at a time: finish (or drop) one epoch's iterator before
 starting the next. ``x``, ``y`` and the targets are on ``device`` (default the CPU).
 
+A store of mixed views (``kdcache cache --mix``: MixUp / CutMix, ``pipeline.data.mix``): ``x`` is
+each row's view mixed with its partner's, and ``targets`` also holds, per row, ``mix_partner`` (the
+partner's sample id, int64), ``mix_label`` (its label, int64) and ``mix_lambda`` (float32, the weight
+of the row's own label); the mixed label is ``pipeline.data.mix.mixed_labels(y, t["mix_label"],
+t["mix_lambda"], loader.num_classes)``, and cross-entropy against it is ``lam * CE(y) + (1 - lam) *
+CE(y_partner)``. Other stores' targets have no such keys.
+
 A sampled store (``kdcache cache --storage sampled``) holds draws from the teacher's softmax at its
 temperature ``T_s``, an unbiased KD target at ``T = T_s`` only: such stores need ``temperature=``
 (your loss's T), and a loader whose temperature is not ``T_s`` is refused in one line.
@@ -48,6 +55,7 @@ import copy
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -110,7 +118,17 @@ class LoaderEpoch:
                                 "streamed cache serves one epoch at a time: finish an epoch's batches before asking "
                                 "for the next epoch (or use cache_mode='memory')")
             targets = group.targets(self.views[rows], rows, fields=loader.fields)
+            if self.dataset.views.mixed:
+                targets.update(self._mixing(rows))
             yield x, y, {name: runtime.to_device(value) for name, value in targets.items()}
+
+    def _mixing(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """``mix_partner``, ``mix_label`` and ``mix_lambda`` of ``rows`` in their views (a mixed cache)."""
+        m = self.dataset.mixing(rows)
+        ds = self.dataset
+        return {"mix_partner": torch.from_numpy(ds.sample_ids[m.partner]),
+                "mix_label": torch.from_numpy(ds.labels[m.partner].astype(np.int64)),
+                "mix_lambda": torch.from_numpy(m.lam)}
 
 
 class DistillLoader:
@@ -144,6 +162,7 @@ class DistillLoader:
             _check_sample_temperature(self.cached.group.paths, self.cached.group.layouts, temperature)
             self.spec = for_model(self.cached.view_spec, input_size=input_size, mean=input_mean, std=input_std)
             self.dataset: ViewDataset = open_split(self.manifest, self.cached.split, views=self.spec, view=0)
+            self.cached.check_mixing(self.dataset)
             self.runtime = Runtime.for_model(device, tuple(self.dataset.input_shape))
             self.schedule = ViewSchedule(view_schedule, num_views=self.cached.num_views, seed=self.seed,
                                          sample_ids=self.dataset.sample_ids)
@@ -175,6 +194,12 @@ class DistillLoader:
     def view_spec(self) -> ViewSpec:
         """The views ``x`` is made with: the teachers' crops and flips at this loader's input size."""
         return self.spec
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the cache's views are mixed (``targets`` then hold ``mix_partner``, ``mix_label``,
+        ``mix_lambda``)."""
+        return self.spec.mixed
 
     @property
     def split(self) -> str:

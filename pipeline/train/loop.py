@@ -60,6 +60,7 @@ class Batch:
     rows: np.ndarray  # int64 row indices into the dataset (the cache row order)
     epoch: int  # 0-based
     step: int  # global optimizer step, 0-based
+    mixed: torch.Tensor | None = None  # mixed views: the rows' mixed labels [B, C] float32 (pipeline.data.mix)
 
 
 StepFn = Callable[[Sequence[nn.Module], Batch], Mapping[str, object]]

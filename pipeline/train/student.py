@@ -26,6 +26,12 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
   give the students a resolution and normalization of their own (``pipeline.data.views.for_model``):
   the same crop boxes and flips as the teachers', resized to ``input_size``; the checkpoint's views
   are the students', so ``kdcache evaluate`` scores them at their own size.
+- Mixed views (a store cached with ``--mix``, or ``mix``/``mix_options`` without mentors: MixUp /
+  CutMix, ``pipeline.data.mix``): each row's input is its view mixed with its partner's, and the
+  method gets the mixed labels ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` [B, C] instead
+  of ``y`` (``Batch.mixed``), so every hard-label term is ``lam * CE(y) + (1 - lam) * CE(y_partner)``.
+  Methods without ``mixed_labels`` refuse mixed views in one line; a cache's partners and lambdas
+  are checked against the students' views first (``CachedTargets.check_mixing``).
 - Batches: the targets' order (``pipeline.train.sampling``: block-aware when streaming, one slice
   per DDP rank); online, the in-memory order over the same rows, so both see the same batches.
 - Students: ``method.num_students`` (A = ``student``, B = ``student_b``), each with its own SGD +
@@ -41,7 +47,7 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -52,7 +58,8 @@ import yaml
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
-from pipeline.data.views import ViewSpec, for_model
+from pipeline.data.mix import mix_params, mixed_labels
+from pipeline.data.views import ViewSpec, for_model, with_mix
 from pipeline.errors import UserError
 from pipeline.files import check_local, write_history
 from pipeline.manifest import Manifest, load_manifest
@@ -98,6 +105,8 @@ class DistillConfig(TrainConfig):
     input_size: int | None = None          # the students' input side (default: the teachers' views' size)
     input_mean: tuple[float, ...] | None = None   # the students' normalization (default: the teachers')
     input_std: tuple[float, ...] | None = None
+    mix: str | None = None                 # without mentors: mixup | cutmix | mixup,cutmix views (a store has its own)
+    mix_options: dict = field(default_factory=dict)   # without mentors: as kdcache cache --mix-option
     threads: int | None = None             # torch CPU threads (None: torch's own); fixed for bit-identical CPU runs
 
     def __post_init__(self) -> None:
@@ -145,6 +154,12 @@ class DistillConfig(TrainConfig):
                            f"none (method {self.method!r} trains one student)")
         if self.online and self.mentors:
             raise self.bad("mentors", "no stores with online (live teachers come from 'teachers')")
+        if (self.mix is not None or self.mix_options) and self.mentors:
+            raise self.bad("mix", "none with mentors (a store's views are mixed as it was cached)")
+        try:
+            mix_params(self.mix, self.mix_options)
+        except ConfigError as err:   # worded as this section's key
+            raise ConfigError(err.problem, key=err.key, section=self.section) from None
         if self.teachers and not self.online:
             raise self.bad("teachers", "teachers only with online (offline, the targets come from 'mentors')")
         if self.teacher_weights and len(self.teacher_weights) != len(self.teachers):
@@ -230,10 +245,14 @@ def _distill(cfg: DistillConfig, on_step: Callable[[Batch, dict], None] | None) 
                                 workers=cfg.workers) if cfg.mentors else None
     try:
         split = cached.split if cached else cfg.train_split or "train"
-        view_spec = cached.view_spec if cached else default_views(manifest, seed=cfg.views_seed)
+        view_spec = cached.view_spec if cached else with_mix(default_views(manifest, seed=cfg.views_seed), cfg.mix,
+                                                             cfg.mix_options)
+        method.check_mixed(view_spec.mixed)
         views = cfg.student_views(view_spec)
         num_views = cached.num_views if cached else cfg.views or 1
         train_ds = open_split(manifest, split, views=views, view=0)
+        if cached:
+            cached.check_mixing(train_ds)
         input_shape = tuple(train_ds.input_shape)
         runtime = Runtime.create(cfg.device, images=len(input_shape) == 3)
         targets: Targets = cached or LiveTargets(cfg.teacher_sources(), manifest, runtime=runtime, split=split,
@@ -324,9 +343,14 @@ class _StudentRun:
 
     def step(self, models: list[torch.nn.Module], batch: Batch) -> dict:
         logits = [m(batch.x).float() for m in models]
-        got = self.targets.targets(batch, self.fields) if self.fields else {}
         device = self.runtime.device
-        out = dict(self.method(logits, {k: v.to(device, non_blocking=True) for k, v in got.items()}, batch.y))
+        if self.train_ds.views.mixed:    # the rows' mixed labels: their own and their partners', weighed
+            partner, lam = self.train_ds.mixed_targets(batch.rows)
+            batch = replace(batch, mixed=mixed_labels(batch.y, partner.to(device), lam.to(device),
+                                                 self.meta["num_classes"]))
+        got = self.targets.targets(batch, self.fields) if self.fields else {}
+        y = batch.y if batch.mixed is None else batch.mixed
+        out = dict(self.method(logits, {k: v.to(device, non_blocking=True) for k, v in got.items()}, y))
         self.per_mentor.update(k for k, v in out.items()
                                if isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) == self.targets.num_mentors)
         out["logits"] = logits[0] if len(logits) == 1 else logits

@@ -181,6 +181,23 @@ class CachedTargets:
     def targets(self, batch: Batch, fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
         return self.group.targets(self.schedule.views(batch.epoch)[batch.rows], batch.rows, fields=fields)
 
+    def check_mixing(self, dataset: Any) -> None:
+        """A mixed cache's partners and lambdas are those ``dataset`` (the split in the students' views)
+        mixes its inputs with, view by view; a one-line ``UserError`` naming the first view that differs
+        (its views were then cut at another size, or replay otherwise)."""
+        if not self.view_spec.mixed:
+            return
+        rows = np.arange(len(dataset))
+        for path, layout in zip(self.group.paths, self.group.layouts):
+            group = zarr.open_group(str(path), mode="r")
+            for view in range(layout.num_views):
+                m = dataset.mixing(rows, np.full(len(rows), view))
+                if not (np.array_equal(group["mix_partner"][view], dataset.sample_ids[m.partner])
+                        and np.array_equal(group["mix_lambda"][view], m.lam)):
+                    raise UserError(f"{path}: field mix_partner/mix_lambda: expected the partners and lambdas the "
+                                    f"students' views mix with, found others in view {view} (the students' inputs "
+                                    "would not be the images the teacher answered)")
+
     def nonfinite(self, view: int, *, dataset: Any = None, batches: Any = None, runtime: Any = None) -> str | None:
         """The first store whose stored floats of ``view`` hold NaN/Inf, and the rows (read block by
         block: only after a non-finite loss, never per step)."""
@@ -270,8 +287,8 @@ class LiveTargets:
         out: dict[str, Any] = {"logits": z} if "logits" in fields else {}
         if "entropy" in fields:
             out["entropy"] = entropy(z)
-        if "p_gt" in fields:
-            out["p_gt"] = gt_prob(z, batch.y)
+        if "p_gt" in fields:   # mixed views: the probability of the mixed label, as a mixed store holds
+            out["p_gt"] = gt_prob(z, batch.y) if batch.mixed is None else (z.softmax(-1) * batch.mixed).sum(-1)
         return out
 
     def close(self) -> None:

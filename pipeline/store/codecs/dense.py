@@ -51,6 +51,12 @@ def _every_class(z: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.arange(z.shape[1], dtype=np.int64), z.shape)
 
 
+def label_prob_error(p: np.ndarray, delta: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Relative bound of how far rounding each logit by ``delta`` moves the softmax probability ``p``
+    of ``labels`` (first order: |d log p_y| <= delta_y + sum_j p_j delta_j, with a 1.5 margin)."""
+    return np.expm1(1.5 * (delta[np.arange(len(p)), labels] + (p * delta).sum(axis=1)))
+
+
 def check_recomputed(num_classes: int, z: np.ndarray, delta: np.ndarray, block: Mapping[str, np.ndarray],
                      labels: np.ndarray) -> list[str]:
     """The stored entropy, p_gt and pred against those recomputed from dense logits ``z`` that are
@@ -63,7 +69,7 @@ def check_recomputed(num_classes: int, z: np.ndarray, delta: np.ndarray, block: 
     p = np.exp(logp)
     noise = 2e-6 * (1.0 + np.abs(z).max(axis=1))                    # float32 arithmetic on both sides
     out = []
-    tol_p = block["p_gt"] * np.expm1(1.5 * (delta[rows, labels] + (p * delta).sum(axis=1))) + noise
+    tol_p = block["p_gt"] * label_prob_error(p, delta, labels) + noise
     bad = np.abs(got["p_gt"] - block["p_gt"]) > tol_p
     if bad.any():
         out.append(f"p_gt: expected the value recomputed from the stored logits, found {int(bad.sum())} rows off "
