@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import ViewSpec, build_manifest, default_views, open_split
 from pipeline.data.views import (_jitter_rows, apply_view, batch_view, for_model, uniforms, uniforms_batch,
-                                 view_geometry, with_augment)
+                                 view_geometry, with_augment, with_mix)
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
 from tests.support.data import write_imagefolder
@@ -317,3 +317,18 @@ def test_the_batch_jitters_are_pils_image_enhance_on_every_pixel_value(factor: f
             chw = np.asarray(img)[None] if img.mode == "L" else np.asarray(img).transpose(2, 0, 1)
             got = _jitter_rows(name, chw[None].copy(), np.array([factor]))[0]
             np.testing.assert_array_equal(got, expected[None] if img.mode == "L" else expected.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("spec", [ViewSpec("rrc_flip_jitter", seed=2, params=SMALL_RRC),
+                                  with_mix(with_augment(ViewSpec("rrc_flip_jitter", seed=3, params=SMALL_RRC),
+                                                        "trivialaugment", erase=0.5), ["mixup", "cutmix"])],
+                         ids=["plain", "augment + erase + mix"])
+def test_a_datasets_batch_of_decoded_samples_is_its_items(folder: Manifest, spec: ViewSpec) -> None:
+    ds = open_split(folder, "train", views=spec)
+    n = len(ds)
+    for view in range(5):
+        ds.set_view(view)
+        expected = torch.stack([ds[i][0] for i in range(n)])
+        for rows in (np.arange(n), np.arange(1, n, 3)):    # a part of the split: partners decoded outside it
+            got = ds.batch_of(rows, [ds.samples.get(int(i)) for i in rows])
+            assert torch.equal(got, expected[rows]), view
