@@ -6,6 +6,7 @@
     ds.set_view(4)                                 # next epoch (affects workers created afterwards)
     ds.set_view(np.array([...]))                   # or a view per row (len(ds) of them)
     x, y = ds.get_batch(np.array([0, 5, 9]))       # fast path, only on in-memory data
+    x = ds.batch_of(rows, [ds.samples.get(i) for i in rows])   # a batch of samples decoded by the caller
 
 Row ``i`` is the i-th row of the split in manifest order, i.e. row ``i`` of a cache of that
 split. Each item is a pure function of (views spec, sample_id, view): DataLoader workers,
