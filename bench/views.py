@@ -24,10 +24,11 @@ every block of the split in all ``--views`` views:
 The first two share one block computer and throw the logits away.
 
 (b) Where a caching run's time goes, each phase timed on its own over the same rows: decode (every
-image once: read, JPEG decode, RGB), view transform (each view of the decoded images, stacked into
-the micro-batches), forward (the teacher on those batches), write (``write_cache`` of those logits,
-returned by a stand-in teacher, into a store of the caching run's layout), in a fourth variant
-alternated with (a)'s (the medians of each phase over its runs); their sum against the caching run.
+image once: read, JPEG decode, RGB), view transform (each view of the decoded images, made a
+micro-batch at a time as the caching path makes it: ``ViewDataset.batch_of``), forward (the
+teacher on those batches), write (``write_cache`` of those logits, returned by a stand-in teacher,
+into a store of the caching run's layout), in a fourth variant alternated with (a)'s (the medians
+of each phase over its runs); their sum against the caching run.
 
 Ratios (CPU time): ``decode_once_over_per_view``, the images/s of decoding once over those of
 decoding per view; ``cached_view_over_forward``, the caching run over the forward phase alone: what
@@ -51,7 +52,6 @@ from _common import (DATASETS, alternate, bench_provenance, build_imagefolder, c
 from pipeline.cache import CacheConfig, cache_teacher, write_cache
 from pipeline.cache.run import by_block, views_per_pass
 from pipeline.cache.teacher import TeacherComputer, micro_batches
-from pipeline.data.views import apply_view
 from pipeline.runtime import torch_threads
 from pipeline.store import schema
 
@@ -95,6 +95,7 @@ def phases(computer: TeacherComputer, layout: schema.Layout, store: Path) -> dic
     """``{"<phase> wall": s, "<phase> cpu": s}`` for each of ``PHASES``, over every row of the split
     in every view, and their sums (``"sum wall"``, ``"sum cpu"``)."""
     ds = computer.dataset(0)
+    datasets = [computer.dataset(view) for view in range(layout.num_views)]
     spent = {name: np.zeros(2) for name in PHASES}
     logits: list[list[np.ndarray]] = [[] for _ in range(layout.num_views)]
     runtime = computer.runtime
@@ -107,8 +108,7 @@ def phases(computer: TeacherComputer, layout: schema.Layout, store: Path) -> dic
             for view in range(layout.num_views):
                 for rows in micro_batches(start, stop, layout.micro_batch):
                     t = clock()
-                    x = torch.stack([apply_view(computer.spec, images[i - start], sample_id=int(ds.sample_ids[i]),
-                                                view=view) for i in rows])
+                    x = datasets[view].batch_of(rows, images[rows[0] - start:rows[-1] + 1 - start])
                     spent["view transform"] += clock() - t
                     t = clock()
                     logits[view].append(computer.model(runtime.to_device(x)).float().cpu().numpy())

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 
 from pipeline.data import ViewSpec, build_manifest, default_views, open_split
-from pipeline.data.views import apply_view, batch_view, for_model, uniforms, uniforms_batch, view_geometry
+from pipeline.data.views import (_jitter_rows, apply_view, batch_view, for_model, uniforms, uniforms_batch,
+                                 view_geometry, with_augment, with_mix)
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
 from tests.support.data import write_imagefolder
@@ -241,3 +242,93 @@ def test_for_model_changes_only_what_it_is_given() -> None:
         ViewSpec("identity", params={"input_size": 8})
     with pytest.raises(UserError, match="no resolution"):
         for_model(ViewSpec("identity"), input_size=8)
+
+
+# --- batches: bit-identical to the per-sample path -----------------------------------------------
+
+def _images(rng: np.random.Generator, n: int, *, mode: str, sizes: bool) -> list[Image.Image]:
+    """``n`` random images of ``mode``, of varying sizes when ``sizes`` (else 28 x 28)."""
+    out = []
+    for _ in range(n):
+        h, w = (int(rng.integers(12, 48)), int(rng.integers(12, 48))) if sizes else (28, 28)
+        out.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode))
+    return out
+
+
+GRAY = {"mean": [0.5], "std": [0.25]}
+BATCH_SPECS = {
+    "rrc": ViewSpec("rrc_flip_jitter", seed=1, params={"size": 28, "resize": 32}),
+    "rrc strong jitter + hue": ViewSpec("rrc_flip_jitter", seed=2, params={
+        **SMALL_RRC, "brightness": 0.9, "contrast": 1.5, "saturation": 2.0, "hue": 0.3}),
+    "rrc input_size": for_model(ViewSpec("rrc_flip_jitter", seed=3, params={"size": 28, "resize": 32}), input_size=20),
+    "rrc no jitter": ViewSpec("rrc_flip_jitter", seed=4, params={**SMALL_RRC, "brightness": 0, "contrast": 0,
+                                                                 "saturation": 0, **UNNORMALISED}),
+    "rrc augment + erase": with_augment(ViewSpec("rrc_flip_jitter", seed=5, params=SMALL_RRC), "randaugment",
+                                        erase=0.5),
+    "rrc trivialaugment": with_augment(ViewSpec("rrc_flip_jitter", seed=6, params=SMALL_RRC), "trivialaugment"),
+    "pad_crop_flip": ViewSpec("pad_crop_flip", seed=7, params={"pad": 4}),
+    "pad_crop_flip input_size + erase": with_augment(for_model(ViewSpec("pad_crop_flip", seed=8), input_size=20),
+                                                     None, erase=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_SPECS))
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_batch_of_views_is_the_per_sample_views_bit_for_bit(name: str, mode: str) -> None:
+    spec = BATCH_SPECS[name]
+    if mode == "L" and spec.params["mean"] is not None:
+        spec = ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **GRAY})
+    rng = np.random.default_rng(len(name))
+    sizes = spec.kind == "rrc_flip_jitter"          # pad_crop_flip batches share one size
+    images = _images(rng, 24, mode=mode, sizes=sizes)
+    ids = rng.choice(1_000_000, size=len(images), replace=False)
+    arrays = [np.asarray(img) for img in images]
+    for view in range(6):
+        expected = torch.stack([apply_view(spec, img, sample_id=int(s), view=view) for img, s in zip(images, ids)])
+        for raw in (images, arrays, np.stack(arrays) if not sizes else arrays):
+            got = batch_view(spec, raw, sample_ids=ids, view=view)
+            assert got.dtype == torch.float32 and torch.equal(got, expected), (name, mode, view)
+        # one sample alone, and the batch's rows in another order, are the same rows
+        assert torch.equal(batch_view(spec, images[:1], sample_ids=ids[:1], view=view), expected[:1])
+        order = rng.permutation(len(images))
+        assert torch.equal(batch_view(spec, [images[i] for i in order], sample_ids=ids[order], view=view),
+                           expected[order])
+
+
+def test_identity_batches_are_the_vectors() -> None:
+    vectors = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    spec = ViewSpec("identity")
+    x = batch_view(spec, vectors, sample_ids=np.arange(6), view=3)
+    assert torch.equal(x, torch.stack([apply_view(spec, v, sample_id=i, view=3) for i, v in enumerate(vectors)]))
+    with pytest.raises(UserError, match="view index"):
+        batch_view(ViewSpec("rrc_flip_jitter"), _images(np.random.default_rng(0), 1, mode="RGB", sizes=False),
+                   sample_ids=np.arange(1), view=-1)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3, 0.6, 0.999, 1.0, 1.2, 1.4, 2.7])
+def test_the_batch_jitters_are_pils_image_enhance_on_every_pixel_value(factor: float) -> None:
+    values = np.arange(256, dtype=np.uint8)
+    r, g = np.meshgrid(values, values)       # every (red, green) pair, blue from a third pattern
+    rgb = np.stack([r, g, (r.astype(np.int32) * 7 + g) % 256], axis=-1).astype(np.uint8)
+    for img in (Image.fromarray(rgb), Image.fromarray(rgb).convert("L")):
+        for name, enhancer in (("brightness", ImageEnhance.Brightness), ("contrast", ImageEnhance.Contrast),
+                               ("saturation", ImageEnhance.Color)):
+            expected = np.asarray(enhancer(img).enhance(factor))
+            chw = np.asarray(img)[None] if img.mode == "L" else np.asarray(img).transpose(2, 0, 1)
+            got = _jitter_rows(name, chw[None].copy(), np.array([factor]))[0]
+            np.testing.assert_array_equal(got, expected[None] if img.mode == "L" else expected.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("spec", [ViewSpec("rrc_flip_jitter", seed=2, params=SMALL_RRC),
+                                  with_mix(with_augment(ViewSpec("rrc_flip_jitter", seed=3, params=SMALL_RRC),
+                                                        "trivialaugment", erase=0.5), ["mixup", "cutmix"])],
+                         ids=["plain", "augment + erase + mix"])
+def test_a_datasets_batch_of_decoded_samples_is_its_items(folder: Manifest, spec: ViewSpec) -> None:
+    ds = open_split(folder, "train", views=spec)
+    n = len(ds)
+    for view in range(5):
+        ds.set_view(view)
+        expected = torch.stack([ds[i][0] for i in range(n)])
+        for rows in (np.arange(n), np.arange(1, n, 3)):    # a part of the split: partners decoded outside it
+            got = ds.batch_of(rows, [ds.samples.get(int(i)) for i in rows])
+            assert torch.equal(got, expected[rows]), view

@@ -10,9 +10,10 @@ made into each input transform once, and fed to every teacher that needs that bl
 Teachers are grouped by their views (``TeacherFactory.views``: the geometry, the resolution and
 the normalization they were given): a group's inputs are made once per micro-batch and shared by
 its teachers. Lazily decoded images (ImageFolder) are decoded once for every group and every view
-of a ``compute_views`` call: one DataLoader item is the tuple of each (group, view)'s input of that
-sample. The micro-batches, threads and each teacher's forward are those of its own
-``TeacherComputer``, so a teacher's logits are bit-identical to those of a run caching it alone.
+of a ``compute_views`` call: one DataLoader item is a micro-batch, the input batch of each (group,
+view) (``pipeline.cache.teacher.SharedDecode``). The micro-batches, threads and each teacher's
+forward are those of its own ``TeacherComputer``, so a teacher's logits are bit-identical to those
+of a run caching it alone.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from pipeline.cache.teacher import SharedDecode, TeacherComputer, TeacherFactory, micro_batches
+from pipeline.cache.teacher import TeacherComputer, TeacherFactory, decoded_batches, micro_batches
 from pipeline.runtime import torch_threads
 
 SHARED_FIELDS = ("manifest", "split", "micro_batch", "threads", "workers")
@@ -66,9 +66,7 @@ class OnePassComputer:
             for rows in layout:
                 yield {key: torch.as_tensor(ds.get_batch(rows)[0]) for key, ds in zip(keys, datasets)}
             return
-        loader = DataLoader(SharedDecode(datasets), batch_sampler=[rows.tolist() for rows in layout],
-                            num_workers=self.workers)
-        for xs in loader:
+        for xs in decoded_batches(datasets, layout, workers=self.workers):
             yield dict(zip(keys, xs))
 
     def compute_views(self, views: Sequence[int], start: int, stop: int,

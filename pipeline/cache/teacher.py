@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.data import open_split
-from pipeline.data.views import ViewSpec, apply_view
+from pipeline.data.views import ViewSpec
 from pipeline.manifest import load_manifest
 from pipeline.runtime import Runtime, torch_threads
 from pipeline.teachers import TeacherSource, check_rebuilt, check_teacher
@@ -120,9 +120,7 @@ class TeacherComputer:
             for rows in layout:
                 yield [torch.as_tensor(ds.get_batch(rows)[0]) for ds in datasets]
             return
-        loader = torch.utils.data.DataLoader(SharedDecode(datasets), batch_sampler=[rows.tolist() for rows in layout],
-                                             num_workers=self.factory.workers)
-        yield from loader
+        yield from decoded_batches(datasets, layout, workers=self.factory.workers)
 
     def compute_views(self, views: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
         """float32 logits [stop - start, num_classes] of rows [start, stop) in each of ``views``, each
@@ -150,8 +148,10 @@ class TeacherComputer:
 
 
 class SharedDecode(torch.utils.data.Dataset):
-    """Item ``i``: the input of sample ``i`` in each of ``datasets`` (same split; each its own views
-    spec and view), the sample read and decoded once (a mixed view's partner is decoded for it)."""
+    """Item ``rows`` (a micro-batch): the input batch of those rows in each of ``datasets`` (same split;
+    each its own views spec and view), every sample read and decoded once for all of them, each view
+    made a batch at a time (``ViewDataset.batch_of``: one draw of the batch's uniforms, the flips,
+    jitters and normalization on one array; a mixed view decodes its partners too)."""
 
     def __init__(self, datasets: Sequence[Any]) -> None:
         self.datasets = list(datasets)
@@ -159,13 +159,17 @@ class SharedDecode(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.datasets[0])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        first = self.datasets[0]
-        raw = first.samples.get(int(i))
-        sample_id = int(first.sample_ids[int(i)])
-        # a mixed view decodes its partner too (``ViewDataset.mixed_item``)
-        return tuple(ds.mixed_item(apply_view(ds.views, raw, sample_id=sample_id, view=ds.view), int(i), ds.view)
-                     for ds in self.datasets)
+    def __getitem__(self, rows: np.ndarray) -> list[torch.Tensor]:
+        samples = self.datasets[0].samples
+        raw = [samples.get(int(i)) for i in rows]
+        return [ds.batch_of(rows, raw) for ds in self.datasets]
+
+
+def decoded_batches(datasets: Sequence[Any], layout: list[np.ndarray], *,
+                    workers: int) -> torch.utils.data.DataLoader:
+    """Per batch of rows in ``layout``, its input in each of ``datasets`` (``SharedDecode``), decoded in
+    ``workers`` DataLoader worker processes (0: in this one)."""
+    return torch.utils.data.DataLoader(SharedDecode(datasets), sampler=layout, batch_size=None, num_workers=workers)
 
 
 def compute_views(computer: BlockComputer, views: Sequence[int], start: int, stop: int) -> list[np.ndarray]:

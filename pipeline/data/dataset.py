@@ -6,6 +6,7 @@
     ds.set_view(4)                                 # next epoch (affects workers created afterwards)
     ds.set_view(np.array([...]))                   # or a view per row (len(ds) of them)
     x, y = ds.get_batch(np.array([0, 5, 9]))       # fast path, only on in-memory data
+    x = ds.batch_of(rows, [ds.samples.get(i) for i in rows])   # a batch of samples decoded by the caller
 
 Row ``i`` is the i-th row of the split in manifest order, i.e. row ``i`` of a cache of that
 split. Each item is a pure function of (views spec, sample_id, view): DataLoader workers,
@@ -129,6 +130,30 @@ class ViewDataset(Dataset):
             return x
         other = apply_view(self.views, self.samples.get(j), sample_id=int(self.sample_ids[j]), view=view)
         return mix_batch(x[None], other[None], m)[0]
+
+    def batch_of(self, rows: np.ndarray, raw: list) -> torch.Tensor:
+        """The inputs of ``rows`` in this dataset's view, equal to stacking ``self[i][0]``, from their raw
+        samples ``raw`` (decoded by the caller, who may share them with datasets of other views): made a
+        batch at a time (``batch_view``); a mixed view decodes the partners outside ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        view = self._view
+        if self._row_views is not None:
+            raise UserError("batch_of: this dataset takes a view per row; set one view for every row")
+        x = batch_view(self.views, raw, sample_ids=self.sample_ids[rows], view=view)
+        if view == 0 or not self.views.mixed:
+            return x
+        m = self.mixing(rows)
+        at = np.nonzero(m.partner != rows)[0]   # a row that is its own partner stays as it is, as in mixed_item
+        if len(at) == 0:
+            return x
+        known = {int(row): sample for row, sample in zip(rows, raw)}
+        partners = m.partner[at]
+        partner_raw = [known[int(j)] if int(j) in known else self.samples.get(int(j)) for j in partners]
+        partner_x = batch_view(self.views, partner_raw, sample_ids=self.sample_ids[partners], view=view)
+        out = x.clone()
+        out[torch.from_numpy(at)] = mix_batch(x[torch.from_numpy(at)], partner_x,
+                                              Mixing(partners, m.lam[at], m.cut[at], m.box[at]))
+        return out
 
     def __repr__(self) -> str:
         return (f"ViewDataset(split={self.split!r}, n={len(self)}, input_shape={self.input_shape}, "

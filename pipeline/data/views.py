@@ -8,6 +8,7 @@ batch of 256 keys costs microseconds), and every random choice reads a fixed pos
 
     spec = ViewSpec("pad_crop_flip", seed=0, params={"pad": 4, "mean": [...], "std": [...]})
     x = apply_view(spec, image_uint8_hwc, sample_id=17, view=3)   # float32 tensor [C, H, W]
+    xs = batch_view(spec, images, sample_ids=ids, view=3)   # [B, C, H, W]: the same views, a batch at once
     small = for_model(spec, input_size=24)          # the same crops and flips, resized to 24 px
     box, flip = view_geometry(spec, (32, 32), sample_id=17, view=3)   # where view 3 crops the image
 
@@ -216,9 +217,16 @@ def uniforms_batch(seed: int, sample_ids: np.ndarray, *, view: int, n: int = _NU
     key = _mix64(np.full(ids.shape, int(seed), dtype=np.uint64) + golden)
     key = _mix64((key ^ ids) + golden)
     key = _mix64((key ^ np.uint64(int(view))) + golden)
-    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(start, n)], dtype=np.uint64)
-    state = _mix64(key[:, None] + steps[None, :])
+    state = _mix64(key[:, None] + _steps(start, n)[None, :])
     return (state >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(start: int, n: int) -> np.ndarray:
+    """The stream constants ``(j + 1) * golden`` (mod 2**64) of positions ``start`` .. ``n - 1``, built once."""
+    steps = np.asarray([(j + 1) * _GOLDEN % (1 << 64) for j in range(start, n)], dtype=np.uint64)
+    steps.flags.writeable = False
+    return steps
 
 
 def uniforms(seed: int, sample_id: int, *, view: int, n: int = _NUM_UNIFORMS) -> np.ndarray:
@@ -410,31 +418,55 @@ def _resize_array(img: np.ndarray, side: int) -> np.ndarray:
     return out[:, :, None] if single else out
 
 
-def batch_view(spec: ViewSpec, raw: np.ndarray, *, sample_ids: np.ndarray, view: int) -> torch.Tensor:
+def batch_view(spec: ViewSpec, raw: Any, *, sample_ids: np.ndarray, view: int) -> torch.Tensor:
     """``torch.stack([apply_view(spec, raw[b], sample_id=sample_ids[b], view=view) ...])``, faster.
 
-    pad_crop_flip draws the batch's uniforms in one vectorised call and normalises through
-    the same lookup table as the per-sample path, so the result is bit-identical to it.
+    ``raw``: B samples, one array or a sequence (arrays or PIL images, such as a lazily decoded
+    batch; rrc_flip_jitter takes any sizes). The batch's uniforms come from one ``uniforms_batch``
+    call. pad_crop_flip crops the padded batch; rrc_flip_jitter resizes each crop with PIL, then
+    flips, jitters and normalises the batch's array at once (``_rrc_batch``). Both normalise through
+    the lookup table of the per-sample path, and the result is bit-identical to it.
     """
-    raw = np.asarray(raw)
+    if view < 0:
+        raise DataError(f"views: view index must be >= 0, found {view}")
     if spec.kind == "identity":
+        raw = np.asarray(raw)
         if raw.ndim != 2:
             raise DataError("views field 'kind': 'identity' applies to vector data; use an image view kind")
         return torch.from_numpy(np.array(raw, dtype=np.float32))
-    if (spec.kind != "pad_crop_flip" or len(raw) == 0 or spec.params.get("input_size") is not None
-            or spec.augmented):
-        return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
-    imgs = raw[..., None] if raw.ndim == 3 else raw
+    p = spec.params
+    if spec.kind == "rrc_flip_jitter" and len(raw):
+        images = [_as_image(r) for r in raw]
+        if {img.mode for img in images} in ({"L"}, {"RGB"}):
+            u = uniforms_batch(spec.seed, sample_ids, view=view, n=num_uniforms(p)) if view > 0 else None
+            return _rrc_batch(p, images, u)
+    if spec.kind == "pad_crop_flip" and len(raw) and p.get("input_size") is None and not spec.augmented:
+        imgs = _stacked(raw)
+        if imgs is not None:
+            return _pad_crop_flip_batch(p, imgs, sample_ids=sample_ids, seed=spec.seed, view=view)
+    return torch.stack([apply_view(spec, r, sample_id=int(s), view=view) for r, s in zip(raw, sample_ids)])
+
+
+def _stacked(raw: Any) -> np.ndarray | None:
+    """B image samples as one uint8 [B, H, W, C] array; None when their shapes differ."""
+    if isinstance(raw, np.ndarray) and raw.ndim in (3, 4):
+        return raw[..., None] if raw.ndim == 3 else raw
+    imgs = [_as_array(r) for r in raw]
+    return np.stack(imgs) if len({img.shape for img in imgs}) == 1 else None
+
+
+def _pad_crop_flip_batch(p: dict, imgs: np.ndarray, *, sample_ids: np.ndarray, seed: int, view: int) -> torch.Tensor:
+    """pad_crop_flip views of uint8 [B, H, W, C] ``imgs``: the padded batch cropped row by row."""
     n, h, w, c = imgs.shape
-    u = uniforms_batch(spec.seed, sample_ids, view=view) if view > 0 else [None] * n
-    windows = [_crop_window(spec.params, (h, w), u=u[b]) for b in range(n)]
+    u = uniforms_batch(seed, sample_ids, view=view) if view > 0 else [None] * n
+    windows = [_crop_window(p, (h, w), u=u[b]) for b in range(n)]
     pad, size_h, size_w = windows[0][:3]
-    padded = _pad(spec.params, imgs, pad)
+    padded = _pad(p, imgs, pad)
     out = np.empty((n, c, size_h, size_w), dtype=np.uint8)
     for b, (_, _, _, top, left, flip) in enumerate(windows):  # slicing beats a fancy-index gather here
         crop = padded[b, top : top + size_h, left : left + size_w]
         out[b] = (crop[:, ::-1] if flip else crop).transpose(2, 0, 1)
-    return _normalise(out, spec.params["mean"], spec.params["std"])
+    return _normalise(out, p["mean"], p["std"])
 
 
 def _rrc_box(p: dict, size: tuple[int, int], *, u: np.ndarray) -> tuple[int, int, int, int]:
@@ -479,36 +511,134 @@ def _eval_box(p: dict, size: tuple[int, int]) -> tuple[float, float, float, floa
     return left * fx, top * fy, (left + side) * fx, (top + side) * fy
 
 
-def _rrc_flip_jitter(p: dict, img: Image.Image, u: np.ndarray | None) -> torch.Tensor:
+def _rrc_crop(p: dict, img: Image.Image, u: np.ndarray | None) -> tuple[Image.Image, bool]:
+    """The crop of an rrc view resized to its side, and whether the view flips it. View 0 (``u`` None):
+    the evaluation window, the shorter side resized to ``resize`` and the central ``size`` x ``size``
+    (another ``input_size``: that window resized from the source once), never flipped; else the
+    random-resized-crop box of ``u``, flipped when ``u[22] < 0.5``."""
     size = int(p["size"])
     out = int(p.get("input_size") or size)
     if u is None:
-        if out != size:  # another model's resolution: the same window, resized from the source once
-            img = img.resize((out, out), Image.BILINEAR, box=_eval_box(p, img.size))
-            return _to_tensor(np.asarray(img), p["mean"], p["std"])
-        # Evaluation: shorter side to `resize`, then the central size x size window.
+        if out != size:
+            return img.resize((out, out), Image.BILINEAR, box=_eval_box(p, img.size)), False
         new_w, new_h, left, top = _eval_window(p, img.size)
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-        img = img.crop((left, top, left + size, top + size))
-        return _to_tensor(np.asarray(img), p["mean"], p["std"])
+        return img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size)), False
     left, top, w, h = _rrc_box(p, img.size, u=u)
     img = img.resize((out, out), Image.BILINEAR, box=(left, top, left + w, top + h))
-    if p["flip"] and u[22] < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    jitters = []
-    for k, (name, enhancer) in enumerate(
-        (("brightness", ImageEnhance.Brightness), ("contrast", ImageEnhance.Contrast), ("saturation", ImageEnhance.Color))
-    ):
+    return img, bool(p["flip"]) and u[22] < 0.5
+
+
+def _jitters(p: dict, u: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The colour jitters of B views whose streams hold ``u`` [B, n], each as (name, amount [B], order
+    key [B]): brightness, contrast and saturation a factor in [max(0, 1 - a), 1 + a] (u[23:26], keys
+    u[27:30]), hue a shift in [-hue, hue] (u[26], key u[30]); only those whose parameter is > 0. A view
+    applies them in the order of its keys, as torchvision's ColorJitter takes a random order."""
+    out = []
+    for k, name in enumerate(("brightness", "contrast", "saturation")):
         amount = float(p[name])
         if amount > 0:
-            factor = max(0.0, 1 - amount) + u[23 + k] * (1 + amount - max(0.0, 1 - amount))
-            jitters.append((u[27 + k], lambda im, e=enhancer, f=factor: e(im).enhance(f)))
+            low = max(0.0, 1 - amount)
+            out.append((name, low + u[:, 23 + k] * (1 + amount - low), u[:, 27 + k]))
     if float(p["hue"]) > 0:
-        shift = (2 * u[26] - 1) * float(p["hue"])
-        jitters.append((u[30], lambda im, s=shift: _adjust_hue(im, s)))
-    for _, fn in sorted(jitters, key=lambda t: t[0]):  # random order, as torchvision's ColorJitter
-        img = fn(img)
+        out.append(("hue", (2 * u[:, 26] - 1) * float(p["hue"]), u[:, 30]))
+    return out
+
+
+_ENHANCERS = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+              "saturation": ImageEnhance.Color}
+
+
+def _rrc_flip_jitter(p: dict, img: Image.Image, u: np.ndarray | None) -> torch.Tensor:
+    """One rrc view through PIL: the reference that ``_rrc_batch`` reproduces bit for bit."""
+    img, flip = _rrc_crop(p, img, u)
+    if u is not None:
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        for name, amount, _ in sorted(_jitters(p, u[None]), key=lambda j: j[2][0]):
+            img = _adjust_hue(img, amount[0]) if name == "hue" else _ENHANCERS[name](img).enhance(amount[0])
     return _to_tensor(_augmented(p, np.asarray(img), u), p["mean"], p["std"])
+
+
+def _rrc_batch(p: dict, images: list[Image.Image], u: np.ndarray | None) -> torch.Tensor:
+    """The rrc views of ``images`` (all "L" or all "RGB", any sizes) whose streams hold ``u`` [B, n]
+    (None: view 0), equal to ``_rrc_flip_jitter`` of each: each crop resized by PIL, as there, then
+    the flips, jitters and normalization on the batch's uint8 [B, C, H, W] array at once."""
+    crops = [_rrc_crop(p, img, None if u is None else u[b]) for b, img in enumerate(images)]
+    width, height = crops[0][0].size
+    # one buffer of the crops' bytes (cheaper than an array per crop), then a channel-first copy
+    x = np.frombuffer(b"".join(img.tobytes() for img, _ in crops), dtype=np.uint8)
+    x = x.reshape(len(crops), height, width, -1).transpose(0, 3, 1, 2).copy()
+    if u is not None:
+        flip = np.array([f for _, f in crops])
+        x[flip] = x[flip, ..., ::-1]
+        x = _jitter_batch(x, _jitters(p, u))
+        if "augment" in p or "erase" in p:
+            for b in range(len(x)):
+                x[b] = augment_image(p, torch.from_numpy(x[b].copy()), u[b]).numpy()
+    return _normalise(x, p["mean"], p["std"])
+
+
+def _jitter_batch(x: np.ndarray, jitters: list[tuple[str, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """uint8 [B, C, H, W] (C = 1: "L" images, 3: "RGB") after each row's ``jitters`` in the order of
+    its keys: step by step, every row whose jitter at that step is the same one at once."""
+    if not jitters:
+        return x
+    order = np.argsort(np.stack([key for _, _, key in jitters], axis=1), axis=1, kind="stable")
+    for step in range(len(jitters)):
+        for j, (name, amount, _) in enumerate(jitters):
+            rows = np.nonzero(order[:, step] == j)[0]
+            if len(rows):
+                x[rows] = _jitter_rows(name, x[rows], amount[rows])
+    return x
+
+
+def _jitter_rows(name: str, x: np.ndarray, amount: np.ndarray) -> np.ndarray:
+    """One jitter of uint8 [n, C, H, W] rows with their amounts [n], pixel for pixel PIL's.
+
+    ``ImageEnhance`` blends a degenerate image into the image, ``Image.blend(degenerate, image, f)``:
+    ``d + f * (x - d)`` in float32 (``f`` a C float), truncated and clipped into 0..255. Brightness's
+    degenerate is black; contrast's is grey at ``int(mean + 0.5)``, the mean of the image's "L"
+    conversion (``ImageStat``: the integer sum of its pixels over their count); saturation's is that
+    "L" image itself (an "L" image's saturation is the image). Hue goes through ``_adjust_hue`` row by row.
+    """
+    if name == "hue":
+        return np.stack([_chw(_adjust_hue(_pil(img), float(shift))) for img, shift in zip(x, amount)])
+    if name == "saturation" and x.shape[1] == 1:
+        return x
+    if name == "brightness":
+        degenerate = np.zeros((len(x), 1, 1, 1), dtype=np.float32)
+    else:
+        luma = _luma(x)
+        if name == "contrast":
+            mean = luma.sum(axis=(1, 2), dtype=np.int64) / luma[0].size
+            degenerate = np.floor(mean + 0.5).astype(np.float32)[:, None, None, None]
+        else:
+            degenerate = luma[:, None].astype(np.float32)
+    out = x.astype(np.float32)
+    out -= degenerate
+    out *= amount.astype(np.float32)[:, None, None, None]
+    out += degenerate
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    """int32 [n, H, W]: PIL's "L" conversion of uint8 [n, C, H, W] (ITU-R 601-2 in 16-bit fixed point, as
+    its ``rgb2l``; one channel: itself)."""
+    if x.shape[1] == 1:
+        return x[:, 0].astype(np.int32)
+    r, g, b = (x[:, c].astype(np.int32) for c in range(3))
+    return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+
+
+def _pil(chw: np.ndarray) -> Image.Image:
+    """uint8 [C, H, W] (C = 1 or 3) as an "L" or "RGB" image."""
+    return Image.fromarray(chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0)))
+
+
+def _chw(img: Image.Image) -> np.ndarray:
+    """An "L" or "RGB" image as uint8 [C, H, W]."""
+    arr = np.asarray(img)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
