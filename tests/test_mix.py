@@ -36,7 +36,7 @@ from pipeline.train.loader import DistillLoader
 from tests.support.cli import one_error_line
 from tests.support.data import write_imagefolder
 from tests.support.distill import cache, untrained_teacher
-from tests.support.stores import store_files
+from tests.support.stores import rewrite_chunk, store_files
 
 VIEWS = 4
 MIXED = {"augment": "randaugment", "erase": 0.5, "mix": "mixup,cutmix"}   # every view past 0 reads the stream
@@ -207,6 +207,41 @@ def test_verify_passes_a_mixed_store_and_finds_a_flipped_byte_in_partners_or_lam
         assert any(p.startswith(f"checksum: {name} view 2 block 1:") for p in report.problems), report.problems
         run = CliRunner().invoke(cli, ["verify", str(copy)])
         assert run.exit_code == 1 and f"{name} view 2 block 1" in run.output
+
+
+@pytest.mark.parametrize("storage", [{}, {"storage": "topk", "k": 2}, {"storage": "sampled", "k": 8}],
+                         ids=["dense", "topk", "sampled"])
+def test_verify_checks_the_mixed_p_gt_of_each_codec_and_finds_a_flipped_lambda_where_it_is_determined(
+        folder, tmp_path, storage) -> None:
+    manifest, teacher, dense = folder
+    store = cache(teacher, manifest.path, tmp_path / "s.zarr", **CACHE, **storage) if storage else dense
+    assert verify_store(store).ok, str(verify_store(store))
+    # the mixed (view, row) whose p_gt the flip lambda -> 1 - lambda moves most, both labels among the top 2
+    group = zarr.open_group(str(dense), mode="r")
+    ids, labels = group["sample_id"][:], group["label"][:]
+    p = torch.softmax(torch.from_numpy(group["logits"][1:].astype(np.float32)), -1).numpy()    # [V - 1, N, C]
+    lam = group["mix_lambda"][1:].astype(np.float64)
+    partner_labels = labels[np.searchsorted(ids, group["mix_partner"][1:])]
+    p_own = np.take_along_axis(p, labels[None, :, None].repeat(VIEWS - 1, 0), -1)[..., 0]
+    p_other = np.take_along_axis(p, partner_labels[..., None], -1)[..., 0]
+    kept = np.argsort(-p, axis=-1)[..., :2]
+    both = (kept == labels[None, :, None]).any(-1) & (kept == partner_labels[..., None]).any(-1)
+    moved = np.where(both, np.abs((2 * lam - 1) * (p_own - p_other)), 0)
+    view, row = np.unravel_index(np.argmax(moved), moved.shape)
+    view, row = int(view) + 1, int(row)
+    assert moved[view - 1, row] > 0.01
+    block, start = row // 4, row // 4 * 4
+    flipped = group["mix_lambda"][view, start:start + 4].copy()
+    flipped[row - start] = 1 - flipped[row - start]
+    copy = Path(shutil.copytree(store, tmp_path / "flipped.zarr"))
+    rewrite_chunk(copy, "mix_lambda", view=view, block=block, values=flipped)
+    report = verify_store(copy)
+    if storage.get("storage") == "sampled":                     # the draws do not determine p_gt: ranges only
+        assert report.ok, str(report)
+    else:
+        [problem] = report.problems
+        assert problem.startswith("p_gt: expected the mixed label's probability") and "found 1 rows off" in problem
+        assert problem.endswith(f"at view {view} rows {start}:{start + 4}"), problem
 
 
 def test_verify_teacher_rebuilds_the_mixed_views(folder) -> None:

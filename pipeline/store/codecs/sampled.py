@@ -120,8 +120,10 @@ class Sampled(Codec):
         counts = parts["sample_count"].astype(np.float32)
         return counts.max(axis=-1) / counts.sum(axis=-1)
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
-        # the classes drawn cannot give the exact targets back: their own consistency, and ranges
+    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray,
+              mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
+        # the classes drawn cannot give the exact targets back (a mixed p_gt no more than another):
+        # their own consistency, and ranges
         index = block["sample_index"].astype(np.int64)
         count = block["sample_count"].astype(np.int64)
         out = []
@@ -136,4 +138,4 @@ class Sampled(Codec):
         step = np.diff(index, axis=1)
         if (step < 0).any() or ((step == 0) & drawn[:, 1:]).any():
             out.append("sample_index: expected distinct classes in ascending order, found repeats or disorder")
-        return out + super().check(block, labels)
+        return out + super().check(block, labels, mixed)
