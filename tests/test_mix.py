@@ -244,6 +244,29 @@ def test_verify_checks_the_mixed_p_gt_of_each_codec_and_finds_a_flipped_lambda_w
         assert problem.endswith(f"at view {view} rows {start}:{start + 4}"), problem
 
 
+def test_a_mixed_stores_stats_weigh_both_labels_and_an_unmixed_stores_are_the_plain_figures(folder, tmp_path) -> None:
+    manifest, teacher, mixed = folder
+    plain = cache(teacher, manifest.path, tmp_path / "plain.zarr", views=VIEWS, threads=1, rows_per_block=4)
+    for store in (plain, mixed):
+        group = zarr.open_group(str(store), mode="r")
+        pred, p_gt, labels = group["pred"][:], group["p_gt"][:], group["label"][:]
+        stats = group.attrs["status"]["stats"]
+        own = [round(float((pred[v] == labels).mean()), 6) for v in range(VIEWS)]
+        nll = [round(float(-np.log(np.maximum(p_gt[v], 1e-30)).mean()), 6) for v in range(VIEWS)]
+        assert [s["nll"] for s in stats["per_view"]] == nll          # -log p_gt: of the mixed label where mixed
+        accuracy = [s["accuracy"] for s in stats["per_view"]]
+        if store == plain:
+            assert accuracy == own
+            continue
+        lam = group["mix_lambda"][:].astype(np.float64)
+        other = labels[np.searchsorted(group["sample_id"][:], group["mix_partner"][:])]
+        weighed = [round(float((lam[v] * (pred[v] == labels) + (1 - lam[v]) * (pred[v] == other[v])).mean()), 6)
+                   for v in range(VIEWS)]
+        assert accuracy == weighed and accuracy[0] == own[0]          # view 0 is unmixed
+        assert accuracy[1:] != own[1:]                                 # the partners' labels count
+        assert stats["accuracy"] == round(float(np.mean(weighed)), 6)
+
+
 def test_verify_teacher_rebuilds_the_mixed_views(folder) -> None:
     _, teacher, store = folder
     run = CliRunner().invoke(cli, ["verify", str(store), "--teacher", str(teacher), "--rows", "24", "--device", "cpu"])
