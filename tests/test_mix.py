@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from pipeline.data import build_manifest, default_views, open_split
 from pipeline.data.mix import mix_params, mixed_labels
 from pipeline.data.views import ViewSpec, apply_view, view_mixing, with_augment, with_mix
 from pipeline.errors import UserError
+from pipeline.inspect import inspect_stores
+from pipeline.inspect_rank import rank_samples
 from pipeline.manifest import Manifest
 from pipeline.methods import create_method
 from pipeline.models import load_model
@@ -368,10 +371,31 @@ def test_distill_loader_yields_partners_and_lambdas(folder) -> None:
             torch.testing.assert_close(x, torch.stack([ds[int(r)][0] for r in rows]), rtol=0, atol=0)
 
 
-def test_inspect_reads_a_mixed_store(folder, tmp_path) -> None:
+def test_inspect_figures_a_mixed_store_against_its_mixed_labels_and_ranks_view_0_only(folder, tmp_path) -> None:
     _, _, store = folder
-    run = CliRunner().invoke(cli, ["inspect", str(store), "--out", str(tmp_path / "report.json")])
-    assert run.exit_code == 0, run.output
+    group = zarr.open_group(str(store), mode="r")
+    [summary] = inspect_stores([store])["stores"]
+    assert summary["mixed"]
+    stats = group.attrs["status"]["stats"]["per_view"]
+    for view, (row, reliability) in enumerate(zip(summary["per_view"], summary["reliability"])):
+        assert row["accuracy"] == pytest.approx(stats[view]["accuracy"], abs=1e-6)   # the store's own definition
+        assert row["nll"] == pytest.approx(stats[view]["nll"], abs=1e-5)
+        correct = [a * c for a, c in zip(reliability["accuracy"], reliability["count"]) if c]
+        assert sum(correct) == pytest.approx(row["accuracy"] * group["label"].shape[0], abs=1e-4)
+    run = CliRunner().invoke(cli, ["inspect", str(store), "--out", str(tmp_path / "report"),
+                                   "--samples", str(tmp_path / "samples.parquet")])
+    assert run.exit_code == 0 and "mixed views (" in run.output, run.output
+    samples = pq.read_table(tmp_path / "samples.parquet").to_pandas()
+    teacher = summary["teacher"]
+    for view in range(VIEWS):
+        rows = samples[samples["view"] == view]
+        np.testing.assert_array_equal(rows[f"{teacher}_mix_partner"], group["mix_partner"][view])
+        np.testing.assert_array_equal(rows[f"{teacher}_mix_lambda"], group["mix_lambda"][view])
+    for args in (["--out", str(tmp_path / "v1")], ["--samples", str(tmp_path / "v1.parquet")]):
+        run = CliRunner().invoke(cli, ["inspect", str(store), "--view", "1", *args])
+        one_error_line(run, "--view: expected 0 with stores of mixed views", "found 1")
+    with pytest.raises(UserError, match="--view: expected 0 with stores of mixed views"):
+        rank_samples([str(store)], teachers=[teacher], view=2)
 
 
 @pytest.mark.parametrize("args, needle", [
