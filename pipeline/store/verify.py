@@ -14,12 +14,13 @@ sample ids of the split, lambdas in [0, 1], view 0 unmixed (whether they are the
 gives is ``kdcache verify --teacher``'s to say: the views are data code); and its codec checks the
 p_gt of the mixed rows as the mixed label's probability ``lam * p[y] + (1 - lam) * p[y_partner]``
 as exactly as it checks an unmixed one (dense: recomputed; top-k: exact where both labels are
-kept, bounded where not; sampled: its range).
+kept, bounded where not; sampled at T_s = 1: within 1/k of the draws' shares, else its range).
 Stored values were computed from the teacher's float32 logits, and the stored logits are rounded
 to the store dtype, so recomputations are compared within the bound that rounding allows; what
 a block's rows are checked against is its codec's ``check`` (``pipeline.store.codecs``: dense
 logits within half an ulp or half a quantization step, propagated; top-k within the bounds its
-values and logsumexp imply; sampled class ids and counts, and the ranges of entropy, p_gt and pred).
+values and logsumexp imply; sampled class ids and counts, p_gt within 1/k of the draws' share at
+T_s = 1, and the ranges of entropy, p_gt and pred).
 
 ``check_complete``, the check every reader makes when it opens a store, stays cheap: markers and
 file sizes only (the readers check each chunk's CRC as they read it).

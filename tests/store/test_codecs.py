@@ -79,12 +79,24 @@ def test_every_codec_checks_the_mixed_labels_p_gt_where_its_payload_determines_i
     block = _block(codec, z, labels, mixed=(partner, lam))
     assert codec.check(block, labels, (partner, lam)) == []
     flipped = (partner, np.where(lam == 1, lam, 1 - lam))       # the same rows read with the other weights
-    p_gt = [p for p in codec.check(block, labels, flipped) if p.startswith("p_gt:")]
-    if name == "sampled":                                       # no probability is kept: ranges only
-        assert p_gt == []
-    else:                                                       # p[label] and p[partner] known: the flip is seen
-        assert p_gt and f"found {B - 5} rows off" in p_gt[0], p_gt
-        assert any(p.startswith("p_gt:") for p in codec.check(block, labels))   # read as unmixed: off too
+    [p_gt] = [p for p in codec.check(block, labels, flipped) if p.startswith("p_gt:")]
+    # logits kept: every flipped row is seen; k = 3 draws (at T_s = 1) bound p[y] within 1/3 only
+    assert "rows off" in p_gt and (name == "sampled" or f"found {B - 5} rows off" in p_gt), p_gt
+    assert any(p.startswith("p_gt:") for p in codec.check(block, labels))   # read as unmixed rows: off too
+
+
+def test_sampled_bounds_p_gt_by_the_draws_at_its_own_temperature_1_only() -> None:
+    rng = np.random.default_rng(2)
+    z = (rng.standard_normal((B, C)) * 2).astype(np.float32)
+    labels, partner = rng.integers(0, C, B), rng.integers(0, C, B)
+    lam = rng.uniform(0, 1, B).astype(np.float32)
+    for temperature, caught in ((1.0, True), (2.0, False)):
+        codec = make_codec("sampled", num_classes=C, k=1000, temperature=temperature)
+        block = _block(codec, z, labels, mixed=(partner, lam))
+        assert codec.check(block, labels, (partner, lam)) == []
+        block["p_gt"] = np.clip(block["p_gt"] + np.float32(0.01), 0, 1)      # 10 x the 1/k bound
+        problems = [p for p in codec.check(block, labels, (partner, lam)) if p.startswith("p_gt:")]
+        assert bool(problems) == caught, problems
 
 
 def test_top_k_bounds_a_mixed_p_gt_whose_labels_are_not_kept() -> None:
