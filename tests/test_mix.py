@@ -381,6 +381,7 @@ def test_inspect_figures_a_mixed_store_against_its_mixed_labels_and_ranks_view_0
     run = CliRunner().invoke(cli, ["inspect", str(store), "--out", str(tmp_path / "report"),
                                    "--samples", str(tmp_path / "samples.parquet")])
     assert run.exit_code == 0 and "mixed views (" in run.output, run.output
+    assert "against each row's mixed label" in (tmp_path / "report" / "report.html").read_text()
     samples = pq.read_table(tmp_path / "samples.parquet").to_pandas()
     teacher = summary["teacher"]
     for view in range(VIEWS):
