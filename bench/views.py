@@ -20,8 +20,7 @@ every block of the split in all ``--views`` views:
 - ``decode per view``: the per-view path, ``computer(view, start, stop)`` for each view: each
   image read and decoded again in every view;
 - ``caching``: ``cache_teacher`` of the same teacher and views (decode once, float16 store,
-  building the computer and finalizing included).
-
+  building the computer and finalizing included);
 - ``caching, mixed`` (with ``--mix KINDS``): the caching run with the views mixed (``--mix``:
   each view >= 1 also decodes and transforms its partner's image).
 
