@@ -677,7 +677,7 @@ def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json
     check_distinct({"--out": out, "--samples": samples}, {f"STORES ({store})": store for store in stores})
     report = inspect_stores(list(stores), bins=bins)
     check_ranking_options(view=view, top=top, per_class=per_class, num_views=report["stores"][0]["num_views"],
-                          mixed=any(s["mixed"] for s in report["stores"]))
+                          mixed=any(s.get("mixed") for s in report["stores"]))
     click.echo(report_json(report).rstrip("\n") if as_json else format_report(report))
     names = [str(s["teacher"]) for s in report["stores"]]
     issues = label_issue_ranks(list(stores), teachers=names, view=view, how=label_issue_probs) if label_issues else None

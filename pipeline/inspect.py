@@ -9,12 +9,12 @@ Per store and view: accuracy, NLL, mean entropy, mean normalized entropy ``H / l
 uncertainty-aware paper's mean confidence weight ``1 - H / log C``, mean ``p_gt``, the mean max
 probability and the expected calibration error (ECE, equal-width confidence bins), plus the
 per-class accuracy and entropy and a histogram of normalized entropy. A store of mixed views
-(``mixed``) has its figures against each row's mixed label, as its p_gt is: accuracy is the mean
-weight the mixed label gives the prediction (``pipeline.store.stats.label_agreement``; the plain
-accuracy in view 0, which is never mixed). For several teachers (several
-stores of the same manifest split): how often each pair of teachers agrees, how often at least
-one is right (oracle accuracy), and how often each is the most confident in the truth (max
-``p_gt``), the quantity the multi-teacher methods rank by.
+(``"mixed": true``, a key only such a store's summary has) has its figures against each row's
+mixed label, as its p_gt is: accuracy is the mean weight the mixed label gives the prediction
+(``pipeline.store.stats.label_agreement``; the plain accuracy in view 0, which is never mixed).
+For several teachers (several stores of the same manifest split): how often each pair of teachers
+agrees, how often at least one is right (oracle accuracy), and how often each is the most
+confident in the truth (max ``p_gt``), the quantity the multi-teacher methods rank by.
 
 Every figure is computed from the stores' chunks by dask, block by block, so stores larger than
 memory are fine. Each store's chunks, sample ids and labels are first checked against their
@@ -116,8 +116,8 @@ def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]
     facts = {"store": path, "teacher": attrs["teacher"].get("name"), "train_loss": attrs["teacher"].get("train_loss"),
              "manifest_sha256": attrs["manifest"]["sha256"], "split": attrs["manifest"]["split"],
              "num_samples": layout.num_samples, "num_classes": num_classes, "num_views": num_views,
-             "storage": layout.kind, "mixed": layout.mixed, "entropy_edges": [round(float(e), 6) for e in edges],
-             "label": label}
+             "storage": layout.kind, "entropy_edges": [round(float(e), 6) for e in edges], "label": label,
+             **({"mixed": True} if layout.mixed else {})}      # an unmixed store's report as before
     return lazy, facts
 
 
@@ -239,7 +239,7 @@ def format_report(report: dict[str, Any]) -> str:
         for v, row in enumerate(s["per_view"]):
             lines.append(f"{str(s['teacher'])[:11]:<12}{str(s['train_loss'])[:5]:<6}{v:>5}"
                          + "".join(f"{row[c]:>10.4f}" for c in cols))
-    mixed = [str(s["teacher"]) for s in report["stores"] if s["mixed"]]
+    mixed = [str(s["teacher"]) for s in report["stores"] if s.get("mixed")]
     if mixed:
         lines.append(f"mixed views ({', '.join(mixed)}; views >= 1): acc, nll and p_gt against each row's mixed label")
     room = report.get("across_teachers")

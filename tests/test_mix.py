@@ -368,7 +368,9 @@ def test_distill_loader_yields_partners_and_lambdas(folder) -> None:
 
 
 def test_inspect_figures_a_mixed_store_against_its_mixed_labels_and_ranks_view_0_only(folder, tmp_path) -> None:
-    _, _, store = folder
+    manifest, teacher, store = folder
+    plain = cache(teacher, manifest.path, tmp_path / "plain.zarr", views=VIEWS, threads=1, rows_per_block=4)
+    assert "mixed" not in inspect_stores([plain])["stores"][0]          # an unmixed store's summary as before
     group = zarr.open_group(str(store), mode="r")
     [summary] = inspect_stores([store])["stores"]
     assert summary["mixed"]
@@ -383,16 +385,16 @@ def test_inspect_figures_a_mixed_store_against_its_mixed_labels_and_ranks_view_0
     assert run.exit_code == 0 and "mixed views (" in run.output, run.output
     assert "against each row's mixed label" in (tmp_path / "report" / "report.html").read_text()
     samples = pq.read_table(tmp_path / "samples.parquet").to_pandas()
-    teacher = summary["teacher"]
+    name = summary["teacher"]
     for view in range(VIEWS):
         rows = samples[samples["view"] == view]
-        np.testing.assert_array_equal(rows[f"{teacher}_mix_partner"], group["mix_partner"][view])
-        np.testing.assert_array_equal(rows[f"{teacher}_mix_lambda"], group["mix_lambda"][view])
+        np.testing.assert_array_equal(rows[f"{name}_mix_partner"], group["mix_partner"][view])
+        np.testing.assert_array_equal(rows[f"{name}_mix_lambda"], group["mix_lambda"][view])
     for args in (["--out", str(tmp_path / "v1")], ["--samples", str(tmp_path / "v1.parquet")]):
         run = CliRunner().invoke(cli, ["inspect", str(store), "--view", "1", *args])
         one_error_line(run, "--view: expected 0 with stores of mixed views", "found 1")
     with pytest.raises(UserError, match="--view: expected 0 with stores of mixed views"):
-        rank_samples([str(store)], teachers=[teacher], view=2)
+        rank_samples([str(store)], teachers=[name], view=2)
 
 
 @pytest.mark.parametrize("args, needle", [
