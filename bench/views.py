@@ -3,6 +3,7 @@
     .venv/bin/python bench/views.py                 # 1 000 images x 32 views, 2 repetitions: ~4 min on 2 cores
     .venv/bin/python bench/views.py --quick         # 256 images x 8 views, 1 repetition: ~15 s
     .venv/bin/python bench/views.py --images 2000 --views 16 --width 16 --reps 3 --dir /tmp/kdviews
+    .venv/bin/python bench/views.py --quick --mix mixup,cutmix    # and the same views cached mixed
 
 Data: a JPEG ImageFolder (``bench/_common.build_imagefolder``: 28 px grayscale JPEGs, 10 class
 folders) of the first ``--images`` Fashion-MNIST training images where installed (``--dataset``),
@@ -19,7 +20,9 @@ every block of the split in all ``--views`` views:
 - ``decode per view``: the per-view path, ``computer(view, start, stop)`` for each view: each
   image read and decoded again in every view;
 - ``caching``: ``cache_teacher`` of the same teacher and views (decode once, float16 store,
-  building the computer and finalizing included).
+  building the computer and finalizing included);
+- ``caching, mixed`` (with ``--mix KINDS``): the caching run with the views mixed (``--mix``:
+  each view >= 1 also decodes and transforms its partner's image).
 
 The first two share one block computer and throw the logits away.
 
@@ -32,7 +35,9 @@ of each phase over its runs); their sum against the caching run.
 
 Ratios (CPU time): ``decode_once_over_per_view``, the images/s of decoding once over those of
 decoding per view; ``cached_view_over_forward``, the caching run over the forward phase alone: what
-one cached view costs relative to the teacher's forward on it. Goal <= 1.10.
+one cached view costs relative to the teacher's forward on it. Goal <= 1.10. With ``--mix``,
+``mixed_over_unmixed``: the images/s of the mixed caching run over those of the unmixed one (the
+table's last column gives each variant's images/s over the unmixed caching run's, wall).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,10 +78,11 @@ class ReplayTeacher:
         return compute
 
 
-def variants(computer: TeacherComputer, layout: schema.Layout, cfg: CacheConfig,
-             store: Path) -> dict[str, Callable[[], dict[str, float] | None]]:
-    """Decode once, decode per view (the same computer, logits thrown away), a caching run, and the
-    phases of one timed apart (their seconds as the figures of the run)."""
+def variants(computer: TeacherComputer, layout: schema.Layout, cfg: CacheConfig, store: Path,
+             mixed: CacheConfig | None = None) -> dict[str, Callable[[], dict[str, float] | None]]:
+    """Decode once, decode per view (the same computer, logits thrown away), a caching run, the
+    phases of one timed apart (their seconds as the figures of the run) and, given ``mixed``, its
+    caching run of mixed views."""
     units = list(layout.units())
 
     def decode_once() -> None:
@@ -87,8 +93,11 @@ def variants(computer: TeacherComputer, layout: schema.Layout, cfg: CacheConfig,
         for view, block in units:
             computer(view, *layout.block_rows(block))
 
-    return {"decode once": decode_once, "decode per view": decode_per_view,
+    runs = {"decode once": decode_once, "decode per view": decode_per_view,
             "caching": lambda: cache_teacher(cfg) and None, "phases": lambda: phases(computer, layout, store)}
+    if mixed is not None:
+        runs["caching, mixed"] = lambda: cache_teacher(mixed) and None
+    return runs
 
 
 def phases(computer: TeacherComputer, layout: schema.Layout, store: Path) -> dict[str, float]:
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed runs per variant (default 2; quick 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--mix", default=None,
+                        help="also cache the same views mixed: mixup, cutmix or mixup,cutmix (kdcache cache --mix)")
     args = parser.parse_args()
     images = args.images or (256 if args.quick else 1000)
     views = args.views or (8 if args.quick else 32)
@@ -153,16 +164,22 @@ def main() -> None:
                                    threads=args.threads).build()
         layout = schema.Layout(num_samples=len(computer.dataset(0)), num_classes=computer.num_classes, num_views=views)
         computer(0, 0, min(layout.micro_batch, layout.num_samples))
-        runs = alternate(variants(computer, layout, cfg, root / "phases.zarr"), reps=reps, warmup=False)
+        mixed = replace(cfg, mix=args.mix, out=str(root / "mixed.zarr")) if args.mix else None
+        runs = alternate(variants(computer, layout, cfg, root / "phases.zarr", mixed), reps=reps, warmup=False)
         rows = images * views
         print(f"(a) {dataset} JPEGs, 28 px: {images} images x {views} views = {rows} rows, teacher cnn width "
               f"{args.width} (random init), micro-batch {layout.micro_batch}, blocks of {layout.rows_per_block} rows, "
               f"torch threads {args.threads}; {reps} run(s) each, alternated")
-        print(markdown_table(["variant", "CPU s (min)", "CPU s (median)", "wall s (median)", "images/s (median wall)",
-                              "rows/s (median wall)"],
-                             [[name, f"{low(s, 'cpu'):.2f}", f"{median(s, 'cpu'):.2f}", f"{median(s, 'wall'):.2f}",
-                               f"{images / median(s, 'wall'):,.1f}", f"{rows / median(s, 'wall'):,.0f}"]
-                              for name, s in runs.items() if name != "phases"]))
+        heads = ["variant", "CPU s (min)", "CPU s (median)", "wall s (median)", "images/s (median wall)",
+                 "rows/s (median wall)"]
+        table = [[name, f"{low(s, 'cpu'):.2f}", f"{median(s, 'cpu'):.2f}", f"{median(s, 'wall'):.2f}",
+                  f"{images / median(s, 'wall'):,.1f}", f"{rows / median(s, 'wall'):,.0f}"]
+                 for name, s in runs.items() if name != "phases"]
+        if args.mix:                                     # images/s over the unmixed caching run's
+            heads.append("images/s over caching (wall)")
+            for line in table:
+                line.append(f"{median(runs['caching'], 'wall') / median(runs[line[0]], 'wall'):.3f}")
+        print(markdown_table(heads, table))
 
         def seconds(name: str) -> np.ndarray:
             """(wall, CPU) median seconds of a phase, or of the caching run."""
@@ -190,6 +207,10 @@ def main() -> None:
         print(f"cached view / forward alone: {ratios['cached_view_over_forward']:.3f} (CPU), "
               f"{caching[0] / forward[0]:.3f} (wall); goal <= {GOAL:.2f}: "
               f"{'met' if ratios['cached_view_over_forward'] <= GOAL else 'NOT met'}")
+        if args.mix:
+            ratios["mixed_over_unmixed"] = caching[1] / median(runs["caching, mixed"], "cpu")
+            print(f"caching mixed ({args.mix}) / unmixed, images/s: {ratios['mixed_over_unmixed']:.3f} (CPU), "
+                  f"{caching[0] / median(runs['caching, mixed'], 'wall'):.3f} (wall)")
         print(summary_line(**ratios))
     finally:
         if args.dir is None:

@@ -642,7 +642,8 @@ def _wrote(line: str, metrics: dict) -> None:
               help="Parquet file: one row per sample and view with each teacher's pred, p_gt and entropy, "
                    "the source and label, and how much the teachers disagree.")
 @click.option("--view", type=int, default=0, show_default=True,
-              help="The cached view the galleries rank and show (0: the plain evaluation view).")
+              help="The cached view the galleries rank and show (0: the plain evaluation view; the only one "
+                   "of stores of mixed views).")
 @click.option("--top", type=int, default=16, show_default=True, help="Samples per gallery.")
 @click.option("--per-class", type=int, default=4, show_default=True,
               help="Samples per class and ranking in the per-class galleries (0: none).")
@@ -675,7 +676,8 @@ def inspect_command(stores: tuple[str, ...], out: str | None, bins: int, as_json
         raise UserError("--label-issues: expected --out DIR (a gallery) or --samples FILE (a rank column) to write to")
     check_distinct({"--out": out, "--samples": samples}, {f"STORES ({store})": store for store in stores})
     report = inspect_stores(list(stores), bins=bins)
-    check_ranking_options(view=view, top=top, per_class=per_class, num_views=report["stores"][0]["num_views"])
+    check_ranking_options(view=view, top=top, per_class=per_class, num_views=report["stores"][0]["num_views"],
+                          mixed=any(s.get("mixed") for s in report["stores"]))
     click.echo(report_json(report).rstrip("\n") if as_json else format_report(report))
     names = [str(s["teacher"]) for s in report["stores"]]
     issues = label_issue_ranks(list(stores), teachers=names, view=view, how=label_issue_probs) if label_issues else None

@@ -8,10 +8,13 @@
 Per store and view: accuracy, NLL, mean entropy, mean normalized entropy ``H / log C``, the
 uncertainty-aware paper's mean confidence weight ``1 - H / log C``, mean ``p_gt``, the mean max
 probability and the expected calibration error (ECE, equal-width confidence bins), plus the
-per-class accuracy and entropy and a histogram of normalized entropy. For several teachers (several
-stores of the same manifest split): how often each pair of teachers agrees, how often at least
-one is right (oracle accuracy), and how often each is the most confident in the truth (max
-``p_gt``), the quantity the multi-teacher methods rank by.
+per-class accuracy and entropy and a histogram of normalized entropy. A store of mixed views
+(``"mixed": true``, a key only such a store's summary has) has its figures against each row's
+mixed label, as its p_gt is: accuracy is the mean weight the mixed label gives the prediction
+(``pipeline.store.stats.label_agreement``; the plain accuracy in view 0, which is never mixed).
+For several teachers (several stores of the same manifest split): how often each pair of teachers
+agrees, how often at least one is right (oracle accuracy), and how often each is the most
+confident in the truth (max ``p_gt``), the quantity the multi-teacher methods rank by.
 
 Every figure is computed from the stores' chunks by dask, block by block, so stores larger than
 memory are fine. Each store's chunks, sample ids and labels are first checked against their
@@ -26,7 +29,9 @@ holds the maximum.
 
 ``--samples FILE.parquet`` (``write_samples``) writes one row per sample and view: ``sample_id``,
 ``view``, ``source`` (from the manifest the stores recorded, null when that file is gone),
-``label``, per teacher ``<name>_pred``, ``<name>_p_gt``, ``<name>_entropy``, and across teachers
+``label``, per teacher ``<name>_pred``, ``<name>_p_gt``, ``<name>_entropy`` (and for a store of mixed
+views ``<name>_mix_partner``, the partner's sample id, and ``<name>_mix_lambda``: its p_gt is that
+of the mixed label, ``lam * p[label] + (1 - lam) * p[partner's label]``), and across teachers
 ``n_distinct_preds``, ``frac_disagree_with_majority`` and ``mean_p_gt``; one Parquet row group per
 store block, read and written block by block. With ``--label-issues``, ``label_issue_rank`` (or
 ``<name>_label_issue_rank`` per teacher): cleanlab's rank of the sample among the label issues of
@@ -59,7 +64,8 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.manifest import load_manifest
 from pipeline.store.provenance import changed_teachers, recorded_path
-from pipeline.store.schema import Layout
+from pipeline.store.schema import MIX_ARRAYS, Layout
+from pipeline.store.stats import label_agreement, labels_of
 from pipeline.store.reader import check_checksums
 
 
@@ -79,7 +85,7 @@ def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]
     label = da.from_zarr(group["label"]).astype(np.int64)
     entropy, p_gt = da.from_zarr(group["entropy"]), da.from_zarr(group["p_gt"])
     pred = da.from_zarr(group["pred"]).astype(np.int64)
-    correct = pred == label[None, :]
+    correct = label_agreement(pred, label[None, :], _mixed_labels(group) if layout.mixed else None)
     norm_entropy = entropy / math.log(num_classes) if num_classes > 1 else da.zeros_like(entropy)
     conf = _max_prob(group, layout)
     # Equal-width bins on [0, 1]: ECE from per-bin counts, confidence and accuracy sums.
@@ -110,8 +116,17 @@ def _store_lazy(path: str, *, bins: int) -> tuple[dict[str, Any], dict[str, Any]
     facts = {"store": path, "teacher": attrs["teacher"].get("name"), "train_loss": attrs["teacher"].get("train_loss"),
              "manifest_sha256": attrs["manifest"]["sha256"], "split": attrs["manifest"]["split"],
              "num_samples": layout.num_samples, "num_classes": num_classes, "num_views": num_views,
-             "storage": layout.kind, "entropy_edges": [round(float(e), 6) for e in edges], "label": label}
+             "storage": layout.kind, "entropy_edges": [round(float(e), 6) for e in edges], "label": label,
+             **({"mixed": True} if layout.mixed else {})}      # an unmixed store's report as before
     return lazy, facts
+
+
+def _mixed_labels(group: zarr.Group) -> tuple[da.Array, da.Array]:
+    """A mixed store's (partner labels, lambdas) [V, N], lazily: what its p_gt and accuracy weigh."""
+    sample_id, label = group["sample_id"][:], group["label"][:].astype(np.int64)
+    order = np.argsort(sample_id, kind="stable")
+    partner = da.from_zarr(group["mix_partner"]).map_blocks(labels_of, sample_id, order, label, dtype=np.int64)
+    return partner, da.from_zarr(group["mix_lambda"])
 
 
 def entropy_edges(num_classes: int, bins: int) -> np.ndarray:
@@ -224,6 +239,9 @@ def format_report(report: dict[str, Any]) -> str:
         for v, row in enumerate(s["per_view"]):
             lines.append(f"{str(s['teacher'])[:11]:<12}{str(s['train_loss'])[:5]:<6}{v:>5}"
                          + "".join(f"{row[c]:>10.4f}" for c in cols))
+    mixed = [str(s["teacher"]) for s in report["stores"] if s.get("mixed")]
+    if mixed:
+        lines.append(f"mixed views ({', '.join(mixed)}; views >= 1): acc, nll and p_gt against each row's mixed label")
     room = report.get("across_teachers")
     if room:
         names = [str(s["teacher"]) for s in report["stores"]]
@@ -330,10 +348,13 @@ def write_samples(stores: Sequence[str | Path], out: str | Path, *, extra: dict[
                             f"{layout.num_views} (as {paths[0]}), found {other.num_samples}/{other.num_views}")
     groups = [zarr.open_group(p, mode="r") for p in paths]
     source = _sources(opened[0][0]["manifest"], store=paths[0], num_samples=layout.num_samples)
+    mixed = [lay.mixed for _, lay in opened]
     schema_ = pa.schema([("sample_id", pa.int64()), ("view", pa.int32()), ("source", pa.string()),
                          ("label", pa.int32())]
-                        + [f for n in names for f in ((f"{n}_pred", pa.int32()), (f"{n}_p_gt", pa.float32()),
-                                                      (f"{n}_entropy", pa.float32()))]
+                        + [f for n, m in zip(names, mixed)
+                           for f in ((f"{n}_pred", pa.int32()), (f"{n}_p_gt", pa.float32()),
+                                     (f"{n}_entropy", pa.float32()))
+                           + (((f"{n}_mix_partner", pa.int64()), (f"{n}_mix_lambda", pa.float32())) if m else ())]
                         + [("n_distinct_preds", pa.int32()), ("frac_disagree_with_majority", pa.float32()),
                            ("mean_p_gt", pa.float32())]
                         + [(name, pa.int32()) for name in extra or {}])
@@ -360,6 +381,8 @@ def write_samples(stores: Sequence[str | Path], out: str | Path, *, extra: dict[
             }
             for i, name in enumerate(names):
                 columns.update({f"{name}_pred": pred[i], f"{name}_p_gt": p_gt[i], f"{name}_entropy": entropy[i]})
+                if mixed[i]:
+                    columns.update({f"{name}_{a}": groups[i][a][:, start:stop].T.ravel() for a in MIX_ARRAYS})
             columns.update(_disagreement(pred, p_gt))
             for name, values in (extra or {}).items():
                 here = np.repeat(values[start:stop], views)

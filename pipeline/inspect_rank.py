@@ -7,7 +7,10 @@
     ranked.details(rows)                 # sample_id, label, each teacher's pred, p_gt and entropy
 
 Rankings of one cached view (``view``; 0 is the plain evaluation view), over the teachers' stored
-``pred``, ``p_gt`` and ``entropy`` (exact values, every storage kind):
+``pred``, ``p_gt`` and ``entropy`` (exact values, every storage kind). With a store of mixed views
+only view 0, which is never mixed, is ranked (``check_view``): a mixed view is the image of two
+samples, so its label is half the story and its thumbnail (one sample's view) not what the
+teacher saw.
 
 - ``contradicted``: samples whose label every teacher predicts against, the lowest largest
   ``p_gt`` first (the best any teacher thinks of the label); candidates for label errors.
@@ -44,15 +47,26 @@ LABEL_ISSUE_MODES = ("mean", "each")
 INSTALL_CLEANLAB = "pip install 'kdcache[labels]' (or: pip install cleanlab)"
 
 
-def check_ranking_options(*, view: int, top: int, per_class: int, num_views: int | None = None) -> None:
-    """UserError, naming the option, for a view outside the stores or a negative count."""
+def check_ranking_options(*, view: int, top: int, per_class: int, num_views: int | None = None,
+                          mixed: bool = False) -> None:
+    """UserError, naming the option, for a view the stores cannot rank (``check_view``) or a negative count."""
     if top < 1:
         raise UserError(f"--top: expected an integer >= 1, found {top}")
     if per_class < 0:
         raise UserError(f"--per-class: expected an integer >= 0, found {per_class}")
+    check_view(view, num_views, mixed=mixed)
+
+
+def check_view(view: int, num_views: int | None = None, *, mixed: bool = False) -> None:
+    """UserError, naming ``--view``, for a view outside the stores, or past view 0 when a store's views
+    are mixed: a mixed view's image and p_gt are of two samples, its thumbnail would show one and its
+    label could be contradicted by a teacher that sees the partner's class."""
     if view < 0 or (num_views is not None and view >= num_views):
         bound = f"0 <= view < {num_views}" if num_views is not None else "an integer >= 0"
         raise UserError(f"--view: expected {bound} (the stores' cached views), found {view}")
+    if mixed and view != 0:
+        raise UserError(f"--view: expected 0 with stores of mixed views (views >= 1 mix two samples: no one label "
+                        f"to rank against), found {view}")
 
 
 def block_scores(pred: np.ndarray, p_gt: np.ndarray, *, entropy: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,7 +160,8 @@ def rank_samples(stores: Sequence[str], *, teachers: Sequence[str], view: int = 
     """Stream every block of ``view`` of the (agreeing, complete) stores once; see the module docstring."""
     opened = [check_checksums(p) for p in stores]
     layout = opened[0][1]
-    check_ranking_options(view=view, top=top, per_class=per_class, num_views=layout.num_views)
+    check_ranking_options(view=view, top=top, per_class=per_class, num_views=layout.num_views,
+                          mixed=any(lay.mixed for _, lay in opened))
     groups = [zarr.open_group(str(p), mode="r") for p in stores]
     names = [n for n in RANKINGS if n != "disagree" or len(stores) > 1]
     tops = {n: TopN(top, per_class) for n in names}
@@ -192,9 +207,8 @@ def label_issue_ranks(stores: Sequence[str], *, teachers: Sequence[str], view: i
         from cleanlab.filter import find_label_issues
     except ImportError:
         raise UserError(f"--label-issues needs cleanlab: {INSTALL_CLEANLAB}") from None
-    layout = schema.Layout.from_attrs(check_complete(stores[0])[0])
-    if not 0 <= view < layout.num_views:
-        raise UserError(f"--view: expected 0 <= view < {layout.num_views} (the stores' cached views), found {view}")
+    layouts = [schema.Layout.from_attrs(check_complete(store)[0]) for store in stores]
+    check_view(view, layouts[0].num_views, mixed=any(lay.mixed for lay in layouts))
     sources: dict[str, np.ndarray] = {}
     labels = None
     total = None

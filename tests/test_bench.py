@@ -51,6 +51,16 @@ def test_smallest_mode_ends_with_its_summary_line(script: str, tmp_path: Path) -
     assert re.fullmatch(" ".join(f"{name}={RATIO}" for name in names), last), done.stdout[-3000:]
 
 
+def test_views_with_mix_adds_the_mixed_caching_run_and_its_ratio(tmp_path: Path) -> None:
+    args, names = SMALLEST["views.py"]
+    done = run("views.py", [*args, "--mix", "mixup,cutmix", "--dir", str(tmp_path / "work")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(" ".join(f"{name}={RATIO}" for name in [*names, "mixed_over_unmixed"]), lines[-1]), lines[-1]
+    assert any(line.startswith("| caching, mixed |") for line in lines), done.stdout[-3000:]
+    assert "images/s over caching (wall)" in done.stdout
+
+
 def test_help_names_the_quick_mode(tmp_path: Path) -> None:
     for script in sorted(SMALLEST):
         done = run(script, ["--help"], tmp_path)

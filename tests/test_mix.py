@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from pipeline.data import build_manifest, default_views, open_split
 from pipeline.data.mix import mix_params, mixed_labels
 from pipeline.data.views import ViewSpec, apply_view, view_mixing, with_augment, with_mix
 from pipeline.errors import UserError
+from pipeline.inspect import inspect_stores
+from pipeline.inspect_rank import rank_samples
 from pipeline.manifest import Manifest
 from pipeline.methods import create_method
 from pipeline.models import load_model
@@ -36,7 +39,7 @@ from pipeline.train.loader import DistillLoader
 from tests.support.cli import one_error_line
 from tests.support.data import write_imagefolder
 from tests.support.distill import cache, untrained_teacher
-from tests.support.stores import store_files
+from tests.support.stores import rewrite_chunk, store_files
 
 VIEWS = 4
 MIXED = {"augment": "randaugment", "erase": 0.5, "mix": "mixup,cutmix"}   # every view past 0 reads the stream
@@ -209,6 +212,60 @@ def test_verify_passes_a_mixed_store_and_finds_a_flipped_byte_in_partners_or_lam
         assert run.exit_code == 1 and f"{name} view 2 block 1" in run.output
 
 
+@pytest.mark.parametrize("storage", [{}, {"storage": "topk", "k": 2}, {"storage": "sampled", "k": 1000}],
+                         ids=["dense", "topk", "sampled"])
+def test_verify_checks_the_mixed_p_gt_of_each_codec_and_finds_a_flipped_lambda(
+        folder, tmp_path, storage) -> None:
+    manifest, teacher, dense = folder
+    store = cache(teacher, manifest.path, tmp_path / "s.zarr", **CACHE, **storage) if storage else dense
+    assert verify_store(store).ok, str(verify_store(store))
+    # the mixed (view, row) whose p_gt the flip lambda -> 1 - lambda moves most, both labels among the top 2
+    group = zarr.open_group(str(dense), mode="r")
+    ids, labels = group["sample_id"][:], group["label"][:]
+    p = torch.softmax(torch.from_numpy(group["logits"][1:].astype(np.float32)), -1).numpy()    # [V - 1, N, C]
+    lam = group["mix_lambda"][1:].astype(np.float64)
+    partner_labels = labels[np.searchsorted(ids, group["mix_partner"][1:])]
+    p_own = np.take_along_axis(p, labels[None, :, None].repeat(VIEWS - 1, 0), -1)[..., 0]
+    p_other = np.take_along_axis(p, partner_labels[..., None], -1)[..., 0]
+    kept = np.argsort(-p, axis=-1)[..., :2]
+    both = (kept == labels[None, :, None]).any(-1) & (kept == partner_labels[..., None]).any(-1)
+    moved = np.where(both, np.abs((2 * lam - 1) * (p_own - p_other)), 0)
+    view, row = np.unravel_index(np.argmax(moved), moved.shape)
+    view, row = int(view) + 1, int(row)
+    assert moved[view - 1, row] > 0.01                          # > 2 / k: beyond the sampled store's bounds too
+    block, start = row // 4, row // 4 * 4
+    flipped = group["mix_lambda"][view, start:start + 4].copy()
+    flipped[row - start] = 1 - flipped[row - start]
+    copy = Path(shutil.copytree(store, tmp_path / "flipped.zarr"))
+    rewrite_chunk(copy, "mix_lambda", view=view, block=block, values=flipped)
+    [problem] = verify_store(copy).problems
+    assert problem.startswith("p_gt: expected the mixed label's probability") and "found 1 rows off" in problem
+    assert problem.endswith(f"at view {view} rows {start}:{start + 4}"), problem
+
+
+def test_a_mixed_stores_stats_weigh_both_labels_and_an_unmixed_stores_are_the_plain_figures(folder, tmp_path) -> None:
+    manifest, teacher, mixed = folder
+    plain = cache(teacher, manifest.path, tmp_path / "plain.zarr", views=VIEWS, threads=1, rows_per_block=4)
+    for store in (plain, mixed):
+        group = zarr.open_group(str(store), mode="r")
+        pred, p_gt, labels = group["pred"][:], group["p_gt"][:], group["label"][:]
+        stats = group.attrs["status"]["stats"]
+        own = [round(float((pred[v] == labels).mean()), 6) for v in range(VIEWS)]
+        nll = [round(float(-np.log(np.maximum(p_gt[v], 1e-30)).mean()), 6) for v in range(VIEWS)]
+        assert [s["nll"] for s in stats["per_view"]] == nll          # -log p_gt: of the mixed label where mixed
+        accuracy = [s["accuracy"] for s in stats["per_view"]]
+        if store == plain:
+            assert accuracy == own
+            continue
+        lam = group["mix_lambda"][:].astype(np.float64)
+        other = labels[np.searchsorted(group["sample_id"][:], group["mix_partner"][:])]
+        weighed = [round(float((lam[v] * (pred[v] == labels) + (1 - lam[v]) * (pred[v] == other[v])).mean()), 6)
+                   for v in range(VIEWS)]
+        assert accuracy == weighed and accuracy[0] == own[0]          # view 0 is unmixed
+        assert accuracy[1:] != own[1:]                                 # the partners' labels count
+        assert stats["accuracy"] == round(float(np.mean(weighed)), 6)
+
+
 def test_verify_teacher_rebuilds_the_mixed_views(folder) -> None:
     _, teacher, store = folder
     run = CliRunner().invoke(cli, ["verify", str(store), "--teacher", str(teacher), "--rows", "24", "--device", "cpu"])
@@ -310,10 +367,34 @@ def test_distill_loader_yields_partners_and_lambdas(folder) -> None:
             torch.testing.assert_close(x, torch.stack([ds[int(r)][0] for r in rows]), rtol=0, atol=0)
 
 
-def test_inspect_reads_a_mixed_store(folder, tmp_path) -> None:
-    _, _, store = folder
-    run = CliRunner().invoke(cli, ["inspect", str(store), "--out", str(tmp_path / "report.json")])
-    assert run.exit_code == 0, run.output
+def test_inspect_figures_a_mixed_store_against_its_mixed_labels_and_ranks_view_0_only(folder, tmp_path) -> None:
+    manifest, teacher, store = folder
+    plain = cache(teacher, manifest.path, tmp_path / "plain.zarr", views=VIEWS, threads=1, rows_per_block=4)
+    assert "mixed" not in inspect_stores([plain])["stores"][0]          # an unmixed store's summary as before
+    group = zarr.open_group(str(store), mode="r")
+    [summary] = inspect_stores([store])["stores"]
+    assert summary["mixed"]
+    stats = group.attrs["status"]["stats"]["per_view"]
+    for view, (row, reliability) in enumerate(zip(summary["per_view"], summary["reliability"])):
+        assert row["accuracy"] == pytest.approx(stats[view]["accuracy"], abs=1e-6)   # the store's own definition
+        assert row["nll"] == pytest.approx(stats[view]["nll"], abs=1e-5)
+        correct = [a * c for a, c in zip(reliability["accuracy"], reliability["count"]) if c]
+        assert sum(correct) == pytest.approx(row["accuracy"] * group["label"].shape[0], abs=1e-4)
+    run = CliRunner().invoke(cli, ["inspect", str(store), "--out", str(tmp_path / "report"),
+                                   "--samples", str(tmp_path / "samples.parquet")])
+    assert run.exit_code == 0 and "mixed views (" in run.output, run.output
+    assert "against each row's mixed label" in (tmp_path / "report" / "report.html").read_text()
+    samples = pq.read_table(tmp_path / "samples.parquet").to_pandas()
+    name = summary["teacher"]
+    for view in range(VIEWS):
+        rows = samples[samples["view"] == view]
+        np.testing.assert_array_equal(rows[f"{name}_mix_partner"], group["mix_partner"][view])
+        np.testing.assert_array_equal(rows[f"{name}_mix_lambda"], group["mix_lambda"][view])
+    for args in (["--out", str(tmp_path / "v1")], ["--samples", str(tmp_path / "v1.parquet")]):
+        run = CliRunner().invoke(cli, ["inspect", str(store), "--view", "1", *args])
+        one_error_line(run, "--view: expected 0 with stores of mixed views", "found 1")
+    with pytest.raises(UserError, match="--view: expected 0 with stores of mixed views"):
+        rank_samples([str(store)], teachers=[name], view=2)
 
 
 @pytest.mark.parametrize("args, needle", [

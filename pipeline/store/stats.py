@@ -3,12 +3,15 @@
     from pipeline.store.stats import target_stats
     s = target_stats(z, labels)          # entropy, p_gt, pred, logsumexp per row
     s = target_stats(z, labels, mixed=(partner_labels, lam))   # mixed views: p_gt weighs both labels
+    label_agreement(pred, labels, mixed=(partner_labels, lam)).mean()   # a view's accuracy
 
 Computed before any rounding, top-k truncation or sampling, so they are the teacher's own
 whatever the storage kind.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -59,3 +62,24 @@ def _stats_tile(z: np.ndarray, labels: np.ndarray, logp: np.ndarray, p: np.ndarr
     out["pred"][:] = z.argmax(axis=1)
     out["logsumexp"][:] = lse[:, 0]
 
+
+
+def label_agreement(pred: Any, labels: Any, mixed: tuple[Any, Any] | None = None) -> Any:
+    """Per row, the weight of the predicted class in the row's label: ``pred == labels`` (bool) for
+    plain labels; with ``mixed`` = (partner labels, lambda), the mixed label's weight
+    ``lam * [pred == y] + (1 - lam) * [pred == y_partner]`` (float64). Its mean is a view's accuracy:
+    against a plain label the usual one, against a mixed label the expected accuracy of the
+    prediction on a label drawn from the mixed one (1 where both labels are the predicted class,
+    lambda where only the row's own is). Array operators only: NumPy or dask arrays."""
+    hit = pred == labels
+    if mixed is None:
+        return hit
+    partner, lam = mixed
+    lam = lam.astype(np.float64)
+    return lam * hit + (1 - lam) * (pred == partner)
+
+
+def labels_of(ids: np.ndarray, sample_id: np.ndarray, order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The labels of the samples whose ids are ``ids`` (any shape; every one a sample id of the split):
+    ``labels[row]`` of each id's row in ``sample_id``, ``order`` being its argsort."""
+    return labels[order[np.searchsorted(sample_id, ids, sorter=order)]]

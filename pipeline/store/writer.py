@@ -45,7 +45,7 @@ from zarr.core.sync import sync
 from pipeline import __version__, faults
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.stats import target_stats
+from pipeline.store.stats import label_agreement, labels_of, target_stats
 
 MARKER = b"\x01"                   # the file of a set done marker (a bool chunk of one value)
 
@@ -203,7 +203,7 @@ class BlockWriter:
             written = {name: pool.submit(self._put_chunk, name, view, block, values)
                        for name, values in payload.items()}
             targets = dict(mixing or {})
-            mixed = None if mixing is None else (self._partner_labels(mixing["mix_partner"]), mixing["mix_lambda"])
+            mixed = None if mixing is None else (self.partner_labels(mixing["mix_partner"]), mixing["mix_lambda"])
             targets.update(target_stats(logits, self.labels[start:stop], mixed=mixed))
             written.update({name: pool.submit(self._put_chunk, name, view, block, targets[name])
                             for name in lay.block_arrays() if name not in written})
@@ -212,9 +212,9 @@ class BlockWriter:
         faults.point("marker")
         self._put_chunk("done", view, block, np.ones(1, bool))      # only after every array of the block is written
 
-    def _partner_labels(self, partner_ids: np.ndarray) -> np.ndarray:
-        """The labels of the rows whose sample ids are ``partner_ids``."""
-        return self.labels[self._id_order[np.searchsorted(self.sample_ids, partner_ids, sorter=self._id_order)]]
+    def partner_labels(self, partner_ids: np.ndarray) -> np.ndarray:
+        """The labels of the rows whose sample ids are ``partner_ids`` (any shape)."""
+        return labels_of(partner_ids, self.sample_ids, self._id_order, self.labels)
 
     def _put_chunk(self, name: str, view: int, block: int, values: np.ndarray) -> int:
         """Write the chunk of (view, block) of array ``name`` from its rows' values; the CRC-32 of its file."""
@@ -263,9 +263,11 @@ def finalize(store: str | Path, *, writer: BlockWriter | None = None) -> CacheRe
     entropy, p_gt, pred = arrays["entropy"][:], arrays["p_gt"][:], arrays["pred"][:]
     if not (np.isfinite(entropy).all() and np.isfinite(p_gt).all()):
         raise UserError(f"{store}: field entropy/p_gt: expected finite values, found NaN/Inf")
-    labels = writer.labels
+    # a mixed store's accuracy is against each (view, row)'s mixed label, as its p_gt (and so nll) is
+    mixed = (writer.partner_labels(arrays["mix_partner"][:]), arrays["mix_lambda"][:]) if lay.mixed else None
+    agree = label_agreement(pred, writer.labels, mixed)
     per_view = [{
-        "accuracy": round(float((pred[v] == labels).mean()), 6),
+        "accuracy": round(float(agree[v].mean()), 6),
         "mean_entropy": round(float(entropy[v].mean()), 6),
         "mean_normalized_entropy": round(float(entropy[v].mean() / np.log(lay.num_classes)), 6) if lay.num_classes > 1 else 0.0,
         "mean_p_gt": round(float(p_gt[v].mean()), 6),

@@ -49,6 +49,8 @@ class BFloat16(Codec):
         z = from_bfloat16_bits(parts["logits_bf16"])
         return 1.0 / np.exp(z - z.max(axis=-1, keepdims=True)).sum(axis=-1)
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
+    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray,
+              mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
         z = self.decode(block)
-        return check_recomputed(self.num_classes, z, np.abs(z) * BF16_UNIT_ROUNDOFF + BF16_SUBNORMAL, block, labels)
+        return check_recomputed(self.num_classes, z, np.abs(z) * BF16_UNIT_ROUNDOFF + BF16_SUBNORMAL, block, labels,
+                                mixed)

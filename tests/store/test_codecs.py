@@ -36,9 +36,10 @@ def _codec(name: str, dtype: str) -> Codec:
     return make_codec(name, num_classes=C, dtype=dtype, k=3 if "k" in codec_class(name).parameters else None)
 
 
-def _block(codec: Codec, z: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+def _block(codec: Codec, z: np.ndarray, labels: np.ndarray,
+           mixed: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """A block's arrays as the writer makes them: the codec's payload, the exact targets."""
-    stats = target_stats(z, labels)
+    stats = target_stats(z, labels, mixed=mixed)
     parts = codec.encode(z, seed=0, view=1, block=2, where="test block")
     filled = {name: parts[name] if name in parts else stats[name] for name in codec.payload()}
     return {**filled, "entropy": stats["entropy"], "p_gt": stats["p_gt"], "pred": stats["pred"]}
@@ -63,6 +64,51 @@ def test_every_codec_encodes_decodes_and_checks_a_block(name: str, dtype: str) -
     assert conf.shape == (1, B) and ((conf > 0) & (conf <= 1 + 1e-6)).all()
     damaged = {**block, "p_gt": np.full(B, 2.0, np.float32)}
     assert any(p.startswith("p_gt:") for p in codec.check(damaged, labels))
+
+
+@pytest.mark.parametrize("name,dtype", _cases())
+def test_every_codec_checks_the_mixed_labels_p_gt_where_its_payload_determines_it(name: str, dtype: str) -> None:
+    codec = _codec(name, dtype)
+    rng = np.random.default_rng(1)
+    z = (rng.standard_normal((B, C)) * 3).astype(np.float32)
+    order = np.argsort(-z, axis=1)
+    labels, partner = order[:, 0], order[:, 1]                  # kept by every codec that keeps logits (k = 3)
+    z[np.arange(B), labels] += 2                                # p[label] - p[partner] well above any rounding
+    lam = rng.uniform(0.7, 0.95, B).astype(np.float32)
+    lam[:5] = 1                                                 # unmixed rows among them
+    block = _block(codec, z, labels, mixed=(partner, lam))
+    assert codec.check(block, labels, (partner, lam)) == []
+    flipped = (partner, np.where(lam == 1, lam, 1 - lam))       # the same rows read with the other weights
+    [p_gt] = [p for p in codec.check(block, labels, flipped) if p.startswith("p_gt:")]
+    # logits kept: every flipped row is seen; k = 3 draws (at T_s = 1) bound p[y] within 1/3 only
+    assert "rows off" in p_gt and (name == "sampled" or f"found {B - 5} rows off" in p_gt), p_gt
+    assert any(p.startswith("p_gt:") for p in codec.check(block, labels))   # read as unmixed rows: off too
+
+
+def test_sampled_bounds_p_gt_by_the_draws_at_its_own_temperature_1_only() -> None:
+    rng = np.random.default_rng(2)
+    z = (rng.standard_normal((B, C)) * 2).astype(np.float32)
+    labels, partner = rng.integers(0, C, B), rng.integers(0, C, B)
+    lam = rng.uniform(0, 1, B).astype(np.float32)
+    for temperature, caught in ((1.0, True), (2.0, False)):
+        codec = make_codec("sampled", num_classes=C, k=1000, temperature=temperature)
+        block = _block(codec, z, labels, mixed=(partner, lam))
+        assert codec.check(block, labels, (partner, lam)) == []
+        block["p_gt"] = np.clip(block["p_gt"] + np.float32(0.01), 0, 1)      # 10 x the 1/k bound
+        problems = [p for p in codec.check(block, labels, (partner, lam)) if p.startswith("p_gt:")]
+        assert bool(problems) == caught, problems
+
+
+def test_top_k_bounds_a_mixed_p_gt_whose_labels_are_not_kept() -> None:
+    codec = make_codec("topk", num_classes=C, dtype="float32", k=2)
+    z = np.tile(np.array([[6.0, 4.0, 1.0, 0.5, 0.0, -1.0, -2.0]], np.float32), (4, 1))
+    labels, partner = np.array([0, 0, 5, 5]), np.array([6, 6, 6, 6])
+    lam = np.full(4, 0.75, np.float32)
+    block = _block(codec, z, labels, mixed=(partner, lam))
+    assert codec.check(block, labels, (partner, lam)) == []
+    # a row off by more than the k-th class's probability, whichever labels are kept
+    block["p_gt"] = block["p_gt"] + np.float32(0.2)
+    assert any("found 4 rows off" in p for p in codec.check(block, labels, (partner, lam)))
 
 
 def test_the_registry_refuses_a_second_codec_of_a_name_and_lists_the_known_ones() -> None:

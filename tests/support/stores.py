@@ -4,6 +4,7 @@
     make_fake_store(tmp_path / "s.zarr", num_samples=700, views=1)   # any layout, through write_cache
     manifest, ckpt = make_synthetic_teacher(tmp_path)                # 3000 samples, a confident MLP
     swap_blocks(store, view=0, a=0, b=1)                             # damage with checksums moved along
+    rewrite_chunk(store, "mix_lambda", view=1, block=0, values=lam)  # new values with their checksum
 
 ``FakeFactory`` is a deterministic stand-in teacher (logits a pure function of seed, view and
 row), so a store written in any block order or by any shards has the same bytes. The defaults
@@ -121,6 +122,19 @@ def move_chunk(store: Path, name: str, *, view: int, block: int, to: tuple[str, 
     crc_file = Path(store) / schema.chunk_key(schema.CHECKSUM, 3, tview, tblock)
     crcs = np.fromfile(crc_file, dtype="<u4")
     crcs[names.index(target)] = crc_src[names.index(name)]
+    crc_file.write_bytes(crcs.tobytes())
+
+
+def rewrite_chunk(store: Path, name: str, *, view: int, block: int, values: np.ndarray) -> None:
+    """Write ``values`` (the block's rows) as the chunk of (``name``, view, block) and their CRC-32 into
+    the block's checksum chunk: a change that only the checks of the values themselves can find."""
+    lay = schema.Layout.from_attrs(schema.read_attrs(store))
+    shape, chunks, dtype = lay.arrays()[name]
+    data = schema.chunk_bytes(values, rows=chunks[1], dtype=dtype)
+    (Path(store) / schema.chunk_key(name, len(shape), view, block)).write_bytes(data.tobytes())
+    crc_file = Path(store) / schema.chunk_key(schema.CHECKSUM, 3, view, block)
+    crcs = np.fromfile(crc_file, dtype="<u4")
+    crcs[lay.block_arrays().index(name)] = zlib.crc32(data, lay.chunk_crc_start(name, view, block))
     crc_file.write_bytes(crcs.tobytes())
 
 

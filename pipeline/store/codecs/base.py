@@ -221,9 +221,13 @@ class Codec:
         exact targets entropy, p_gt and pred are compared for every kind)."""
         return None
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
+    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray,
+              mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
         """Problems of some rows of a block: their payload and exact targets (entropy, p_gt, pred)
-        against each other. The default checks the ranges of the targets."""
+        against each other. ``mixed``: (partner labels, lambda) of rows of mixed views, whose p_gt is
+        the mixed label's probability ``lam * p[label] + (1 - lam) * p[partner label]``
+        (``pipeline.store.stats.target_stats``); a codec checks it as exactly as its payload allows.
+        The default checks the ranges of the targets."""
         out = []
         if not ((block["p_gt"] >= 0) & (block["p_gt"] <= 1 + 1e-6)).all():
             out.append("p_gt: expected probabilities in [0, 1], found values outside")

@@ -58,21 +58,26 @@ def label_prob_error(p: np.ndarray, delta: np.ndarray, labels: np.ndarray) -> np
 
 
 def check_recomputed(num_classes: int, z: np.ndarray, delta: np.ndarray, block: Mapping[str, np.ndarray],
-                     labels: np.ndarray) -> list[str]:
+                     labels: np.ndarray, mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
     """The stored entropy, p_gt and pred against those recomputed from dense logits ``z`` that are
-    each within ``delta`` of the teacher's float32 logits."""
+    each within ``delta`` of the teacher's float32 logits (``mixed``: as ``Codec.check``, p_gt is
+    then the mixed label's probability)."""
     # First-order bounds of how far rounding each logit z_j by delta_j moves the targets:
     # |d log p_y| <= delta_y + sum_j p_j delta_j;  |dH| <= sum_j p_j |log p_j + H| delta_j.
-    got = target_stats(z, labels)
+    # A mixed p_gt weighs the bounds of its two labels' probabilities by lambda.
+    got = target_stats(z, labels, mixed=mixed)
     rows = np.arange(len(z))
     logp = z - got["logsumexp"][:, None]
     p = np.exp(logp)
     noise = 2e-6 * (1.0 + np.abs(z).max(axis=1))                    # float32 arithmetic on both sides
     out = []
-    tol_p = block["p_gt"] * label_prob_error(p, delta, labels) + noise
+    partner, lam = mixed if mixed is not None else (labels, 1.0)
+    tol_p = (lam * p[rows, labels] * label_prob_error(p, delta, labels)
+             + (1 - lam) * p[rows, partner] * label_prob_error(p, delta, partner) + noise)
     bad = np.abs(got["p_gt"] - block["p_gt"]) > tol_p
     if bad.any():
-        out.append(f"p_gt: expected the value recomputed from the stored logits, found {int(bad.sum())} rows off "
+        what = "the mixed label's probability" if mixed is not None else "the value"
+        out.append(f"p_gt: expected {what} recomputed from the stored logits, found {int(bad.sum())} rows off "
                    f"(e.g. stored {block['p_gt'][bad][0]:.6g}, recomputed {got['p_gt'][bad][0]:.6g})")
     tol_h = 1.5 * (p * np.abs(logp + got["entropy"][:, None]) * delta).sum(axis=1) + noise * np.log(num_classes + 1)
     bad = np.abs(got["entropy"] - block["entropy"]) > tol_h
@@ -123,9 +128,10 @@ class Dense(Codec):
         """How far each decoded logit may be from the teacher's float32 value."""
         return rounding_bound(z, self.dtype)
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
+    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray,
+              mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
         z = self.decode(block)
-        return check_recomputed(self.num_classes, z, self._bound(block, z), block, labels)
+        return check_recomputed(self.num_classes, z, self._bound(block, z), block, labels, mixed)
 
 
 class QuantizedDense(Dense):

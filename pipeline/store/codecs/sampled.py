@@ -120,8 +120,10 @@ class Sampled(Codec):
         counts = parts["sample_count"].astype(np.float32)
         return counts.max(axis=-1) / counts.sum(axis=-1)
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
-        # the classes drawn cannot give the exact targets back: their own consistency, and ranges
+    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray,
+              mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
+        # the classes drawn cannot give the exact targets back: their own consistency, ranges and,
+        # drawn at the teacher's own softmax (T_s = 1), p_gt within 1/k of the draws' share
         index = block["sample_index"].astype(np.int64)
         count = block["sample_count"].astype(np.int64)
         out = []
@@ -136,4 +138,21 @@ class Sampled(Codec):
         step = np.diff(index, axis=1)
         if (step < 0).any() or ((step == 0) & drawn[:, 1:]).any():
             out.append("sample_index: expected distinct classes in ascending order, found repeats or disorder")
-        return out + super().check(block, labels)
+        if self.temperature == 1.0:
+            out += self._check_p_gt(index, count, block["p_gt"], labels, mixed)
+        return out + super().check(block, labels, mixed)
+
+    def _check_p_gt(self, index: np.ndarray, count: np.ndarray, p_gt: np.ndarray, labels: np.ndarray,
+                    mixed: tuple[np.ndarray, np.ndarray] | None) -> list[str]:
+        """p_gt of a store drawn at T_s = 1 against its draws: each count is floor or ceil of k p_c
+        (systematic draws), so ``p[y]`` is within 1/k of ``count_y / k``, and a mixed p_gt within
+        1/k of the lambda-weighted shares of its two labels."""
+        def share(y: np.ndarray) -> np.ndarray:
+            return (count * (index == y[:, None])).sum(axis=1) / self.k
+
+        partner, lam = mixed if mixed is not None else (labels, 1.0)
+        bad = np.abs(p_gt - (lam * share(labels) + (1 - lam) * share(partner))) > 1.0 / self.k + 1e-5
+        if not bad.any():
+            return []
+        what = "the mixed label's probability" if mixed is not None else "the label's probability"
+        return [f"p_gt: expected {what} within 1/k of the draws' share at T_s = 1, found {int(bad.sum())} rows off"]

@@ -39,6 +39,15 @@ def dense_from_topk(values: np.ndarray, index: np.ndarray, lse: np.ndarray, num_
     return out
 
 
+def label_bounds(index: np.ndarray, p_lo: np.ndarray, p_hi: np.ndarray,
+                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds [B] of each row's probability of ``labels`` from the bounds ``p_lo``, ``p_hi`` [B, k] of
+    its top-k probabilities: the label's own when it is among the classes ``index``, else
+    [0, the k-th's upper bound] (every other class is at most the k-th)."""
+    hit = index == labels[:, None]
+    return (p_lo * hit).sum(axis=1), np.where(hit.any(axis=1), (p_hi * hit).sum(axis=1), p_hi[:, -1])
+
+
 @register("topk")
 class TopK(Codec):
     parameters = frozenset({"k"})
@@ -66,10 +75,13 @@ class TopK(Codec):
         values = parts["topk_values"].astype(np.float32)
         return parts["topk_index"].astype(np.int64), values, rounding_bound(values, self.dtype)
 
-    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray) -> list[str]:
+    def check(self, block: Mapping[str, np.ndarray], labels: np.ndarray,
+              mixed: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
         # With the exact float32 logsumexp, each top-k probability p_j = exp(v_j - lse) is known up to
         # the rounding of v_j (a factor exp(+-delta_j)); the tail mass 1 - sum p_j and the entropy
-        # bounds below are evaluated over those intervals.
+        # bounds below are evaluated over those intervals. A label's probability is within its
+        # interval when the label is kept, in [0, the k-th's upper bound] when not; a mixed p_gt
+        # within the lambda-weighted bounds of its two labels.
         values = block["topk_values"].astype(np.float32)
         index = block["topk_index"].astype(np.int64)
         lse = block["logsumexp"]
@@ -88,13 +100,13 @@ class TopK(Codec):
         p_lo, p_hi = p * np.exp(-delta), p * np.exp(delta)
         if (p_lo.sum(axis=1) > 1 + 1e-5).any():
             out.append("logsumexp: expected it to cover the top-k mass (<= 1), found more")
-        hit = index == labels[:, None]
-        in_topk = hit.any(axis=1)
-        p_gt = block["p_gt"]
-        bad = in_topk & ((p_gt < (p_lo * hit).sum(axis=1) - 1e-6) | (p_gt > (p_hi * hit).sum(axis=1) + 1e-6))
-        bad |= ~in_topk & (p_gt > p_hi[:, -1] + 1e-6)
+        partner, lam = mixed if mixed is not None else (labels, 1.0)
+        own, other = label_bounds(index, p_lo, p_hi, labels), label_bounds(index, p_lo, p_hi, partner)
+        lo, hi = (lam * a + (1 - lam) * b for a, b in zip(own, other))
+        bad = (block["p_gt"] < lo - 1e-6) | (block["p_gt"] > hi + 1e-6)
         if bad.any():
-            out.append(f"p_gt: expected the value implied by top-k and logsumexp, found {int(bad.sum())} rows off")
+            what = "the mixed label's probability" if mixed is not None else "the value"
+            out.append(f"p_gt: expected {what} implied by top-k and logsumexp, found {int(bad.sum())} rows off")
         t_lo = np.clip(1.0 - p_hi.sum(axis=1), 0.0, 1.0)
         t_hi = np.clip(1.0 - p_lo.sum(axis=1), 0.0, 1.0)
         h_top = -(p * logp).sum(axis=1)
