@@ -18,7 +18,8 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 
 from pipeline.data import ViewSpec, build_manifest, default_views, open_split
-from pipeline.data.views import (_jitter_rows, apply_view, batch_view, for_model, uniforms, uniforms_batch,
+from pipeline.data.jitter import jitter_rows
+from pipeline.data.views import (apply_view, batch_view, for_model, uniforms, uniforms_batch,
                                  view_geometry, with_augment, with_mix)
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
@@ -315,7 +316,7 @@ def test_the_batch_jitters_are_pils_image_enhance_on_every_pixel_value(factor: f
                                ("saturation", ImageEnhance.Color)):
             expected = np.asarray(enhancer(img).enhance(factor))
             chw = np.asarray(img)[None] if img.mode == "L" else np.asarray(img).transpose(2, 0, 1)
-            got = _jitter_rows(name, chw[None].copy(), np.array([factor]))[0]
+            got = jitter_rows(name, chw[None].copy(), np.array([factor]))[0]
             np.testing.assert_array_equal(got, expected[None] if img.mode == "L" else expected.transpose(2, 0, 1))
 
 
