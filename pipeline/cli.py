@@ -25,7 +25,9 @@ import click
 from pipeline import __version__
 from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, one_pass_configs
 from pipeline.cache.spot_check import DEFAULT_PAIRS, spot_check
+from pipeline.cli_manifest import manifest_group
 from pipeline.cli_options import (
+    OneLineErrors,
     Greedy,
     GreedyCommand,
     ListsNames,
@@ -34,11 +36,9 @@ from pipeline.cli_options import (
     RegistryChoice,
     config_default,
     training_options,
-    warnings_as_lines,
 )
-from pipeline.data import READERS, build_manifest, check_files
 from pipeline.errors import UserError
-from pipeline.files import check_distinct, check_writable, os_error_text, write_json
+from pipeline.files import check_distinct, check_writable, write_json
 from pipeline.inspect import (
     format_report,
     inspect_stores,
@@ -70,11 +70,6 @@ from pipeline.train.loop import TrainingWarning
 from pipeline.train.student import CACHE_MODES
 
 
-def _reader_option(dataset: str, key: str) -> object:
-    """A dataset reader's default for one of its options (the help repeats it, the reader owns it)."""
-    return READERS.get(dataset).options[key]
-
-
 def _option_list(given: Sequence[str], flag: str) -> dict:
     """``KEY=VALUE`` options of a repeatable, comma-separated flag (``--augment-option n=2,m=9``)."""
     return parse_options([pair for text in given for pair in text.split(",") if pair.strip()], flag=flag)
@@ -93,35 +88,7 @@ def _probability(flag: str, value: str | None) -> float | None:
     return p
 
 
-class _Group(click.Group):
-    """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
-
-    An ``OSError`` that names a file (a full disk, a read-only folder, a file where a folder should
-    be) is the user's to fix too: one line with the path and the reason, exit status 2. The library
-    turns the ones it expects into ``UserError`` where it knows what the path is for; this catches
-    the rest (``--out`` of evaluate or inspect, for instance)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            with warnings_as_lines():
-                return super().invoke(ctx)
-        except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(2)
-        except OSError as err:
-            if err.filename is None:
-                raise
-            click.echo(f"error: {os_error_text(err)}", err=True)
-            ctx.exit(2)
-        except KeyboardInterrupt:
-            # Nothing is lost: cache blocks with markers stay, checkpoints are written per epoch.
-            click.echo("\ninterrupted: finished work is kept; rerun the same `kdcache cache` command to compute "
-                       "only the missing blocks, or add `--resume OUT` to train-teacher/distill to continue "
-                       "from the last epoch", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdcache")
 def cli() -> None:
     """kdcache: cache frozen teachers' logits once, distill students from the cache.
@@ -138,84 +105,7 @@ def cli() -> None:
 
 
 # --- manifest --------------------------------------------------------------
-@cli.group("manifest")
-def manifest_group() -> None:
-    """Build and check Parquet manifests (one row per sample: id, label, split, source).
-
-    \b
-    Example:
-      kdcache manifest build --dataset cifar10 --root data/cifar --out data_manifests/cifar10.parquet
-      kdcache manifest check data_manifests/cifar10.parquet
-    """
-
-
-@manifest_group.command("build")
-@click.option("--dataset", required=True, type=RegistryChoice(READERS.names), help="Dataset reader.")
-@click.option("--root", required=True, type=LocalPath(path_type=str),
-              help="Dataset root (synthetic: where the generated data is written).")
-@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest to write (.parquet).")
-@click.option("--classes", type=LocalPath(dir_okay=False, path_type=str), default=None,
-              help="File with one class name per line: keep only these classes, in this order.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the carved val split (synthetic: of all the data).")
-@click.option("--val-fraction", type=float, default=None,
-              help=f"Fraction of train moved to val for datasets without one (default {_reader_option('fashion-mnist', 'val_fraction')}).")
-@click.option("--image-size", type=int, default=None,
-              help=f"imagefolder: side of the square crops the views make (default {_reader_option('imagefolder', 'image_size')}; "
-                   "e.g. 32 for small images).")
-@click.option("--num-samples", type=int, default=None, help=f"synthetic: number of samples (default {_reader_option('synthetic', 'num_samples')}).")
-@click.option("--dim", type=int, default=None, help=f"synthetic: input dimension d (default {_reader_option('synthetic', 'dim')}).")
-@click.option("--num-classes", type=int, default=None, help=f"synthetic: number of classes K (default {_reader_option('synthetic', 'num_classes')}).")
-@click.option("--sigma2", type=float, default=None, help=f"synthetic: noise variance (default {_reader_option('synthetic', 'sigma2')}).")
-@click.option("--subset", "subset", multiple=True, metavar="SPLIT=N", default=(),
-              help="Keep a random N rows of SPLIT (chosen by --seed), e.g. train=10000. Repeatable.")
-def manifest_build(dataset: str, root: str, out: str, classes: str | None, seed: int, subset: tuple[str, ...],
-                   **options) -> None:
-    """Scan a dataset root and write its manifest (atomically).
-
-    \b
-    Splits: fashion-mnist and cifar keep their test set as `test` and move
-    --val-fraction of train (chosen by --seed) to `val`. imagefolder reads
-    ROOT/train/<class>/*; with ROOT/test/ present, ROOT/val/ is `val` and ROOT/test/
-    is `test`; otherwise ROOT/val/ is `test` (the ImageNet convention); when no
-    directory is `val`, it is carved from train. synthetic writes its data under
-    ROOT (5/5/90 train/val/test).
-
-    \b
-    Examples:
-      kdcache manifest build --dataset synthetic --root data/synthetic --out data_manifests/synthetic.parquet
-      kdcache manifest build --dataset fashion-mnist --root /usr/share/datasets/fashion-mnist --out data_manifests/fashion.parquet
-      kdcache manifest build --dataset fashion-mnist --root /usr/share/datasets/fashion-mnist --subset train=10000 --out data_manifests/fashion10k.parquet
-      kdcache manifest build --dataset imagefolder --root data/imagenet --classes data_manifests/imagenet100.txt --out data_manifests/imagenet100.parquet
-    """
-    given = {k: v for k, v in options.items() if v is not None}
-    check_distinct({"--out": out}, {"--classes": classes} if classes else {})
-    rows = parse_options(subset, flag="--subset")
-    m = build_manifest(dataset, root, out, classes=classes, seed=seed, subset=rows, progress=True, **given)
-    sizes = ", ".join(f"{k} {v}" for k, v in m.split_sizes().items())
-    click.echo(f"wrote {out}: {m.dataset}, {m.num_classes} classes, {sizes}; sha256 {m.sha256}")
-
-
-@manifest_group.command("check")
-@click.argument("file", type=LocalPath(dir_okay=False, path_type=str))
-@click.option("--files/--no-files", "with_files", default=True, show_default=True,
-              help="Also check that the data files the manifest names exist, are unchanged and read through.")
-def manifest_check(file: str, with_files: bool) -> None:
-    """Validate a manifest and print a summary (exit 2 with one line if it is bad).
-
-    \b
-    Example:
-      kdcache manifest check data_manifests/cifar10.parquet
-    """
-    m = load_manifest(file)
-    if with_files:
-        check_files(m, contents=True)
-    names = ", ".join(m.class_names[:10]) + (", ..." if m.num_classes > 10 else "")
-    click.echo(f"manifest: {file}")
-    click.echo(f"dataset:  {m.dataset} (root {m.root})")
-    click.echo(f"classes:  {m.num_classes} ({names})")
-    click.echo("rows:     " + ", ".join(f"{k} {v}" for k, v in m.split_sizes().items()) + f" (total {len(m.table)})")
-    click.echo(f"sha256:   {m.sha256}")
+cli.add_command(manifest_group)   # kdcache manifest build|check (pipeline.cli_manifest)
 
 
 # --- train-teacher / evaluate ----------------------------------------------

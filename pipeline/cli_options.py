@@ -15,6 +15,7 @@
 - ``training_options(Config)``: the options of ``TrainConfig``'s shared settings, declared once for
   train-teacher and distill, with ``Config``'s defaults.
 - ``warnings_as_lines``: library warnings as ``warning: <message>`` lines on stderr.
+- ``OneLineErrors``: the command group that ends a user's mistake in one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import click
 
-from pipeline.files import check_local
+from pipeline.errors import UserError
+from pipeline.files import check_local, os_error_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -193,3 +195,31 @@ def training_options(config: type) -> Callable[[F], F]:
         return command
 
     return decorate
+
+
+class OneLineErrors(click.Group):
+    """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
+
+    An ``OSError`` that names a file (a full disk, a read-only folder, a file where a folder should
+    be) is the user's to fix too: one line with the path and the reason, exit status 2. The library
+    turns the ones it expects into ``UserError`` where it knows what the path is for; this catches
+    the rest (``--out`` of evaluate or inspect, for instance)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            with warnings_as_lines():
+                return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except OSError as err:
+            if err.filename is None:
+                raise
+            click.echo(f"error: {os_error_text(err)}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            # Nothing is lost: cache blocks with markers stay, checkpoints are written per epoch.
+            click.echo("\ninterrupted: finished work is kept; rerun the same `kdcache cache` command to compute "
+                       "only the missing blocks, or add `--resume OUT` to train-teacher/distill to continue "
+                       "from the last epoch", err=True)
+            ctx.exit(130)
