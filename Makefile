@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install run fashion-mnist test bench clean
+.PHONY: install run fashion-mnist fashion-mnist-views test bench clean
 
 $(BIN)/kdcache: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ fashion-mnist: install
 	@test -d $(FASHION_MNIST) || { echo "error: $(FASHION_MNIST) not found (Debian: apt-get install dataset-fashion-mnist)"; exit 2; }
 	cd experiments/fashion-mnist && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/dvc repro
 	@echo; cat experiments/fashion-mnist/reports/summary.md
+
+# Views of cached teaching on Fashion-MNIST (1 to 64 views, mixed, RandAugmented, a live teacher).
+fashion-mnist-views: install
+	@test -d $(FASHION_MNIST) || { echo "error: $(FASHION_MNIST) not found (Debian: apt-get install dataset-fashion-mnist)"; exit 2; }
+	cd experiments/fashion-mnist-views && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/dvc repro
+	@echo; cat experiments/fashion-mnist-views/reports/summary.md
 
 test: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)

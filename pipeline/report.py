@@ -18,7 +18,8 @@ one metric (``accuracy``: higher is better; ``nll``, ``mse_to_bayes``: lower is 
 
 ``write_report`` writes ``summary.json``, ``summary.md`` (the tables and verdicts a person reads)
 and, with matplotlib (extra ``[plots]``), PNG figures in ``figures/``: the methods' accuracy
-(mean ± std over seeds), the students' per-epoch validation accuracy, and per ClassroomKD
+(mean ± std over seeds), the students' accuracy against the bytes stored per sample for their targets
+(where any reads a store), the students' per-epoch validation accuracy, and per ClassroomKD
 student the rank, activity and temperature of each mentor per epoch. PNGs need no network.
 """
 
@@ -101,7 +102,7 @@ def summarize(teachers: Mapping[str, Mapping[str, Any]], students: Mapping[str, 
         raise UserError(f"report: names used by a teacher and a student: {', '.join(clash)}")
     out_students = {}
     for name, entry in students.items():
-        row: dict[str, Any] = {k: entry[k] for k in ("method", "mentors") if k in entry}
+        row: dict[str, Any] = {k: entry[k] for k in ("method", "mentors", "stored_bytes_per_sample") if k in entry}
         row["seeds"] = [r["seed"] for r in entry["runs"]]
         for metric in SCORES + tuple(f"{s}_b" for s in SCORES):
             figure = _figure(entry, metric)
@@ -131,13 +132,14 @@ def markdown(summary: Mapping[str, Any], *, split: str = "test") -> str:
         lines.append(f"| {name} | {t.get('loss', 'ce')} | {t.get('arch', '')} | {_pct(t.get('accuracy'))} | "
                      f"{_num(t.get('nll'))} | {_num(t.get('mse_to_bayes'))} |")
     lines += ["", "## Students (mean ± std over seeds)", "",
-              "| student | method | mentors | seeds | accuracy % | NLL | MSE to Bayes | student B accuracy % |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| student | method | mentors | stored bytes / sample | seeds | accuracy % | NLL | MSE to Bayes "
+              "| student B accuracy % |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["students"].items():
         acc = f"{_pct(s.get('accuracy_mean'))} ± {_pct(s.get('accuracy_std'))}"
         acc_b = (f"{_pct(s['accuracy_b_mean'])} ± {_pct(s['accuracy_b_std'])}" if "accuracy_b_mean" in s else "—")
+        stored = s.get("stored_bytes_per_sample")
         lines.append(f"| {name} | {s.get('method', '')} | {', '.join(s.get('mentors', [])) or '—'} | "
-                     f"{len(s['seeds'])} | {acc} | {_num(s.get('nll_mean'))} | {_num(s.get('mse_to_bayes_mean'))} "
+                     f"{'—' if stored is None else stored} | {len(s['seeds'])} | {acc} | {_num(s.get('nll_mean'))} | {_num(s.get('mse_to_bayes_mean'))} "
                      f"| {acc_b} |")
     lines += ["", "## The papers' claims, here", ""]
     for c in summary["claims"]:
@@ -183,6 +185,8 @@ def write_report(summary: Mapping[str, Any], out: str | Path, *, split: str = "t
         return written
     matplotlib.use("Agg")
     written.append(plot_methods(summary, figures / "methods.png"))
+    if any(s.get("stored_bytes_per_sample") for s in summary["students"].values()):
+        written.append(plot_bytes(summary, figures / "bytes.png"))
     if curves:
         written.append(plot_curves({name: read_csv(path) for name, path in curves.items()}, figures / "curves.png"))
     for name, path in (mentor_stats or {}).items():
@@ -211,6 +215,37 @@ def plot_methods(summary: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Students by method (mean ± std over seeds)")
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_bytes(summary: Mapping[str, Any], path: Path) -> Path:
+    """Test accuracy (mean ± std over seeds) against the bytes the mentors' stores take per training
+    sample; students that read no store (no teacher, or a live one) as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    stored = {n: s for n, s in summary["students"].items() if s.get("stored_bytes_per_sample")}
+    for k, (name, s) in enumerate(summary["students"].items()):
+        if name in stored or s.get("accuracy_mean") is None:
+            continue
+        mean, std = 100 * s["accuracy_mean"], 100 * s.get("accuracy_std", 0.0)
+        ax.axhline(mean, ls="--", lw=1, color=f"C{k % 10}", label=f"{name} (no store) {mean:.2f} ± {std:.2f}")
+    for name, s in stored.items():
+        if s.get("accuracy_mean") is None:
+            continue
+        x = s["stored_bytes_per_sample"]
+        ax.errorbar([x], [100 * s["accuracy_mean"]], yerr=[100 * s.get("accuracy_std", 0.0)], fmt="o", capsize=3,
+                    color="#4c72b0")
+        ax.annotate(name, (x, 100 * s["accuracy_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored per training sample (all views, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Students against the bytes of their cached targets (mean ± std over seeds)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

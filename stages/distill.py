@@ -5,9 +5,9 @@ over ``student_defaults``), and score every run (section ``evaluate``).
         --out models/students/kd --metrics metrics/students/kd.json --history metrics/students/kd.csv \
         --results results/students/kd.json --log logs/students/kd.json
 
-Mentors are named by their teacher: ``mentors: [ce]`` reads ``<caches>/ce.zarr``. ``seeds: [0, 1, 2]``
-trains ``<out>/seed0.pt`` ... (a second student, dual/dml: ``seed0_b.pt``). ``--metrics``: the
-means and spread over seeds of the test scores; ``--history``: the per-epoch means over seeds;
+Mentors are named by their store (params.yaml ``caches``): ``mentors: [ce]`` reads ``<caches>/ce.zarr``.
+``seeds: [0, 1, 2]`` trains ``<out>/seed0.pt`` ... (a second student, dual/dml: ``seed0_b.pt``).
+``--metrics``: the means and spread over seeds of the test scores; ``--history``: the per-epoch means over seeds;
 ``--results``: every seed's scores (student B's too); ``--log``: wall times (not tracked by DVC).
 Every other key is a ``DistillConfig`` field, e.g. ``input_size: 160`` (optional): a student of its own
 resolution, seeing the teachers' crops resized.
@@ -45,9 +45,9 @@ def main() -> None:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise params.error("seeds", f"expected a non-empty list of seeds >= 0, found {seeds!r}")
     names = params.values.get("mentors", [])
-    if "mentors" in params.values:         # teacher names -> their stores
+    if "mentors" in params.values:         # store names -> their stores
         if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
-            raise params.error("mentors", f"expected a list of teacher names, found {names!r}")
+            raise params.error("mentors", f"expected a list of store names (keys of `caches`), found {names!r}")
         params = params.with_values(mentors=[str(Path(args.caches) / f"{name}.zarr") for name in names])
     evaluate = Section.read("evaluate", optional=True).config(EvaluateConfig)
     runs, histories = [], []

@@ -1,10 +1,12 @@
 """DVC stage: the experiment's report (params.yaml ``teachers``, ``students`` and ``report.claims``).
 
-    python stages/report.py --metrics metrics --results results --models models --out reports
+    python stages/report.py --metrics metrics --results results --models models --caches caches --out reports
 
 Reads ``<metrics>/teachers/<name>.json`` (test scores), ``<results>/students/<name>.json`` (every
 seed's scores), ``<metrics>/students/<name>.csv`` (per-epoch means) and the ClassroomKD mentor
-logs ``<models>/students/<name>/seed<first seed>_mentors.csv``; writes ``<out>/summary.json``,
+logs ``<models>/students/<name>/seed<first seed>_mentors.csv``, and the size of each student's mentors'
+stores ``<caches>/<mentor>.zarr`` (``stored_bytes_per_sample``: every file of them over the rows; 0
+without mentors); writes ``<out>/summary.json``,
 ``<out>/summary.md`` (printed too) and ``<out>/figures/*.png`` (``pipeline.report``).
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from _params import Section, run
 
 from pipeline.errors import UserError
+from pipeline.store.schema import read_attrs
 from pipeline.report import Claim, summarize, write_report
 from pipeline.train import EvaluateConfig
 
@@ -26,11 +29,21 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: cannot read ({err.strerror}); run its stage first (dvc repro)") from None
 
 
+def stored_bytes_per_sample(stores: list[Path]) -> int:
+    """The bytes of every file of ``stores`` (all views, checksums and metadata) over their rows."""
+    for store in stores:
+        if not store.is_dir():
+            raise UserError(f"{store}: no such store; run its stage first (dvc repro)")
+    total = sum(f.stat().st_size for store in stores for f in store.rglob("*") if f.is_file())
+    return round(total / read_attrs(stores[0])["manifest"]["num_samples"]) if stores else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--results", required=True)
     parser.add_argument("--models", required=True)
+    parser.add_argument("--caches", required=True, help="folder of the stores, <name>.zarr")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     teacher_params, student_params = Section.read("teachers").values, Section.read("students").values
@@ -46,8 +59,9 @@ def main() -> None:
     students, curves, mentor_stats = {}, {}, {}
     for name in student_params:
         result = _read_json(results / "students" / f"{name}.json")
+        stores = [Path(args.caches) / f"{mentor}.zarr" for mentor in result["mentors"]]
         students[name] = {"method": result["method"], "mentors": list(result["mentors"]),
-                          "runs": result["seeds"]}
+                          "stored_bytes_per_sample": stored_bytes_per_sample(stores), "runs": result["seeds"]}
         curves[name] = metrics / "students" / f"{name}.csv"
         first = models / "students" / name / f"seed{result['seeds'][0]['seed']}_mentors.csv"
         if result["method"] == "classroom" and first.is_file():

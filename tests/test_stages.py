@@ -48,10 +48,11 @@ ARGS = {
     "manifest": ["--out", "m.parquet", "--data", "data"],
     "train_teacher": ["--name", "ce", "--manifest", "m.parquet", "--out", "t.pt", "--metrics", "t.json",
                       "--history", "t.csv"],
-    "cache": ["--teacher", "t.pt", "--manifest", "m.parquet", "--out", "ce.zarr"],
+    "cache": ["--name", "ce", "--teacher", "t.pt", "--manifest", "m.parquet", "--out", "ce.zarr"],
     "distill": ["--name", "kd_ce", "--manifest", "m.parquet", "--caches", "caches", "--out", "s",
                 "--metrics", "s.json", "--history", "s.csv", "--results", "r.json"],
-    "report": ["--metrics", "metrics", "--results", "results", "--models", "models", "--out", "reports"],
+    "report": ["--metrics", "metrics", "--results", "results", "--models", "models", "--caches", "caches",
+               "--out", "reports"],
 }
 ARGS["evaluate"] = ARGS["train_teacher"]    # the evaluate section is read by the training stages
 
@@ -75,6 +76,8 @@ def _params(stage: str, **changes: Any) -> dict[str, Any]:
     if stage in ("train_teacher", "distill"):
         (entry, values), = section.items()
         return {name: {entry: _changed(values, changes)}}
+    if stage == "cache":          # the store's own entry, over the shared section
+        return {name: _changed(section, changes), "caches": {"ce": {"teacher": "ce"}}}
     return {name: _changed(section, changes)}
 
 
@@ -113,7 +116,7 @@ BAD_VALUES = [
     ("distill", {"lr": -1}, "params.yaml: students.kd_ce.lr: expected a number in (0, 1000], found -1"),
     ("distill", {"epochs": "3"}, "params.yaml: students.kd_ce.epochs: expected an integer, found '3'"),
     ("distill", {"options": 5}, "params.yaml: students.kd_ce.options: expected a mapping of key: value, found 5"),
-    ("distill", {"mentors": "ce"}, "params.yaml: students.kd_ce.mentors: expected a list of teacher names, found 'ce'"),
+    ("distill", {"mentors": "ce"}, "params.yaml: students.kd_ce.mentors: expected a list of store names (keys of `caches`), found 'ce'"),
     ("distill", {"method": ["kd"]}, "params.yaml: students.kd_ce.method: expected a string, found ['kd']"),
     ("distill", {"online": "yes please"},
      "params.yaml: students.kd_ce.online: expected true or false, found 'yes please'"),
@@ -177,6 +180,25 @@ def test_other_mistakes_in_a_section_name_it(stage) -> None:
     for name, params, message in cases:
         status, _, err = stage(name, params)
         assert status == 2 and len(err) == 1 and err[0].startswith(message), (name, err)
+
+
+def test_a_store_entry_overrides_the_cache_section_and_mistakes_name_where_they_are(stage) -> None:
+    cases = [
+        ({"views": 0}, "error: params.yaml: caches.ce.views: expected an integer >= 1, found 0"),
+        ({"veiws": 2}, "error: params.yaml: caches.ce: unknown key 'veiws' (did you mean 'views'?)"),
+        ({"teacher": ...}, "error: params.yaml: caches.ce.teacher: expected the name of a teacher"),
+        ({"out": "x.zarr"}, "error: params.yaml: caches.ce.out: set by the stage itself"),
+    ]
+    for changes, message in cases:
+        params = _params("cache")
+        params["caches"]["ce"] = _changed(params["caches"]["ce"], changes)
+        status, _, err = stage("cache", params)
+        assert status == 2 and len(err) == 1 and err[0].startswith(message), (changes, err)
+    params = {**_params("cache", views=0), "caches": {"ce": {"teacher": "ce", "views": 2}}}
+    status, _, err = stage("cache", params)          # the entry's good value does not hide the section's bad one
+    assert status == 2 and err[0].startswith("error: params.yaml: cache.views: expected an integer >= 1"), err
+    status, _, err = stage("cache", {**_params("cache"), "caches": {"mse": {"teacher": "mse"}}})
+    assert status == 2 and err == ["error: params.yaml: missing key 'caches.ce'"]
 
 
 def test_the_manifest_stage_builds_the_manifest_params_yaml_describes(stage) -> None:
