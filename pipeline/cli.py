@@ -36,6 +36,7 @@ from pipeline.cli_options import (
     RegistryChoice,
     config_default,
     training_options,
+    view_options,
 )
 from pipeline.errors import UserError
 from pipeline.files import check_distinct, check_writable, write_json
@@ -86,6 +87,14 @@ def _probability(flag: str, value: str | None) -> float | None:
     if p is None or not 0.0 <= p <= 1.0:
         raise UserError(f"{flag}: expected a probability in [0, 1], found {value!r}")
     return p
+
+
+def _view_values(options: dict) -> dict:
+    """``options`` with the text of ``view_options``' flags parsed (``--augment-option``, ``--erase``,
+    ``--mix-option``)."""
+    return {**options, "augment_options": _option_list(options["augment_options"], "--augment-option"),
+            "erase": _probability("--erase", options["erase"]),
+            "mix_options": _option_list(options["mix_options"], "--mix-option")}
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -231,29 +240,14 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="DataLoader workers decoding images.")
 @click.option("--views-seed", type=int, default=config_default(CacheConfig, "views_seed"), show_default=True,
               help="Seed of the random views.")
-@click.option("--augment", metavar="POLICY", default=config_default(CacheConfig, "augment"),
-              help="randaugment or trivialaugment: applied to views >= 1 after their crop and flip (torchvision's "
-                   "ops, every choice replayed from the views seed).")
-@click.option("--augment-option", "augment_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
-              show_default=True,
-              help="An option of --augment (repeatable or comma-separated): randaugment n=2 (ops per view), "
-                   "m=9 (magnitude 0..30).")
-@click.option("--erase", metavar="P", default=None,
-              help="Random erasing in views >= 1 with probability P (after --augment).")
-@click.option("--mix", metavar="KINDS", default=config_default(CacheConfig, "mix"),
-              help="mixup, cutmix or mixup,cutmix: views >= 1 are mixed with a partner sample of the split at "
-                   "the same view, and the teacher answers the mixed image (timm's Mixup semantics).")
-@click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
-              show_default=True, help="An option of --mix (repeatable or comma-separated): mixup_alpha=0.8, cutmix_alpha=1.0, "
-                   "switch_prob=0.5 (CutMix's share when both), prob=1.0 (share of views mixed at all).")
+@view_options(CacheConfig)
 @click.option("--name", cls=Greedy,
               help="Teacher name recorded in the store (default: the checkpoint's or weights file's stem). Several "
                    "teachers: one --name per --teacher, in the same order.")
 @click.option("--progress/--no-progress", default=config_default(CacheConfig, "progress"), show_default=True,
               help="Progress bar (rows/s) on stderr.")
 def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str | None, weights: tuple[str, ...],
-                  name: tuple[str, ...], augment_options: tuple[str, ...], erase: str | None,
-                  mix_options: tuple[str, ...], **options) -> None:
+                  name: tuple[str, ...], **options) -> None:
     """Run frozen teachers over every sample and view of a split; write each one's targets to a Zarr store.
 
     Several teachers are cached in one pass: each view of each image is decoded and augmented
@@ -275,10 +269,8 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --views 32 --augment trivialaugment
       kdcache cache ... --views 16 --mix mixup,cutmix --mix-option mixup_alpha=0.8,cutmix_alpha=1.0,switch_prob=0.5
     """
-    options["augment_options"] = _option_list(augment_options, "--augment-option")
-    options["mix_options"] = _option_list(mix_options, "--mix-option")
-    options["erase"] = _probability("--erase", erase)
-    configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name, **options)
+    configs = one_pass_configs(teacher, out=out, out_dir=out_dir, weights=weights, names=name,
+                               **_view_values(options))
     files = {**{f"--teacher ({t})": t for t in teacher if Path(t).is_file()},
              **{f"--weights ({w})": w for w in weights}}
     check_distinct({f"--out ({cfg.out})": cfg.out for cfg in configs}, {"--manifest": configs[0].manifest, **files})
@@ -454,13 +446,9 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
               default=config_default(DistillConfig, "mentor_stats"),
               help="CSV of per-mentor stats per epoch (classroom: rank, active, temperature); "
                    "default OUT stem + _mentors.csv.")
-@click.option("--mix", metavar="KINDS", default=config_default(DistillConfig, "mix"),
-              help="Without --mentors (--online, nokd): views >= 1 mixed with a partner sample, as kdcache cache "
-                   "--mix (a store records its own mixing).")
-@click.option("--mix-option", "mix_options", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(),
-              show_default=True, help="An option of --mix, as kdcache cache --mix-option.")
+@view_options(DistillConfig, without_mentors=True)
 def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, ...],
-                    student_b_options: tuple[str, ...], mix_options: tuple[str, ...], **options) -> None:
+                    student_b_options: tuple[str, ...], **options) -> None:
     """Train a student from cached teacher targets (or live teachers with --online).
 
     Epoch e replays view e mod V of the cache (or, with --view-schedule random, each row a view
@@ -488,13 +476,15 @@ def distill_command(option_pairs: tuple[str, ...], student_options: tuple[str, .
       # several GPUs; resume after an interruption
       torchrun --nproc_per_node 4 -m pipeline.cli distill --method kd --mentors caches/train/r56.zarr ... --out models/kd.pt
       kdcache distill ... --out models/kd.pt --resume models/kd.pt
+      # the live teacher on 16 RandAugmented views, the ones `kdcache cache --views 16 --augment randaugment` stores
+      kdcache distill --method kd --online --teachers models/ce.pt --manifest data_manifests/fashion-mnist.parquet --student cnn --views 16 --augment randaugment --out models/kd_ra.pt
       # a cache of 64 views: a random view per image and epoch
       kdcache distill --method kd --mentors caches/train/r56_v64.zarr --manifest data_manifests/cifar100.parquet --student resnet20 --view-schedule random --out models/kd_random.pt
     """
     config = DistillConfig(options=parse_options(option_pairs),
                            student_options=parse_options(student_options, flag="--student-option"),
                            student_b_options=parse_options(student_b_options, flag="--student-b-option"),
-                           mix_options=_option_list(mix_options, "--mix-option"), **options)
+                           **_view_values(options))
     with training_warning_last():
         metrics = distill(config)
     if not is_main_process():  # under torchrun only rank 0 reports

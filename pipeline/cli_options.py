@@ -197,6 +197,37 @@ def training_options(config: type) -> Callable[[F], F]:
     return decorate
 
 
+def view_options(config: type, *, without_mentors: bool = False) -> Callable[[F], F]:
+    """``--augment``, ``--augment-option``, ``--erase``, ``--mix``, ``--mix-option``: the augmentations and
+    mixing of views >= 1, with the defaults of ``config`` (``CacheConfig``, or ``DistillConfig`` whose
+    runs without mentors make their own views: ``without_mentors``)."""
+    pairs = dict(multiple=True, metavar="KEY=VALUE[,KEY=VALUE]", default=(), show_default=True)
+    scope = "Without --mentors (--online, nokd), as kdcache cache: " if without_mentors else ""
+    options = [
+        click.option("--augment", metavar="POLICY", default=config_default(config, "augment"),
+                     help=f"{scope}randaugment or trivialaugment: applied to views >= 1 after their crop and flip "
+                          "(torchvision's ops, every choice replayed from the views seed)."),
+        click.option("--augment-option", "augment_options", **pairs,
+                     help="An option of --augment (repeatable or comma-separated): randaugment n=2 (ops per view), "
+                          "m=9 (magnitude 0..30)."),
+        click.option("--erase", metavar="P", default=None,
+                     help=f"{scope}random erasing in views >= 1 with probability P (after --augment)."),
+        click.option("--mix", metavar="KINDS", default=config_default(config, "mix"),
+                     help=f"{scope}mixup, cutmix or mixup,cutmix: views >= 1 are mixed with a partner sample of the "
+                          "split at the same view, and the teacher answers the mixed image (timm's Mixup semantics)."),
+        click.option("--mix-option", "mix_options", **pairs,
+                     help="An option of --mix (repeatable or comma-separated): mixup_alpha=0.8, cutmix_alpha=1.0, "
+                          "switch_prob=0.5 (CutMix's share when both), prob=1.0 (share of views mixed at all)."),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 class OneLineErrors(click.Group):
     """Turns ``UserError`` into one line and exit status 2, Ctrl-C into a hint and exit status 130.
 

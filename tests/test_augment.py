@@ -133,8 +133,11 @@ def test_bad_augment_values_name_the_key(tmp_path: Path, augment, options, erase
     (["--erase", "1.5"], "--erase"),
     (["--erase", "often"], "--erase"),
 ])
-def test_cli_bad_augment_values_are_one_error_line(tmp_path: Path, args, needle) -> None:
-    run = CliRunner().invoke(cli, ["cache", "--teacher", "t.pt", "--manifest", "m.parquet", "--views", "2",
+@pytest.mark.parametrize("command", ["cache", "distill"])
+def test_cli_bad_augment_values_are_one_error_line(tmp_path: Path, args, needle, command) -> None:
+    given = (["--teacher", "t.pt"] if command == "cache" else
+             ["--method", "nokd", "--student", "cnn"])             # distill: a run without mentors, its own views
+    run = CliRunner().invoke(cli, [command, *given, "--manifest", "m.parquet", "--views", "2",
                                    "--out", str(tmp_path / "s.zarr"), "--no-progress", *args])
     one_error_line(run, needle)
     assert not (tmp_path / "s.zarr").exists()

@@ -351,6 +351,26 @@ def test_online_students_see_the_images_of_the_cached_run(folder, tmp_path) -> N
     torch.testing.assert_close(cached[0][-1]["kd"], online[0][-1]["kd"], rtol=2e-2, atol=2e-3)
 
 
+def test_online_students_see_the_augmented_images_of_the_cached_run(folder, tmp_path) -> None:
+    manifest, teacher, _ = folder
+    store = cache(teacher, manifest.path, tmp_path / "ra.zarr", views=3, threads=1, rows_per_block=4,
+                  augment="randaugment", augment_options={"n": 2, "m": 9}, erase=0.5)
+    common = {"method": "kd", "student": "cnn", "manifest": str(manifest.path), "epochs": 3, "batch_size": 6,
+              "device": "cpu", "progress": False}
+    cached = _first_steps(DistillConfig(mentors=(str(store),), out=str(tmp_path / "c.pt"), **common))
+    online = _first_steps(DistillConfig(online=True, teachers=(str(teacher),), views=3, augment="randaugment",
+                                        augment_options={"n": 2, "m": 9}, erase=0.5, out=str(tmp_path / "o.pt"),
+                                        **common))
+    plain = _first_steps(DistillConfig(online=True, teachers=(str(teacher),), views=3, out=str(tmp_path / "p.pt"),
+                                       **common))
+    for (rows_c, epoch, x_c, *_), (rows_o, _, x_o, *_), (_, _, x_p, *_) in zip(cached, online, plain):
+        np.testing.assert_array_equal(rows_c, rows_o)
+        torch.testing.assert_close(x_c, x_o, rtol=0, atol=0)
+        assert (epoch == 0) == torch.equal(x_c, x_p)          # views >= 1 are augmented, view 0 is not
+    with pytest.raises(ConfigError, match="augment.*none with mentors"):
+        DistillConfig(mentors=(str(store),), augment="randaugment", out=str(tmp_path / "x.pt"), **common)
+
+
 def test_distill_loader_yields_partners_and_lambdas(folder) -> None:
     manifest, _, store = folder
     group = zarr.open_group(str(store), mode="r")

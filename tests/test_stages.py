@@ -239,7 +239,7 @@ def test_without_a_source_errors_name_the_config_and_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         TeacherConfig.from_dict({"manifest": "m.parquet", "out": "t.pt", "arch": "mlp", "epochs": "3"})
     assert str(err.value) == "teacher config key 'epochs': expected an integer, found '3'"
-    with pytest.raises(UserError, match=r"^distill config: unknown key 'lr_max'; expected one of: batch_size, "):
+    with pytest.raises(UserError, match=r"^distill config: unknown key 'lr_max'; expected one of: augment, augment_options, batch_size, "):
         DistillConfig.from_dict({**base, "lr_max": 1})
     with pytest.raises(UserError, match=r"^method 'nokd': unknown option"):   # other checks keep their words
         DistillConfig.from_dict({**base, "options": {"T": 4}})

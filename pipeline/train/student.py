@@ -21,8 +21,8 @@ The loop (``pipeline.train.loop.fit``) never looks at the method's name, only at
   ``e mod V`` (V = the stores' view count; ``view_schedule="cycle"``), or with ``"random"`` each
   row its own view drawn per epoch from the run's seed (``pipeline.train.sampling.ViewSchedule``):
   either way each row's targets are those of the view its input was made in. Online or
-  without mentors the spec is the dataset's default with ``views_seed`` and V = ``views`` (what
-  ``kdcache cache --views V --views-seed S`` writes). ``input_size`` / ``input_mean`` / ``input_std``
+  without mentors the spec is the dataset's default with ``views_seed``, ``augment`` / ``erase`` and
+  ``mix``, and V = ``views`` (what ``kdcache cache --views V --views-seed S --augment ...`` writes). ``input_size`` / ``input_mean`` / ``input_std``
   give the students a resolution and normalization of their own (``pipeline.data.views.for_model``):
   the same crop boxes and flips as the teachers', resized to ``input_size``; the checkpoint's views
   are the students', so ``kdcache evaluate`` scores them at their own size.
@@ -58,8 +58,9 @@ import yaml
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
+from pipeline.data.augment import augment_params
 from pipeline.data.mix import mix_params, mixed_labels
-from pipeline.data.views import ViewSpec, for_model, with_mix
+from pipeline.data.views import ViewSpec, for_model, with_augment, with_mix
 from pipeline.errors import UserError
 from pipeline.files import check_local, write_history
 from pipeline.manifest import Manifest, load_manifest
@@ -105,9 +106,19 @@ class DistillConfig(TrainConfig):
     input_size: int | None = None          # the students' input side (default: the teachers' views' size)
     input_mean: tuple[float, ...] | None = None   # the students' normalization (default: the teachers')
     input_std: tuple[float, ...] | None = None
+    augment: str | None = None             # without mentors: randaugment | trivialaugment (a store has its own)
+    augment_options: dict = field(default_factory=dict)   # without mentors: as kdcache cache --augment-option
+    erase: float | None = None             # without mentors: random erasing probability, as kdcache cache --erase
     mix: str | None = None                 # without mentors: mixup | cutmix | mixup,cutmix views (a store has its own)
     mix_options: dict = field(default_factory=dict)   # without mentors: as kdcache cache --mix-option
     threads: int | None = None             # torch CPU threads (None: torch's own); fixed for bit-identical CPU runs
+
+    def own_views(self, manifest: Manifest) -> ViewSpec:
+        """The views of a run without mentors: the dataset's default (``views_seed``) with this config's
+        augmentations and mixing, as ``kdcache cache`` would record them."""
+        views = with_augment(default_views(manifest, seed=self.views_seed), self.augment, self.augment_options,
+                             erase=self.erase)
+        return with_mix(views, self.mix, self.mix_options)
 
     def __post_init__(self) -> None:
         for key in ("mentors", "teachers", "teacher_weights"):
@@ -156,7 +167,11 @@ class DistillConfig(TrainConfig):
             raise self.bad("mentors", "no stores with online (live teachers come from 'teachers')")
         if (self.mix is not None or self.mix_options) and self.mentors:
             raise self.bad("mix", "none with mentors (a store's views are mixed as it was cached)")
+        for key in ("augment", "augment_options", "erase"):
+            if getattr(self, key) not in (None, {}) and self.mentors:
+                raise self.bad(key, "none with mentors (a store's views are augmented as it was cached)")
         try:
+            augment_params(self.augment, self.augment_options, erase=self.erase)
             mix_params(self.mix, self.mix_options)
         except ConfigError as err:   # worded as this section's key
             raise ConfigError(err.problem, key=err.key, section=self.section) from None
@@ -245,8 +260,7 @@ def _distill(cfg: DistillConfig, on_step: Callable[[Batch, dict], None] | None) 
                                 workers=cfg.workers) if cfg.mentors else None
     try:
         split = cached.split if cached else cfg.train_split or "train"
-        view_spec = cached.view_spec if cached else with_mix(default_views(manifest, seed=cfg.views_seed), cfg.mix,
-                                                             cfg.mix_options)
+        view_spec = cached.view_spec if cached else cfg.own_views(manifest)
         method.check_mixed(view_spec.mixed)
         views = cfg.student_views(view_spec)
         num_views = cached.num_views if cached else cfg.views or 1
