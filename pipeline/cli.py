@@ -32,6 +32,7 @@ from pipeline.cli_options import (
     GreedyCommand,
     ListsNames,
     LocalPath,
+    StorePath,
     Numbers,
     RegistryChoice,
     config_default,
@@ -207,9 +208,9 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
 @click.option("--split", default=config_default(CacheConfig, "split"), show_default=True, help="Split to cache.")
 @click.option("--views", type=int, default=config_default(CacheConfig, "views"), show_default=True,
               help="Number of views V (view 0 = eval transform).")
-@click.option("--out", cls=Greedy, type=LocalPath(path_type=str),
-              help="Store to write (a .zarr directory): one per --teacher, in order.")
-@click.option("--out-dir", type=LocalPath(file_okay=False, path_type=str), default=None,
+@click.option("--out", cls=Greedy, type=StorePath(path_type=str),
+              help="Store to write (a .zarr directory, or a bucket URL s3://bucket/prefix/t.zarr): one per --teacher, in order.")
+@click.option("--out-dir", type=StorePath(file_okay=False, path_type=str), default=None,
               help="Instead of --out: write each teacher's store as DIR/<teacher file stem>.zarr.")
 @click.option("--dtype", type=RegistryChoice(codecs.dtypes), default=config_default(CacheConfig, "dtype"), show_default=True,
               help="Dtype of the stored logits; int8: dense logits quantized per row (entropy, p_gt are always "
@@ -287,7 +288,7 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
 
 
 @cli.command("verify")
-@click.argument("stores", nargs=-1, required=True, type=LocalPath(path_type=str))
+@click.argument("stores", nargs=-1, required=True, type=StorePath(path_type=str))
 @click.option("--sample-rows", type=int, default=4096, show_default=True,
               help="Rows whose entropy, p_gt, pred are recomputed from the stored logits (0: none).")
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
@@ -394,7 +395,7 @@ def plan_command(num_samples: int | None, num_classes: int | None, manifest: str
 # --- distill ---------------------------------------------------------------
 @cli.command("distill", cls=GreedyCommand)
 @click.option("--method", required=True, type=RegistryChoice(METHODS.names), help="Distillation method (docs/methods.md).")
-@click.option("--mentors", cls=Greedy, default=config_default(DistillConfig, "mentors"), type=LocalPath(path_type=str),
+@click.option("--mentors", cls=Greedy, default=config_default(DistillConfig, "mentors"), type=StorePath(path_type=str),
               help="Cache stores, teacher first (several after one flag, or the flag repeated).")
 @click.option("--manifest", required=True, type=LocalPath(dir_okay=False, path_type=str), help="Manifest (.parquet).")
 @click.option("--student", required=True, metavar="ARCH", cls=ListsNames, names=MODELS.names, help="Student arch.")
@@ -512,7 +513,7 @@ def _wrote(line: str, metrics: dict) -> None:
 
 # --- inspect ---------------------------------------------------------------
 @cli.command("inspect")
-@click.argument("stores", nargs=-1, required=True, type=LocalPath())
+@click.argument("stores", nargs=-1, required=True, type=StorePath())
 @click.option("--out", type=LocalPath(file_okay=False), default=None,
               help="Folder for report.html (tables, figures, galleries of the samples to look at), galleries/*.png, "
                    "summary.json, per_class.csv, entropy_hist.csv and plots (with matplotlib).")

@@ -29,6 +29,7 @@ import click
 
 from pipeline.errors import UserError
 from pipeline.files import check_local, os_error_text
+from pipeline.store.location import is_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,6 +127,14 @@ class LocalPath(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         check_local(value, what=param.opts[0] if param is not None and param.opts else "path")
         return super().convert(value, param, ctx)
+
+
+class StorePath(click.Path):
+    """A store: a local path (a ``click.Path``) or an object-store URL (``s3://bucket/t.zarr``), passed on as
+    it is (``pipeline.store.location`` opens it)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if is_url(value) else super().convert(value, param, ctx)
 
 
 class Numbers(click.ParamType):

@@ -17,7 +17,10 @@ The rules, and why:
   time) is written to a private temporary file, which is then hard-linked to the claim's name.
   ``os.link`` fails when the name exists, so of two jobs exactly one creates a claim, and a
   reader never sees a half-written one (``os.open(O_CREAT | O_EXCL)`` then ``write`` would
-  show an empty file for a moment).
+  show an empty file for a moment). In a bucket the claim is one conditional PUT
+  (``If-None-Match: *``), which likewise succeeds for exactly one job
+  (``pipeline.store.location.create_exclusive``); a heartbeat writes the object again, and
+  ``abandon`` writes it with ``"abandoned": true`` (an object's time cannot be set back).
 - A claim is *stale* when its job is gone: on the same host, its pid no longer runs (or is a
   zombie, or is another process that reused the pid); on any host, its file was not refreshed
   for ``stale_after`` seconds. A job refreshes the claims it holds (touches them) every
@@ -54,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.store.location import (ObjectPath, create_exclusive, is_local, list_names, modified, remove_folder,
+                                     store_path, touch)
 
 CLAIMS_DIR = ".claims"
 DEFAULT_STALE_AFTER = 600.0        # seconds without a heartbeat before another job may take a claim over
@@ -63,20 +68,20 @@ DEFAULT_STALE_AFTER = 600.0        # seconds without a heartbeat before another 
 class Claim:
     """One claim file as read: its path, generation in the block's chain and content (None if unreadable)."""
 
-    path: Path
+    path: Path | ObjectPath
     generation: int
     info: dict[str, Any] | None
 
 
-def claims_dir(store: str | Path) -> Path:
-    return Path(store) / CLAIMS_DIR
+def claims_dir(store: str | Path | ObjectPath) -> Path | ObjectPath:
+    return store_path(store) / CLAIMS_DIR
 
 
 def _name(view: int, block: int, *, generation: int) -> str:
     return f"{view}.{block}" if generation == 0 else f"{view}.{block}~{generation}"
 
 
-def _generation(path: Path) -> int:
+def _generation(path: Path | ObjectPath) -> int:
     return int(path.name.rpartition("~")[2]) if "~" in path.name else 0
 
 
@@ -109,6 +114,17 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
     return start is None or fields[19] == start
 
 
+def _abandoned(path: Path | ObjectPath) -> bytes | None:
+    """A claim object's content marked abandoned (its time cannot be set back); None for a file."""
+    if is_local(path):
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return json.dumps({**info, "abandoned": True}, sort_keys=True).encode()
+
+
 class Claims:
     """Claims of one job on the blocks of one store (thread-safe; one heartbeat thread)."""
 
@@ -116,14 +132,14 @@ class Claims:
                  host: str | None = None, pid: int | None = None) -> None:
         if not stale_after > 0:
             raise UserError(f"stale_after: expected a positive number of seconds, found {stale_after}")
-        self.store = Path(store)
+        self.store = store_path(store)
         self.root = claims_dir(store)
         self.job = job or uuid.uuid4().hex[:12]
         self.stale_after = float(stale_after)
         self.host = host or socket.gethostname()       # whom the claims are recorded for (default: this process)
         self.pid = os.getpid() if pid is None else int(pid)
         self.start = _proc_start(self.pid)
-        self._held: dict[tuple[int, int], Path] = {}
+        self._held: dict[tuple[int, int], Path | ObjectPath] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -150,7 +166,7 @@ class Claims:
     def is_stale(self, claim: Claim) -> bool:
         """Whether the job of ``claim`` is gone (see the module docstring)."""
         try:
-            age = time.time() - claim.path.stat().st_mtime
+            age = time.time() - modified(claim.path)
         except FileNotFoundError:
             return True                    # released meanwhile: its block is marked
         if age > self.stale_after:
@@ -158,6 +174,8 @@ class Claims:
         info = claim.info
         if info is None:
             return False
+        if info.get("abandoned"):
+            return True                    # an object's time cannot be set back: ``abandon`` says so inside
         if info.get("host") == self.host:
             return not pid_alive(int(info.get("pid", -1)), info.get("start"))
         return False
@@ -197,17 +215,12 @@ class Claims:
         info = {"host": self.host, "pid": self.pid, "start": self.start, "job": self.job,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generation": generation}
         for _ in range(3):                 # the folder may be removed by a finishing job's ``clear``
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".tmp-{self.job}-{uuid.uuid4().hex[:8]}"
-            try:
-                tmp.write_text(json.dumps(info, sort_keys=True))
-                os.link(tmp, target)       # atomic and exclusive, with the content already whole
-            except FileExistsError:
-                return False
+            try:                           # atomic and exclusive, with the content already whole
+                if not create_exclusive(target, json.dumps(info, sort_keys=True).encode(),
+                                        tmp=f".tmp-{self.job}-{uuid.uuid4().hex[:8]}"):
+                    return False
             except FileNotFoundError:
                 continue
-            finally:
-                tmp.unlink(missing_ok=True)
             with self._lock:
                 self._held[(view, block)] = target
             self._start_heartbeat()
@@ -228,19 +241,13 @@ class Claims:
         with self._lock:
             path = self._held.pop((view, block), None)
             if path is not None:
-                try:
-                    os.utime(path, (0, 0))
-                except FileNotFoundError:
-                    pass
+                touch(path, age_out=True, data=_abandoned(path))
 
     def refresh(self) -> None:
         """Touch every claim this job holds (the heartbeat; also callable directly)."""
         with self._lock:
             for path in self._held.values():
-                try:
-                    os.utime(path)
-                except FileNotFoundError:
-                    pass
+                touch(path)
 
     def _start_heartbeat(self) -> None:
         with self._lock:
@@ -266,16 +273,16 @@ class Claims:
         clear_claims(self.store)
 
 
-def clear_claims(store: str | Path) -> None:
+def clear_claims(store: str | Path | ObjectPath) -> None:
     """Remove ``<store>/.claims`` file by file (a finishing job may still release its own meanwhile)."""
     root = claims_dir(store)
     try:
-        names = os.listdir(root)
+        names = list_names(root)
     except FileNotFoundError:
         return
     for name in names:
         (root / name).unlink(missing_ok=True)
     try:
-        root.rmdir()
+        remove_folder(root)
     except OSError:
         pass                               # another job created a claim meanwhile: it releases it itself

@@ -31,6 +31,7 @@ from pipeline.files import os_error_text
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runtime import resolve_device
 from pipeline.store import schema
+from pipeline.store.location import is_url, store_path
 from pipeline.store.provenance import path_for_store
 from pipeline.store.writer import CacheResult, Provenance
 from pipeline.teachers import TeacherSource, check_teacher, teacher_name, teacher_source
@@ -80,7 +81,7 @@ def _prepare(cfg: CacheConfig, source: TeacherSource, manifest_path: Path,
                              views=json.dumps(views.to_dict(), sort_keys=True), micro_batch=layout.micro_batch,
                              device=cfg.device, threads=cfg.threads or default_threads(cfg.local_workers),
                              workers=cfg.workers, state_sha256=teacher.sha256 if weights is None else None)
-    target = StoreTarget(Path(cfg.out), provenance, layout, rows.sample_id, rows.label)
+    target = StoreTarget(store_path(cfg.out), provenance, layout, rows.sample_id, rows.label)
     return target, factory
 
 
@@ -125,9 +126,9 @@ def _check_pass(configs: Sequence[CacheConfig]) -> None:
                 raise UserError(f"{field.name}: expected one setting for every teacher of a pass, found "
                                 f"{getattr(first, field.name)!r} (--teacher {first.teacher}) and "
                                 f"{getattr(cfg, field.name)!r} (--teacher {cfg.teacher})")
-    seen: dict[Path, str] = {}
+    seen: dict[Path | str, str] = {}
     for cfg in configs:
-        key = Path(cfg.out).resolve()
+        key = cfg.out if is_url(cfg.out) else Path(cfg.out).resolve()
         if key in seen:
             raise UserError(f"--out {cfg.out}: expected one store per teacher, found it for --teacher {seen[key]} "
                             f"and --teacher {cfg.teacher}")
@@ -166,7 +167,7 @@ def store_paths(out_dir: str | Path, teachers: Sequence[str], weights: Sequence[
             raise UserError(f"--out-dir {out_dir}: expected one store name per teacher, found {name!r} for "
                             f"--teacher {named[name]} and --teacher {teacher}; give one --out per teacher instead")
         named[name] = teacher
-        paths.append(str(Path(out_dir) / f"{name}.zarr"))
+        paths.append(f"{out_dir.rstrip('/')}/{name}.zarr" if is_url(out_dir) else str(Path(out_dir) / f"{name}.zarr"))
     return paths
 
 

@@ -46,6 +46,7 @@ from pipeline.cache.teacher import BlockComputer, ComputerFactory, compute_views
 from pipeline.data.views import ViewSpec, view_mixing
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.location import store_path
 from pipeline.store.writer import BlockWriter, CacheResult, Provenance, check_target, finalize, open_or_create
 
 COMPUTED, DONE, CLAIMED = "computed", "done", "claimed"
@@ -388,7 +389,7 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
         raise UserError("--scheduler/--local-workers: expected one of them, found both")
     if len({target.layout for target in targets}) != 1:
         raise ValueError("write_caches: expected one layout for every target store")
-    outs = [Path(target.out) for target in targets]
+    outs = [store_path(target.out) for target in targets]
     for out, t in zip(outs, targets):          # every store checked before the first one is created
         check_target(out, provenance=t.provenance, layout=t.layout, sample_id=t.sample_id, label=t.label,
                      overwrite=overwrite)
@@ -427,7 +428,7 @@ def write_cache(out: str | Path, *, factory: ComputerFactory, provenance: Proven
                 progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER) -> CacheResult:
     """Create/reopen ``out``, compute this run's missing blocks, finalize when every marker is set
     (``write_caches`` with one store, whose blocks ``factory``'s computer computes)."""
-    target = StoreTarget(Path(out), provenance, layout, sample_id, label)
+    target = StoreTarget(store_path(out), provenance, layout, sample_id, label)
     return write_caches([target], factory=OneStore(factory), shard=shard, scheduler=scheduler,
                         local_workers=local_workers, overwrite=overwrite, progress=progress,
                         stale_after=stale_after)[0]

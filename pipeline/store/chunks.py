@@ -19,9 +19,10 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.location import ObjectPath, is_local
 
 
-def array_signature(path: Path, name: str) -> tuple[tuple[int, ...], tuple[int, ...], str] | None:
+def array_signature(path: Path | ObjectPath, name: str) -> tuple[tuple[int, ...], tuple[int, ...], str] | None:
     """(shape, chunks, dtype) of array ``name`` from its zarr.json when it is raw-encoded, else None."""
     meta = raw_meta(path, name)
     if meta is None:
@@ -30,7 +31,7 @@ def array_signature(path: Path, name: str) -> tuple[tuple[int, ...], tuple[int, 
     return tuple(meta["shape"]), tuple(chunks or ()), str(np.dtype(meta["data_type"]))
 
 
-def raw_meta(path: Path, name: str) -> dict | None:
+def raw_meta(path: Path | ObjectPath, name: str) -> dict | None:
     """The zarr.json of array ``name`` when its chunk files are kdcache's raw encoding (one ``bytes``
     codec, little-endian or single-byte values, on a little-endian machine), else None."""
     meta_file = path / name / "zarr.json"
@@ -44,7 +45,7 @@ def raw_meta(path: Path, name: str) -> dict | None:
     return meta if endian == "little" or (endian is None and np.dtype(meta["data_type"]).itemsize == 1) else None
 
 
-def read_small(path: Path, name: str, layout: schema.Layout) -> np.ndarray:
+def read_small(path: Path | ObjectPath, name: str, layout: schema.Layout) -> np.ndarray:
     """A small raw-encoded array (ids, labels, checksums) read whole from its chunk files, one per
     (view, block); a missing chunk reads as the fill value, as through zarr."""
     shape, chunks, dtype = layout.arrays()[name]
@@ -57,7 +58,9 @@ def read_small(path: Path, name: str, layout: schema.Layout) -> np.ndarray:
             chunk = path / schema.chunk_key(name, len(shape), view, block)
             if not chunk.is_file():
                 continue
-            values = np.fromfile(chunk, dtype=np.dtype(dtype).newbyteorder("<"), count=per_chunk)
+            little = np.dtype(dtype).newbyteorder("<")
+            values = np.fromfile(chunk, dtype=little, count=per_chunk) if is_local(chunk) else \
+                np.frombuffer(chunk.read_bytes()[:per_chunk * little.itemsize], dtype=little)
             if values.size != per_chunk:
                 raise UserError(f"{path}: field {name}: expected a chunk of {per_chunk * values.itemsize} bytes for "
                                 f"block {block}, found {values.size * values.itemsize}")

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.files import file_sha256
+from pipeline.store.location import local_twin
 
 
 def path_for_store(path: str | Path, store: str | Path) -> str:
     """``path`` as a store records it: relative to the store's folder, so that a checkout moved or
-    cloned elsewhere writes the same attrs (the same bytes) and still finds its files."""
-    return os.path.relpath(Path(path).resolve(), Path(store).resolve().parent)
+    cloned elsewhere writes the same attrs (the same bytes) and still finds its files. A store in a
+    bucket records them as the same store at its key under the working folder would (``local_twin``)."""
+    return os.path.relpath(Path(path).resolve(), local_twin(store).resolve().parent)
 
 
 def recorded_path(path: str | None, store: str | Path | None) -> Path | None:
@@ -34,7 +36,7 @@ def recorded_path(path: str | None, store: str | Path | None) -> Path | None:
         return None
     if Path(path).is_absolute():
         return Path(path)
-    return (Path(store).resolve().parent / path).resolve() if store is not None else None
+    return (local_twin(store).resolve().parent / path).resolve() if store is not None else None
 
 
 def changed_teachers(attrs: dict[str, Any], *, store: str | Path | None = None) -> list[str]:

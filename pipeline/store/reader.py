@@ -50,6 +50,7 @@ import zarr
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.chunks import raw_meta, read_small
+from pipeline.store.location import ObjectPath, open_read, store_path, zarr_store
 from pipeline.store.verify import check_complete
 
 FIELDS = ("logits", "entropy", "p_gt")
@@ -69,7 +70,7 @@ class _Store:
     """The metadata and small arrays of one store: read straight from its files when every array
     is raw-encoded (no zarr round trip), else through zarr."""
 
-    def __init__(self, path: Path, layout: schema.Layout) -> None:
+    def __init__(self, path: Path | ObjectPath, layout: schema.Layout) -> None:
         self.path, self.layout = path, layout
         names = layout.block_arrays() + [schema.CHECKSUM, "sample_id", "label"]
         self.meta = {name: raw_meta(path, name) for name in names}
@@ -79,7 +80,7 @@ class _Store:
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r")
+            self._group = zarr.open_group(zarr_store(self.path, read_only=True), mode="r")
         return self._group
 
     def read(self, name: str) -> np.ndarray:
@@ -144,8 +145,9 @@ class _Blocks:
 
     kdcache writes every array uncompressed and little-endian (schema.py), so a block is read
     straight from its chunk file into the buffer (one ``readinto``, no Python work per value, the
-    GIL released during the read and the CRC); any other encoding, or a store that is not a local
-    directory, goes through zarr, and the CRC is taken over the values encoded as kdcache writes them.
+    GIL released during the read and the CRC; an object in a bucket is fetched whole by one GET,
+    several at once on the stream's reader threads); any other encoding goes through zarr, and
+    the CRC is taken over the values encoded as kdcache writes them.
     """
 
     check_checksums = True     # False only for the benchmark's baseline (bench/reader.py)
@@ -195,7 +197,7 @@ class _Blocks:
         direct = dst is not None and dst.dtype == dtype and dst.flags.c_contiguous
         if dst is None and not check:
             return None
-        with open(self.path / schema.chunk_key(name, len(shape), view, block), "rb") as fh:
+        with open_read(self.path / schema.chunk_key(name, len(shape), view, block)) as fh:
             if direct:
                 head = dst.reshape(-1).view(np.uint8)
                 got = fh.readinto(head)
@@ -216,7 +218,7 @@ def check_checksums(store: str | Path) -> tuple[dict, schema.Layout]:
     checksum it was written with (one pass over its chunk files); else the ``UserError`` line a
     training read gives. For readers that go through zarr (``kdcache inspect``)."""
     attrs, layout = check_complete(store)
-    opened = _Store(Path(store), layout)
+    opened = _Store(store_path(store), layout)
     schema.check_ids_checksums(store, attrs, sample_id=opened.read("sample_id"), label=opened.read("label"))
     blocks = _Blocks(opened)
     for view, block in layout.units():
@@ -233,7 +235,7 @@ class StoreGroup:
             raise UserError(f"mentors: expected a non-empty list of stores, found {stores!r}")
         if mode not in ("auto", "memory", "stream"):
             raise UserError(f"mode: expected auto, memory or stream, found {mode!r}")
-        self.paths = [Path(s) for s in stores]
+        self.paths = [store_path(s) for s in stores]
         checked = [check_complete(p) for p in self.paths]
         self.attrs = [a for a, _ in checked]
         self.layouts = [lay for _, lay in checked]

@@ -43,7 +43,6 @@ before that key has uint16, int32 above 65535 classes, and reads as it is).
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ import zarr
 from pipeline.errors import UserError
 from pipeline.store import codecs
 from pipeline.store.codecs.base import Codec, legacy_index_dtype
+from pipeline.store.location import file_sizes, store_path, zarr_store
 from pipeline.store.stats import target_stats  # noqa: F401  (public here too: the targets every store keeps)
 
 SCHEMA = "kdcache-store"
@@ -315,7 +315,7 @@ def checksum_error(store: str | Path, name: str, view: int, block: int, *, expec
     """The one-line error of a data chunk whose bytes, or place, are not those its block was written with."""
     return UserError(f"{store}: field checksum: {name} view {view} block {block}: expected crc32 {expected:08x}, "
                      f"found {found:08x} (the chunk's bytes or its place changed after it was written; recompute "
-                     f"the block: delete {Path(store) / chunk_key('done', 2, view, block)} and rerun the same "
+                     f"the block: delete {store_path(store) / chunk_key('done', 2, view, block)} and rerun the same "
                      "`kdcache cache` command, or rerun it with --overwrite)")
 
 
@@ -439,27 +439,18 @@ def human_bytes(n: float) -> str:
 
 def read_attrs(store: str | Path) -> dict[str, Any]:
     """The attrs of a kdcache store, its schema and version checked; UserError naming the store otherwise."""
-    store = Path(store)
+    store = store_path(store)
     if not (store / "zarr.json").is_file():
         raise UserError(f"{store}: field zarr.json: expected a kdcache store (Zarr v3 group), found no zarr.json")
     try:
-        group = zarr.open_group(str(store), mode="r")
+        group = zarr.open_group(zarr_store(store, read_only=True), mode="r")
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - a user's broken file, reported in one line
         raise UserError(f"{store}: field zarr.json: expected a Zarr v3 group, found an unreadable store ({err})")
     attrs = dict(group.attrs)
     check_format(attrs, str(store))
     return attrs
-
-
-def _existing_files(store: Path) -> dict[str, int]:
-    """Relative path -> size in bytes of every file of the store."""
-    found = {}
-    for root, _, files in os.walk(store):
-        rel = os.path.relpath(root, store)
-        for name in files:
-            key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
-            found[key] = os.path.getsize(os.path.join(root, name))
-    return found
 
 
 def missing_chunks(store: str | Path, layout: Layout) -> list[tuple[str, int | None, int]]:
@@ -468,7 +459,7 @@ def missing_chunks(store: str | Path, layout: Layout) -> list[tuple[str, int | N
     kdcache writes chunks uncompressed (schema), so a chunk file holds exactly its chunk's bytes
     (edge chunks are padded): a shorter or longer file is a damaged write, counted as missing.
     """
-    files = _existing_files(Path(store))
+    files = file_sizes(store_path(store))
     holes = []
     for name, (shape, chunks, dtype) in layout.arrays().items():
         if name == "done":

@@ -38,6 +38,7 @@ import zarr
 
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.location import store_path, zarr_store
 from pipeline.store.chunks import array_signature, raw_meta, read_small
 from pipeline.store.codecs import Codec
 from pipeline.store.provenance import changed_teachers
@@ -49,16 +50,17 @@ def check_complete(store: str | Path) -> tuple[dict, schema.Layout]:
     if not attrs["status"].get("complete"):
         raise UserError(f"{store}: field status.complete: expected true, found false (incomplete cache: "
                         "rerun `kdcache cache` for it, then `kdcache verify`)")
-    path, group = Path(store), None
+    path, group = store_path(store), None
     for name, want in layout.arrays().items():  # array metadata edited by hand: a reader would misread the chunks
         found = array_signature(path, name)
         if found is None:                        # not kdcache's raw encoding: ask zarr
-            group = group or zarr.open_group(str(store), mode="r")
+            group = group or zarr.open_group(zarr_store(path, read_only=True), mode="r")
             found = (tuple(group[name].shape), tuple(group[name].chunks), str(group[name].dtype)) \
                 if name in group else None
         if found != want:
             raise UserError(f"{store}: field {name}: expected shape/chunks/dtype {want}, found {found}")
-    done = read_small(path, "done", layout) if raw_meta(path, "done") else zarr.open_group(str(store), mode="r")["done"][:]
+    done = read_small(path, "done", layout) if raw_meta(path, "done") else \
+        zarr.open_group(zarr_store(path, read_only=True), mode="r")["done"][:]
     if not done.all():
         v, b = np.argwhere(~done)[0]
         raise UserError(f"{store}: field done: expected every block marked, found {int((~done).sum())} unmarked "
@@ -101,7 +103,7 @@ def verify_store(store: str | Path, *, sample_rows: int = 4096, checksums: bool 
     """
     if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 0:
         raise UserError(f"--sample-rows: expected an integer >= 0 (0: no recomputation), found {sample_rows!r}")
-    store = Path(store)
+    store = store_path(store)
     attrs = schema.read_attrs(store)
     report = VerifyReport(store)
     for line in changed_teachers(attrs, store=store):  # not damage to the store: said, not listed as a problem
@@ -135,7 +137,7 @@ def _check_structure(store: Path, attrs: dict, report: VerifyReport) -> tuple[sc
     report.summary = (f"{lay.num_samples} samples, {lay.num_classes} classes, {lay.num_views} view(s), "
                       f"{lay.codec.describe()}{_temperature(lay.codec)}, {lay.num_blocks} block(s) of "
                       f"{lay.rows_per_block} rows")
-    group = zarr.open_group(str(store), mode="r")
+    group = zarr.open_group(zarr_store(store, read_only=True), mode="r")
     arrays = {}
     for name, (shape, chunks, dtype) in lay.arrays().items():
         if name not in group:

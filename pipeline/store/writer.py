@@ -45,6 +45,7 @@ from zarr.core.sync import sync
 from pipeline import __version__, faults
 from pipeline.errors import UserError
 from pipeline.store import schema
+from pipeline.store.location import ObjectPath, create_exclusive, is_local, remove_tree, store_path, zarr_store
 from pipeline.store.stats import label_agreement, labels_of, target_stats
 
 MARKER = b"\x01"                   # the file of a set done marker (a bool chunk of one value)
@@ -61,14 +62,14 @@ class Provenance:
 
 @dataclass
 class CacheResult:
-    store: Path
+    store: Path | ObjectPath
     computed: int                      # (view, block) units written by this run
     missing: int                       # units still without a marker (other shards, failures)
     complete: bool
     stats: dict[str, Any] | None = field(default=None)
 
 
-def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_id: np.ndarray,
+def _create(path: Path | ObjectPath, *, attrs: dict[str, Any], layout: schema.Layout, sample_id: np.ndarray,
             label: np.ndarray) -> None:
     """The store's metadata built in memory, then every file of the new store (metadata, sample ids,
     labels) written at ``path`` one after another, each write finished before the next: a failed
@@ -88,12 +89,33 @@ def _create(path: Path, *, attrs: dict[str, Any], layout: schema.Layout, sample_
             start, stop = layout.block_rows(block)
             data = schema.chunk_bytes(np.asarray(values[start:stop]), rows=chunks[0], dtype=dtype)
             files[schema.chunk_key(name, 1, None, block)] = Buffer.from_array_like(data)
+    if not is_local(path):
+        _publish(path, files)
+        return
     disk = zarr.storage.LocalStore(str(path))
     for key in sorted(files):
         sync(disk.set(key, files[key]))
 
 
-def _wanted_attrs(out: Path, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
+def _publish(path: ObjectPath, files: dict[str, Buffer]) -> None:
+    """A new store's objects PUT one after another, the group's zarr.json last and only if no other
+    job created it first (a conditional PUT): until then there is no store at ``path``. A failed
+    write deletes what this call wrote, unless another job's store is there meanwhile."""
+    written = []
+    try:
+        for key in sorted(files):
+            if key != "zarr.json":
+                (path / key).write_bytes(files[key].to_bytes())
+                written.append(key)
+        create_exclusive(path / "zarr.json", files["zarr.json"].to_bytes())
+    except BaseException:
+        if not (path / "zarr.json").is_file():
+            for key in written:
+                (path / key).unlink(missing_ok=True)
+        raise
+
+
+def _wanted_attrs(out: Path | ObjectPath, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
                   label: np.ndarray) -> dict[str, Any]:
     """The attrs a store of this provenance is created with; its ids and labels counted."""
     if len(sample_id) != layout.num_samples or len(label) != layout.num_samples:
@@ -109,8 +131,13 @@ def check_target(out: str | Path, *, provenance: Provenance, layout: schema.Layo
     """What ``open_or_create`` would refuse, checked without writing anything: the ids and labels, a
     regular file on the way to ``out``, and an existing store of other provenance (kept unless
     ``overwrite``). Callers creating several stores check them all first."""
-    out = Path(out)
+    out = store_path(out)
     wanted = _wanted_attrs(out, provenance, layout, sample_id, label)
+    if not is_local(out):
+        if overwrite or not (out / "zarr.json").is_file():
+            return
+        schema.check_provenance(schema.read_attrs(out), wanted, str(out))
+        return
     for above in [out, *out.parents]:
         if above.exists() or above.is_symlink():
             if not above.is_dir():
@@ -124,8 +151,16 @@ def check_target(out: str | Path, *, provenance: Provenance, layout: schema.Layo
 def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
                    label: np.ndarray, overwrite: bool = False) -> dict[str, Any]:
     """Create the store (atomically) or check that the existing one has this provenance; return its attrs."""
-    out = Path(out)
+    out = store_path(out)
     wanted = _wanted_attrs(out, provenance, layout, sample_id, label)
+    if not is_local(out):
+        if overwrite:
+            remove_tree(out)
+        if not (out / "zarr.json").is_file():
+            _create(out, attrs=wanted, layout=layout, sample_id=sample_id, label=label)
+        existing = schema.read_attrs(out)
+        schema.check_provenance(existing, wanted, str(out))
+        return existing
     if overwrite and out.exists():
         shutil.rmtree(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -154,10 +189,10 @@ class BlockWriter:
     """
 
     def __init__(self, store: str | Path) -> None:
-        self.store = Path(store)
+        self.store = store_path(store)
         self.attrs = schema.read_attrs(self.store)
         self.layout = schema.Layout.from_attrs(self.attrs)
-        self.group = zarr.open_group(str(self.store), mode="r+")
+        self.group = zarr.open_group(zarr_store(self.store, read_only=False), mode="r+")
         self.specs = self.layout.arrays()
         self.arrays = {name: self.group[name] for name in self.specs}
         self.labels = self.arrays["label"][:]
@@ -238,8 +273,10 @@ def remove_partial_files(store: str | Path) -> None:
     chunk write: every ``.partial`` left is a dead writer's. (Were a duplicate writer still
     running, removing its file would make its rename fail, with the chunk in place whole.)
     Only chunk files: another job may be rewriting the group's zarr.json (its temporary file
-    must be left alone).
+    must be left alone). A store in a bucket has none: an object is written by one PUT.
     """
+    if not is_local(store_path(store)):
+        return
     for root, _, files in os.walk(store):
         for name in files:
             if name.startswith("c.") and name.endswith(".partial") and Path(root) != Path(store):
@@ -249,7 +286,7 @@ def remove_partial_files(store: str | Path) -> None:
 def finalize(store: str | Path, *, writer: BlockWriter | None = None) -> CacheResult:
     """Check every marker and chunk; when all are there, record stats and ``status.complete``
     (``writer``: this process's open writer of the store, if any)."""
-    store = Path(store)
+    store = store_path(store)
     writer = writer or BlockWriter(store)
     lay, arrays = writer.layout, writer.arrays
     missing = writer.missing()

@@ -62,7 +62,7 @@ from pipeline.data.augment import augment_params
 from pipeline.data.mix import mix_params, mixed_labels
 from pipeline.data.views import ViewSpec, for_model, with_augment, with_mix
 from pipeline.errors import UserError
-from pipeline.files import check_local, write_history
+from pipeline.files import write_history
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.methods import METHODS, create_method
 from pipeline.models import MODELS, check_model_options, create_model
@@ -139,8 +139,6 @@ class DistillConfig(TrainConfig):
                 raise self.bad(key, "a mapping of option: value")
             object.__setattr__(self, key, dict(getattr(self, key)))
         super().__post_init__()
-        for path in self.mentors:
-            check_local(path, what=f"{self.section} config key 'mentors':")
         self.check_ints(("views", "memory_budget_mb", "input_size", "threads"), minimum=1, optional=True)
         if self.cache_mode not in CACHE_MODES:
             raise self.bad("cache_mode", " or ".join(CACHE_MODES))

@@ -1,0 +1,234 @@
+"""Stores in a bucket: cached, resumed, verified, inspected, streamed and claimed through real HTTP
+against an S3 server on a loopback port (moto's, started here; tests/support/s3.py).
+
+    .venv/bin/pytest tests/test_object_store.py -q
+
+The bucket store must be the local store object by object: each test caches (or copies) the same
+store both ways and compares every object's bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("moto.server", reason="the S3 tests need moto's server (pip install 'kdcache[s3,dev]')")
+pytest.importorskip("s3fs", reason="the S3 tests need s3fs (pip install 'kdcache[s3]')")
+
+from pipeline.cache import CacheConfig, cache_teacher, write_cache  # noqa: E402
+from pipeline.cache.claims import Claims, claims_dir  # noqa: E402
+from pipeline.cli import cli  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.store import schema  # noqa: E402
+from pipeline.store.location import store_path  # noqa: E402
+from pipeline.store.reader import StoreGroup  # noqa: E402
+from pipeline.store.verify import verify_store  # noqa: E402
+from pipeline.train.loader import DistillLoader  # noqa: E402
+from tests.support.cli import one_error_line  # noqa: E402
+from tests.support.s3 import bucket_objects, forget_clients, make_bucket, s3_endpoint, s3_env  # noqa: E402
+from tests.support.stores import FakeFactory, fake_labels, fake_provenance, store_files  # noqa: E402
+
+RPB, MB, VIEWS = 64, 32, 2              # the train split's 150 rows: 3 blocks x 2 views
+BUCKET = "kdcache-test"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with s3_endpoint() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def env(endpoint):
+    """The AWS_* variables a user sets, for this module's tests (and their subprocesses)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_env(endpoint).items():
+            mp.setenv(key, value)
+        forget_clients()
+        make_bucket(BUCKET)
+        yield s3_env(endpoint)
+    forget_clients()
+
+
+@pytest.fixture(scope="module")
+def work(env, synthetic_teacher, tmp_path_factory):
+    """(folder the stores' recorded paths are relative to, manifest, teacher, local store, bucket store):
+    the same cache written to the folder and to the bucket, from that folder."""
+    root = tmp_path_factory.mktemp("object_store")
+    manifest, ckpt = synthetic_teacher
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for out in ("caches/t.zarr", f"s3://{BUCKET}/caches/t.zarr"):
+            result = cache_teacher(_config(manifest, ckpt, out))
+            assert result.complete and result.computed == 3 * VIEWS
+    return root, manifest, ckpt, root / "caches" / "t.zarr", f"s3://{BUCKET}/caches/t.zarr"
+
+
+def _config(manifest, ckpt, out) -> CacheConfig:
+    return CacheConfig(teacher=ckpt, manifest=manifest, split="train", views=VIEWS, out=out, rows_per_block=RPB,
+                       micro_batch=MB, threads=1, progress=False, device="cpu")
+
+
+def _cli(manifest, ckpt, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "cache", "--teacher", str(ckpt), "--manifest", str(manifest),
+            "--split", "train", "--views", str(VIEWS), "--out", out, "--rows-per-block", str(RPB), "--micro-batch",
+            str(MB), "--threads", "1", "--device", "cpu", "--no-progress", *extra]
+
+
+def _local_objects(store: Path) -> dict[str, bytes]:
+    return {**store_files(store), "zarr.json": (store / "zarr.json").read_bytes()}
+
+
+def test_a_store_cached_to_a_bucket_is_the_local_store_object_by_object(work):
+    _, _, _, local, bucket = work
+    objects = bucket_objects(bucket)
+    assert objects == _local_objects(local)
+    assert not any(key.endswith(".partial") or key.startswith(".claims") for key in objects)
+    report = verify_store(bucket)
+    assert report.ok and report.chunks_checked == 3 * VIEWS * 4, str(report)
+
+
+def test_a_killed_bucket_job_resumes_to_the_same_objects(work):
+    root, manifest, ckpt, local, _ = work
+    out = f"s3://{BUCKET}/caches/killed.zarr"
+    cmd = _cli(manifest, ckpt, out)
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                            env={**os.environ, "KDCACHE_FAULT": "block:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not verify_store(out).ok
+    with pytest.raises(UserError, match="status.complete"):
+        StoreGroup([out])
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f": complete ({3 * VIEWS - 2} blocks computed by this run)" in rerun.stdout
+    assert bucket_objects(out) == _local_objects(local)
+
+
+def test_verify_and_every_read_name_a_corrupted_object(work):
+    _, _, _, local, bucket = work
+    out = f"s3://{BUCKET}/caches/corrupt.zarr"
+    assert CliRunner().invoke(cli, ["store", "copy", str(local), out]).exit_code == 0
+    chunk = store_path(out) / schema.chunk_key("logits", 3, 1, 2)
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["verify", out])
+    assert result.exit_code == 1 and "checksum: logits view 1 block 2" in result.output, result.output
+    with pytest.raises(UserError, match=r"logits.*view 1 block 2"):
+        StoreGroup([out], mode="memory")
+
+
+def test_inspect_reads_a_bucket_store(work):
+    _, _, _, local, bucket = work
+    result = CliRunner().invoke(cli, ["inspect", bucket, "--json"])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(cli, ["inspect", str(local), "--json"]).output == result.output.replace(bucket, str(local))
+
+
+def test_distill_streams_from_the_bucket_as_from_disk(work, tmp_path):
+    _, manifest, _, local, bucket = work
+    outs = {}
+    for name, store in (("local", str(local)), ("bucket", bucket)):
+        outs[name] = tmp_path / f"{name}.pt"
+        result = CliRunner().invoke(cli, ["distill", "--method", "kd", "--mentors", store, "--manifest", str(manifest),
+                                          "--student", "mlp", "--epochs", "2", "--batch-size", "32", "--no-progress",
+                                          "--device", "cpu", "--cache-mode", "stream", "--out", str(outs[name])])
+        assert result.exit_code == 0, result.output
+    a, b = (torch.load(outs[n], map_location="cpu", weights_only=False)["model"] for n in ("local", "bucket"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loader_streams_windows_of_a_bucket_store(work):
+    _, manifest, _, local, bucket = work
+    with DistillLoader([bucket], manifest, batch_size=32, cache_mode="stream") as remote, \
+            DistillLoader([str(local)], manifest, batch_size=32, cache_mode="stream") as disk:
+        assert remote.cached.group.mode == "stream"
+        for (x, y, t), (x2, y2, t2) in zip(remote.epoch(1), disk.epoch(1)):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+            assert all(torch.equal(t[name], t2[name]) for name in t)
+
+
+class _Recording:
+    """FakeFactory's computers, recording (view, block) and calling ``first`` before the first block."""
+
+    def __init__(self, calls, first=None):
+        self.calls, self.first = calls, first
+
+    def build(self):
+        inner, calls, first = FakeFactory(10).build(), self.calls, [self.first]
+
+        def compute(view, start, stop):
+            calls.append((view, start // 256))
+            if first[0] is not None:
+                first.pop()()
+                first.append(None)
+            return inner(view, start, stop)
+        compute.num_classes = 10
+        return compute
+
+
+def _fake_cache(store, factory):
+    layout = schema.Layout(num_samples=1000, num_classes=10, num_views=2, rows_per_block=256, micro_batch=64)
+    return write_cache(store, factory=factory, provenance=fake_provenance(1000, 10, 2), layout=layout,
+                       sample_id=np.arange(1000, dtype=np.int64) * 3 + 7, label=fake_labels(1000, 10), progress=False)
+
+
+def test_two_jobs_on_one_bucket_store_compute_each_block_once(env, tmp_path):
+    store = f"s3://{BUCKET}/fake/two.zarr"
+    a_holds, b_skipped = threading.Event(), threading.Event()
+    a_calls, b_calls, results, errors = [], [], {}, []
+
+    def hold_until_b_moves_on():            # job A sits in its first block until job B went past it
+        a_holds.set()
+        assert b_skipped.wait(120)
+
+    def job(name, factory):
+        try:
+            results[name] = _fake_cache(store, factory)
+        except BaseException as err:        # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(err)
+
+    a = threading.Thread(target=job, args=("a", _Recording(a_calls, first=hold_until_b_moves_on)))
+    a.start()
+    assert a_holds.wait(120)
+    b = threading.Thread(target=job, args=("b", _Recording(b_calls, first=b_skipped.set)))
+    b.start()
+    a.join(300)
+    b.join(300)
+    assert not errors, errors
+    assert a_calls[0] == (0, 0) and b_calls[0] == (0, 1)          # B skipped the block A held
+    assert sorted(a_calls + b_calls) == [(v, b) for v in range(2) for b in range(4)]
+    assert results["a"].complete or results["b"].complete
+    _fake_cache(tmp_path / "ref.zarr", FakeFactory(10))
+    objects = bucket_objects(store)
+    assert {k: v for k, v in objects.items() if k != "zarr.json"} == store_files(tmp_path / "ref.zarr")
+    assert not claims_dir(store).exists()
+
+
+def test_a_claim_in_a_bucket_has_one_owner_and_a_dead_jobs_claim_is_taken_over(env):
+    store = f"s3://{BUCKET}/fake/claims.zarr"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first, second = Claims(store, job="dead", pid=dead.pid), Claims(store, job="live")
+    try:
+        assert first.acquire(0, 1)
+        assert second.acquire(0, 1)                           # its job is gone: taken over as generation 1
+        assert second.current(0, 1).generation == 1 and second.holds(0, 1) and not first.holds(0, 1)
+        assert not Claims(store, job="third").acquire(0, 1)   # a live job's claim is not taken
+        second.abandon(0, 1)                                  # given up unwritten: anyone may take it now
+        fourth = Claims(store, job="fourth")
+        assert fourth.acquire(0, 1) and fourth.current(0, 1).generation == 2
+        fourth.release(0, 1)
+        assert second.current(0, 1) is None
+    finally:
+        first.close()
+        second.close()
