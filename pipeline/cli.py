@@ -26,6 +26,7 @@ from pipeline import __version__
 from pipeline.cache import CacheConfig, cache_teacher, cache_teachers, one_pass_configs
 from pipeline.cache.spot_check import DEFAULT_PAIRS, spot_check
 from pipeline.cli_manifest import manifest_group
+from pipeline.cli_store import store_group
 from pipeline.cli_options import (
     OneLineErrors,
     Greedy,
@@ -116,6 +117,7 @@ def cli() -> None:
 
 # --- manifest --------------------------------------------------------------
 cli.add_command(manifest_group)   # kdcache manifest build|check (pipeline.cli_manifest)
+cli.add_command(store_group)      # kdcache store copy (pipeline.cli_store)
 
 
 # --- train-teacher / evaluate ----------------------------------------------

@@ -232,3 +232,118 @@ def test_a_claim_in_a_bucket_has_one_owner_and_a_dead_jobs_claim_is_taken_over(e
     finally:
         first.close()
         second.close()
+
+
+# --- what a user gets wrong: one error line naming the URL, exit 2, nothing written ------------------
+
+@pytest.fixture
+def user_env(env, monkeypatch):
+    """The module's variables, changed by the test; the S3 clients read them afresh before and after."""
+    forget_clients()
+    yield monkeypatch
+    monkeypatch.undo()
+    forget_clients()
+
+
+def _cache_args(work, out: str) -> list[str]:
+    _, manifest, ckpt, _, _ = work
+    return _cli(manifest, ckpt, out)[3:]
+
+
+def test_missing_credentials_are_one_line(work, user_env):
+    user_env.delenv("AWS_ACCESS_KEY_ID")
+    user_env.delenv("AWS_SECRET_ACCESS_KEY")
+    url = f"s3://{BUCKET}/caches/nocreds.zarr"
+    line = one_error_line(CliRunner().invoke(cli, _cache_args(work, url)), url, "credentials", "AWS_ACCESS_KEY_ID")
+    assert "\n" not in line
+    one_error_line(CliRunner().invoke(cli, ["verify", url]), url, "credentials")
+
+
+def test_an_unreachable_endpoint_is_one_line(work, user_env):
+    from tests.support.s3 import free_port
+    user_env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    user_env.setenv("AWS_MAX_ATTEMPTS", "1")
+    url = f"s3://{BUCKET}/caches/t.zarr"
+    one_error_line(CliRunner().invoke(cli, ["inspect", url]), url, "reachable endpoint", "127.0.0.1")
+
+
+def test_a_missing_bucket_is_one_line_and_nothing_is_written(work, user_env, tmp_path):
+    url = "s3://no-such-bucket/caches/t.zarr"
+    one_error_line(CliRunner().invoke(cli, _cache_args(work, url)), url, "no bucket 'no-such-bucket'")
+    one_error_line(CliRunner().invoke(cli, ["distill", "--method", "kd", "--mentors", url, "--manifest", str(work[1]),
+                                            "--student", "mlp",
+                                            "--out", str(tmp_path / "s.pt")]), url, "no bucket")
+
+
+def test_a_denied_write_is_one_line_and_leaves_no_object(work):
+    """A server enforcing IAM (its first 4 requests unauthenticated: the setup), a user allowed to read only."""
+    import json
+
+    import boto3
+    with s3_endpoint(env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"}) as endpoint, pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_env(endpoint).items():
+            mp.setenv(key, value)
+        make_bucket("guarded")
+        iam = boto3.session.Session().client("iam")
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}]}))
+        mp.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        mp.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        forget_clients()
+        try:
+            url = "s3://guarded/caches/t.zarr"
+            one_error_line(CliRunner().invoke(cli, _cache_args(work, url)), url, "denied")
+            assert bucket_objects("s3://guarded") == {}
+        finally:
+            forget_clients()
+
+
+def test_without_s3fs_a_url_says_which_extra_to_install(tmp_path):
+    code = ("import sys; sys.modules['s3fs'] = None; from pipeline.cli import main; "
+            "sys.argv = ['kdcache', 'verify', 's3://bucket/t.zarr']; main()")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "s3://bucket/t.zarr" in lines[0] and "pip install 'kdcache[s3]'" in lines[0], run.stderr
+
+
+# --- kdcache store copy --------------------------------------------------------------------------------
+
+def test_store_copy_to_a_bucket_and_back_is_byte_identical_and_resumes(work, tmp_path):
+    _, _, _, local, _ = work
+    url = f"s3://{BUCKET}/copies/t.zarr"
+    out = CliRunner().invoke(cli, ["store", "copy", str(local), url])
+    assert out.exit_code == 0 and "every chunk's checksum checked" in out.output, out.output
+    assert bucket_objects(url) == _local_objects(local)
+    back = tmp_path / "back" / "t.zarr"
+    assert CliRunner().invoke(cli, ["store", "copy", url, str(back)]).exit_code == 0
+    assert _local_objects(back) == _local_objects(local) and verify_store(back).ok
+    # as if killed part-way: the group's zarr.json (written last) and two chunks not there yet
+    for key in ("zarr.json", schema.chunk_key("logits", 3, 1, 1), schema.chunk_key("done", 2, 1, 1)):
+        (back / key).unlink()
+    with pytest.raises(UserError, match="no zarr.json"):
+        StoreGroup([back])
+    again = CliRunner().invoke(cli, ["store", "copy", url, str(back)])
+    assert again.exit_code == 0 and f"(3 objects, " in again.output and f"{len(_local_objects(local)) - 3} already there" \
+        in again.output, again.output
+    assert _local_objects(back) == _local_objects(local)
+
+
+def test_store_copy_refuses_a_corrupted_chunk_and_another_store(work, tmp_path):
+    _, _, _, local, _ = work
+    src = tmp_path / "src.zarr"
+    assert CliRunner().invoke(cli, ["store", "copy", str(local), str(src)]).exit_code == 0
+    chunk = src / schema.chunk_key("entropy", 2, 0, 1)
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 1
+    chunk.write_bytes(bytes(data))
+    url = f"s3://{BUCKET}/copies/corrupt.zarr"
+    one_error_line(CliRunner().invoke(cli, ["store", "copy", str(src), url]), "entropy view 0 block 1", "crc32")
+    assert "zarr.json" not in bucket_objects(url)                 # no store there until a copy is whole
+    other = tmp_path / "other.zarr"
+    _fake_cache(other, FakeFactory(10))
+    one_error_line(CliRunner().invoke(cli, ["store", "copy", str(other), f"s3://{BUCKET}/caches/t.zarr"]),
+                   f"s3://{BUCKET}/caches/t.zarr", "expected")

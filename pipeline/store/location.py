@@ -26,6 +26,7 @@ differently are the functions below. On an object store:
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import re
@@ -38,7 +39,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from pipeline.errors import UserError
 
-_REACHED: set[tuple[str, str]] = set()     # (scheme, bucket) found reachable by this process
+_REACHED: set[tuple[str, str]] = set()
+_OPEN_CLIENTS: set[Any] = set()            # asynchronous filesystems handed to zarr, closed at exit     # (scheme, bucket) found reachable by this process
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}     # scheme -> the kdcache extra installing it
 CONDITIONAL_WRITES = ("two jobs on one bucket store rely on its server honouring conditional writes "
@@ -77,12 +79,12 @@ def local_twin(store: "str | Path | ObjectPath") -> Path:
     return Path(store)
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
+def _filesystem(url: str, **options: Any) -> tuple[Any, str]:
     """The fsspec filesystem of ``url`` (listings never cached: markers and claims change under us)."""
     scheme = URL.match(url).group(1)
     try:
         import fsspec
-        return fsspec.url_to_fs(url, use_listings_cache=False)
+        return fsspec.url_to_fs(url, use_listings_cache=False, **options)
     except (ImportError, ValueError) as err:
         extra = EXTRAS.get(scheme)
         hint = f"pip install 'kdcache[{extra}]'" if extra else f"install the fsspec backend of {scheme}://"
@@ -201,7 +203,27 @@ def zarr_store(path: "Path | ObjectPath", *, read_only: bool) -> Any:
     if is_local(path):
         return str(path)
     from zarr.storage import FsspecStore
-    return FsspecStore.from_url(path.url, storage_options={"use_listings_cache": False}, read_only=read_only)
+    if not path.fs.async_impl:             # memory:// and other synchronous filesystems: zarr wraps them
+        return FsspecStore.from_url(path.url, storage_options={"use_listings_cache": False}, read_only=read_only)
+    fs, key = _filesystem(path.url, asynchronous=True)
+    if not _OPEN_CLIENTS:
+        atexit.register(_close_clients)
+    _OPEN_CLIENTS.add(fs)
+    return FsspecStore(fs, path=key, read_only=read_only)
+
+
+def _close_clients() -> None:
+    """Close the HTTP sessions of the filesystems zarr used, on zarr's event loop, at exit (left
+    open, aiohttp reports each one on stderr as the interpreter ends)."""
+    from zarr.core.sync import sync
+    for fs in list(_OPEN_CLIENTS):
+        client = getattr(fs, "_s3", None)
+        if client is not None:
+            try:
+                sync(client.close())
+            except Exception:  # noqa: BLE001 - closing at exit: nothing left to report it to
+                pass
+    _OPEN_CLIENTS.clear()
 
 
 @contextmanager
@@ -235,6 +257,21 @@ def create_exclusive(path: "Path | ObjectPath", data: bytes, *, tmp: str | None 
     finally:
         temp.unlink(missing_ok=True)
     return True
+
+
+def write_whole(path: "Path | ObjectPath", data: bytes) -> None:
+    """Write ``path`` whole or not at all: a local file through a temporary name in its folder,
+    renamed over it; an object by one PUT."""
+    if not is_local(path):
+        path.write_bytes(data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def modified(path: "Path | ObjectPath") -> float:
