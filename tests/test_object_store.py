@@ -347,3 +347,17 @@ def test_store_copy_refuses_a_corrupted_chunk_and_another_store(work, tmp_path):
     _fake_cache(other, FakeFactory(10))
     one_error_line(CliRunner().invoke(cli, ["store", "copy", str(other), f"s3://{BUCKET}/caches/t.zarr"]),
                    f"s3://{BUCKET}/caches/t.zarr", "expected")
+
+
+def test_a_server_ignoring_conditional_writes_is_said_in_one_line(env, monkeypatch, caplog, tmp_path):
+    from pipeline.store import location
+    store = f"s3://{BUCKET}/fake/unconditional.zarr"
+    assert location.exclusive_writes(store_path(store))             # moto honours If-None-Match
+    monkeypatch.setitem(location._EXCLUSIVE, ("s3", BUCKET), False)
+    with caplog.at_level("WARNING"):
+        result = _fake_cache(store, FakeFactory(10))
+    assert result.complete
+    assert [r.getMessage() for r in caplog.records if "If-None-Match" in r.getMessage()] == \
+        [f"{store}: {location.CONDITIONAL_WRITES}"]
+    _fake_cache(tmp_path / "ref.zarr", FakeFactory(10))
+    assert {k: v for k, v in bucket_objects(store).items() if k != "zarr.json"} == store_files(tmp_path / "ref.zarr")

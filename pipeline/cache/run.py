@@ -46,7 +46,7 @@ from pipeline.cache.teacher import BlockComputer, ComputerFactory, compute_views
 from pipeline.data.views import ViewSpec, view_mixing
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.location import store_path
+from pipeline.store.location import CONDITIONAL_WRITES, exclusive_writes, store_path
 from pipeline.store.writer import BlockWriter, CacheResult, Provenance, check_target, finalize, open_or_create
 
 COMPUTED, DONE, CLAIMED = "computed", "done", "claimed"
@@ -396,6 +396,9 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
     attrs = [open_or_create(out, provenance=t.provenance, layout=t.layout, sample_id=t.sample_id, label=t.label,
                             overwrite=overwrite) for out, t in zip(outs, targets)]
     writers = [BlockWriter(out) for out in outs]
+    for out in outs:
+        if not exclusive_writes(out):
+            log.warning("%s: %s", out, CONDITIONAL_WRITES)
     missing = [set(writer.missing()) for writer in writers]
     todo = [unit for j, unit in enumerate(targets[0].layout.units()) if j % n == i and any(unit in m for m in missing)]
     if scheduler or local_workers:

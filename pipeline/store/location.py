@@ -15,8 +15,10 @@ differently are the functions below. On an object store:
   none, never part of one. So nothing is written to a temporary name first, and there are no
   ``.partial`` files to clean up.
 - ``create_exclusive`` is a conditional PUT (``If-None-Match: *``): of several writers of a name
-  exactly one succeeds. A server that ignores the condition would let two jobs both claim a
-  block; claims then need disjoint ``--shard``s (the one-line note in ``CONDITIONAL_WRITES``).
+  exactly one succeeds. A server that ignores or refuses the condition (``exclusive_writes``
+  probes it) would let two jobs both claim a block: the caching job says so in one line
+  (``CONDITIONAL_WRITES``) and jobs then need disjoint ``--shard``s (their bytes stay whole:
+  a block's objects are the same whoever writes them).
 - Credentials and the endpoint come from the libraries' own environment variables and config
   files (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``~/.aws/``;
   ``GOOGLE_APPLICATION_CREDENTIALS``), never from kdcache options.
@@ -40,11 +42,12 @@ from typing import Any, BinaryIO, Callable, Iterator
 from pipeline.errors import UserError
 
 _REACHED: set[tuple[str, str]] = set()
+_EXCLUSIVE: dict[tuple[str, str], bool] = {}   # (scheme, bucket) -> its server honours If-None-Match
 _OPEN_CLIENTS: set[Any] = set()            # asynchronous filesystems handed to zarr, closed at exit     # (scheme, bucket) found reachable by this process
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}     # scheme -> the kdcache extra installing it
-CONDITIONAL_WRITES = ("two jobs on one bucket store rely on its server honouring conditional writes "
-                      "(If-None-Match: *, S3 since 2024); elsewhere give each job a disjoint --shard")
+CONDITIONAL_WRITES = ("the server ignores conditional writes (If-None-Match: *), so block claims cannot keep two "
+                      "jobs off one block: give each job of this store a disjoint --shard i/n")
 
 
 def is_url(store: str | Path) -> bool:
@@ -242,6 +245,11 @@ def create_exclusive(path: "Path | ObjectPath", data: bytes, *, tmp: str | None 
     ``path`` (``os.link`` fails when the name exists; a reader never sees a half-written file);
     on an object store, a conditional PUT. FileNotFoundError when the local folder vanished."""
     if not is_local(path):
+        if not exclusive_writes(path.parent):      # best effort: whoever writes last owns the name
+            if path.is_file():
+                return False
+            path.write_bytes(data)
+            return True
         try:
             path._call(path.fs.pipe_file, path.key, bytes(data), mode="create")
         except FileExistsError:
@@ -257,6 +265,28 @@ def create_exclusive(path: "Path | ObjectPath", data: bytes, *, tmp: str | None 
     finally:
         temp.unlink(missing_ok=True)
     return True
+
+
+def exclusive_writes(folder: "Path | ObjectPath") -> bool:
+    """Whether writes under ``folder`` can be exclusive: always in a local folder; in a bucket when
+    its server refuses a second conditional PUT of one name (probed once per bucket and process)."""
+    if is_local(folder):
+        return True
+    bucket = (folder.scheme, folder.bucket)
+    if bucket not in _EXCLUSIVE:
+        probe = folder / f".probe-{uuid.uuid4().hex}"
+        try:
+            probe._call(probe.fs.pipe_file, probe.key, b"", mode="create")
+            try:
+                probe._call(probe.fs.pipe_file, probe.key, b"", mode="create")
+                _EXCLUSIVE[bucket] = False         # the condition was ignored
+            except FileExistsError:
+                _EXCLUSIVE[bucket] = True
+        except UserError:                          # the condition was refused (501 Not Implemented ...)
+            _EXCLUSIVE[bucket] = False
+        finally:
+            probe.unlink(missing_ok=True)
+    return _EXCLUSIVE[bucket]
 
 
 def write_whole(path: "Path | ObjectPath", data: bytes) -> None:
