@@ -32,6 +32,8 @@ SMALLEST = {
     "gpu_resnet50.py": (["--device", "cpu", "--images", "16", "--classes", "2", "--image-size", "16", "--teacher-arch",
                          "resnet18", "--batch-size", "4", "--workers", "0"],
                         ["writer_rows_per_s", "kd_cached_over_student", "kd_live_over_student", "top1_agreement"]),
+    "object_store.py": (["--rows", "8192", "--classes", "10", "--budget-mb", "1", "--reps", "1"],
+                        ["cache_bucket_over_disk", "stream_bucket_over_disk"]),
     "views.py": (["--dataset", "synthetic", "--images", "64", "--views", "2", "--width", "4", "--reps", "1"],
                  ["decode_once_over_per_view", "cached_view_over_forward", "overlapped_view_over_forward"]),
 }
