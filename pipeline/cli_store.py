@@ -30,6 +30,11 @@ def copy_command(src: str, dst: str) -> None:
     """Copy the complete store SRC to DST (a folder or s3://bucket/prefix/name.zarr), checking every
     chunk's checksum on the way. DST's group zarr.json is written last, so an interrupted copy is no
     store yet; rerun the same command and the objects already at DST with the same bytes are skipped.
+
+    \b
+    Examples:
+      kdcache store copy caches/train/ce.zarr s3://bucket/caches/train/ce.zarr     # publish
+      kdcache store copy s3://bucket/caches/train/ce.zarr caches/train/ce.zarr     # pull back
     """
     try:
         result = copy_store(src, dst)

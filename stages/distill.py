@@ -23,6 +23,7 @@ from _params import Section, run, scores, wall_log
 from pipeline.files import write_history, write_json
 from pipeline.report import read_csv
 from pipeline.runtime import is_main_process, torch_threads
+from pipeline.store.location import child
 from pipeline.train import DistillConfig, EvaluateConfig, distill
 from pipeline.train.student import student_paths
 
@@ -48,7 +49,7 @@ def main() -> None:
     if "mentors" in params.values:         # store names -> their stores
         if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
             raise params.error("mentors", f"expected a list of store names (keys of `caches`), found {names!r}")
-        params = params.with_values(mentors=[str(Path(args.caches) / f"{name}.zarr") for name in names])
+        params = params.with_values(mentors=[child(args.caches, f"{name}.zarr") for name in names])
     evaluate = Section.read("evaluate", optional=True).config(EvaluateConfig)
     runs, histories = [], []
     # The threads hold for the scoring too: a small model's every op waits on each of torch's threads.

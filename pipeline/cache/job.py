@@ -31,7 +31,7 @@ from pipeline.files import os_error_text
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runtime import resolve_device
 from pipeline.store import schema
-from pipeline.store.location import is_url, store_path
+from pipeline.store.location import child, is_url, store_path
 from pipeline.store.provenance import path_for_store
 from pipeline.store.writer import CacheResult, Provenance
 from pipeline.teachers import TeacherSource, check_teacher, teacher_name, teacher_source
@@ -167,7 +167,7 @@ def store_paths(out_dir: str | Path, teachers: Sequence[str], weights: Sequence[
             raise UserError(f"--out-dir {out_dir}: expected one store name per teacher, found {name!r} for "
                             f"--teacher {named[name]} and --teacher {teacher}; give one --out per teacher instead")
         named[name] = teacher
-        paths.append(f"{out_dir.rstrip('/')}/{name}.zarr" if is_url(out_dir) else str(Path(out_dir) / f"{name}.zarr"))
+        paths.append(child(out_dir, f"{name}.zarr"))
     return paths
 
 

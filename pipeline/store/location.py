@@ -54,6 +54,11 @@ def is_url(store: str | Path) -> bool:
     return isinstance(store, str) and URL.match(store) is not None and not store.startswith("file://")
 
 
+def child(folder: str | Path, name: str) -> str:
+    """``folder/name`` for a folder or a URL (a ``Path`` would fold ``s3://`` into ``s3:/``)."""
+    return f"{folder.rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
+
+
 def store_path(store: "str | Path | ObjectPath") -> "Path | ObjectPath":
     """A local store as a ``Path`` (as it always was); a URL as an ``ObjectPath`` whose bucket was found."""
     if isinstance(store, (Path, ObjectPath)):
