@@ -7,6 +7,7 @@ this part: command-line arguments and params.yaml (the DVC stages).
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,23 +136,33 @@ def _(w):
     return Case(distill_args(w, "--method", "nokd"), ("'nokd'", "reads no mentor stores"), checkpoint=w.tmp / "s_out.pt")
 
 
-@case("args: cache --out s3://")
-def _(w):
+def _unreachable_s3(w) -> None:
+    """Dummy credentials and an endpoint nobody listens on: a bucket URL that cannot be reached."""
+    from tests.support.s3 import forget_clients, free_port, s3_env
     w.monkeypatch.chdir(w.tmp)
-    return Case(cache_args(w, out="s3://bucket/t.zarr"), ("--out", "s3://bucket/t.zarr", "local path"),
+    for key, value in {**s3_env(f"http://127.0.0.1:{free_port()}"), "AWS_MAX_ATTEMPTS": "1"}.items():
+        w.monkeypatch.setenv(key, value)
+    forget_clients()
+
+
+@case("args: cache --out s3:// unreachable")
+def _(w):
+    _unreachable_s3(w)
+    return Case(cache_args(w, out="s3://bucket/t.zarr"), ("s3://bucket/t.zarr", "reachable endpoint"),
                 checkpoint=w.tmp / "s3:")
 
 
-@case("args: verify gs://")
+@case("args: verify gs:// without gcsfs")
 def _(w):
     w.monkeypatch.chdir(w.tmp)
-    return Case(["verify", "gs://bucket/t.zarr"], ("gs://bucket/t.zarr", "local path"), checkpoint=w.tmp / "gs:")
+    w.monkeypatch.setitem(sys.modules, "gcsfs", None)
+    return Case(["verify", "gs://bucket/t.zarr"], ("gs://bucket/t.zarr", "gs:// store library"), checkpoint=w.tmp / "gs:")
 
 
-@case("args: distill --mentors s3://")
+@case("args: distill --mentors s3:// unreachable")
 def _(w):
-    w.monkeypatch.chdir(w.tmp)
-    return Case(distill_args(w, mentors=("s3://bucket/t.zarr",)), ("--mentors", "s3://", "local path"),
+    _unreachable_s3(w)
+    return Case(distill_args(w, mentors=("s3://bucket/t.zarr",)), ("s3://bucket/t.zarr", "reachable endpoint"),
                 checkpoint=w.tmp / "s_out.pt")
 
 
