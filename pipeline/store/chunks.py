@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store import schema
-from pipeline.store.location import ObjectPath, is_local
+from pipeline.store.location import ObjectPath, is_local, read_many
 
 
 def array_signature(path: Path | ObjectPath, name: str) -> tuple[tuple[int, ...], tuple[int, ...], str] | None:
@@ -35,9 +35,12 @@ def raw_meta(path: Path | ObjectPath, name: str) -> dict | None:
     """The zarr.json of array ``name`` when its chunk files are kdcache's raw encoding (one ``bytes``
     codec, little-endian or single-byte values, on a little-endian machine), else None."""
     meta_file = path / name / "zarr.json"
-    if sys.byteorder != "little" or not meta_file.is_file():
+    if sys.byteorder != "little" or (is_local(meta_file) and not meta_file.is_file()):
         return None
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:                                 # an object store: one GET, no HEAD first
+        return None
     codecs = meta.get("codecs", [])
     if len(codecs) != 1 or codecs[0].get("name") != "bytes":
         return None
@@ -52,15 +55,18 @@ def read_small(path: Path | ObjectPath, name: str, layout: schema.Layout) -> np.
     out = np.full(shape, schema.fill_value(dtype), np.dtype(dtype))
     per_chunk = int(np.prod(chunks, dtype=np.int64))
     axis = 0 if len(shape) == 1 else 1                       # the block axis
-    for view in [None] if axis == 0 else range(shape[0]):
+    views = [None] if axis == 0 else range(shape[0])
+    little = np.dtype(dtype).newbyteorder("<")
+    fetched = None if is_local(path) else read_many(       # an object store: every chunk at once
+        [path / schema.chunk_key(name, len(shape), view, block) for view in views for block in range(layout.num_blocks)])
+    for view in views:
         lead = () if view is None else (view,)
         for block in range(layout.num_blocks):
             chunk = path / schema.chunk_key(name, len(shape), view, block)
-            if not chunk.is_file():
+            if fetched is None and not chunk.is_file() or fetched is not None and chunk not in fetched:
                 continue
-            little = np.dtype(dtype).newbyteorder("<")
-            values = np.fromfile(chunk, dtype=little, count=per_chunk) if is_local(chunk) else \
-                np.frombuffer(chunk.read_bytes()[:per_chunk * little.itemsize], dtype=little)
+            values = np.fromfile(chunk, dtype=little, count=per_chunk) if fetched is None else \
+                np.frombuffer(fetched[chunk][:per_chunk * little.itemsize], dtype=little)
             if values.size != per_chunk:
                 raise UserError(f"{path}: field {name}: expected a chunk of {per_chunk * values.itemsize} bytes for "
                                 f"block {block}, found {values.size * values.itemsize}")

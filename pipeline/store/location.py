@@ -205,6 +205,22 @@ def access_error(err: Exception) -> str:
     return f"expected a readable and writable object store, found an error ({kind}: {err})"
 
 
+def read_many(paths: "list[ObjectPath]") -> "dict[ObjectPath, bytes]":
+    """The objects of ``paths`` that exist, fetched concurrently (one batch of GETs)."""
+    if not paths:
+        return {}
+    got = paths[0]._call(paths[0].fs.cat, [p.key for p in paths], on_error="return")
+    out = {}
+    for path in paths:
+        data = got.get(path.key)
+        if isinstance(data, FileNotFoundError):
+            continue
+        if isinstance(data, Exception):
+            raise UserError(f"{path}: {access_error(data)}")
+        out[path] = data
+    return out
+
+
 def zarr_store(path: "Path | ObjectPath", *, read_only: bool) -> Any:
     """What ``zarr.open_group`` opens: a local folder's path as a string (zarr's LocalStore, as
     always), or zarr's FsspecStore over the object store's filesystem."""
