@@ -361,3 +361,20 @@ def test_a_server_ignoring_conditional_writes_is_said_in_one_line(env, monkeypat
         [f"{store}: {location.CONDITIONAL_WRITES}"]
     _fake_cache(tmp_path / "ref.zarr", FakeFactory(10))
     assert {k: v for k, v in bucket_objects(store).items() if k != "zarr.json"} == store_files(tmp_path / "ref.zarr")
+
+
+def test_verify_spot_checks_a_bucket_store_against_its_teacher(work, monkeypatch):
+    root, _, ckpt, _, bucket = work
+    monkeypatch.chdir(root)                # the store's manifest path is relative to its key's folder here
+    result = CliRunner().invoke(cli, ["verify", bucket, "--teacher", str(ckpt), "--rows", "16", "--device", "cpu"])
+    assert result.exit_code == 0 and "teacher spot-check ok" in result.output, result.output
+
+
+@pytest.mark.distributed
+def test_local_dask_workers_cache_to_a_bucket(work):
+    root, manifest, ckpt, local, _ = work
+    out = f"s3://{BUCKET}/caches/dask.zarr"
+    run = subprocess.run(_cli(manifest, ckpt, out, "--local-workers", "2"), capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert bucket_objects(out) == _local_objects(local)

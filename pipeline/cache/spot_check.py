@@ -39,6 +39,7 @@ from pipeline.data import check_files
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.store import schema
+from pipeline.store.location import store_path, zarr_store
 from pipeline.store.provenance import recorded_path
 from pipeline.store.stats import target_stats
 from pipeline.store.verify import check_complete
@@ -179,11 +180,11 @@ def spot_check(store: str | Path, source: TeacherSource, *, rows: int = DEFAULT_
     that is not complete, a manifest that is gone or changed, a teacher that does not fit it."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise UserError(f"--rows: expected an integer >= 1 ((view, row) pairs to recompute), found {rows!r}")
-    store = Path(store)
+    store = store_path(store)
     attrs, layout = check_complete(store)
     computer = _computer(store, attrs, source, device)
     images = len(computer.dataset(0).input_shape) == 3
-    group = zarr.open_group(str(store), mode="r")
+    group = zarr.open_group(zarr_store(store, read_only=True), mode="r")
     sample_id, label = group["sample_id"][:], group["label"][:]
     names = list(layout.codec.payload()) + list(TARGETS)
     pairs, deltas, agree, problem = 0, [], 0, None
