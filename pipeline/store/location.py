@@ -45,7 +45,7 @@ _REACHED: set[tuple[str, str]] = set()
 _EXCLUSIVE: dict[tuple[str, str], bool] = {}   # (scheme, bucket) -> its server honours If-None-Match
 _OPEN_CLIENTS: set[Any] = set()            # asynchronous filesystems handed to zarr, closed at exit     # (scheme, bucket) found reachable by this process
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}     # scheme -> the kdcache extra installing it
+EXTRAS = {"s3": "s3", "s3a": "s3"}        # scheme -> the kdcache extra installing its library (others: fsspec's hint)
 CONDITIONAL_WRITES = ("the server ignores conditional writes (If-None-Match: *), so block claims cannot keep two "
                       "jobs off one block: give each job of this store a disjoint --shard i/n")
 
@@ -126,9 +126,6 @@ class ObjectPath:
     def __hash__(self) -> int:
         return hash(str(self))
 
-    def __reduce__(self):                  # dask tasks carry the URL; the worker opens its own filesystem
-        return ObjectPath.from_url, (str(self),)
-
     @property
     def bucket(self) -> str:
         return self.key.lstrip("/").partition("/")[0]
@@ -174,9 +171,6 @@ class ObjectPath:
         except FileNotFoundError:
             if not missing_ok:
                 raise
-
-    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
-        """Nothing to do: an object store has no folders."""
 
     def check_reachable(self) -> None:
         """Fail early, in one line, when the bucket is missing, denied or unreachable."""

@@ -69,6 +69,7 @@ def forget_clients() -> None:
     from pipeline.store import location
     S3FileSystem.clear_instance_cache()
     location._REACHED.clear()
+    location._EXCLUSIVE.clear()
 
 
 def make_bucket(name: str) -> None:
