@@ -378,3 +378,14 @@ def test_local_dask_workers_cache_to_a_bucket(work):
                          timeout=300, cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
     assert bucket_objects(out) == _local_objects(local)
+
+
+def test_a_bucket_store_of_other_provenance_is_refused_and_overwrite_replaces_it(env, tmp_path):
+    from tests.support.stores import make_fake_store
+    url = f"s3://{BUCKET}/fake/provenance.zarr"
+    make_fake_store(url, num_samples=300, views=1)
+    with pytest.raises(UserError, match=r"teacher\.checkpoint_sha256"):
+        make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
+    assert make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1, overwrite=True).complete
+    make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
+    assert {k: v for k, v in bucket_objects(url).items() if k != "zarr.json"} == store_files(tmp_path / "ref.zarr")
