@@ -226,13 +226,14 @@ def plot_bytes(summary: Mapping[str, Any], path: Path) -> Path:
     sample; students that read no store (no teacher, or a live one) as horizontal lines."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     stored = {n: s for n, s in summary["students"].items() if s.get("stored_bytes_per_sample")}
-    for k, (name, s) in enumerate(summary["students"].items()):
-        if name in stored or s.get("accuracy_mean") is None:
-            continue
+    unstored = [(n, s) for n, s in summary["students"].items() if n not in stored and s.get("accuracy_mean") is not None]
+    colours = plt.get_cmap("tab10" if len(unstored) <= 10 else "tab20").colors     # a colour of its own each
+    for k, (name, s) in enumerate(unstored):
         mean, std = 100 * s["accuracy_mean"], 100 * s.get("accuracy_std", 0.0)
-        ax.axhline(mean, ls="--", lw=1, color=f"C{k % 10}", label=f"{name} (no store) {mean:.2f} ± {std:.2f}")
+        ax.axhline(mean, ls="--", lw=1, color=colours[k % len(colours)],
+                   label=f"{name} (no store) {mean:.2f} ± {std:.2f}")
     for name, s in stored.items():
         if s.get("accuracy_mean") is None:
             continue
@@ -241,11 +242,12 @@ def plot_bytes(summary: Mapping[str, Any], path: Path) -> Path:
                     color="#4c72b0")
         ax.annotate(name, (x, 100 * s["accuracy_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
+    ax.margins(x=0.15)                 # room for the names of the last points
     ax.set_xlabel("bytes stored per training sample (all views, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Students against the bytes of their cached targets (mean ± std over seeds)")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
