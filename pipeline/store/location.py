@@ -41,9 +41,9 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from pipeline.errors import UserError
 
-_REACHED: set[tuple[str, str]] = set()
+_REACHED: set[tuple[str, str]] = set()         # (scheme, bucket) found reachable by this process
 _EXCLUSIVE: dict[tuple[str, str], bool] = {}   # (scheme, bucket) -> its server honours If-None-Match
-_OPEN_CLIENTS: set[Any] = set()            # asynchronous filesystems handed to zarr, closed at exit     # (scheme, bucket) found reachable by this process
+_OPEN_CLIENTS: set[Any] = set()                # asynchronous filesystems handed to zarr, closed at exit
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 EXTRAS = {"s3": "s3", "s3a": "s3"}        # scheme -> the kdcache extra installing its library (others: fsspec's hint)
 CONDITIONAL_WRITES = ("the server ignores conditional writes (If-None-Match: *), so block claims cannot keep two "
