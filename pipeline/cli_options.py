@@ -164,6 +164,16 @@ def warnings_as_lines() -> Iterator[None]:
         yield
 
 
+def stacked(options: Sequence[Callable[[F], F]]) -> Callable[[F], F]:
+    """One decorator applying ``options`` (click options) in order: the first is the first in --help."""
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def training_options(config: type) -> Callable[[F], F]:
     """The command-line options of the settings every training run shares (``TrainConfig``), with the
     defaults of ``config`` (``TeacherConfig`` or ``DistillConfig``)."""
@@ -198,12 +208,7 @@ def training_options(config: type) -> Callable[[F], F]:
                           "small models fast on a busy machine."),
     ]
 
-    def decorate(command: F) -> F:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    return stacked(options)
 
 
 def view_options(config: type, *, without_mentors: bool = False) -> Callable[[F], F]:
@@ -229,12 +234,7 @@ def view_options(config: type, *, without_mentors: bool = False) -> Callable[[F]
                           "switch_prob=0.5 (CutMix's share when both), prob=1.0 (share of views mixed at all)."),
     ]
 
-    def decorate(command: F) -> F:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    return stacked(options)
 
 
 class OneLineErrors(click.Group):

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +30,16 @@ from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.verify import verify_store
 from pipeline.store.writer import BlockWriter, finalize
-from tests.support.stores import FakeFactory, fake_labels, fake_provenance, make_fake_store, store_files
+from tests.support.stores import Recording as StoreRecording
+from tests.support.stores import (FakeFactory, fake_labels, fake_provenance, make_fake_store, store_files,
+                                  two_jobs_on_one_store)
 
 N, C, V, RPB = 1000, 10, 2, 256          # 4 blocks x 2 views
 LAYOUT = schema.Layout(num_samples=N, num_classes=C, num_views=V, rows_per_block=RPB, micro_batch=64)
 UNITS = LAYOUT.units()
 
 
-class Recording:
-    """A factory whose computers are FakeFactory's, recording (view, block) into ``calls``;
-    ``first`` runs before the first block a computer computes."""
-
-    def __init__(self, calls: list, first=None) -> None:
-        self.calls, self.first = calls, first
-
-    def build(self):
-        inner = FakeFactory(C).build()
-        calls, first = self.calls, [self.first] if self.first else []
-
-        def compute(view: int, start: int, stop: int) -> np.ndarray:
-            calls.append((view, start // RPB))
-            if first:
-                first.pop()()
-            return inner(view, start, stop)
-
-        compute.num_classes = C
-        return compute
+Recording = partial(StoreRecording, num_classes=C, rows_per_block=RPB)   # Recording(calls, first=None)
 
 
 def _cache(store: Path, factory, **kw):
@@ -87,27 +72,7 @@ def _dead_pid() -> int:
 
 def test_two_jobs_on_the_same_blocks_compute_each_block_once(tmp_path, reference):
     store = tmp_path / "s.zarr"
-    a_holds, b_skipped = threading.Event(), threading.Event()
-    a_calls, b_calls, results, errors = [], [], {}, []
-
-    def hold_until_b_moves_on():            # job A sits in its first block until job B went past it
-        a_holds.set()
-        assert b_skipped.wait(60)
-
-    def job(name, factory):
-        try:
-            results[name] = _cache(store, factory)
-        except BaseException as err:        # noqa: BLE001 - re-raised below, in the test's thread
-            errors.append(err)
-
-    a = threading.Thread(target=job, args=("a", Recording(a_calls, first=hold_until_b_moves_on)))
-    a.start()
-    assert a_holds.wait(60)
-    b = threading.Thread(target=job, args=("b", Recording(b_calls, first=b_skipped.set)))
-    b.start()
-    a.join(120)
-    b.join(120)
-    assert not errors, errors
+    a_calls, b_calls, results = two_jobs_on_one_store(lambda factory: _cache(store, factory), Recording, wait=60)
     assert a_calls[0] == (0, 0) and b_calls[0] == (0, 1)          # B skipped the block A held
     assert sorted(a_calls + b_calls) == UNITS                    # every block exactly once in total
     assert results["a"].computed == len(a_calls) and results["b"].computed == len(b_calls)

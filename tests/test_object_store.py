@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,8 @@ from pipeline.store.verify import verify_store  # noqa: E402
 from pipeline.train.loader import DistillLoader  # noqa: E402
 from tests.support.cli import one_error_line  # noqa: E402
 from tests.support.s3 import bucket_objects, forget_clients, make_bucket, s3_endpoint, s3_env  # noqa: E402
-from tests.support.stores import FakeFactory, fake_labels, fake_provenance, store_files  # noqa: E402
+from tests.support.stores import (FakeFactory, Recording, fake_labels, fake_provenance, store_files,  # noqa: E402
+                                  two_jobs_on_one_store)
 
 RPB, MB, VIEWS = 64, 32, 2              # the train split's 150 rows: 3 blocks x 2 views
 BUCKET = "kdcache-test"
@@ -157,25 +157,6 @@ def test_the_loader_streams_windows_of_a_bucket_store(work):
             assert all(torch.equal(t[name], t2[name]) for name in t)
 
 
-class _Recording:
-    """FakeFactory's computers, recording (view, block) and calling ``first`` before the first block."""
-
-    def __init__(self, calls, first=None):
-        self.calls, self.first = calls, first
-
-    def build(self):
-        inner, calls, first = FakeFactory(10).build(), self.calls, [self.first]
-
-        def compute(view, start, stop):
-            calls.append((view, start // 256))
-            if first[0] is not None:
-                first.pop()()
-                first.append(None)
-            return inner(view, start, stop)
-        compute.num_classes = 10
-        return compute
-
-
 def _fake_cache(store, factory):
     layout = schema.Layout(num_samples=1000, num_classes=10, num_views=2, rows_per_block=256, micro_batch=64)
     return write_cache(store, factory=factory, provenance=fake_provenance(1000, 10, 2), layout=layout,
@@ -184,27 +165,9 @@ def _fake_cache(store, factory):
 
 def test_two_jobs_on_one_bucket_store_compute_each_block_once(env, tmp_path):
     store = f"s3://{BUCKET}/fake/two.zarr"
-    a_holds, b_skipped = threading.Event(), threading.Event()
-    a_calls, b_calls, results, errors = [], [], {}, []
-
-    def hold_until_b_moves_on():            # job A sits in its first block until job B went past it
-        a_holds.set()
-        assert b_skipped.wait(120)
-
-    def job(name, factory):
-        try:
-            results[name] = _fake_cache(store, factory)
-        except BaseException as err:        # noqa: BLE001 - re-raised below, in the test's thread
-            errors.append(err)
-
-    a = threading.Thread(target=job, args=("a", _Recording(a_calls, first=hold_until_b_moves_on)))
-    a.start()
-    assert a_holds.wait(120)
-    b = threading.Thread(target=job, args=("b", _Recording(b_calls, first=b_skipped.set)))
-    b.start()
-    a.join(300)
-    b.join(300)
-    assert not errors, errors
+    a_calls, b_calls, results = two_jobs_on_one_store(
+        lambda factory: _fake_cache(store, factory),
+        lambda calls, first: Recording(calls, first, num_classes=10, rows_per_block=256), wait=120)
     assert a_calls[0] == (0, 0) and b_calls[0] == (0, 1)          # B skipped the block A held
     assert sorted(a_calls + b_calls) == [(v, b) for v in range(2) for b in range(4)]
     assert results["a"].complete or results["b"].complete
@@ -327,7 +290,7 @@ def test_store_copy_to_a_bucket_and_back_is_byte_identical_and_resumes(work, tmp
     with pytest.raises(UserError, match="no zarr.json"):
         StoreGroup([back])
     again = CliRunner().invoke(cli, ["store", "copy", url, str(back)])
-    assert again.exit_code == 0 and f"(3 objects, " in again.output and f"{len(_local_objects(local)) - 3} already there" \
+    assert again.exit_code == 0 and "(3 objects, " in again.output and f"{len(_local_objects(local)) - 3} already there" \
         in again.output, again.output
     assert _local_objects(back) == _local_objects(local)
 

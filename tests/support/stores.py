@@ -180,3 +180,56 @@ def make_synthetic_teacher(root: Path, *, num_samples: int = 3000, seed: int = 0
     if not manifest.exists():
         build_manifest("synthetic", root / "synthetic", manifest, num_samples=num_samples, seed=seed)
     return manifest, synthetic_checkpoint(manifest, root / name, torch_seed=torch_seed, scale=scale)
+
+
+class Recording:
+    """A factory whose computers are FakeFactory's (``num_classes``), recording (view, block) into
+    ``calls`` for blocks of ``rows_per_block`` rows; ``first`` runs before the first block a computer
+    computes."""
+
+    def __init__(self, calls: list, first=None, *, num_classes: int, rows_per_block: int) -> None:
+        self.calls, self.first, self.num_classes, self.rows_per_block = calls, first, num_classes, rows_per_block
+
+    def build(self):
+        inner = FakeFactory(self.num_classes).build()
+        calls, first, rows = self.calls, [self.first] if self.first else [], self.rows_per_block
+
+        def compute(view: int, start: int, stop: int) -> np.ndarray:
+            calls.append((view, start // rows))
+            if first:
+                first.pop()()
+            return inner(view, start, stop)
+
+        compute.num_classes = self.num_classes
+        return compute
+
+
+def two_jobs_on_one_store(cache, recording, *, wait: float) -> tuple[list, list, dict]:
+    """Two caching jobs on one store, in threads: job A holds its first block until job B has moved
+    past it. ``cache(factory)`` runs a job; ``recording(calls, first)`` makes its factory. Returns
+    the (view, block) each job computed, in order, and each job's result; a job's error is raised."""
+    import threading
+
+    a_holds, b_skipped = threading.Event(), threading.Event()
+    a_calls, b_calls, results, errors = [], [], {}, []
+
+    def hold_until_b_moves_on():            # job A sits in its first block until job B went past it
+        a_holds.set()
+        assert b_skipped.wait(wait)
+
+    def job(name, factory):
+        try:
+            results[name] = cache(factory)
+        except BaseException as err:        # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(err)
+
+    a = threading.Thread(target=job, args=("a", recording(a_calls, hold_until_b_moves_on)))
+    a.start()
+    assert a_holds.wait(wait)
+    b = threading.Thread(target=job, args=("b", recording(b_calls, b_skipped.set)))
+    b.start()
+    a.join(2 * wait)
+    b.join(2 * wait)
+    if errors:
+        raise errors[0]
+    return a_calls, b_calls, results
