@@ -38,26 +38,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from _common import (PrecomputedTeacher, alternate, bench_provenance, drop_page_cache, low, machine_line,
+from _common import (PrecomputedTeacher, StandInInputs, alternate, bench_provenance, drop_page_cache, low, machine_line,
                      markdown_table, median, read_files, reset_peak_rss, rss_bytes, summary_line)
 from pipeline.cache import write_cache
 from pipeline.runtime import Runtime
 from pipeline.store import schema
 from pipeline.train.loop import iter_batches
 from pipeline.train.targets import CachedTargets
-
-
-class StandInInputs(torch.utils.data.Dataset):
-    """The inputs side of a batch, as cheap as possible: one float per row and the stored label."""
-
-    def __init__(self, labels: np.ndarray) -> None:
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def get_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros((len(rows), 1), np.float32), self.labels[rows].astype(np.int64)
 
 
 def build_store(root: Path, *, rows: int, views: int, classes: int) -> Path:

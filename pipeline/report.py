@@ -139,7 +139,8 @@ def markdown(summary: Mapping[str, Any], *, split: str = "test") -> str:
         acc_b = (f"{_pct(s['accuracy_b_mean'])} ± {_pct(s['accuracy_b_std'])}" if "accuracy_b_mean" in s else "—")
         stored = s.get("stored_bytes_per_sample")
         lines.append(f"| {name} | {s.get('method', '')} | {', '.join(s.get('mentors', [])) or '—'} | "
-                     f"{'—' if stored is None else stored} | {len(s['seeds'])} | {acc} | {_num(s.get('nll_mean'))} | {_num(s.get('mse_to_bayes_mean'))} "
+                     f"{'—' if stored is None else stored} | {len(s['seeds'])} | {acc} | {_num(s.get('nll_mean'))} | "
+                     f"{_num(s.get('mse_to_bayes_mean'))} "
                      f"| {acc_b} |")
     lines += ["", "## The papers' claims, here", ""]
     for c in summary["claims"]:
@@ -228,7 +229,8 @@ def plot_bytes(summary: Mapping[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(9, 4.2))
     stored = {n: s for n, s in summary["students"].items() if s.get("stored_bytes_per_sample")}
-    unstored = [(n, s) for n, s in summary["students"].items() if n not in stored and s.get("accuracy_mean") is not None]
+    unstored = [(n, s) for n, s in summary["students"].items()
+                if n not in stored and s.get("accuracy_mean") is not None]
     colours = plt.get_cmap("tab10" if len(unstored) <= 10 else "tab20").colors     # a colour of its own each
     for k, (name, s) in enumerate(unstored):
         mean, std = 100 * s["accuracy_mean"], 100 * s.get("accuracy_std", 0.0)
