@@ -83,7 +83,7 @@ def test_every_entry_builds_the_config_its_stage_builds(name: str) -> None:
         merged = {**defaults.values, **section.values}
         seeds = merged.pop("seeds")
         assert seeds == [0, 1, 2]
-        assert set(merged.get("mentors", [])) <= set(params["teachers"]), student
+        assert set(merged.get("mentors", [])) <= set(params["caches"]), student
         merged["mentors"] = [f"caches/{m}.zarr" for m in merged.get("mentors", [])]
         cfg = section.with_values(**merged).config(DistillConfig, manifest="m.parquet", out="s.pt", history="s.csv")
         assert cfg.epochs == params["student_defaults"]["epochs"], student
@@ -144,6 +144,7 @@ def _tiny(params: dict[str, Any], *, root: Path, teachers: tuple[str, ...], stud
     params = {**params, "data": {**params["data"], "root": str(root), **data}}
     params["teachers"] = {name: {**params["teachers"][name], **small, "arch": "mlp", "arch_options": mlp}
                           for name in teachers}
+    params["caches"] = {name: entry for name, entry in params["caches"].items() if entry["teacher"] in teachers}
     params["cache"] = {**params["cache"], "views": 2, "workers": 1}
     params["student_defaults"] = {**params["student_defaults"], **small, "seeds": [0], "student": "mlp",
                                   "student_options": mlp}

@@ -223,7 +223,6 @@ def test_the_pipeline_runs_reports_and_a_second_repro_does_nothing(tmp_path: Pat
     stored = {name: s["stored_bytes_per_sample"] for name, s in summary["students"].items()}
     assert stored["kd"] > 0 and stored["nokd"] == 0
     assert abs(stored["classroom"] - 2 * stored["kd"]) <= 2     # two stores of one layout (attrs differ a little)
-    assert nokd["stored_bytes_per_sample"] == 0
     assert "accuracy_b_mean" in summary["students"]["dual"]
     assert [c["verdict"] for c in summary["claims"]] and all(c["verdict"] for c in summary["claims"])
     assert sorted(p.name for p in (repo / "reports" / "figures").iterdir()) == \
