@@ -57,20 +57,19 @@ def read_small(path: Path | ObjectPath, name: str, layout: schema.Layout) -> np.
     axis = 0 if len(shape) == 1 else 1                       # the block axis
     views = [None] if axis == 0 else range(shape[0])
     little = np.dtype(dtype).newbyteorder("<")
-    fetched = None if is_local(path) else read_many(       # an object store: every chunk at once
-        [path / schema.chunk_key(name, len(shape), view, block) for view in views for block in range(layout.num_blocks)])
-    for view in views:
+    keys = {(view, block): path / schema.chunk_key(name, len(shape), view, block)
+            for view in views for block in range(layout.num_blocks)}
+    found = read_many(list(keys.values()))                   # the chunks that exist, each read whole
+    for (view, block), chunk in keys.items():
+        if chunk not in found:
+            continue
         lead = () if view is None else (view,)
-        for block in range(layout.num_blocks):
-            chunk = path / schema.chunk_key(name, len(shape), view, block)
-            if fetched is None and not chunk.is_file() or fetched is not None and chunk not in fetched:
-                continue
-            values = np.fromfile(chunk, dtype=little, count=per_chunk) if fetched is None else \
-                np.frombuffer(fetched[chunk][:per_chunk * little.itemsize], dtype=little)
-            if values.size != per_chunk:
-                raise UserError(f"{path}: field {name}: expected a chunk of {per_chunk * values.itemsize} bytes for "
-                                f"block {block}, found {values.size * values.itemsize}")
-            start = block * chunks[axis]
-            stop = min(start + chunks[axis], shape[axis])
-            out[lead + (slice(start, stop),)] = values.reshape(chunks)[(0,) * axis + (slice(0, stop - start),)]
+        data = found[chunk]
+        values = np.frombuffer(data, dtype=little, count=min(len(data) // little.itemsize, per_chunk))
+        if values.size != per_chunk:
+            raise UserError(f"{path}: field {name}: expected a chunk of {per_chunk * values.itemsize} bytes for "
+                            f"block {block}, found {values.size * values.itemsize}")
+        start = block * chunks[axis]
+        stop = min(start + chunks[axis], shape[axis])
+        out[lead + (slice(start, stop),)] = values.reshape(chunks)[(0,) * axis + (slice(0, stop - start),)]
     return out

@@ -199,10 +199,13 @@ def access_error(err: Exception) -> str:
     return f"expected a readable and writable object store, found an error ({kind}: {err})"
 
 
-def read_many(paths: "list[ObjectPath]") -> "dict[ObjectPath, bytes]":
-    """The objects of ``paths`` that exist, fetched concurrently (one batch of GETs)."""
+def read_many(paths: "list[Path | ObjectPath]") -> "dict[Path | ObjectPath, bytes]":
+    """The files or objects of ``paths`` (all of one store) that exist, with their bytes: local files
+    read one by one, objects fetched concurrently (one batch of GETs)."""
     if not paths:
         return {}
+    if is_local(paths[0]):
+        return {path: path.read_bytes() for path in paths if path.is_file()}
     got = paths[0]._call(paths[0].fs.cat, [p.key for p in paths], on_error="return")
     out = {}
     for path in paths:
