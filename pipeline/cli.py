@@ -234,6 +234,11 @@ def evaluate_command(checkpoint: str, manifest: str, out: str | None, **options)
               help="Address of a running dask scheduler: one task per block.")
 @click.option("--local-workers", type=int, default=config_default(CacheConfig, "local_workers"),
               help="Start a dask LocalCluster of N worker processes.")
+@click.option("--ship-inputs/--no-ship-inputs", default=config_default(CacheConfig, "ship_inputs"),
+              help="Send the teachers' checkpoints and manifests with the dask tasks (default with --scheduler: "
+                   "workers need only the stores and the data); --no-ship-inputs: they read the caller's paths.")
+@click.option("--worker-data-root", default=config_default(CacheConfig, "worker_data_root"),
+              help="Where the --scheduler's workers find the manifest's data (default: its absolute root here).")
 @click.option("--overwrite", is_flag=True, default=config_default(CacheConfig, "overwrite"), help="Delete an existing store first.")
 @click.option("--device", default=config_default(CacheConfig, "device"), show_default=True,
               help="auto (cuda with bf16 autocast if present), cpu, cuda:0 ...")
@@ -268,6 +273,7 @@ def cache_command(teacher: tuple[str, ...], out: tuple[str, ...], out_dir: str |
       kdcache cache ... --storage topk --k 20
       kdcache cache ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       kdcache cache ... --local-workers 4
+      kdcache cache ... --scheduler tcp://head:8786 --out s3://bucket/caches/train/ce.zarr   # workers: the bucket + data
       kdcache cache ... --views 16 --augment randaugment --augment-option n=2,m=9 --erase 0.25
       kdcache cache ... --views 32 --augment trivialaugment
       kdcache cache ... --views 16 --mix mixup,cutmix --mix-option mixup_alpha=0.8,cutmix_alpha=1.0,switch_prob=0.5

@@ -36,6 +36,7 @@ the provenance, the name, caching, ``distill --online``) is the same for every f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -91,6 +92,10 @@ class TeacherSource:
     def weights_file(self) -> str | None:
         """The file the weights come from (its sha256 is recorded); None for a model holding its own."""
         return self.weights
+
+    def with_weights_file(self, path: str) -> "TeacherSource":
+        """The same source reading its weights from ``path`` (a copy of ``weights_file`` elsewhere)."""
+        return dataclasses.replace(self, weights=path)
 
     @property
     def default_name(self) -> str:
@@ -237,6 +242,9 @@ class CheckpointSource(TeacherSource):
     @property
     def weights_file(self) -> str:
         return self.spec
+
+    def with_weights_file(self, path: str) -> TeacherSource:
+        return dataclasses.replace(self, spec=path)
 
     @property
     def default_name(self) -> str:

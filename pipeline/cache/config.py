@@ -49,6 +49,8 @@ class CacheConfig(FromDict):
     shard: str | None = None                # "i/n": every n-th block from the i-th (SLURM array jobs)
     scheduler: str | None = None            # address of a dask scheduler: one task per block
     local_workers: int | None = None        # a dask LocalCluster of this many processes
+    ship_inputs: bool | None = None         # teachers' files sent with the dask tasks (default: with a scheduler)
+    worker_data_root: str | None = None     # where shipped-to workers find the data (default: the caller's root)
     overwrite: bool = False                 # delete an existing store first
     device: str = "auto"
     threads: int | None = None              # torch CPU threads; the same across jobs for bit-identical stores
@@ -62,7 +64,7 @@ class CacheConfig(FromDict):
             if isinstance(getattr(self, key), PurePath):
                 object.__setattr__(self, key, str(getattr(self, key)))
         self.check_strings(("teacher", "manifest", "out", "split"))
-        self.check_strings(("weights",), optional=True)
+        self.check_strings(("weights", "worker_data_root"), optional=True)
         self.check_ints(("views", "micro_batch"), minimum=1)
         self.check_ints(("views_seed", "workers"), minimum=0)
         self.check_ints(("k", "rows_per_block", "local_workers", "threads"), minimum=1, optional=True)

@@ -89,7 +89,8 @@ def _run(cfg: CacheConfig, targets: list[StoreTarget], factory: Any) -> list[Cac
     """``write_caches`` with ``cfg``'s run settings; an ``OSError`` is a ``UserError`` naming the path."""
     try:
         return write_caches(targets, factory=factory, shard=cfg.shard, scheduler=cfg.scheduler,
-                            local_workers=cfg.local_workers, overwrite=cfg.overwrite, progress=cfg.progress)
+                            local_workers=cfg.local_workers, overwrite=cfg.overwrite, progress=cfg.progress,
+                            ship=cfg.ship_inputs, data_root=cfg.worker_data_root)
     except OSError as err:
         # A full disk, a read-only folder, a file where the store's folder should be: the stores are
         # left incomplete (blocks with markers are kept), and the same command completes them later.

@@ -18,8 +18,11 @@ Two jobs given the same blocks (the same --shard twice, two reruns at once) spli
 claims each block of each store before computing it and skips blocks another live job holds,
 coming back to them once at the end (``pipeline.cache.claims``). A dead job's claims are taken over.
 
-With --scheduler the workers must see the stores, the checkpoints and the manifest under the same
-absolute paths (a shared filesystem). One dask task per block (the views of it this run computes).
+With --scheduler the teachers' checkpoints and manifests travel with the tasks (``pipeline.cache.ship``):
+the workers need to reach the stores (a bucket, or a shared folder) and the data (at the caller's
+absolute data root, or --worker-data-root), nothing else of the caller's disk; --no-ship-inputs has
+them read every file under the caller's paths (a shared filesystem). One dask task per block (the
+views of it this run computes).
 A worker builds the teachers once (the first task it runs) and keeps them, with the store handles,
 for the next tasks; it writes its own blocks, so no logits travel back to the client. Metadata is
 created by the client before any task is submitted.
@@ -42,6 +45,7 @@ from tqdm import tqdm
 
 from pipeline import faults
 from pipeline.cache.claims import DEFAULT_STALE_AFTER, Claims, clear_claims
+from pipeline.cache.ship import read_files, ship_factory, unship
 from pipeline.cache.teacher import BlockComputer, ComputerFactory, compute_views
 from pipeline.data.views import ViewSpec, view_mixing
 from pipeline.errors import UserError
@@ -254,9 +258,9 @@ def run_local(writers: Sequence[BlockWriter], factory: PassFactory, units: list[
 
 
 def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale_after: float, views: list[int],
-               block: int) -> dict[int, list[tuple[str, int]]]:
+               block: int, payloads: dict[str, bytes]) -> dict[int, list[tuple[str, int]]]:
     """Runs on a worker: claim, compute and write the ``views`` of one block of every store with this
-    worker's teachers (each image decoded once)."""
+    worker's teachers (each image decoded once); ``payloads``: the shipped files' bytes by sha256."""
     key = (stores, factory, job, stale_after)  # job: one token per run
     with _WORKER_LOCK:  # one block at a time per worker process: one set of teachers, one set of threads
         if key not in _WORKER_STATE:
@@ -272,7 +276,7 @@ def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale
 
         def computer() -> PassComputer:
             if not built:
-                built.append(factory.build())
+                built.append(unship(factory, payloads).build() if payloads else factory.build())
             return built[0]
 
         return claim_and_compute_all(writers, claims, views=views, block=block, computer=computer)
@@ -280,9 +284,13 @@ def _dask_unit(stores: tuple[str, ...], *, factory: PassFactory, job: str, stale
 
 def run_dask(stores: Sequence[Path], factory: PassFactory, units: list[tuple[int, int]], *,
              scheduler: str | None = None, local_workers: int | None = None, progress: bool = True,
-             stale_after: float = DEFAULT_STALE_AFTER) -> list[int]:
+             stale_after: float = DEFAULT_STALE_AFTER, ship: bool = False,
+             data_root: str | None = None) -> list[int]:
     """One task per unit (all stores) on a dask.distributed cluster, then one more round for the
     blocks other live jobs held; returns how many blocks of each store this run computed.
+
+    ``ship``: the teachers' manifests and weights travel with the tasks (``pipeline.cache.ship``), for
+    workers that share no filesystem with this process; ``data_root``: where they find the data.
 
     A worker that dies mid-block leaves the block unmarked and its claims stale (its pid is
     gone), so the task retried elsewhere, or a rerun, takes the claims over and computes it.
@@ -311,13 +319,18 @@ def run_dask(stores: Sequence[Path], factory: PassFactory, units: list[tuple[int
         client = Client(cluster)
     token = uuid.uuid4().hex[:8]
     futures: list = []
+    payloads: dict = {}
     try:
+        if ship:
+            factory, files = ship_factory(factory, data_root=data_root)
+            payloads = client.scatter(read_files(files), hash=True) if files else {}
         with _progress(_todo_rows(writers, units), progress, _desc(stores) + " (dask)") as bar:
             todo = units
             for round_ in range(2):
                 tasks = by_block(todo, most=views_per_pass(writers[0].layout, len(writers)))
                 futures = [client.submit(_dask_unit, names, factory=factory, job=token,
-                                         stale_after=stale_after, views=views, block=block, pure=False,
+                                         stale_after=stale_after, views=views, block=block, payloads=payloads,
+                                         pure=False,
                                          key=f"kdcache-block-{token}-{round_}-{block}", retries=0)
                            for block, views in tasks]
                 task_of = {fut.key: task for fut, task in zip(futures, tasks)}
@@ -368,7 +381,8 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
 
 def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard: str | tuple[int, int] | None = None,
                  scheduler: str | None = None, local_workers: int | None = None, overwrite: bool = False,
-                 progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER) -> list[CacheResult]:
+                 progress: bool = True, stale_after: float = DEFAULT_STALE_AFTER, ship: bool | None = None,
+                 data_root: str | None = None) -> list[CacheResult]:
     """Check every target store, then create/reopen them, compute this run's missing blocks of all
     of them in one pass (member ``s`` of ``factory``'s computer computes ``targets[s]``), finalize
     each store whose markers are all set; one result per target.
@@ -379,7 +393,8 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
     (``pipeline.cache.claims``), so jobs given the same blocks (the same shard twice, two reruns
     at once) split them; a claim whose job died is taken over at once on the same host, and
     after ``stale_after`` seconds without a heartbeat from another host. Whoever finds a store
-    complete removes its claims folder.
+    complete removes its claims folder. ``ship`` (default: with ``scheduler``) sends the teachers'
+    files with the tasks, the data found under ``data_root`` on the workers (``run_dask``).
     """
     i, n = parse_shard(shard)
     if overwrite and n > 1:
@@ -387,6 +402,13 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
                         f"found --shard {i}/{n}; remove the store once before starting the array job")
     if scheduler and local_workers:
         raise UserError("--scheduler/--local-workers: expected one of them, found both")
+    ship = bool(scheduler) if ship is None else ship
+    if ship and not (scheduler or local_workers):
+        raise UserError("--ship-inputs: expected --scheduler or --local-workers (a job without dask workers reads "
+                        "its files itself)")
+    if data_root is not None and not ship:
+        raise UserError("--worker-data-root: expected inputs shipped to dask workers (--scheduler, without "
+                        "--no-ship-inputs)")
     if len({target.layout for target in targets}) != 1:
         raise ValueError("write_caches: expected one layout for every target store")
     outs = [store_path(target.out) for target in targets]
@@ -403,7 +425,7 @@ def write_caches(targets: Sequence[StoreTarget], *, factory: PassFactory, shard:
     todo = [unit for j, unit in enumerate(targets[0].layout.units()) if j % n == i and any(unit in m for m in missing)]
     if scheduler or local_workers:
         computed = run_dask(outs, factory, todo, scheduler=scheduler, local_workers=local_workers, progress=progress,
-                            stale_after=stale_after)
+                            stale_after=stale_after, ship=ship, data_root=data_root)
     else:
         job = uuid.uuid4().hex[:12]
         claims = [Claims(out, job=job, stale_after=stale_after) for out in outs]

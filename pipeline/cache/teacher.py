@@ -18,6 +18,7 @@ float32 otherwise); its logits are cast to float32 before anything is derived fr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class TeacherFactory:
     threads: int | None = None      # torch CPU threads while computing; fix it for bit-identical stores
     workers: int = 0                # DataLoader workers decoding images (datasets without get_batch)
     state_sha256: str | None = None  # a teacher without a weights file: its state_dict's sha256, checked on rebuild
+    data_root: str | None = None    # where this process finds the manifest's data (default: the manifest's root)
 
     def build(self) -> "TeacherComputer":
         return TeacherComputer(self)
@@ -90,6 +92,8 @@ class TeacherComputer:
         """``datasets``: a view -> dataset cache to share with computers of the same split and views."""
         self.factory = factory
         self.manifest = load_manifest(factory.manifest)
+        if factory.data_root is not None:
+            self.manifest = dataclasses.replace(self.manifest, root=factory.data_root)
         self.spec = ViewSpec.from_dict(json.loads(factory.views))
         self._datasets: dict[int, Any] = {} if datasets is None else datasets
         shape = tuple(self.dataset(0).input_shape)
