@@ -1,6 +1,7 @@
 """An S3 endpoint on this machine for the object-store tests and benchmark: moto's server, a
 separate process answering real HTTP on a loopback port.
 
+    with bucket_session("kdcache-test") as env:    # all three below, for the block
     with s3_endpoint() as endpoint:                # "http://127.0.0.1:PORT"
         os.environ.update(s3_env(endpoint))        # the AWS_* variables a user sets (dummy credentials)
         make_bucket("kdcache-test")
@@ -60,6 +61,23 @@ def s3_env(endpoint: str, *, key: str = "testing", secret: str = "testing") -> d
     return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": endpoint,
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+
+
+@contextmanager
+def bucket_session(bucket: str) -> Iterator[dict[str, str]]:
+    """moto's server, a user's AWS_* variables pointing at it (in ``os.environ`` for the block, so
+    subprocesses and dask workers started inside it see them) and the bucket ``bucket``; yields the variables."""
+    import pytest
+
+    with s3_endpoint() as endpoint, pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_env(endpoint).items():
+            mp.setenv(key, value)
+        forget_clients()
+        make_bucket(bucket)
+        try:
+            yield s3_env(endpoint)
+        finally:
+            forget_clients()
 
 
 def forget_clients() -> None:
