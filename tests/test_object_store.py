@@ -9,6 +9,7 @@ store both ways and compares every object's bytes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,9 +29,10 @@ from pipeline.cache.claims import Claims, claims_dir  # noqa: E402
 from pipeline.cli import cli  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.store import schema  # noqa: E402
-from pipeline.store.location import store_path  # noqa: E402
+from pipeline.store.location import create_exclusive, store_path  # noqa: E402
 from pipeline.store.reader import StoreGroup  # noqa: E402
 from pipeline.store.verify import verify_store  # noqa: E402
+from pipeline.store.writer import CREATING, _wanted_attrs, open_or_create  # noqa: E402
 from pipeline.train.loader import DistillLoader  # noqa: E402
 from tests.support.cli import one_error_line  # noqa: E402
 from tests.support.s3 import bucket_objects, forget_clients, make_bucket, s3_endpoint, s3_env  # noqa: E402
@@ -92,7 +94,7 @@ def test_a_store_cached_to_a_bucket_is_the_local_store_object_by_object(work):
     _, _, _, local, bucket = work
     objects = bucket_objects(bucket)
     assert objects == _local_objects(local)
-    assert not any(key.endswith(".partial") or key.startswith(".claims") for key in objects)
+    assert not any(key.endswith(".partial") or key.startswith((".claims", CREATING)) for key in objects)
     report = verify_store(bucket)
     assert report.ok and report.chunks_checked == 3 * VIEWS * 4, str(report)
 
@@ -352,3 +354,52 @@ def test_a_bucket_store_of_other_provenance_is_refused_and_overwrite_replaces_it
     assert make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1, overwrite=True).complete
     make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
     assert {k: v for k, v in bucket_objects(url).items() if k != "zarr.json"} == store_files(tmp_path / "ref.zarr")
+
+
+def _fake_target(teacher_sha: str = "t" * 64) -> dict:
+    """What ``make_fake_store(url, num_samples=300, views=1, teacher_sha=...)`` creates its store with."""
+    layout = schema.Layout(num_samples=300, num_classes=10, num_views=1, rows_per_block=256, micro_batch=64)
+    return dict(provenance=fake_provenance(300, 10, 1, teacher_sha=teacher_sha), layout=layout,
+                sample_id=np.arange(300, dtype=np.int64) * 3 + 7, label=fake_labels(300, 10))
+
+
+def _claim_creation(url: str, teacher_sha: str = "t" * 64) -> None:
+    """The creation claim a job of that store writes before any other object, as if it stopped right after."""
+    out = store_path(url)
+    t = _fake_target(teacher_sha)
+    attrs = _wanted_attrs(out, t["provenance"], t["layout"], t["sample_id"], t["label"])
+    assert create_exclusive(out / CREATING, json.dumps(attrs, sort_keys=True).encode())
+
+
+def test_a_job_of_other_provenance_is_refused_before_writing_into_a_bucket_store_being_created(env, tmp_path):
+    from tests.support.stores import make_fake_store
+    url = f"s3://{BUCKET}/fake/creating.zarr"
+    _claim_creation(url)                                          # job A, paused right after its claim
+    refused = r"teacher\.checkpoint_sha256: .*another job creating the store.*if no job is creating it, --overwrite"
+    with pytest.raises(UserError, match=refused) as err:          # job B: its checks, then its creation
+        make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=refused):
+        open_or_create(url, **_fake_target("u" * 64))
+    assert list(bucket_objects(url)) == [CREATING]                # nothing of B's
+    assert make_fake_store(url, num_samples=300, views=1).complete            # A goes on
+    make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1)
+    assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")
+
+
+def test_a_killed_creators_claim_does_not_block_a_rerun_and_is_gone_after_it(env, tmp_path):
+    from tests.support.stores import make_fake_store
+    url = f"s3://{BUCKET}/fake/leftover.zarr"
+    _claim_creation(url)
+    assert make_fake_store(url, num_samples=300, views=1).complete
+    make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1)
+    assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")
+
+
+def test_overwrite_replaces_a_creation_claim_of_other_provenance(env, tmp_path):
+    from tests.support.stores import make_fake_store
+    url = f"s3://{BUCKET}/fake/overclaimed.zarr"
+    _claim_creation(url)
+    assert make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1, overwrite=True).complete
+    make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
+    assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")

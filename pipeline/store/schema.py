@@ -394,14 +394,16 @@ def check_fields(attrs: dict[str, Any], store: str) -> None:
                         f"found {kind!r}")
 
 
-def check_provenance(existing: dict[str, Any], wanted: dict[str, Any], store: str) -> None:
-    """Refuse to reopen a store for writing with different provenance; name the first differing field."""
+def check_provenance(existing: dict[str, Any], wanted: dict[str, Any], store: str, *, found: str = "in the store",
+                     hint: str = "use --overwrite to replace the store") -> None:
+    """Refuse to reopen a store for writing with different provenance; name the first differing field
+    (``found``: where ``existing`` was read, ``hint``: what to do, both said in the error)."""
     check_format(existing, store)
     for section, key in PROVENANCE_FIELDS:
         have, want = existing[section].get(key), wanted[section].get(key)
         if have != want:
             raise UserError(f"{store}: field {section}.{key}: expected {_short(want)} (this run), "
-                            f"found {_short(have)} (in the store); use --overwrite to replace the store")
+                            f"found {_short(have)} ({found}); {hint}")
 
 
 def _short(value: Any) -> str:

@@ -12,7 +12,10 @@ business (``pipeline.cache``); this module only writes the format. The rules:
 
 - Metadata and the sample_id/label arrays are created once, atomically (built in a temporary
   directory, then renamed into place), so concurrent ``--shard i/n`` jobs can all start at once.
-  Reopening with other provenance is a ``UserError`` naming the field.
+  Reopening with other provenance is a ``UserError`` naming the field. In a bucket the store's
+  objects are PUT in place, the group's zarr.json last, under a creation claim (the object
+  ``.creating``, the wanted attrs) taken before any other: a job of other provenance finding the
+  claim is refused before it writes anything, one of the same provenance writes the same bytes.
 - A (view, block) is written by one owner, whole: its chunk of every array, then the CRC-32 of
   each of those chunks (its chunk of ``checksum``; from format version 3 on, the CRC-32 of the
   chunk key followed by the bytes, so it holds only in its place), then its ``done`` marker.
@@ -28,6 +31,7 @@ business (``pipeline.cache``); this module only writes the format. The rules:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -49,6 +53,7 @@ from pipeline.store.location import ObjectPath, create_exclusive, is_local, remo
 from pipeline.store.stats import label_agreement, labels_of, target_stats
 
 MARKER = b"\x01"                   # the file of a set done marker (a bool chunk of one value)
+CREATING = ".creating"             # a bucket store's creation claim (a dot name: not part of the store)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,41 @@ def _publish(path: ObjectPath, files: dict[str, Buffer]) -> None:
         raise
 
 
+def _check_claim(out: ObjectPath, attrs: dict[str, Any]) -> bool:
+    """Whether ``out`` has a creation claim; a claim of other provenance than ``attrs`` is a
+    ``UserError`` naming the field."""
+    try:
+        data = (out / CREATING).read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        claimed = json.loads(data)
+    except ValueError:
+        claimed = {}
+    schema.check_provenance(claimed if isinstance(claimed, dict) else {}, attrs, str(out),
+                            found=f"claimed by another job creating the store, {out / CREATING}",
+                            hint="if no job is creating it, --overwrite replaces it")
+    return True
+
+
+def _create_claimed(out: ObjectPath, *, attrs: dict[str, Any], layout: schema.Layout, sample_id: np.ndarray,
+                    label: np.ndarray) -> None:
+    """Create the bucket store ``out`` under its creation claim, written before any other object and
+    removed once the store's zarr.json is there (or when this job's own creation failed). A claim
+    of the same provenance (a job creating the same bytes, or a killed one's) is gone along with it."""
+    claim = out / CREATING
+    while True:
+        mine = create_exclusive(claim, json.dumps(attrs, sort_keys=True).encode())
+        if mine or _check_claim(out, attrs):          # else the claim vanished meanwhile: claim again
+            break
+    try:
+        if not (out / "zarr.json").is_file():         # created (and its claim removed) meanwhile
+            _create(out, attrs=attrs, layout=layout, sample_id=sample_id, label=label)
+    finally:
+        if mine or (out / "zarr.json").is_file():
+            claim.unlink(missing_ok=True)
+
+
 def _wanted_attrs(out: Path | ObjectPath, provenance: Provenance, layout: schema.Layout, sample_id: np.ndarray,
                   label: np.ndarray) -> dict[str, Any]:
     """The attrs a store of this provenance is created with; its ids and labels counted."""
@@ -134,7 +174,10 @@ def check_target(out: str | Path, *, provenance: Provenance, layout: schema.Layo
     out = store_path(out)
     wanted = _wanted_attrs(out, provenance, layout, sample_id, label)
     if not is_local(out):
-        if overwrite or not (out / "zarr.json").is_file():
+        if overwrite:
+            return
+        if not (out / "zarr.json").is_file():
+            _check_claim(out, wanted)
             return
         schema.check_provenance(schema.read_attrs(out), wanted, str(out))
         return
@@ -157,7 +200,7 @@ def open_or_create(out: str | Path, *, provenance: Provenance, layout: schema.La
         if overwrite:
             remove_tree(out)
         if not (out / "zarr.json").is_file():
-            _create(out, attrs=wanted, layout=layout, sample_id=sample_id, label=label)
+            _create_claimed(out, attrs=wanted, layout=layout, sample_id=sample_id, label=label)
         existing = schema.read_attrs(out)
         schema.check_provenance(existing, wanted, str(out))
         return existing
