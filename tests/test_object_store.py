@@ -35,7 +35,7 @@ from pipeline.store.verify import verify_store  # noqa: E402
 from pipeline.store.writer import CREATING, _wanted_attrs, open_or_create  # noqa: E402
 from pipeline.train.loader import DistillLoader  # noqa: E402
 from tests.support.cli import one_error_line  # noqa: E402
-from tests.support.s3 import bucket_objects, forget_clients, make_bucket, s3_endpoint, s3_env  # noqa: E402
+from tests.support.s3 import bucket_objects, bucket_session, forget_clients, make_bucket, s3_endpoint, s3_env  # noqa: E402
 from tests.support.stores import (FakeFactory, Recording, fake_labels, fake_provenance, store_files,  # noqa: E402
                                   two_jobs_on_one_store)
 
@@ -44,21 +44,10 @@ BUCKET = "kdcache-test"
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    with s3_endpoint() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def env(endpoint):
+def env():
     """The AWS_* variables a user sets, for this module's tests (and their subprocesses)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in s3_env(endpoint).items():
-            mp.setenv(key, value)
-        forget_clients()
-        make_bucket(BUCKET)
-        yield s3_env(endpoint)
-    forget_clients()
+    with bucket_session(BUCKET) as variables:
+        yield variables
 
 
 @pytest.fixture(scope="module")
