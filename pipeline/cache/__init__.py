@@ -57,6 +57,7 @@ to the writer with its logits (``run.block_mixing``), so the store holds them be
     teacher.py   block computers: the frozen teacher over a split's views, block by block
     one_pass.py  several teachers over one pass of the views (the images decoded once)
     run.py       which blocks this job computes (--shard i/n, dask), a mixed block's partners, then finalize
+    ship.py      the teachers' files sent with dask tasks, for workers that share no filesystem with the caller
     spot_check.py  kdcache verify --teacher: the teacher run again on sampled (view, row) pairs of a store
 
 The store format itself (schema, writer, reader, verify) is ``pipeline.store``; tests drive
