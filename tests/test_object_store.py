@@ -392,3 +392,16 @@ def test_overwrite_replaces_a_creation_claim_of_other_provenance(env, tmp_path):
     assert make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1, overwrite=True).complete
     make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
     assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")
+
+
+def test_store_copy_refuses_a_bucket_store_being_created_with_other_provenance(env, tmp_path):
+    from tests.support.stores import make_fake_store
+    url = f"s3://{BUCKET}/fake/copied_into.zarr"
+    _claim_creation(url)                                          # a caching job of teacher "t" creating it
+    make_fake_store(tmp_path / "other.zarr", num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
+    result = CliRunner().invoke(cli, ["store", "copy", str(tmp_path / "other.zarr"), url])
+    one_error_line(result, url, "teacher.checkpoint_sha256", "another job creating the store")
+    assert list(bucket_objects(url)) == [CREATING]
+    make_fake_store(tmp_path / "same.zarr", num_samples=300, views=1)
+    assert CliRunner().invoke(cli, ["store", "copy", str(tmp_path / "same.zarr"), url]).exit_code == 0
+    assert bucket_objects(url) == _local_objects(tmp_path / "same.zarr")       # the claim gone with it

@@ -9,7 +9,8 @@ then the ``done`` markers, then the group's ``zarr.json`` last, so that until th
 there is no store at DST a reader would open (it has no ``zarr.json``), and a marker is never
 there before its block. Each object is written whole (a folder: a temporary file renamed into
 place; a bucket: one PUT). An object already at DST with the same bytes is skipped, so a rerun
-resumes. A DST holding a store of other provenance is refused, never mixed into.
+resumes. A DST holding a store of other provenance, or being created with one by a caching
+job (its creation claim), is refused, never mixed into.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 from pipeline.errors import UserError
 from pipeline.store import schema
 from pipeline.store.chunks import read_small
-from pipeline.store.location import file_sizes, store_path, write_whole
+from pipeline.store.location import file_sizes, is_local, store_path, write_whole
 from pipeline.store.verify import check_complete
+from pipeline.store.writer import CREATING, check_claim
 
 
 @dataclass
@@ -56,6 +58,8 @@ def copy_store(src: str, dst: str) -> CopyResult:
                                label=read_small(src_path, "label", layout))
     if (dst_path / "zarr.json").is_file():
         schema.check_provenance(schema.read_attrs(dst_path), attrs, str(dst_path))
+    elif not is_local(dst_path):
+        check_claim(dst_path, attrs)          # a caching job creating a store of other provenance there
     crcs = _checksums(src_path, layout)
     result = CopyResult(0, 0, 0)
     for key in _order(list(file_sizes(src_path))):
@@ -74,4 +78,6 @@ def copy_store(src: str, dst: str) -> CopyResult:
         write_whole(dst_path / key, data)
         result.copied += 1
         result.bytes += len(data)
+    if not is_local(dst_path):
+        (dst_path / CREATING).unlink(missing_ok=True)   # a creation claim of this provenance: the store is whole
     return result

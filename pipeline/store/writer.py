@@ -120,9 +120,9 @@ def _publish(path: ObjectPath, files: dict[str, Buffer]) -> None:
         raise
 
 
-def _check_claim(out: ObjectPath, attrs: dict[str, Any]) -> bool:
-    """Whether ``out`` has a creation claim; a claim of other provenance than ``attrs`` is a
-    ``UserError`` naming the field."""
+def check_claim(out: ObjectPath, attrs: dict[str, Any]) -> bool:
+    """Whether the bucket store ``out`` has a creation claim; a claim of other provenance than
+    ``attrs`` is a ``UserError`` naming the field (a job creating it, or a store copy into it)."""
     try:
         data = (out / CREATING).read_bytes()
     except FileNotFoundError:
@@ -145,7 +145,7 @@ def _create_claimed(out: ObjectPath, *, attrs: dict[str, Any], layout: schema.La
     claim = out / CREATING
     while True:
         mine = create_exclusive(claim, json.dumps(attrs, sort_keys=True).encode())
-        if mine or _check_claim(out, attrs):          # else the claim vanished meanwhile: claim again
+        if mine or check_claim(out, attrs):          # else the claim vanished meanwhile: claim again
             break
     try:
         if not (out / "zarr.json").is_file():         # created (and its claim removed) meanwhile
@@ -177,7 +177,7 @@ def check_target(out: str | Path, *, provenance: Provenance, layout: schema.Layo
         if overwrite:
             return
         if not (out / "zarr.json").is_file():
-            _check_claim(out, wanted)
+            check_claim(out, wanted)
             return
         schema.check_provenance(schema.read_attrs(out), wanted, str(out))
         return
