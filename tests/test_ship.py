@@ -109,6 +109,15 @@ def test_without_shipping_the_workers_need_the_callers_paths(cluster, caller, mo
                               scheduler=cluster.scheduler_address, ship_inputs=False))
 
 
+def test_a_worker_data_root_the_workers_lack_is_one_error_naming_it(cluster, caller):
+    root, manifest, teacher = caller
+    missing = root / "not_mounted"
+    with pytest.raises(UserError, match=str(missing)) as err:
+        cache_teacher(_config(manifest, teacher, f"s3://{BUCKET}/caches/unmounted.zarr",
+                              scheduler=cluster.scheduler_address, worker_data_root=str(missing)))
+    assert "\n" not in str(err.value)
+
+
 def test_shipped_paths_name_contents_and_a_worker_keeps_one_checked_copy(caller, tmp_path):
     root, manifest, teacher = caller
     factory = TeacherFactory(teacher=teacher_source(teacher), manifest=str(manifest), split="train", views="{}")
