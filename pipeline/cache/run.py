@@ -323,7 +323,7 @@ def run_dask(stores: Sequence[Path], factory: PassFactory, units: list[tuple[int
     try:
         if ship:
             factory, files = ship_factory(factory, data_root=data_root)
-            payloads = client.scatter(read_files(files), hash=True) if files else {}
+            payloads = client.scatter(read_files(files)) if files else {}
         with _progress(_todo_rows(writers, units), progress, _desc(stores) + " (dask)") as bar:
             todo = units
             for round_ in range(2):

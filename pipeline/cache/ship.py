@@ -6,15 +6,15 @@ the caller: each teacher's manifest and weights go with the tasks, not by path.
     kdcache cache ... --scheduler tcp://head:8786 --worker-data-root /mnt/datasets/cifar10
 
     shipped, files = ship_factory(factory, data_root=None)   # caller: the factory with shipped:<sha256>/<name> paths
-    payloads = {sha: client.scatter(data, hash=True) for sha, data in read_files(files).items()}
+    payloads = client.scatter(read_files(files))            # sha256 -> the future of the file's bytes
     local = unship(shipped, payloads)                         # worker: written once under its own folder
 
 The client reads each file once (its sha256 names it) and scatters its bytes; a task takes the
 payloads as arguments, so a worker fetches each from a peer or the client once and keeps a copy
 in its local directory (``kdcache-inputs/<sha256>/<name>``), checked against the sha256. The
-manifest's data root (its own folder's relative root resolved on the caller) is recorded in
-the factory, as the caller resolves it unless ``data_root`` says where the workers find the
-data. What is not a file is not shipped: a ``module:function`` teacher's code must be importable
+factory records where the workers find the data: the manifest's root as the caller resolves it
+(a relative root is relative to the manifest's folder, which a worker's copy is not in), or
+``data_root``. What is not a file is not shipped: a ``module:function`` teacher's code must be importable
 on the workers (``pip install`` it there, or ``client.upload_file``).
 """
 
