@@ -168,6 +168,30 @@ def test_two_jobs_on_one_bucket_store_compute_each_block_once(env, tmp_path):
     assert not claims_dir(store).exists()
 
 
+def test_two_jobs_given_one_block_where_the_condition_is_ignored_leave_it_whole(env, monkeypatch, tmp_path):
+    """The race a server ignoring If-None-Match allows: both jobs find a block unclaimed and both
+    claim it; each computes and PUTs the block whole, so the store is still the reference."""
+    from pipeline.cache import claims
+    from pipeline.store import location
+    store = f"s3://{BUCKET}/fake/raced.zarr"
+    _fake_cache(tmp_path / "ref.zarr", FakeFactory(10))
+    monkeypatch.setitem(location._EXCLUSIVE, ("s3", BUCKET), False)
+    monkeypatch.setattr(claims.Claims, "current", lambda self, view, block: None)
+
+    def unconditional(path, data, *, tmp=None):         # both writes of the claim succeed
+        path.write_bytes(data)
+        return True
+
+    monkeypatch.setattr(claims, "create_exclusive", unconditional)
+    a_calls, b_calls, results = two_jobs_on_one_store(
+        lambda factory: _fake_cache(store, factory),
+        lambda calls, first: Recording(calls, first, num_classes=10, rows_per_block=256), wait=120)
+    assert a_calls[0] == b_calls[0] == (0, 0)                       # one block computed by both
+    assert results["a"].complete or results["b"].complete
+    assert {k: v for k, v in bucket_objects(store).items() if k != "zarr.json"} == store_files(tmp_path / "ref.zarr")
+    assert verify_store(store).ok
+
+
 def test_a_claim_in_a_bucket_has_one_owner_and_a_dead_jobs_claim_is_taken_over(env):
     store = f"s3://{BUCKET}/fake/claims.zarr"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
