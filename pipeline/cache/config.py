@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, ClassVar
 
-from pipeline.config import ConfigError, FromDict
-from pipeline.data.augment import augment_params
-from pipeline.data.mix import mix_params
+from pipeline.config import FromDict
+from pipeline.data.views import check_view_options
 from pipeline.store import codecs, schema
 
 
@@ -78,8 +77,4 @@ class CacheConfig(FromDict):
                                              or not isinstance(self.temperature, (int, float))
                                              or not self.temperature > 0):
             raise self.bad("temperature", f"a number > 0, with storage {' or '.join(with_temperature)} only")
-        try:
-            augment_params(self.augment, self.augment_options, erase=self.erase)
-            mix_params(self.mix, self.mix_options)
-        except ConfigError as err:   # worded as this section's key
-            raise ConfigError(err.problem, key=err.key, section=self.section) from None
+        check_view_options(self)

@@ -25,7 +25,7 @@ from pipeline.cache.one_pass import OnePassFactory
 from pipeline.cache.run import OneStore, StoreTarget, write_caches
 from pipeline.cache.teacher import TeacherFactory, default_threads
 from pipeline.data import check_files, default_views, open_split
-from pipeline.data.views import ViewSpec, with_augment, with_mix
+from pipeline.data.views import ViewSpec, with_view_options
 from pipeline.errors import UserError
 from pipeline.files import os_error_text
 from pipeline.manifest import Manifest, load_manifest
@@ -55,7 +55,7 @@ def _prepare(cfg: CacheConfig, source: TeacherSource, manifest_path: Path,
     """Check the teacher against the manifest and the views; the store it writes and its block computer's factory."""
     rows = man.split(cfg.split)
     views = ViewSpec.from_dict(cfg.view_spec) if cfg.view_spec else default_views(man, seed=cfg.views_seed)
-    views = with_mix(with_augment(views, cfg.augment, cfg.augment_options, erase=cfg.erase), cfg.mix, cfg.mix_options)
+    views = with_view_options(views, cfg)
     shape = tuple(open_split(man, cfg.split, views=views, view=0).input_shape)
     # Checked here once, before any store exists: weights that do not fit, a callable returning no
     # module or other weights every call, a wrong class count are refused now, not in a worker.

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from pipeline.config import ConfigError
 from pipeline.data.augment import augment_image, augment_params, num_uniforms
 from pipeline.data.jitter import adjust_hue, jitter_batch
 from pipeline.data.mix import MIX_AT, NUM_DRAWS, Mixing, draw_mixing, mix_params
@@ -173,6 +174,23 @@ def with_augment(spec: ViewSpec, augment: str | None, options: dict | None = Non
     if spec.kind == "identity":
         raise DataError("views field 'params.augment': vector data ('identity' views) takes no image augmentation")
     return ViewSpec(spec.kind, seed=spec.seed, params={**spec.params, **extra})
+
+
+def with_view_options(spec: ViewSpec, settings: Any) -> ViewSpec:
+    """``spec`` with the augmentations and mixing of views >= 1 that ``settings`` sets (its ``augment``,
+    ``augment_options``, ``erase``, ``mix``, ``mix_options``: a ``CacheConfig`` or ``DistillConfig``)."""
+    spec = with_augment(spec, settings.augment, settings.augment_options, erase=settings.erase)
+    return with_mix(spec, settings.mix, settings.mix_options)
+
+
+def check_view_options(settings: Any) -> None:
+    """The view settings of ``settings`` (as ``with_view_options`` reads them) checked; a mistake is a
+    ``ConfigError`` worded as a key of its section."""
+    try:
+        augment_params(settings.augment, settings.augment_options, erase=settings.erase)
+        mix_params(settings.mix, settings.mix_options)
+    except ConfigError as err:
+        raise ConfigError(err.problem, key=err.key, section=settings.section) from None
 
 
 def _checked_mix(mix: Any) -> dict:

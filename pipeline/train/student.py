@@ -58,9 +58,8 @@ import yaml
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from pipeline.data import default_views, open_split
-from pipeline.data.augment import augment_params
-from pipeline.data.mix import mix_params, mixed_labels
-from pipeline.data.views import ViewSpec, for_model, with_augment, with_mix
+from pipeline.data.mix import mixed_labels
+from pipeline.data.views import ViewSpec, check_view_options, for_model, with_view_options
 from pipeline.errors import UserError
 from pipeline.files import write_history
 from pipeline.manifest import Manifest, load_manifest
@@ -116,9 +115,7 @@ class DistillConfig(TrainConfig):
     def own_views(self, manifest: Manifest) -> ViewSpec:
         """The views of a run without mentors: the dataset's default (``views_seed``) with this config's
         augmentations and mixing, as ``kdcache cache`` would record them."""
-        views = with_augment(default_views(manifest, seed=self.views_seed), self.augment, self.augment_options,
-                             erase=self.erase)
-        return with_mix(views, self.mix, self.mix_options)
+        return with_view_options(default_views(manifest, seed=self.views_seed), self)
 
     def __post_init__(self) -> None:
         for key in ("mentors", "teachers", "teacher_weights"):
@@ -168,11 +165,7 @@ class DistillConfig(TrainConfig):
         for key in ("augment", "augment_options", "erase"):
             if getattr(self, key) not in (None, {}) and self.mentors:
                 raise self.bad(key, "none with mentors (a store's views are augmented as it was cached)")
-        try:
-            augment_params(self.augment, self.augment_options, erase=self.erase)
-            mix_params(self.mix, self.mix_options)
-        except ConfigError as err:   # worded as this section's key
-            raise ConfigError(err.problem, key=err.key, section=self.section) from None
+        check_view_options(self)
         if self.teachers and not self.online:
             raise self.bad("teachers", "teachers only with online (offline, the targets come from 'mentors')")
         if self.teacher_weights and len(self.teacher_weights) != len(self.teachers):
