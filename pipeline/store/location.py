@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 
 _REACHED: set[tuple[str, str]] = set()         # (scheme, bucket) found reachable by this process
 _EXCLUSIVE: dict[tuple[str, str], bool] = {}   # (scheme, bucket) -> its server honours If-None-Match
@@ -313,13 +314,8 @@ def write_whole(path: "Path | ObjectPath", data: bytes) -> None:
     if not is_local(path):
         path.write_bytes(data)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.partial"
-    try:
+    with atomic_path(path) as temp:
         temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def modified(path: "Path | ObjectPath") -> float:
