@@ -17,6 +17,7 @@ from pathlib import Path
 from _params import Section, run
 
 from pipeline.errors import UserError
+from pipeline.store.location import file_sizes
 from pipeline.store.schema import read_attrs
 from pipeline.report import Claim, summarize, write_report
 from pipeline.train import EvaluateConfig
@@ -34,7 +35,7 @@ def stored_bytes_per_sample(stores: list[Path]) -> int:
     for store in stores:
         if not store.is_dir():
             raise UserError(f"{store}: no such store; run its stage first (dvc repro)")
-    total = sum(f.stat().st_size for store in stores for f in store.rglob("*") if f.is_file())
+    total = sum(sum(file_sizes(store).values()) for store in stores)
     return round(total / read_attrs(stores[0])["manifest"]["num_samples"]) if stores else 0
 
 
