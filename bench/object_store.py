@@ -23,7 +23,6 @@ the disk's (1.0: as fast).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -91,15 +90,13 @@ def main() -> None:
     budget = (args.budget_mb or (2 if args.quick else 256)) * 2**20
     reps = args.reps or (2 if args.quick else 3)
     try:
-        from tests.support.s3 import make_bucket, s3_endpoint, s3_env
+        from tests.support.s3 import bucket_session
     except ImportError as err:
         raise SystemExit(f"error: expected moto's server and s3fs (pip install 'kdcache[dev]'), found {err}") from None
     root = args.dir or Path(tempfile.mkdtemp(prefix="kd-object-store-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with s3_endpoint() as endpoint:
-            os.environ.update(s3_env(endpoint))
-            make_bucket(BUCKET)
+        with bucket_session(BUCKET) as env:
             print(machine_line())
             disk, bucket = str(root / "disk.zarr"), f"s3://{BUCKET}/bench/bucket.zarr"
             cache(disk, rows=rows, classes=classes)()
@@ -107,12 +104,12 @@ def main() -> None:
             files = sorted(p for p in Path(disk).rglob("*") if p.is_file())
             size = sum(p.stat().st_size for p in files)
             print(f"store: {rows} rows x 1 view x C = {classes} float16, {size / 2**20:.0f} MiB in {len(files)} "
-                  f"objects; endpoint {endpoint} (moto, loopback); memory budget {budget / 2**20:.0f} MiB; batch "
+                  f"objects; endpoint {env['AWS_ENDPOINT_URL']} (moto, loopback); memory budget {budget / 2**20:.0f} MiB; batch "
                   f"{args.batch_size}; {reps} runs each, alternated")
             variants = {"cache, disk": cache(disk, rows=rows, classes=classes),
                         "cache, bucket": cache(bucket, rows=rows, classes=classes),
                         "stream, disk": stream(disk, budget=budget, batch_size=args.batch_size,
-                                               evict=sorted(p for p in Path(disk).rglob("*") if p.is_file())),
+                                               evict=files),
                         "stream, bucket": stream(bucket, budget=budget, batch_size=args.batch_size, evict=[])}
             runs = alternate(variants, reps=reps)
         table = [[name, f"{low(s, 'seconds'):.2f}", f"{median(s, 'seconds'):.2f}", f"{rows / median(s, 'seconds'):,.0f}",

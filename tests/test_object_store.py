@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +34,8 @@ from pipeline.store.verify import verify_store  # noqa: E402
 from pipeline.store.writer import CREATING, _wanted_attrs, open_or_create  # noqa: E402
 from pipeline.train.loader import DistillLoader  # noqa: E402
 from tests.support.cli import one_error_line  # noqa: E402
-from tests.support.s3 import bucket_objects, bucket_session, forget_clients, make_bucket, s3_endpoint, s3_env  # noqa: E402
+from tests.support.s3 import (bucket_objects, bucket_session, forget_clients, local_objects, make_bucket,  # noqa: E402
+                              s3_endpoint, s3_env)
 from tests.support.stores import (FakeFactory, Recording, fake_labels, fake_provenance, store_files,  # noqa: E402
                                   two_jobs_on_one_store)
 
@@ -75,14 +75,10 @@ def _cli(manifest, ckpt, out, *extra) -> list[str]:
             str(MB), "--threads", "1", "--device", "cpu", "--no-progress", *extra]
 
 
-def _local_objects(store: Path) -> dict[str, bytes]:
-    return {**store_files(store), "zarr.json": (store / "zarr.json").read_bytes()}
-
-
 def test_a_store_cached_to_a_bucket_is_the_local_store_object_by_object(work):
     _, _, _, local, bucket = work
     objects = bucket_objects(bucket)
-    assert objects == _local_objects(local)
+    assert objects == local_objects(local)
     assert not any(key.endswith(".partial") or key.startswith((".claims", CREATING)) for key in objects)
     report = verify_store(bucket)
     assert report.ok and report.chunks_checked == 3 * VIEWS * 4, str(report)
@@ -101,7 +97,7 @@ def test_a_killed_bucket_job_resumes_to_the_same_objects(work):
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f": complete ({3 * VIEWS - 2} blocks computed by this run)" in rerun.stdout
-    assert bucket_objects(out) == _local_objects(local)
+    assert bucket_objects(out) == local_objects(local)
 
 
 def test_verify_and_every_read_name_a_corrupted_object(work):
@@ -295,19 +291,19 @@ def test_store_copy_to_a_bucket_and_back_is_byte_identical_and_resumes(work, tmp
     url = f"s3://{BUCKET}/copies/t.zarr"
     out = CliRunner().invoke(cli, ["store", "copy", str(local), url])
     assert out.exit_code == 0 and "every chunk's checksum checked" in out.output, out.output
-    assert bucket_objects(url) == _local_objects(local)
+    assert bucket_objects(url) == local_objects(local)
     back = tmp_path / "back" / "t.zarr"
     assert CliRunner().invoke(cli, ["store", "copy", url, str(back)]).exit_code == 0
-    assert _local_objects(back) == _local_objects(local) and verify_store(back).ok
+    assert local_objects(back) == local_objects(local) and verify_store(back).ok
     # as if killed part-way: the group's zarr.json (written last) and two chunks not there yet
     for key in ("zarr.json", schema.chunk_key("logits", 3, 1, 1), schema.chunk_key("done", 2, 1, 1)):
         (back / key).unlink()
     with pytest.raises(UserError, match="no zarr.json"):
         StoreGroup([back])
     again = CliRunner().invoke(cli, ["store", "copy", url, str(back)])
-    assert again.exit_code == 0 and "(3 objects, " in again.output and f"{len(_local_objects(local)) - 3} already there" \
+    assert again.exit_code == 0 and "(3 objects, " in again.output and f"{len(local_objects(local)) - 3} already there" \
         in again.output, again.output
-    assert _local_objects(back) == _local_objects(local)
+    assert local_objects(back) == local_objects(local)
 
 
 def test_store_copy_refuses_a_corrupted_chunk_and_another_store(work, tmp_path):
@@ -355,7 +351,7 @@ def test_local_dask_workers_cache_to_a_bucket(work):
     run = subprocess.run(_cli(manifest, ckpt, out, "--local-workers", "2"), capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert bucket_objects(out) == _local_objects(local)
+    assert bucket_objects(out) == local_objects(local)
 
 
 def test_a_bucket_store_of_other_provenance_is_refused_and_overwrite_replaces_it(env, tmp_path):
@@ -397,7 +393,7 @@ def test_a_job_of_other_provenance_is_refused_before_writing_into_a_bucket_store
     assert list(bucket_objects(url)) == [CREATING]                # nothing of B's
     assert make_fake_store(url, num_samples=300, views=1).complete            # A goes on
     make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1)
-    assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")
+    assert bucket_objects(url) == local_objects(tmp_path / "ref.zarr")
 
 
 def test_a_killed_creators_claim_does_not_block_a_rerun_and_is_gone_after_it(env, tmp_path):
@@ -406,7 +402,7 @@ def test_a_killed_creators_claim_does_not_block_a_rerun_and_is_gone_after_it(env
     _claim_creation(url)
     assert make_fake_store(url, num_samples=300, views=1).complete
     make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1)
-    assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")
+    assert bucket_objects(url) == local_objects(tmp_path / "ref.zarr")
 
 
 def test_overwrite_replaces_a_creation_claim_of_other_provenance(env, tmp_path):
@@ -415,7 +411,7 @@ def test_overwrite_replaces_a_creation_claim_of_other_provenance(env, tmp_path):
     _claim_creation(url)
     assert make_fake_store(url, num_samples=300, views=1, teacher_sha="u" * 64, seed=1, overwrite=True).complete
     make_fake_store(tmp_path / "ref.zarr", num_samples=300, views=1, teacher_sha="u" * 64, seed=1)
-    assert bucket_objects(url) == _local_objects(tmp_path / "ref.zarr")
+    assert bucket_objects(url) == local_objects(tmp_path / "ref.zarr")
 
 
 def test_store_copy_refuses_a_bucket_store_being_created_with_other_provenance(env, tmp_path):
@@ -428,4 +424,4 @@ def test_store_copy_refuses_a_bucket_store_being_created_with_other_provenance(e
     assert list(bucket_objects(url)) == [CREATING]
     make_fake_store(tmp_path / "same.zarr", num_samples=300, views=1)
     assert CliRunner().invoke(cli, ["store", "copy", str(tmp_path / "same.zarr"), url]).exit_code == 0
-    assert bucket_objects(url) == _local_objects(tmp_path / "same.zarr")       # the claim gone with it
+    assert bucket_objects(url) == local_objects(tmp_path / "same.zarr")       # the claim gone with it

@@ -30,8 +30,7 @@ from pipeline.data import build_manifest  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.teachers import teacher_source  # noqa: E402
 from tests.support.distill import untrained_teacher  # noqa: E402
-from tests.support.s3 import bucket_objects, bucket_session  # noqa: E402
-from tests.support.stores import store_files  # noqa: E402
+from tests.support.s3 import bucket_objects, bucket_session, local_objects  # noqa: E402
 
 BUCKET = "kdcache-ship"
 
@@ -98,7 +97,7 @@ def test_workers_without_the_callers_files_cache_the_local_store(cluster, caller
     local = cache_teacher(_config(manifest, teacher, f"caches/{name}.zarr"))
     assert local.complete and local.computed == 2 * 4
     objects = bucket_objects(out)
-    assert objects == {**store_files(local.store), "zarr.json": (local.store / "zarr.json").read_bytes()}
+    assert objects == local_objects(local.store)
 
 
 def test_without_shipping_the_workers_need_the_callers_paths(cluster, caller, monkeypatch):

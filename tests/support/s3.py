@@ -67,16 +67,20 @@ def s3_env(endpoint: str, *, key: str = "testing", secret: str = "testing") -> d
 def bucket_session(bucket: str) -> Iterator[dict[str, str]]:
     """moto's server, a user's AWS_* variables pointing at it (in ``os.environ`` for the block, so
     subprocesses and dask workers started inside it see them) and the bucket ``bucket``; yields the variables."""
-    import pytest
-
-    with s3_endpoint() as endpoint, pytest.MonkeyPatch.context() as mp:
-        for key, value in s3_env(endpoint).items():
-            mp.setenv(key, value)
-        forget_clients()
-        make_bucket(bucket)
+    with s3_endpoint() as endpoint:
+        variables = s3_env(endpoint)
+        before = {key: os.environ.get(key) for key in variables}
+        os.environ.update(variables)
         try:
-            yield s3_env(endpoint)
+            forget_clients()
+            make_bucket(bucket)
+            yield variables
         finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             forget_clients()
 
 
@@ -100,3 +104,10 @@ def bucket_objects(url: str) -> dict[str, bytes]:
     import fsspec
     fs, root = fsspec.url_to_fs(url, use_listings_cache=False)
     return {key[len(root) + 1:]: fs.cat_file(key) for key in sorted(fs.find(root))}
+
+
+def local_objects(store) -> dict[str, bytes]:
+    """Every file of a local store by its key, the group's zarr.json included: what ``bucket_objects``
+    gives for the same store in a bucket."""
+    from pathlib import Path
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(Path(store).rglob("*")) if p.is_file()}
